@@ -1,0 +1,39 @@
+# vitcrs: install, test, demo, sweep. `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision are installed first so a CPU or CUDA build already chosen by the user is kept.
+TORCH_SPEC ?= "torch>=2.4,<2.15" "torchvision>=0.19,<0.30"
+
+.PHONY: help install test lint demo sweep clean
+
+help:
+	@echo "make install  create $(VENV) and install vitcrs with its dev tools"
+	@echo "make test     run the test suite (CPU, ~10 min)"
+	@echo "make lint     ruff check"
+	@echo "make demo     offline CPU demo: synthetic data, vit_micro, WTA-CRS at ratio 0.3"
+	@echo "make sweep    the study's sweep (3 datasets x ratios 1.0/0.5/0.3, ViT-B/16 from the Hub)"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+
+demo: install
+	$(PY) -m vitcrs.train experiment=demo
+
+sweep: install
+	$(PY) -m vitcrs.train -m experiment=study
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""vitcrs: column-row sampled backward passes for Vision Transformers."""
