@@ -1,0 +1,47 @@
+"""Column-row sampled backward passes (CRS, WTA-CRS) and their injection into Hugging Face ViTs.
+
+cfg = CRSConfig(ratio=0.3, method="wta_crs")
+y = crs_linear(x, weight, bias, cfg)     # == F.linear(x, weight, bias); grad of weight sampled
+z = crs_matmul(a, b, cfg)                # == a @ b; both input grads sampled
+model = inject(model, cfg, targets=["query", "key", "value", "scores", "context"])
+"""
+
+from . import random
+from .config import METHODS, PROBS, CRSConfig
+from .functional import crs_linear, crs_linear_shared, crs_matmul
+from .grad_norm import GradNormEMA
+from .inject import (
+    ALL_TARGETS,
+    DEFAULT_TARGETS,
+    LINEAR_TARGETS,
+    MATMUL_TARGETS,
+    CRSLinear,
+    CRSViTAttention,
+    crs_state_dict,
+    inject,
+    load_crs_state_dict,
+    validate_targets,
+)
+from .memory import SavedTensorsMeter
+
+__all__ = [
+    "ALL_TARGETS",
+    "DEFAULT_TARGETS",
+    "LINEAR_TARGETS",
+    "MATMUL_TARGETS",
+    "METHODS",
+    "PROBS",
+    "CRSConfig",
+    "CRSLinear",
+    "CRSViTAttention",
+    "GradNormEMA",
+    "SavedTensorsMeter",
+    "crs_linear",
+    "crs_linear_shared",
+    "crs_matmul",
+    "crs_state_dict",
+    "inject",
+    "load_crs_state_dict",
+    "random",
+    "validate_targets",
+]

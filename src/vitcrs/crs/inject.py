@@ -1,0 +1,187 @@
+"""`inject`: put CRS into every encoder block of a Hugging Face ViT, keeping weights and state_dict keys.
+
+Linear targets swap the class of the existing `nn.Linear` (same parameters); attention targets swap the class
+of `ViTAttention` to one whose forward shares one sample of the block input between q, k and v and, for the
+matmul targets, runs eager attention with `crs_matmul`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.models.vit.modeling_vit import (
+    ALL_ATTENTION_FUNCTIONS,
+    ViTAttention,
+    eager_attention_forward,
+)
+
+from .config import CRSConfig
+from .functional import crs_linear, crs_linear_shared, crs_matmul
+from .grad_norm import GradNormEMA
+
+QKV_TARGETS = ("query", "key", "value")
+LINEAR_TARGETS = (*QKV_TARGETS, "attn_output", "fc1", "fc2")
+MATMUL_TARGETS = ("scores", "context")
+ALL_TARGETS = LINEAR_TARGETS + MATMUL_TARGETS
+DEFAULT_TARGETS = ("query", "key", "value", "scores", "context")
+_QKV_ATTRS = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
+
+
+def validate_targets(targets: Iterable[str], attn_implementation: str | None) -> tuple[str, ...]:
+    """Check target names (and that matmul targets have eager attention); return them in canonical order."""
+    if isinstance(targets, str):
+        targets = [targets]
+    targets = list(targets)
+    unknown = [t for t in targets if t not in ALL_TARGETS]
+    if unknown:
+        raise ValueError(f"crs.targets has unknown names {unknown}: allowed are {list(ALL_TARGETS)}.")
+    matmuls = [t for t in targets if t in MATMUL_TARGETS]
+    if matmuls and (attn_implementation or "eager") != "eager":
+        raise ValueError(
+            f"crs.targets {matmuls} sample the attention matmuls, which only exist with eager attention, but "
+            f"model.attn_implementation={attn_implementation!r}. Set model.attn_implementation=eager, or "
+            f"drop {matmuls} from crs.targets."
+        )
+    return tuple(t for t in ALL_TARGETS if t in targets)
+
+
+class CRSLinear(nn.Linear):
+    """An `nn.Linear` whose weight gradient is column-row sampled (`crs_linear`)."""
+
+    crs_cfg: CRSConfig
+    crs_grad_norm: GradNormEMA
+
+    def forward(self, x: Tensor) -> Tensor:
+        return crs_linear(x, self.weight, self.bias, self.crs_cfg, self.crs_grad_norm)
+
+
+class CRSViTAttention(ViTAttention):
+    """ViT self-attention with sampled q/k/v projections (one shared sample) and/or attention matmuls."""
+
+    crs_cfg: CRSConfig
+    crs_targets: frozenset[str]
+    crs_grad_norms: dict[str, GradNormEMA]
+
+    def _project(self, x: Tensor) -> list[Tensor]:
+        names = [t for t in QKV_TARGETS if t in self.crs_targets]
+        mods = {t: getattr(self, _QKV_ATTRS[t]) for t in QKV_TARGETS}
+        sampled = (
+            crs_linear_shared(
+                x,
+                [mods[t].weight for t in names],
+                [mods[t].bias for t in names],
+                self.crs_cfg,
+                self.crs_grad_norms["qkv"],
+            )
+            if names
+            else ()
+        )
+        out = dict(zip(names, sampled, strict=True))
+        return [out[t] if t in out else mods[t](x) for t in QKV_TARGETS]
+
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Eager attention (as transformers' `eager_attention_forward`) with the targeted matmuls sampled."""
+        cfg, norms = self.crs_cfg, self.crs_grad_norms
+        kt = k.transpose(2, 3)
+        if "scores" in self.crs_targets:
+            scores = crs_matmul(q, kt, cfg, trackers=(norms["scores_m"], norms["scores_n"]))
+        else:
+            scores = torch.matmul(q, kt)
+        scores = scores * self.scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32)
+        dropout = self.attention_dropout if self.training else 0.0
+        if "context" in self.crs_targets:
+            # softmax keeps its output for its own backward, so the context matmul reuses it (keep_a) rather
+            # than storing a sample or a cast copy of it; only V is sampled.
+            kept = dropout == 0.0
+            p = probs if kept else F.dropout(probs.to(q.dtype), p=dropout, training=True)
+            context = crs_matmul(p, v, cfg, keep_a=kept, trackers=(None, norms["context_n"]))
+            probs = probs.to(q.dtype)
+        else:
+            probs = F.dropout(probs.to(q.dtype), p=dropout, training=self.training)
+            context = torch.matmul(probs, v)
+        return context.transpose(1, 2).contiguous(), probs
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in self._project(hidden_states))
+        if self.crs_targets & set(MATMUL_TARGETS):
+            attn_output, attn_weights = self._attend(q, k, v, attention_mask)
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+            attn_output, attn_weights = attention(
+                self,
+                q,
+                k,
+                v,
+                attention_mask,
+                dropout=0.0 if not self.training else self.attention_dropout,
+                scaling=self.scaling,
+                **kwargs,
+            )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+def _vit_layers(model: nn.Module) -> list[nn.Module]:
+    """The encoder blocks of a ViT model, ViTModel or ViTForImageClassification."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "attention", None), ViTAttention)]
+    if not layers:
+        raise ValueError(f"inject found no ViT encoder blocks in {type(model).__name__}.")
+    return layers
+
+
+def inject(model: nn.Module, cfg: CRSConfig, targets: Iterable[str] = DEFAULT_TARGETS) -> nn.Module:
+    """Sample the backward pass of the `targets` ops in every encoder block of a HF ViT; returns `model`.
+
+    Targets: linear "query", "key", "value", "attn_output", "fc1", "fc2"; matmul "scores" (Q Kᵀ) and
+    "context" (P V), which need eager attention. Parameters and state_dict keys are unchanged. Calling it
+    again replaces the settings. With ratio 1 the numerics equal the uninjected model's.
+    """
+    config = getattr(model, "config", None)
+    targets = frozenset(validate_targets(targets, getattr(config, "_attn_implementation", None)))
+    for layer in _vit_layers(model):
+        attn = layer.attention
+        attn.__class__ = CRSViTAttention if targets & {*QKV_TARGETS, *MATMUL_TARGETS} else ViTAttention
+        attn.crs_cfg, attn.crs_targets = cfg, targets
+        attn.crs_grad_norms = {
+            k: GradNormEMA(cfg.grad_ema) for k in ("qkv", "scores_m", "scores_n", "context_n")
+        }
+        for name, linear in (("attn_output", attn.o_proj), ("fc1", layer.mlp.fc1), ("fc2", layer.mlp.fc2)):
+            linear.__class__ = CRSLinear if name in targets else nn.Linear
+            linear.crs_cfg, linear.crs_grad_norm = cfg, GradNormEMA(cfg.grad_ema)
+    model.crs_config, model.crs_targets = cfg, tuple(t for t in ALL_TARGETS if t in targets)
+    return model
+
+
+def _trackers(model: nn.Module) -> dict[str, GradNormEMA]:
+    found = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, CRSLinear):
+            found[name] = mod.crs_grad_norm
+        elif isinstance(mod, CRSViTAttention):
+            found.update({f"{name}.{k}": t for k, t in mod.crs_grad_norms.items()})
+    return found
+
+
+def crs_state_dict(model: nn.Module) -> dict[str, dict]:
+    """The running gradient-norm estimates of an injected model (they are not in `model.state_dict()`)."""
+    return {name: t.state_dict() for name, t in _trackers(model).items()}
+
+
+def load_crs_state_dict(model: nn.Module, state: dict[str, dict]) -> None:
+    """Restore `crs_state_dict` output into an injected model with the same targets."""
+    trackers = _trackers(model)
+    for name, s in state.items():
+        if name in trackers:
+            trackers[name].load_state_dict(s)
