@@ -22,7 +22,7 @@ from .inject import (
     load_crs_state_dict,
     validate_targets,
 )
-from .memory import SavedTensorsMeter
+from .memory import SavedTensorsMeter, vit_block_saved_bytes
 
 __all__ = [
     "ALL_TARGETS",
@@ -44,4 +44,5 @@ __all__ = [
     "load_crs_state_dict",
     "random",
     "validate_targets",
+    "vit_block_saved_bytes",
 ]

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from .config import CRSConfig
+
 
 class SavedTensorsMeter:
     """Context manager summing the bytes of distinct storages saved for backward inside it.
@@ -41,3 +43,53 @@ class SavedTensorsMeter:
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+
+
+def vit_block_saved_bytes(
+    batch: int,
+    tokens: int,
+    hidden: int,
+    heads: int,
+    intermediate: int,
+    cfg: CRSConfig | None = None,
+    targets: Iterable[str] = (),
+    autocast: bool = False,
+) -> int:
+    """Analytic bytes one HF ViT encoder block saves for backward (eager attention, no dropout).
+
+    Exact when `cfg` is None or has ratio 1; otherwise with `targets` sampled as `inject` does it. `autocast`
+    means bf16/fp16 autocast (2-byte compute, fp32 LayerNorm and softmax, cached 2-byte weight casts).
+    Parameters are not counted. This is the ideal that `SavedTensorsMeter` measurements are held against.
+    """
+    targets = set(targets) if cfg is not None and not cfg.exact else set()
+    n, d, f, dh = batch * tokens, hidden, intermediate, hidden // heads
+    c = 2 if autocast else 4  # bytes per element of what linears and matmuls save
+    slices = batch * heads
+
+    def rows(k_of: int, width: int, count: int = 1) -> int:
+        """`count` groups of k sampled rows of `width` elements plus int32 indices."""
+        k = cfg.num_samples(k_of)
+        return count * k * (width * c + 4) if k < k_of else count * k_of * width * c
+
+    def weight_cast(d_out: int, d_in: int, name: str) -> int:
+        return d_out * d_in * c if autocast and name not in targets else 0
+
+    layer_norms = 2 * (n * d * 4 + 2 * n * 4)  # input + mean + rstd, twice
+    qkv = [t for t in ("query", "key", "value") if t in targets]
+    full_qkv = (3 - len(qkv)) * n * d * c if autocast else (n * d * 4 if len(qkv) < 3 else 0)
+    qkv_bytes = full_qkv + (rows(n, d) if qkv else 0)
+    qkv_bytes += sum(weight_cast(d, d, t) for t in ("query", "key", "value"))
+    probs = slices * tokens * tokens * 4  # softmax output (fp32), kept by softmax itself
+    if "scores" in targets:
+        scores = rows(tokens, dh, slices) * 2  # k of T rows of Q and k of T columns of Kᵀ, per (batch, head)
+    else:
+        scores = 2 * n * d * c
+    if "context" in targets:
+        context = rows(dh, tokens, slices)  # k of dh columns of V per slice; P is reused from softmax
+    else:
+        context = n * d * c + (slices * tokens * tokens * c if autocast else 0)  # V, and P's cast copy
+    attn_out = (rows(n, d) if "attn_output" in targets else n * d * c) + weight_cast(d, d, "attn_output")
+    fc1 = (rows(n, d) if "fc1" in targets else n * d * c) + weight_cast(f, d, "fc1")
+    gelu = n * f * c
+    fc2 = (rows(n, f) if "fc2" in targets else n * f * c) + weight_cast(d, f, "fc2")
+    return layer_norms + qkv_bytes + scores + probs + context + attn_out + fc1 + gelu + fc2

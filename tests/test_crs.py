@@ -1,0 +1,373 @@
+"""vitcrs.crs: exact forwards, unbiased sampled gradients, saved-for-backward bytes, ViT injection."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import ViTConfig, ViTForImageClassification
+
+from vitcrs.crs import (
+    ALL_TARGETS,
+    DEFAULT_TARGETS,
+    LINEAR_TARGETS,
+    CRSConfig,
+    CRSLinear,
+    CRSViTAttention,
+    GradNormEMA,
+    SavedTensorsMeter,
+    crs_linear,
+    crs_matmul,
+    crs_state_dict,
+    inject,
+    load_crs_state_dict,
+    vit_block_saved_bytes,
+)
+from vitcrs.crs import random as crs_random
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+METHODS = ["crs", "wta_crs"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_stream():
+    torch.manual_seed(0)
+    crs_random.manual_seed(0)
+    yield
+    crs_random.set_rng_state({"seed": None})
+
+
+def skewed(*shape: int, device: str = "cpu", dtype=torch.float32) -> torch.Tensor:
+    """Random rows whose norms span orders of magnitude (where WTA-CRS matters)."""
+    x = torch.randn(*shape, device=device)
+    return (x * torch.exp(2 * torch.randn(*shape[:-1], 1, device=device))).to(dtype)
+
+
+def tiny_vit(attn: str = "eager", layers: int = 1, labels: int = 5) -> ViTForImageClassification:
+    cfg = ViTConfig(
+        hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64, image_size=16,
+        patch_size=4, num_labels=labels, attn_implementation=attn,
+    )  # fmt: skip
+    return ViTForImageClassification(cfg)
+
+
+# ---------------------------------------------------------------- forward is exact
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(7, 5), (3, 11, 8), (2, 3, 9, 4)])
+@pytest.mark.parametrize("ratio", [1.0, 0.5, 0.3])
+def test_crs_linear_forward_equals_torch(device, dtype, shape, ratio):
+    x = torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(6, shape[-1], device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(6, device=device, dtype=dtype, requires_grad=True)
+    for method in METHODS:
+        y = crs_linear(x, w, b, CRSConfig(ratio=ratio, method=method))
+        assert torch.equal(y, F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shapes", [((5, 7), (7, 3)), ((2, 6, 4), (2, 4, 9)), ((2, 3, 8, 5), (2, 3, 5, 8))])
+def test_crs_matmul_forward_equals_torch(device, dtype, shapes):
+    a = torch.randn(*shapes[0], device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(*shapes[1], device=device, dtype=dtype, requires_grad=True)
+    for ratio in (1.0, 0.5, 0.3):
+        for method in METHODS:
+            assert torch.equal(crs_matmul(a, b, CRSConfig(ratio=ratio, method=method)), a @ b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_exact_under_autocast_and_grad_dtypes(device):
+    x = torch.randn(4, 10, 16, device=device, requires_grad=True)
+    lin = torch.nn.Linear(16, 8).to(device)
+    q = torch.randn(2, 2, 10, 4, device=device, requires_grad=True)
+    k = torch.randn(2, 2, 4, 10, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = crs_linear(x, lin.weight, lin.bias, CRSConfig(ratio=0.3))
+        z = crs_matmul(q, k, CRSConfig(ratio=0.3))
+        assert torch.equal(y, lin(x)) and torch.equal(z, q @ k)
+    (y.float().sum() + z.float().sum()).backward()
+    assert x.grad.dtype == lin.weight.grad.dtype == q.grad.dtype == k.grad.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- ratio 1 is torch
+def test_ratio_one_gives_torch_gradients_exactly():
+    x = torch.randn(3, 9, 8, requires_grad=True)
+    w = torch.randn(5, 8, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    g = torch.randn(3, 9, 5)
+    grads = torch.autograd.grad((crs_linear(x, w, b, CRSConfig(ratio=1.0)) * g).sum(), (x, w, b))
+    ref = torch.autograd.grad((F.linear(x, w, b) * g).sum(), (x, w, b))
+    assert all(torch.equal(u, v) for u, v in zip(grads, ref, strict=True))
+    a, c = torch.randn(2, 6, 4, requires_grad=True), torch.randn(2, 4, 7, requires_grad=True)
+    g = torch.randn(2, 6, 7)
+    grads = torch.autograd.grad((crs_matmul(a, c, CRSConfig(ratio=1.0)) * g).sum(), (a, c))
+    ref = torch.autograd.grad(((a @ c) * g).sum(), (a, c))
+    assert all(torch.equal(u, v) for u, v in zip(grads, ref, strict=True))
+
+
+def test_injected_model_at_ratio_one_matches_plain_model():
+    base = tiny_vit()
+    model = inject(copy.deepcopy(base), CRSConfig(ratio=1.0), ALL_TARGETS)
+    x = torch.randn(4, 3, 16, 16)
+    ref, out = base(x).logits, model(x).logits
+    assert torch.equal(ref, out)
+    ref.square().sum().backward()
+    out.square().sum().backward()
+    for p, q in zip(base.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
+# ---------------------------------------------------------------- unbiased, lower variance
+def _estimates(fn, draws: int) -> torch.Tensor:
+    return torch.stack([torch.cat([g.flatten() for g in fn()]) for _ in range(draws)]).double()
+
+
+def _assert_unbiased(samples: torch.Tensor, exact: torch.Tensor, z: float = 5.5) -> None:
+    """Every coordinate's mean within z Monte-Carlo standard errors of the exact value."""
+    mean = samples.mean(0)
+    se = samples.std(0) / math.sqrt(samples.shape[0])
+    tol = z * se + 1e-6 * exact.abs().max()
+    worst = ((mean - exact).abs() / tol).max().item()
+    assert worst <= 1.0, f"estimate off by {worst:.2f} x the {z}-sigma tolerance"
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("prob", ["norm", "norm_grad"])
+def test_crs_linear_weight_gradient_is_unbiased(method, prob):
+    x = skewed(4, 10, 6).requires_grad_()
+    w = torch.randn(5, 6, requires_grad=True)
+    g = torch.randn(4, 10, 5)
+    cfg = CRSConfig(ratio=0.3, method=method, prob=prob)
+    tracker = GradNormEMA(0.5)
+    exact = torch.autograd.grad((F.linear(x, w) * g).sum(), w)[0].flatten().double()
+
+    def draw():
+        return torch.autograd.grad((crs_linear(x, w, None, cfg, tracker) * g).sum(), w)
+
+    samples = _estimates(draw, 3000)
+    _assert_unbiased(samples, exact)
+    assert tracker.value is not None or prob == "norm"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_crs_matmul_gradients_are_unbiased(method):
+    a = skewed(2, 3, 12, 5).requires_grad_()
+    b = skewed(2, 3, 10, 5).transpose(-1, -2).requires_grad_()  # non-contiguous, skewed columns
+    g = torch.randn(2, 3, 12, 10)
+    cfg = CRSConfig(ratio=0.3, method=method)
+    exact = torch.cat([t.flatten() for t in torch.autograd.grad(((a @ b) * g).sum(), (a, b))]).double()
+    samples = _estimates(lambda: torch.autograd.grad((crs_matmul(a, b, cfg) * g).sum(), (a, b)), 3000)
+    _assert_unbiased(samples, exact)
+
+
+def test_sampled_gradients_are_stochastic_and_input_gradients_exact():
+    x = torch.randn(4, 10, 6, requires_grad=True)
+    w = torch.randn(5, 6, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    g = torch.randn(4, 10, 5)
+    cfg = CRSConfig(ratio=0.3)
+    gx1, gw1, gb1 = torch.autograd.grad((crs_linear(x, w, b, cfg) * g).sum(), (x, w, b))
+    gx2, gw2, gb2 = torch.autograd.grad((crs_linear(x, w, b, cfg) * g).sum(), (x, w, b))
+    rx, _, rb = torch.autograd.grad((F.linear(x, w, b) * g).sum(), (x, w, b))
+    assert not torch.equal(gw1, gw2)  # a fresh sample each step
+    torch.testing.assert_close(gx1, rx)
+    torch.testing.assert_close(gb1, rb)
+    assert torch.equal(gx1, gx2) and torch.equal(gb1, gb2)
+
+
+def test_wta_crs_has_lower_variance_than_crs_on_skewed_rows():
+    x = skewed(8, 16, 6).requires_grad_()
+    w = torch.randn(5, 6, requires_grad=True)
+    g = torch.randn(8, 16, 5)
+    var = {}
+    for method in METHODS:
+        cfg = CRSConfig(ratio=0.3, method=method)
+        s = _estimates(lambda cfg=cfg: torch.autograd.grad((crs_linear(x, w, None, cfg) * g).sum(), w), 1500)
+        var[method] = s.var(0).sum().item()
+    assert var["wta_crs"] < 0.8 * var["crs"], var
+
+
+# ---------------------------------------------------------------- degenerate inputs
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_inputs_give_finite_gradients(method):
+    cfg = CRSConfig(ratio=0.3, method=method)
+    x = torch.zeros(3, 10, 6, requires_grad=True)
+    x_rows = torch.randn(3, 10, 6)
+    x_rows[:, 2:] = 0  # most rows zero: fewer non-zero rows than samples
+    w = torch.randn(5, 6, requires_grad=True)
+    for inp in (x, x_rows.requires_grad_()):
+        gx, gw = torch.autograd.grad(crs_linear(inp, w, None, cfg).sum(), (inp, w))
+        assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    gw = torch.autograd.grad(crs_linear(x, w, None, cfg).sum(), w)[0]
+    assert torch.equal(gw, torch.zeros_like(gw))
+    a = torch.zeros(2, 7, 4, requires_grad=True)
+    b = torch.zeros(2, 4, 9, requires_grad=True)
+    for t in torch.autograd.grad(crs_matmul(a, b, cfg).sum(), (a, b)):
+        assert torch.isfinite(t).all() and not t.any()
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match=r"crs\.ratio"):
+        CRSConfig(ratio=0.0)
+    with pytest.raises(ValueError, match=r"crs\.ratio"):
+        CRSConfig(ratio="half")
+    with pytest.raises(ValueError, match=r"crs\.method"):
+        CRSConfig(method="topk")
+    with pytest.raises(ValueError, match=r"crs\.targets.*unknown.*'mlp'"):
+        inject(tiny_vit(), CRSConfig(ratio=0.5), ["query", "mlp"])
+    with pytest.raises(ValueError, match=r"model\.attn_implementation=eager"):
+        inject(tiny_vit(attn="sdpa"), CRSConfig(ratio=0.5), DEFAULT_TARGETS)
+    inject(tiny_vit(attn="sdpa"), CRSConfig(ratio=0.5), LINEAR_TARGETS)  # linears are fine with sdpa
+
+
+def test_seeded_stream_is_reproducible_and_restorable():
+    x = torch.randn(4, 10, 6, requires_grad=True)
+    w = torch.randn(5, 6, requires_grad=True)
+    cfg = CRSConfig(ratio=0.3)
+
+    def grad() -> torch.Tensor:
+        return torch.autograd.grad(crs_linear(x, w, None, cfg).square().sum(), w)[0]
+
+    crs_random.manual_seed(7)
+    first = grad()
+    state = crs_random.get_rng_state()
+    second = grad()
+    crs_random.manual_seed(7)
+    assert torch.equal(grad(), first)
+    crs_random.set_rng_state(state)
+    assert torch.equal(grad(), second)
+    crs_random.manual_seed(8)
+    assert not torch.equal(grad(), first)
+
+
+# ---------------------------------------------------------------- memory
+def _saved(fn, params) -> int:
+    with SavedTensorsMeter(exclude=params) as meter:
+        out = fn()
+    del out
+    return meter.bytes
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+def test_crs_linear_saves_only_sampled_rows(autocast, ratio):
+    x = torch.randn(8, 50, 64, requires_grad=True)
+    lin = torch.nn.Linear(64, 32)
+    cfg = CRSConfig(ratio=ratio)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        exact = _saved(lambda: lin(x), [lin.weight, lin.bias])
+        sampled = _saved(lambda: crs_linear(x, lin.weight, lin.bias, cfg), [lin.weight, lin.bias])
+    n, k = 400, cfg.num_samples(400)
+    elem = 2 if autocast else 4
+    x_bytes = n * 64 * elem
+    assert exact >= x_bytes  # exact keeps all of x (and, under autocast, a weight cast)
+    assert sampled == k * 64 * elem + k * 4  # k rows in the compute dtype + int32 indices, nothing else
+    assert sampled <= ratio * x_bytes + 64 * elem + k * 4
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_crs_matmul_saves_only_sampled_slices(autocast):
+    q = torch.randn(4, 3, 50, 16, requires_grad=True)
+    k = torch.randn(4, 3, 16, 50, requires_grad=True)
+    cfg = CRSConfig(ratio=0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        exact = _saved(lambda: q @ k, [])
+        sampled = _saved(lambda: crs_matmul(q, k, cfg), [])
+    kk = cfg.num_samples(50)
+    elem = 2 if autocast else 4
+    assert exact == 2 * 4 * 3 * 50 * 16 * elem
+    assert sampled == 2 * 4 * 3 * kk * (16 * elem + 4)
+    assert sampled <= 0.3 * exact + 2 * 4 * 3 * (16 * elem + kk * 4)
+
+
+def _block_saved(model: ViTForImageClassification, batch: int, tokens: int, autocast: bool) -> int:
+    h = torch.randn(batch, tokens, model.config.hidden_size, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return _saved(lambda: model.vit.layers[0](h), list(model.parameters()))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_injected_block_saved_bytes_match_the_analytic_ideal(autocast):
+    """A ViT-B/16-shaped block (width 768, 12 heads, 197 tokens; batch 4 to stay fast)."""
+    cfg_v = ViTConfig(num_hidden_layers=1, num_labels=10, attn_implementation="eager")
+    base = ViTForImageClassification(cfg_v)
+    shape = (4, 197, 768, 12, 3072)
+    exact = _block_saved(base, 4, 197, autocast)
+    assert exact == vit_block_saved_bytes(*shape, autocast=autocast)
+    for ratio in (0.5, 0.3):
+        cfg = CRSConfig(ratio=ratio)
+        for targets in (DEFAULT_TARGETS, LINEAR_TARGETS, ALL_TARGETS):
+            model = inject(copy.deepcopy(base), cfg, targets)
+            measured = _block_saved(model, 4, 197, autocast)
+            assert measured == vit_block_saved_bytes(*shape, cfg, targets, autocast)
+            assert measured < exact
+
+
+def test_injected_block_memory_reduction_factors():
+    """The reductions the sampled ops must reach in fp32: all linears + matmuls at 0.3 ≥ 1.5x."""
+    shape = (64, 197, 768, 12, 3072)
+    exact = vit_block_saved_bytes(*shape)
+    full = vit_block_saved_bytes(*shape, CRSConfig(ratio=0.3), ALL_TARGETS)
+    linears = vit_block_saved_bytes(*shape, CRSConfig(ratio=0.3), LINEAR_TARGETS)
+    assert exact / full > 1.5 and exact / linears > 1.3
+
+
+# ---------------------------------------------------------------- injection
+@pytest.mark.parametrize(
+    "targets",
+    [DEFAULT_TARGETS, LINEAR_TARGETS, ALL_TARGETS, ("fc1", "fc2"), ("query",), ("scores",)],
+)
+def test_inject_replaces_the_targeted_modules_and_keeps_state_dict(targets):
+    base = tiny_vit(layers=2)
+    model = inject(copy.deepcopy(base), CRSConfig(ratio=0.5), targets)
+    assert list(model.state_dict()) == list(base.state_dict())
+    for layer in model.vit.layers:
+        wants_attn = bool(set(targets) & {"query", "key", "value", "scores", "context"})
+        assert isinstance(layer.attention, CRSViTAttention) == wants_attn
+        assert isinstance(layer.attention.o_proj, CRSLinear) == ("attn_output" in targets)
+        assert isinstance(layer.mlp.fc1, CRSLinear) == ("fc1" in targets)
+        assert isinstance(layer.mlp.fc2, CRSLinear) == ("fc2" in targets)
+        assert not isinstance(layer.attention.q_proj, CRSLinear)  # q/k/v are sampled by the attention module
+    assert not isinstance(model.classifier, CRSLinear)
+
+
+def test_injected_checkpoint_loads_into_plain_model(tmp_path):
+    model = inject(tiny_vit(), CRSConfig(ratio=0.3), ALL_TARGETS)
+    model.save_pretrained(tmp_path)
+    plain = ViTForImageClassification.from_pretrained(tmp_path, attn_implementation="eager")
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(plain(x).logits, model(x).logits)
+
+
+def test_training_step_of_injected_vit_reduces_loss():
+    model = inject(tiny_vit(layers=2, labels=3), CRSConfig(ratio=0.3, prob="norm_grad"), ALL_TARGETS)
+    x = torch.randn(16, 3, 16, 16)
+    y = torch.arange(16) % 3
+    x += y.view(-1, 1, 1, 1).float()  # learnable: class shifts the image
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = F.cross_entropy(model(x).logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    state = crs_state_dict(model)
+    assert state and all(s["value"] is not None for s in state.values() if s["value"] is not None)
+    fresh = inject(tiny_vit(layers=2, labels=3), CRSConfig(ratio=0.3, prob="norm_grad"), ALL_TARGETS)
+    load_crs_state_dict(fresh, state)
+    assert crs_state_dict(fresh).keys() == state.keys()
+
+
+def test_gradient_checkpointing_with_crs_trains():
+    model = inject(tiny_vit(layers=2), CRSConfig(ratio=0.5), ALL_TARGETS)
+    model.activation_checkpointing_enable()
+    model.train()
+    loss = model(torch.randn(4, 3, 16, 16)).logits.square().mean()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
