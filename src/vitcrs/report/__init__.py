@@ -1,0 +1,130 @@
+"""`python -m vitcrs.report RUN_OR_MULTIRUN_DIR… [--out DIR]`: tables and plots of the study's runs.
+
+Reads every metrics.json under the given paths (searched recursively) and writes into one folder
+(default: reports/<timestamp> under the current directory): accuracy.md/.tex, memory.md/.tex, three PNG
+plots, results.json and index.md. Prints that folder's path, and nothing else, on stdout.
+
+Runs are grouped by their settings (minus the swept keys dataset, label_type, ratio, seed; plus device and
+versions), one table section per group, so that runs that differ in anything else are never mixed in a
+cell. Bad files never stop the report: they are listed as unreadable or invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from vitcrs.errors import ConfigError
+from vitcrs.report.data import Group, Problem, Run, find_metrics, group_runs, read_run
+from vitcrs.report.render import (
+    accuracy_markdown,
+    accuracy_tex,
+    index_markdown,
+    memory_markdown,
+    memory_tex,
+    results_data,
+)
+
+__all__ = ["build_report", "main"]
+
+TEXT_FILES = {
+    "accuracy.md": "test accuracy (%) per sampling ratio and dataset, change vs exact in points",
+    "accuracy.tex": "the same accuracy tables in LaTeX (booktabs)",
+    "memory.md": "peak memory (or saved bytes on CPU) with reduction factor vs exact, and images/s",
+    "memory.tex": "the same memory tables in LaTeX (booktabs)",
+    "results.json": "the aggregated cells of every group, failed runs and unreadable files, as data",
+}
+
+
+def new_report_dir(base: Path, now: datetime) -> Path:
+    """Create and return base/<YYYY-MM-DD_HH-MM-SS>, with a _2, _3, … suffix if that already exists."""
+    stamp = now.strftime("%Y-%m-%d_%H-%M-%S")
+    for n in range(1, 1000):
+        path = base / (stamp if n == 1 else f"{stamp}_{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"--out: could not create a new folder under {base}; pass --out DIR")
+
+
+def collect(paths: Sequence[Path]) -> tuple[dict[str, int], list[Run], list[Problem]]:
+    """Metrics files per input path, and the runs and problems read from them (each file once).
+
+    Raises ConfigError if a path does not exist or no metrics.json is found at all."""
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise ConfigError(
+            f"paths: {', '.join(missing)} not found; pass run dirs, multirun dirs or a parent of them"
+        )
+    inputs, files = {}, {}
+    for path in paths:
+        found = find_metrics(path)
+        inputs[str(path)] = len(found)
+        files.update({f.resolve(): f for f in found if f.resolve() not in files})
+    if not files:
+        raise ConfigError(f"paths: no metrics.json under {', '.join(map(str, paths))}; is a run finished?")
+    results = [read_run(f) for f in files.values()]
+    return inputs, [r for r in results if isinstance(r, Run)], [r for r in results if isinstance(r, Problem)]
+
+
+def build_report(paths: Sequence[Path], out: Path | None = None, command: str | None = None) -> Path:
+    """Write the report of every metrics.json under `paths` into `out` (created if needed; default a new
+    reports/<timestamp> under the current directory) and return that folder. `command` is recorded in
+    index.md. Raises ConfigError for a missing path or when no metrics.json is found."""
+    from vitcrs.report.plots import PLOT_FILES, write_plots  # matplotlib is imported only when plotting
+
+    inputs, runs, problems = collect(paths)
+    groups: list[Group] = group_runs(runs)
+    now = datetime.now()
+    if out is None:
+        out = new_report_dir(Path.cwd() / "reports", now)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = {
+        "accuracy.md": accuracy_markdown(groups, problems),
+        "accuracy.tex": accuracy_tex(groups),
+        "memory.md": memory_markdown(groups, problems),
+        "memory.tex": memory_tex(groups),
+        "results.json": json.dumps(results_data(groups, problems), indent=2, default=str) + "\n",
+    }
+    for name, text in texts.items():
+        (out / name).write_text(text, encoding="utf-8")
+    write_plots(groups, out)
+    command = command or "python -m vitcrs.report " + shlex.join(map(str, paths))
+    index = index_markdown(
+        {**TEXT_FILES, **PLOT_FILES},
+        inputs,
+        runs,
+        groups,
+        problems,
+        command,
+        str(Path.cwd()),
+        now.isoformat(timespec="seconds"),
+    )
+    (out / "index.md").write_text(index, encoding="utf-8")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 2 bad arguments or nothing to report)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m vitcrs.report",
+        description="Accuracy and memory tables and plots from vitcrs runs' metrics.json files.",
+    )
+    parser.add_argument("paths", nargs="+", type=Path, help="run dirs, multirun dirs, or any parent of them")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: reports/<timestamp>)")
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        out = build_report(args.paths, args.out, "python -m vitcrs.report " + shlex.join(argv))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
