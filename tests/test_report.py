@@ -1,0 +1,357 @@
+"""vitcrs.report: tables, aggregation, grouping, bad files, plots and the CLI, on hand-written metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vitcrs.errors import ConfigError
+from vitcrs.report import build_report, main
+from vitcrs.report.data import Column, read_run
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SETTINGS = {
+    "model": "google/vit-base-patch16-224-in21k",
+    "attn_implementation": "eager",
+    "precision": "32-true",
+    "batch_size": 64,
+    "max_epochs": 8,
+    "lr": 5e-5,
+    "image_size": 224,
+    "method": "wta_crs",
+    "targets": ["query", "key", "value", "scores", "context"],
+    "prob": "norm",
+    "limit_train": None,
+}
+
+
+def write_run(root: Path, name: str, **fields: Any) -> Path:
+    """Write root/name/metrics.json: a complete GPU run on CIFAR-10 at ratio 1, seed 0, updated by `fields`
+    (`settings` is merged into the default settings). Returns the run dir."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    settings = {**SETTINGS, **fields.pop("settings", {})}
+    metrics = {
+        "status": "complete",
+        "dataset": "cifar10",
+        "label_type": "fine",
+        "num_classes": 10,
+        "ratio": 1.0,
+        "method": settings["method"],
+        "targets": settings["targets"],
+        "seed": 0,
+        "val_acc": 0.9,
+        "test_acc": 0.9,
+        "peak_mem_allocated_gib": 8.0,
+        "peak_mem_reserved_gib": 10.0,
+        "saved_bytes_per_step": None,
+        "images_per_s": 350.2,
+        "epochs": 8,
+        "wall_time_s": 1234.5,
+        "device": "NVIDIA H100 80GB HBM3",
+        "versions": {"vitcrs": "0.1.0", "torch": "2.14.1", "transformers": "5.23.0", "lightning": "2.6.6"},
+        "settings": settings,
+        "run_dir": str(run_dir),
+        **fields,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    return run_dir
+
+
+# test accuracy and peak memory of the 3 datasets x 3 ratios study
+STUDY = {
+    ("cifar10", "fine"): {1.0: (0.9901, 8.0), 0.5: (0.9760, 4.0), 0.3: (0.9700, 3.2)},
+    ("cifar100", "fine"): {1.0: (0.9210, 8.0), 0.5: (0.9100, 4.0), 0.3: (0.8850, 3.2)},
+    ("cifar100_coarse", "coarse"): {1.0: (0.9350, 8.0), 0.5: (0.9300, 5.0), 0.3: (0.9200, 3.2)},
+}
+
+
+def write_study(root: Path) -> Path:
+    """A multirun dir with the 9 runs of STUDY in numbered subdirs, plus multirun.yaml."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    n = 0
+    for (dataset, label_type), cells in STUDY.items():
+        for ratio, (acc, mem) in cells.items():
+            write_run(
+                root, str(n), dataset=dataset, label_type=label_type, ratio=ratio, test_acc=acc,
+                peak_mem_allocated_gib=mem,
+            )  # fmt: skip
+            n += 1
+    return root
+
+
+def table(text: str, heading_from: int = 0) -> list[str]:
+    """The lines of the first Markdown table in `text` after character `heading_from`."""
+    return next(block for block in text[heading_from:].split("\n\n") if block.startswith("|")).splitlines()
+
+
+def report(tmp_path: Path, *inputs: Path) -> Path:
+    return build_report(list(inputs) or [tmp_path / "runs"], tmp_path / "report")
+
+
+def test_accuracy_table_layout_and_drops(tmp_path: Path) -> None:
+    out = report(tmp_path, write_study(tmp_path / "runs"))
+    md = (out / "accuracy.md").read_text()
+    assert table(md) == [
+        "| Ratio | CIFAR-10 | CIFAR-100 fine | CIFAR-100 coarse |",
+        "| --- | ---: | ---: | ---: |",
+        "| 1 (exact) | 99.01 | 92.10 | 93.50 |",
+        "| 0.5 | 97.60 (−1.41) | 91.00 (−1.10) | 93.00 (−0.50) |",
+        "| 0.3 | 97.00 (−2.01) | 88.50 (−3.60) | 92.00 (−1.50) |",
+    ]
+    assert md.count("## Group") == 1
+    assert "`method=wta_crs`" in md and "`batch_size=64`" in md
+    tex = (out / "accuracy.tex").read_text()
+    assert r"Ratio & CIFAR-10 & CIFAR-100 fine & CIFAR-100 coarse \\" in tex
+    assert r"0.5 & 97.60 ($-$1.41) & 91.00 ($-$1.10) & 93.00 ($-$0.50) \\" in tex
+    assert r"\toprule" in tex and r"batch\_size=64" in tex
+
+
+def test_memory_table_reduction_factors(tmp_path: Path) -> None:
+    out = report(tmp_path, write_study(tmp_path / "runs"))
+    lines = table((out / "memory.md").read_text())
+    assert lines[0] == "| Dataset | Ratio | Peak allocated | Peak reserved | Images/s |"
+    assert lines[2] == "| CIFAR-10 | 1 (exact) | 8.00 GiB | 10.00 GiB | 350.2 |"
+    assert lines[3] == "| CIFAR-10 | 0.5 | 4.00 GiB (2.00x) | 10.00 GiB (1.00x) | 350.2 |"
+    assert lines[4] == "| CIFAR-10 | 0.3 | 3.20 GiB (2.50x) | 10.00 GiB (1.00x) | 350.2 |"
+    assert lines[9] == "| CIFAR-100 coarse | 0.5 | 5.00 GiB (1.60x) | 10.00 GiB (1.00x) | 350.2 |"
+    assert len(lines) == 2 + 9
+    assert r"4.00 GiB (2.00x)" in (out / "memory.tex").read_text()
+
+
+def test_seeds_give_mean_and_sample_std(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for seed, acc in enumerate([0.90, 0.92, 0.94]):
+        write_run(runs, f"exact{seed}", seed=seed, test_acc=acc)
+    for seed, acc in enumerate([0.88, 0.90]):
+        write_run(runs, f"half{seed}", seed=seed, ratio=0.5, test_acc=acc, peak_mem_allocated_gib=4.0 + seed)
+    out = report(tmp_path)
+    std_half = statistics.stdev([88.0, 90.0])
+    assert f"{std_half:.2f}" == "1.41"
+    assert table((out / "accuracy.md").read_text())[2:] == [
+        "| 1 (exact) | 92.00 ± 2.00, n=3 |",
+        "| 0.5 | 89.00 ± 1.41 (−3.00), n=2 |",
+    ]
+    assert "| CIFAR-10 | 0.5 | 4.50 GiB (1.78x) |" in (out / "memory.md").read_text()
+    cells = json.loads((out / "results.json").read_text())["groups"][0]["cells"]
+    exact, half = (next(c for c in cells if c["ratio"] == r) for r in (1.0, 0.5))
+    assert exact["test_acc"]["mean"] == pytest.approx(0.92)
+    assert exact["test_acc"]["std"] == pytest.approx(0.02)
+    assert exact["seeds"] == [0, 1, 2] and half["test_acc"]["n"] == 2
+    assert half["test_acc_change_pts"] == pytest.approx(-3.0)
+    assert half["reduction"]["peak_mem_allocated_gib"] == pytest.approx(8.0 / 4.5)
+
+
+def test_same_seed_count_everywhere_is_stated_once(tmp_path: Path) -> None:
+    for seed in range(2):
+        write_run(tmp_path / "runs", f"a{seed}", seed=seed, test_acc=0.9 + seed / 100)
+        write_run(tmp_path / "runs", f"b{seed}", seed=seed, ratio=0.5, test_acc=0.88)
+    md = (report(tmp_path) / "accuracy.md").read_text()
+    assert table(md)[2:] == ["| 1 (exact) | 90.50 ± 0.71 |", "| 0.5 | 88.00 ± 0.00 (−2.50) |"]
+    assert "n=2 complete runs" in md
+
+
+def test_missing_cells_show_a_dash(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_run(runs, "a", dataset="cifar10", ratio=1.0, test_acc=0.99)
+    write_run(runs, "b", dataset="cifar10", ratio=0.5, test_acc=0.98)
+    write_run(runs, "c", dataset="cifar100", ratio=0.5, test_acc=0.90)
+    out = report(tmp_path)
+    assert table((out / "accuracy.md").read_text())[2:] == [
+        "| 1 (exact) | 99.00 | — |",
+        "| 0.5 | 98.00 (−1.00) | 90.00 |",
+    ]
+    assert "| CIFAR-100 fine | 1 (exact) | — | — | — |" in (out / "memory.md").read_text()
+    assert r"1 (exact) & 99.00 & -- \\" in (out / "accuracy.tex").read_text()
+
+
+def test_failed_and_incomplete_runs_are_shown_and_listed(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_run(runs, "exact", test_acc=0.99)
+    failed = write_run(runs, "oom", ratio=0.5, status="failed", error="CUDA out of\nmemory", test_acc=None)
+    write_run(runs, "killed", ratio=0.3, status="incomplete", test_acc=None, peak_mem_allocated_gib=None)
+    write_run(runs, "half_ok", ratio=0.5, seed=1, test_acc=0.97)
+    out = report(tmp_path)
+    md = (out / "accuracy.md").read_text()
+    assert table(md)[2:] == [
+        "| 1 (exact) | 99.00 |",
+        "| 0.5 | 97.00 (−2.00); 1 failed |",
+        "| 0.3 | incomplete |",
+    ]
+    assert f"- CIFAR-10, ratio 0.5, seed 0: **failed**: CUDA out of memory — `{failed}`" in md
+    assert "- CIFAR-10, ratio 0.3, seed 0: **incomplete**" in md
+    assert "| CIFAR-10 | 0.3 | incomplete | incomplete | incomplete |" in (out / "memory.md").read_text()
+    assert "CUDA out of memory" in (out / "accuracy.tex").read_text()
+    unfinished = json.loads((out / "results.json").read_text())["groups"][0]["unfinished"]
+    assert {u["status"] for u in unfinished} == {"failed", "incomplete"}
+
+
+def test_only_failed_cell_says_failed(tmp_path: Path) -> None:
+    write_run(tmp_path / "runs", "a", ratio=1.0, status="failed", error="boom", test_acc=None)
+    write_run(tmp_path / "runs", "b", ratio=0.5, test_acc=0.9)
+    md = (report(tmp_path) / "accuracy.md").read_text()
+    assert table(md)[2:] == ["| 1 (exact) | failed |", "| 0.5 | 90.00 |"]  # no drop without a reference
+
+
+def test_bad_files_are_listed_not_fatal(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_run(runs, "good", test_acc=0.95)
+    bad = {"truncated": '{"status": "com', "empty": "", "list": "[1, 2]", "noratio": '{"dataset": "cifar10"}'}
+    for name, text in bad.items():
+        (runs / name).mkdir()
+        (runs / name / "metrics.json").write_text(text)
+    write_run(runs, "percent", test_acc=95.0)
+    out = report(tmp_path)
+    md = (out / "accuracy.md").read_text()
+    assert table(md)[2:] == ["| 1 (exact) | 95.00 |"]
+    problems = md.split("## Unreadable or invalid metrics files")[1]
+    for name in [*bad, "percent"]:
+        assert f"`{runs / name / 'metrics.json'}`" in problems
+    assert "unreadable: JSONDecodeError" in problems and "not a JSON object" in problems
+    assert "no usable ratio" in problems and "test_acc 95.0 is not a fraction" in problems
+    assert len(json.loads((out / "results.json").read_text())["unreadable"]) == 5
+
+
+def test_partial_fields_do_not_crash(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"dataset": "synthetic", "ratio": 0.3, "test_acc": "high", "seed": "x"}))
+    run = read_run(path)
+    assert not hasattr(run, "reason")
+    assert (run.status, run.test_acc, run.seed, run.config) == ("incomplete", None, None, {})
+    out = build_report([path], tmp_path / "out")
+    assert "| 0.3 | incomplete |" in (out / "accuracy.md").read_text()
+
+
+def test_different_settings_land_in_different_sections(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_run(runs, "wta", test_acc=0.99)
+    write_run(runs, "wta_half", ratio=0.5, test_acc=0.98)
+    write_run(runs, "crs", test_acc=0.97, settings={"method": "crs"})
+    write_run(runs, "crs_half", ratio=0.5, test_acc=0.90, settings={"method": "crs"})
+    md = (report(tmp_path) / "accuracy.md").read_text()
+    assert "2 groups whose settings differ in: method" in md
+    crs, wta = md.index("## Group 1 of 2: method=crs"), md.index("## Group 2 of 2: method=wta_crs")
+    assert table(md, wta)[2:] == ["| 1 (exact) | 99.00 |", "| 0.5 | 98.00 (−1.00) |"]
+    assert table(md, crs)[2:] == ["| 1 (exact) | 97.00 |", "| 0.5 | 90.00 (−7.00) |"]
+
+
+def test_device_and_versions_split_groups_too(tmp_path: Path) -> None:
+    write_run(tmp_path / "runs", "a")
+    write_run(tmp_path / "runs", "b", device="NVIDIA H200")
+    write_run(tmp_path / "runs", "c", versions={"torch": "2.13.0"})
+    md = (report(tmp_path) / "accuracy.md").read_text()
+    assert md.count("## Group") == 3
+    assert "differ in: device, versions.vitcrs, versions.torch" in md
+
+
+def test_cpu_runs_show_saved_bytes(tmp_path: Path) -> None:
+    cpu = {"device": "cpu", "peak_mem_allocated_gib": None, "peak_mem_reserved_gib": None}
+    write_run(tmp_path / "runs", "exact", saved_bytes_per_step=512 * 2**20, **cpu)
+    write_run(tmp_path / "runs", "half", ratio=0.5, saved_bytes_per_step=128 * 2**20, **cpu)
+    write_run(tmp_path / "runs", "big", dataset="synthetic", saved_bytes_per_step=3 * 2**30, **cpu)
+    out = report(tmp_path)
+    lines = table((out / "memory.md").read_text())
+    assert lines[0] == "| Dataset | Ratio | Saved for backward / step | Images/s |"
+    assert lines[2:] == [
+        "| CIFAR-10 | 1 (exact) | 512.00 MiB | 350.2 |",
+        "| CIFAR-10 | 0.5 | 128.00 MiB (4.00x) | 350.2 |",
+        "| synthetic | 1 (exact) | 3.00 GiB | 350.2 |",
+        "| synthetic | 0.5 | — | — |",
+    ]
+    assert (out / "memory_vs_ratio.png").stat().st_size > 0
+
+
+def test_column_labels() -> None:
+    assert Column("cifar10", "fine").label == "CIFAR-10"
+    assert Column("cifar100", "fine").label == "CIFAR-100 fine"
+    assert Column("cifar100", "coarse").label == "CIFAR-100 coarse"
+    assert Column("my_flowers", "fine").label == "my_flowers"
+    order = sorted([Column("aaa", "fine"), Column("cifar100", "coarse"), Column("cifar10", "fine")],
+                   key=lambda c: c.sort_key)  # fmt: skip
+    assert [c.label for c in order] == ["CIFAR-10", "CIFAR-100 coarse", "aaa"]
+
+
+def test_cifar100_coarse_name_and_label_type_share_a_column(tmp_path: Path) -> None:
+    write_run(tmp_path / "runs", "a", dataset="cifar100_coarse", label_type="coarse", test_acc=0.9)
+    write_run(tmp_path / "runs", "b", dataset="cifar100", label_type="coarse", seed=1, test_acc=0.8)
+    assert table((report(tmp_path) / "accuracy.md").read_text()) == [
+        "| Ratio | CIFAR-100 coarse |",
+        "| --- | ---: |",
+        "| 1 (exact) | 85.00 ± 7.07 |",
+    ]
+
+
+def test_pngs_are_valid(tmp_path: Path) -> None:
+    out = report(tmp_path, write_study(tmp_path / "runs"))
+    for name in ("accuracy_vs_ratio.png", "memory_vs_ratio.png", "accuracy_vs_memory.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR", name
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        assert width > 100 and height > 100 and len(data) > 5000, name
+
+
+def test_results_json_and_index(tmp_path: Path) -> None:
+    runs = write_study(tmp_path / "runs")
+    out = build_report([runs / "0", runs], tmp_path / "report", command="python -m vitcrs.report X")
+    data = json.loads((out / "results.json").read_text())
+    (group,) = data["groups"]
+    assert len(group["cells"]) == 9  # run 0 is given twice but counted once
+    cell = next(c for c in group["cells"] if c["column"] == "CIFAR-100 fine" and c["ratio"] == 0.3)
+    assert math.isclose(cell["test_acc_change_pts"], -3.6)
+    assert cell["reduction"]["peak_mem_allocated_gib"] == pytest.approx(2.5)
+    assert group["settings"]["method"] == "wta_crs" and group["settings"]["device"] == "NVIDIA H100 80GB HBM3"
+    index = (out / "index.md").read_text()
+    for name in (
+        "accuracy.md",
+        "accuracy.tex",
+        "memory.md",
+        "memory.tex",
+        "results.json",
+        "memory_vs_ratio.png",
+    ):
+        assert f"[{name}]({name})" in index
+    assert f"`{runs / '0'}`: 1 metrics.json" in index and f"`{runs}`: 9 metrics.json" in index
+    assert "python -m vitcrs.report X" in index and "Runs: 9 (9 complete)" in index
+
+
+def test_missing_path_or_no_metrics_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        build_report([tmp_path / "nope"], tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"no metrics\.json"):
+        build_report([tmp_path], tmp_path / "out")
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "error: paths:" in capsys.readouterr().err
+
+
+def test_cli_prints_the_report_folder(tmp_path: Path) -> None:
+    runs = write_study(tmp_path / "runs")
+    cmd = [sys.executable, "-m", "vitcrs.report", str(runs)]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    out = Path(done.stdout.strip())
+    assert out.parent == tmp_path / "reports" and out.is_dir()
+    assert (out / "accuracy.md").read_text().count("(−") == 6
+    assert f"python -m vitcrs.report {runs}" in (out / "index.md").read_text()
+    explicit = tmp_path / "explicit"
+    done = subprocess.run(
+        [*cmd, "--out", str(explicit)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0 and done.stdout == f"{explicit}\n"
+    assert {p.name for p in explicit.iterdir()} >= {"accuracy.md", "memory.tex", "accuracy_vs_memory.png"}
+
+
+def test_report_of_only_unreadable_files_is_still_written(tmp_path: Path) -> None:
+    (tmp_path / "runs" / "0").mkdir(parents=True)
+    (tmp_path / "runs" / "0" / "metrics.json").write_bytes(b"\xff\xfe garbage")
+    out = report(tmp_path)
+    md = (out / "accuracy.md").read_text()
+    assert "No usable runs." in md and "unreadable: UnicodeDecodeError" in md
+    assert (out / "accuracy_vs_ratio.png").read_bytes()[:8] == PNG_SIGNATURE
