@@ -17,10 +17,12 @@ from vitcrs.crs import (
     CRSConfig,
     CRSLinear,
     CRSViTAttention,
+    CRSViTMLP,
     GradNormEMA,
     SavedTensorsMeter,
     crs_linear,
     crs_matmul,
+    crs_mlp,
     crs_state_dict,
     inject,
     load_crs_state_dict,
@@ -28,6 +30,7 @@ from vitcrs.crs import (
 )
 from vitcrs.crs import random as crs_random
 
+LEAN_ALL = ("query", "key", "value", "attn_output", "mlp", "scores", "context")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 METHODS = ["crs", "wta_crs"]
 
@@ -109,9 +112,10 @@ def test_ratio_one_gives_torch_gradients_exactly():
     assert all(torch.equal(u, v) for u, v in zip(grads, ref, strict=True))
 
 
-def test_injected_model_at_ratio_one_matches_plain_model():
+@pytest.mark.parametrize("targets", [ALL_TARGETS, LEAN_ALL])
+def test_injected_model_at_ratio_one_matches_plain_model(targets):
     base = tiny_vit()
-    model = inject(copy.deepcopy(base), CRSConfig(ratio=1.0), ALL_TARGETS)
+    model = inject(copy.deepcopy(base), CRSConfig(ratio=1.0), targets)
     x = torch.randn(4, 3, 16, 16)
     ref, out = base(x).logits, model(x).logits
     assert torch.equal(ref, out)
@@ -151,6 +155,28 @@ def test_crs_linear_weight_gradient_is_unbiased(method, prob):
     samples = _estimates(draw, 3000)
     _assert_unbiased(samples, exact)
     assert tracker.value is not None or prob == "norm"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_crs_mlp_gradients_are_unbiased_and_exact_at_ratio_one(method):
+    x = skewed(3, 8, 6).requires_grad_()
+    fc1, fc2 = torch.nn.Linear(6, 12), torch.nn.Linear(12, 6)
+    g = torch.randn(3, 8, 6)
+    params = (x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+
+    def grads(ratio: float) -> tuple[torch.Tensor, ...]:
+        cfg = CRSConfig(ratio=ratio, method=method)
+        y = crs_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, F.gelu, cfg)
+        return torch.autograd.grad((y * g).sum(), params)
+
+    exact = torch.autograd.grad((fc2(F.gelu(fc1(x))) * g).sum(), params)
+    for u, v in zip(grads(1.0), exact, strict=True):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    sampled = grads(0.3)
+    for i in (0, 2, 4):  # grads of x and of the biases stay exact
+        torch.testing.assert_close(sampled[i], exact[i])
+    samples = _estimates(lambda: [grads(0.3)[i] for i in (1, 3)], 2000)
+    _assert_unbiased(samples, torch.cat([exact[1].flatten(), exact[3].flatten()]).double())
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -217,10 +243,12 @@ def test_bad_settings_are_clear_errors():
         CRSConfig(ratio="half")
     with pytest.raises(ValueError, match=r"crs\.method"):
         CRSConfig(method="topk")
-    with pytest.raises(ValueError, match=r"crs\.targets.*unknown.*'mlp'"):
-        inject(tiny_vit(), CRSConfig(ratio=0.5), ["query", "mlp"])
+    with pytest.raises(ValueError, match=r"crs\.targets.*unknown.*'attention'"):
+        inject(tiny_vit(), CRSConfig(ratio=0.5), ["query", "attention"])
     with pytest.raises(ValueError, match=r"model\.attn_implementation=eager"):
         inject(tiny_vit(attn="sdpa"), CRSConfig(ratio=0.5), DEFAULT_TARGETS)
+    with pytest.raises(ValueError, match=r"'mlp' together with 'fc1'"):
+        inject(tiny_vit(), CRSConfig(ratio=0.5), ["mlp", "fc1"])
     inject(tiny_vit(attn="sdpa"), CRSConfig(ratio=0.5), LINEAR_TARGETS)  # linears are fine with sdpa
 
 
@@ -300,7 +328,7 @@ def test_injected_block_saved_bytes_match_the_analytic_ideal(autocast):
     assert exact == vit_block_saved_bytes(*shape, autocast=autocast)
     for ratio in (0.5, 0.3):
         cfg = CRSConfig(ratio=ratio)
-        for targets in (DEFAULT_TARGETS, LINEAR_TARGETS, ALL_TARGETS):
+        for targets in (DEFAULT_TARGETS, LINEAR_TARGETS, ALL_TARGETS, LEAN_ALL):
             model = inject(copy.deepcopy(base), cfg, targets)
             measured = _block_saved(model, 4, 197, autocast)
             assert measured == vit_block_saved_bytes(*shape, cfg, targets, autocast)
@@ -308,18 +336,28 @@ def test_injected_block_saved_bytes_match_the_analytic_ideal(autocast):
 
 
 def test_injected_block_memory_reduction_factors():
-    """The reductions the sampled ops must reach in fp32: all linears + matmuls at 0.3 ≥ 1.5x."""
+    """ViT-B/16 block, batch 64, fp32 at 0.3: all linears + matmuls ≥ 1.5x; with the lean MLP ≥ 2x."""
     shape = (64, 197, 768, 12, 3072)
     exact = vit_block_saved_bytes(*shape)
     full = vit_block_saved_bytes(*shape, CRSConfig(ratio=0.3), ALL_TARGETS)
     linears = vit_block_saved_bytes(*shape, CRSConfig(ratio=0.3), LINEAR_TARGETS)
-    assert exact / full > 1.5 and exact / linears > 1.3
+    lean = vit_block_saved_bytes(*shape, CRSConfig(ratio=0.3), LEAN_ALL)
+    assert exact / full > 1.5 and exact / linears > 1.3 and exact / lean > 2.0
 
 
 # ---------------------------------------------------------------- injection
 @pytest.mark.parametrize(
     "targets",
-    [DEFAULT_TARGETS, LINEAR_TARGETS, ALL_TARGETS, ("fc1", "fc2"), ("query",), ("scores",)],
+    [
+        DEFAULT_TARGETS,
+        LINEAR_TARGETS,
+        ALL_TARGETS,
+        LEAN_ALL,
+        ("fc1", "fc2"),
+        ("query",),
+        ("scores",),
+        ("mlp",),
+    ],
 )
 def test_inject_replaces_the_targeted_modules_and_keeps_state_dict(targets):
     base = tiny_vit(layers=2)
@@ -331,6 +369,7 @@ def test_inject_replaces_the_targeted_modules_and_keeps_state_dict(targets):
         assert isinstance(layer.attention.o_proj, CRSLinear) == ("attn_output" in targets)
         assert isinstance(layer.mlp.fc1, CRSLinear) == ("fc1" in targets)
         assert isinstance(layer.mlp.fc2, CRSLinear) == ("fc2" in targets)
+        assert isinstance(layer.mlp, CRSViTMLP) == ("mlp" in targets)
         assert not isinstance(layer.attention.q_proj, CRSLinear)  # q/k/v are sampled by the attention module
     assert not isinstance(model.classifier, CRSLinear)
 

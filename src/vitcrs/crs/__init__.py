@@ -8,15 +8,18 @@ model = inject(model, cfg, targets=["query", "key", "value", "scores", "context"
 
 from . import random
 from .config import METHODS, PROBS, CRSConfig
-from .functional import crs_linear, crs_linear_shared, crs_matmul
+from .functional import crs_linear, crs_linear_shared, crs_matmul, crs_mlp
 from .grad_norm import GradNormEMA
 from .inject import (
     ALL_TARGETS,
     DEFAULT_TARGETS,
+    KNOWN_TARGETS,
+    LEAN_TARGETS,
     LINEAR_TARGETS,
     MATMUL_TARGETS,
     CRSLinear,
     CRSViTAttention,
+    CRSViTMLP,
     crs_state_dict,
     inject,
     load_crs_state_dict,
@@ -27,6 +30,8 @@ from .memory import SavedTensorsMeter, vit_block_saved_bytes
 __all__ = [
     "ALL_TARGETS",
     "DEFAULT_TARGETS",
+    "KNOWN_TARGETS",
+    "LEAN_TARGETS",
     "LINEAR_TARGETS",
     "MATMUL_TARGETS",
     "METHODS",
@@ -34,11 +39,13 @@ __all__ = [
     "CRSConfig",
     "CRSLinear",
     "CRSViTAttention",
+    "CRSViTMLP",
     "GradNormEMA",
     "SavedTensorsMeter",
     "crs_linear",
     "crs_linear_shared",
     "crs_matmul",
+    "crs_mlp",
     "crs_state_dict",
     "inject",
     "load_crs_state_dict",

@@ -207,3 +207,56 @@ def crs_matmul(
             f"crs_matmul needs equal leading dims, got a {tuple(a.shape)} and b {tuple(b.shape)}"
         )
     return _SampledMatmul.apply(a, b, cfg, keep_a, trackers)
+
+
+def _sampled_weight_grad(g: Tensor, x: Tensor, cfg: CRSConfig) -> Tensor:
+    """gᵀ x [d_out, d_in] from k rows drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal CRS p)."""
+    k = cfg.num_samples(g.shape[0])
+    if k >= g.shape[0]:
+        return g.t() @ x
+    norms = torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32)
+    norms = norms * torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+    idx, scale = sample(norms, k, cfg.method, crs_random.generator(g.device))
+    return (g.index_select(0, idx) * scale.unsqueeze(-1).to(g.dtype)).t() @ x.index_select(0, idx)
+
+
+class _RecomputedMLP(torch.autograd.Function):
+    """fc2(act(fc1(x))) saving only x; the hidden activation is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, act, cfg: CRSConfig):
+        y = F.linear(act(F.linear(x, w1, b1)), w2, b2)
+        ctx.save_for_backward(x.to(_compute_dtype(x)), w1, b1, w2, b2)
+        ctx.act, ctx.cfg, ctx.x_dtype = act, cfg, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w1, b1, w2, b2 = ctx.saved_tensors
+        dt = g.dtype
+        x2, g2 = x.reshape(-1, x.shape[-1]).to(dt), g.reshape(-1, g.shape[-1])
+        with torch.enable_grad():
+            h = F.linear(x2, w1.to(dt), None if b1 is None else b1.to(dt)).detach().requires_grad_()
+            a = ctx.act(h)
+        grad_w2 = _sampled_weight_grad(g2, a.detach(), ctx.cfg).to(w2.dtype)
+        (grad_h,) = torch.autograd.grad(a, h, g2 @ w2.to(dt))
+        del a, h
+        grad_w1 = _sampled_weight_grad(grad_h, x2, ctx.cfg).to(w1.dtype)
+        grad_x = (grad_h @ w1.to(dt)).reshape(x.shape).to(ctx.x_dtype)
+        grad_b1 = None if b1 is None else grad_h.sum(0, dtype=torch.float32).to(b1.dtype)
+        grad_b2 = None if b2 is None else g2.sum(0, dtype=torch.float32).to(b2.dtype)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
+def crs_mlp(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, act, cfg: CRSConfig
+) -> Tensor:
+    """`fc2(act(fc1(x)))` that keeps only x for backward (the memory-lean MLP).
+
+    x: [..., d]; w1: [f, d]; w2: [d, f]. Forward exact. Backward recomputes the hidden activation from x, so
+    neither the activation's input nor fc2's input is stored; grads of x and biases are exact, the two weight
+    grads are estimated from k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖input_i‖ (exact at ratio 1).
+    """
+    if not torch.is_grad_enabled() or not (w1.requires_grad or w2.requires_grad or x.requires_grad):
+        return F.linear(act(F.linear(x, w1, b1)), w2, b2)
+    return _RecomputedMLP.apply(x, w1, b1, w2, b2, act, cfg)

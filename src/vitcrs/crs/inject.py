@@ -15,17 +15,20 @@ from torch import Tensor, nn
 from transformers.models.vit.modeling_vit import (
     ALL_ATTENTION_FUNCTIONS,
     ViTAttention,
+    ViTMLP,
     eager_attention_forward,
 )
 
 from .config import CRSConfig
-from .functional import crs_linear, crs_linear_shared, crs_matmul
+from .functional import crs_linear, crs_linear_shared, crs_matmul, crs_mlp
 from .grad_norm import GradNormEMA
 
 QKV_TARGETS = ("query", "key", "value")
 LINEAR_TARGETS = (*QKV_TARGETS, "attn_output", "fc1", "fc2")
 MATMUL_TARGETS = ("scores", "context")
 ALL_TARGETS = LINEAR_TARGETS + MATMUL_TARGETS
+LEAN_TARGETS = ("mlp",)  # the whole MLP, storing only its input (recomputed in backward)
+KNOWN_TARGETS = ALL_TARGETS + LEAN_TARGETS
 DEFAULT_TARGETS = ("query", "key", "value", "scores", "context")
 _QKV_ATTRS = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
 
@@ -35,9 +38,9 @@ def validate_targets(targets: Iterable[str], attn_implementation: str | None) ->
     if isinstance(targets, str):
         targets = [targets]
     targets = list(targets)
-    unknown = [t for t in targets if t not in ALL_TARGETS]
+    unknown = [t for t in targets if t not in KNOWN_TARGETS]
     if unknown:
-        raise ValueError(f"crs.targets has unknown names {unknown}: allowed are {list(ALL_TARGETS)}.")
+        raise ValueError(f"crs.targets has unknown names {unknown}: allowed are {list(KNOWN_TARGETS)}.")
     matmuls = [t for t in targets if t in MATMUL_TARGETS]
     if matmuls and (attn_implementation or "eager") != "eager":
         raise ValueError(
@@ -45,7 +48,12 @@ def validate_targets(targets: Iterable[str], attn_implementation: str | None) ->
             f"model.attn_implementation={attn_implementation!r}. Set model.attn_implementation=eager, or "
             f"drop {matmuls} from crs.targets."
         )
-    return tuple(t for t in ALL_TARGETS if t in targets)
+    if "mlp" in targets and {"fc1", "fc2"} & set(targets):
+        raise ValueError(
+            "crs.targets has 'mlp' together with 'fc1'/'fc2': 'mlp' already samples both MLP linears and "
+            "recomputes their hidden activation; keep either 'mlp' or 'fc1'/'fc2'."
+        )
+    return tuple(t for t in KNOWN_TARGETS if t in targets)
 
 
 class CRSLinear(nn.Linear):
@@ -133,6 +141,18 @@ class CRSViTAttention(ViTAttention):
         return self.o_proj(attn_output), attn_weights
 
 
+class CRSViTMLP(ViTMLP):
+    """ViT MLP that stores only its input and recomputes the hidden activation in backward (`crs_mlp`)."""
+
+    crs_cfg: CRSConfig
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        fc1, fc2 = self.fc1, self.fc2
+        return crs_mlp(
+            hidden_states, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.activation_fn, self.crs_cfg
+        )
+
+
 def _vit_layers(model: nn.Module) -> list[nn.Module]:
     """The encoder blocks of a ViT model, ViTModel or ViTForImageClassification."""
     layers = [m for m in model.modules() if isinstance(getattr(m, "attention", None), ViTAttention)]
@@ -145,8 +165,10 @@ def inject(model: nn.Module, cfg: CRSConfig, targets: Iterable[str] = DEFAULT_TA
     """Sample the backward pass of the `targets` ops in every encoder block of a HF ViT; returns `model`.
 
     Targets: linear "query", "key", "value", "attn_output", "fc1", "fc2"; matmul "scores" (Q Kᵀ) and
-    "context" (P V), which need eager attention. Parameters and state_dict keys are unchanged. Calling it
-    again replaces the settings. With ratio 1 the numerics equal the uninjected model's.
+    "context" (P V), which need eager attention; "mlp", the memory-lean MLP (`crs_mlp`: keeps only the MLP
+    input, recomputes the hidden activation in backward; replaces "fc1"/"fc2"). Parameters and state_dict
+    keys are unchanged. Calling it again replaces the settings. With ratio 1 the numerics equal the
+    uninjected model's.
     """
     config = getattr(model, "config", None)
     targets = frozenset(validate_targets(targets, getattr(config, "_attn_implementation", None)))
@@ -160,7 +182,9 @@ def inject(model: nn.Module, cfg: CRSConfig, targets: Iterable[str] = DEFAULT_TA
         for name, linear in (("attn_output", attn.o_proj), ("fc1", layer.mlp.fc1), ("fc2", layer.mlp.fc2)):
             linear.__class__ = CRSLinear if name in targets else nn.Linear
             linear.crs_cfg, linear.crs_grad_norm = cfg, GradNormEMA(cfg.grad_ema)
-    model.crs_config, model.crs_targets = cfg, tuple(t for t in ALL_TARGETS if t in targets)
+        layer.mlp.__class__ = CRSViTMLP if "mlp" in targets else ViTMLP
+        layer.mlp.crs_cfg = cfg
+    model.crs_config, model.crs_targets = cfg, tuple(t for t in KNOWN_TARGETS if t in targets)
     return model
 
 

@@ -57,11 +57,13 @@ def vit_block_saved_bytes(
 ) -> int:
     """Analytic bytes one HF ViT encoder block saves for backward (eager attention, no dropout).
 
-    Exact when `cfg` is None or has ratio 1; otherwise with `targets` sampled as `inject` does it. `autocast`
+    Exact when `cfg` is None; otherwise with `targets` injected as `inject` does it (at ratio 1 only the
+    "mlp" target changes what is saved). `autocast`
     means bf16/fp16 autocast (2-byte compute, fp32 LayerNorm and softmax, cached 2-byte weight casts).
     Parameters are not counted. This is the ideal that `SavedTensorsMeter` measurements are held against.
     """
-    targets = set(targets) if cfg is not None and not cfg.exact else set()
+    # at ratio 1 nothing is sampled, but the lean MLP still recomputes its hidden activation
+    targets = set() if cfg is None else set(targets) & ({"mlp"} if cfg.exact else set(targets))
     n, d, f, dh = batch * tokens, hidden, intermediate, hidden // heads
     c = 2 if autocast else 4  # bytes per element of what linears and matmuls save
     slices = batch * heads
@@ -80,16 +82,16 @@ def vit_block_saved_bytes(
     qkv_bytes = full_qkv + (rows(n, d) if qkv else 0)
     qkv_bytes += sum(weight_cast(d, d, t) for t in ("query", "key", "value"))
     probs = slices * tokens * tokens * 4  # softmax output (fp32), kept by softmax itself
-    if "scores" in targets:
-        scores = rows(tokens, dh, slices) * 2  # k of T rows of Q and k of T columns of Kᵀ, per (batch, head)
-    else:
-        scores = 2 * n * d * c
+    # scores: k of T rows of Q and k of T columns of Kᵀ per (batch, head), or all of Q and K
+    scores = rows(tokens, dh, slices) * 2 if "scores" in targets else 2 * n * d * c
     if "context" in targets:
         context = rows(dh, tokens, slices)  # k of dh columns of V per slice; P is reused from softmax
     else:
         context = n * d * c + (slices * tokens * tokens * c if autocast else 0)  # V, and P's cast copy
     attn_out = (rows(n, d) if "attn_output" in targets else n * d * c) + weight_cast(d, d, "attn_output")
-    fc1 = (rows(n, d) if "fc1" in targets else n * d * c) + weight_cast(f, d, "fc1")
-    gelu = n * f * c
-    fc2 = (rows(n, f) if "fc2" in targets else n * f * c) + weight_cast(d, f, "fc2")
-    return layer_norms + qkv_bytes + scores + probs + context + attn_out + fc1 + gelu + fc2
+    if "mlp" in targets:  # only the MLP input, in the compute dtype; the hidden activation is recomputed
+        mlp = n * d * c
+    else:
+        mlp = (rows(n, d) if "fc1" in targets else n * d * c) + weight_cast(f, d, "fc1") + n * f * c
+        mlp += (rows(n, f) if "fc2" in targets else n * f * c) + weight_cast(d, f, "fc2")
+    return layer_norms + qkv_bytes + scores + probs + context + attn_out + mlp
