@@ -26,8 +26,12 @@ from vitcrs.crs import (
 )
 
 SHAPE = (64, 197, 768, 12, 3072)  # batch, tokens, hidden, heads, mlp
-TARGET_SETS = {"study (q,k,v,scores,context)": DEFAULT_TARGETS, "all linears": LINEAR_TARGETS,
-               "all linears + matmuls": ALL_TARGETS}  # fmt: skip
+TARGET_SETS = {
+    "study (q,k,v,scores,context)": DEFAULT_TARGETS,
+    "all linears": LINEAR_TARGETS,
+    "all linears + matmuls": ALL_TARGETS,
+    "all + lean MLP (mlp recomputed)": ("query", "key", "value", "attn_output", "mlp", "scores", "context"),
+}
 
 
 def measure(model: ViTForImageClassification, autocast: bool) -> int:
