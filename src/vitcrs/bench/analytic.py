@@ -1,0 +1,121 @@
+"""Analytic saved-for-backward bytes: one ViT block (eager or sdpa attention) and the whole-model ideal.
+
+`vitcrs.crs.vit_block_saved_bytes` models an eager block. With sdpa attention (measured on CPU, and consistent
+with the external H100 reference figures in shared/docs/anchors.md) the block saves q, k, v, the attention
+output and a float32 logsumexp instead of the scores' inputs, the softmax output P and P's autocast copy:
+
+    sdpa = eager − P (fp32) − P's autocast copy + logsumexp (fp32, [batch, heads, tokens])
+           + the attention output when "attn_output" is sampled
+
+The last term: sdpa returns its output already in the [batch, tokens, heads, head_dim] layout, so the
+attention-output linear's input *is* sdpa's saved output; sampling that linear cannot free it and only adds
+the sampled rows. The CUDA memory-efficient kernel (fp32) pads the logsumexp to a multiple of 32 tokens, a
+difference below 0.1 % of a block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+from vitcrs.crs import MATMUL_TARGETS, CRSConfig, vit_block_saved_bytes
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """Shape of the encoder blocks of a ViT at one batch size."""
+
+    batch: int
+    tokens: int
+    hidden: int
+    heads: int
+    intermediate: int
+    layers: int
+
+    def with_batch(self, batch: int) -> BlockShape:
+        return BlockShape(batch, self.tokens, self.hidden, self.heads, self.intermediate, self.layers)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sampled(cfg: CRSConfig | None) -> bool:
+    return cfg is not None and not cfg.exact
+
+
+def sdpa_block_saved_bytes(
+    batch: int,
+    tokens: int,
+    hidden: int,
+    heads: int,
+    intermediate: int,
+    cfg: CRSConfig | None = None,
+    targets: Iterable[str] = (),
+    autocast: bool = False,
+) -> int:
+    """Analytic bytes one HF ViT encoder block with sdpa attention saves for backward (no dropout).
+
+    Same arguments as `vit_block_saved_bytes`; matmul targets ("scores", "context") do not exist with sdpa.
+    """
+    targets = tuple(targets)
+    if _sampled(cfg) and set(targets) & set(MATMUL_TARGETS):
+        raise ValueError(f"targets {sorted(set(targets) & set(MATMUL_TARGETS))} need eager attention")
+    eager = vit_block_saved_bytes(batch, tokens, hidden, heads, intermediate, cfg, targets, autocast)
+    c = 2 if autocast else 4
+    slices = batch * heads
+    probs = slices * tokens * tokens * 4
+    probs_cast = slices * tokens * tokens * c if autocast else 0
+    logsumexp = slices * tokens * 4
+    kept_output = batch * tokens * hidden * c if _sampled(cfg) and "attn_output" in targets else 0
+    return eager - probs - probs_cast + logsumexp + kept_output
+
+
+def block_saved_bytes(
+    shape: BlockShape,
+    attn: str,
+    autocast: bool,
+    cfg: CRSConfig | None = None,
+    targets: Iterable[str] = (),
+) -> int:
+    """Analytic bytes one block of `shape` saves, for attention "eager" or "sdpa", exact or sampled."""
+    fn: Callable[..., int]
+    if attn == "eager":
+        fn = vit_block_saved_bytes
+    elif attn == "sdpa":
+        fn = sdpa_block_saved_bytes
+    else:
+        raise ValueError(f"no analytic model for attention {attn!r}: only eager and sdpa")
+    s = shape
+    return fn(s.batch, s.tokens, s.hidden, s.heads, s.intermediate, cfg, tuple(targets), autocast)
+
+
+def ideal_model_saved_bytes(
+    measured_exact: int,
+    shape: BlockShape,
+    attn: str,
+    autocast: bool,
+    cfg: CRSConfig | None,
+    targets: Iterable[str],
+) -> int:
+    """Whole-model ideal: measured exact bytes minus, per block, what the analytic model says sampling saves.
+
+    Everything outside the blocks (patch embedding, final LayerNorm, classifier, loss) is taken as measured.
+    """
+    exact_block = block_saved_bytes(shape, attn, autocast)
+    sampled_block = block_saved_bytes(shape, attn, autocast, cfg, targets)
+    return measured_exact - shape.layers * (exact_block - sampled_block)
+
+
+def max_batch_from_estimate(estimate: Callable[[int], int], budget_bytes: int, upper: int = 1 << 20) -> int:
+    """The largest batch b ≥ 0 with estimate(b) ≤ budget (estimate non-decreasing in b), by bisection."""
+    if estimate(1) > budget_bytes:
+        return 0
+    lo, hi = 1, 2
+    while hi <= upper and estimate(hi) <= budget_bytes:
+        lo, hi = hi, hi * 2
+    if hi > upper:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if estimate(mid) <= budget_bytes else (lo, mid)
+    return lo

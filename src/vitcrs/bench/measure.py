@@ -1,0 +1,279 @@
+"""Building the benchmarked model, and measuring it: saved-for-backward bytes, step time, peak memory."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import wraps
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import ViTConfig, ViTForImageClassification
+from transformers.models.vit.modeling_vit import ViTLayer
+
+from vitcrs.crs import CRSConfig, SavedTensorsMeter, inject
+
+from .analytic import BlockShape
+from .grid import BenchConfig
+
+
+def _shape(hidden: int, layers: int, heads: int, mlp: int) -> dict[str, int]:
+    return {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": mlp,
+    }
+
+
+MODELS: dict[str, dict[str, int]] = {
+    "vit_b16": _shape(768, 12, 12, 3072),
+    "vit_tiny": _shape(192, 12, 3, 768),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which ViT to build: a named shape at random init or a local Hugging Face checkpoint, + overrides."""
+
+    name: str = "vit_b16"
+    path: str | None = None
+    num_labels: int = 10
+    overrides: dict = field(default_factory=dict)  # ViTConfig: num_hidden_layers, image_size, patch_size
+
+    def build(self, attn: str) -> ViTForImageClassification:
+        if self.path:
+            return ViTForImageClassification.from_pretrained(
+                self.path,
+                num_labels=self.num_labels,
+                ignore_mismatched_sizes=True,
+                attn_implementation=attn,
+                **self.overrides,
+            )
+        shape = {"image_size": 224, "patch_size": 16, **MODELS[self.name], **self.overrides}
+        config = ViTConfig(**shape, num_labels=self.num_labels, attn_implementation=attn)
+        return ViTForImageClassification(config)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def block_shape(config: ViTConfig, batch: int) -> BlockShape:
+    tokens = (config.image_size // config.patch_size) ** 2 + 1  # patches + [CLS]
+    return BlockShape(
+        batch,
+        tokens,
+        config.hidden_size,
+        config.num_attention_heads,
+        config.intermediate_size,
+        config.num_hidden_layers,
+    )
+
+
+def encoder_layers(model: nn.Module) -> list[ViTLayer]:
+    return [m for m in model.modules() if isinstance(m, ViTLayer)]
+
+
+def autocast_ctx(device: torch.device, precision: str) -> AbstractContextManager:
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ValueError(f"unknown precision {precision!r}")
+
+
+# ---------------------------------------------------------------- saved-for-backward bytes
+class _Meter(SavedTensorsMeter):
+    """`SavedTensorsMeter` that can also count tensors kept alive another way (checkpointed-block inputs)."""
+
+    def record(self, t: Tensor) -> None:
+        self._pack(t)
+
+
+_active_meters: list[_Meter] = []
+
+
+def enable_checkpointing(model: ViTForImageClassification) -> None:
+    """`activation_checkpointing_enable()`, with each checkpointed block's inputs visible to the meter.
+
+    Non-reentrant checkpointing keeps a block's inputs for the recomputation by reference, not through
+    saved-tensor hooks, and hides what the block saves behind its own hooks; without this the meter would
+    miss the inputs (one hidden state per block) that checkpointing does keep.
+    """
+    model.activation_checkpointing_enable()
+    for module in model.modules():
+        fn = getattr(module, "_gradient_checkpointing_func", None)
+        if fn is None or getattr(fn, "_vitcrs_bench", False):
+            continue
+
+        @wraps(fn)
+        def recorded(function, *args, _fn=fn, **kwargs):
+            for meter in _active_meters:
+                for a in args:
+                    if isinstance(a, Tensor):
+                        meter.record(a)
+            return _fn(function, *args, **kwargs)
+
+        recorded._vitcrs_bench = True  # type: ignore[attr-defined]
+        module._gradient_checkpointing_func = recorded
+
+
+def measure_saved_bytes(
+    fn: Callable[[], object], exclude: list[Tensor], device: torch.device, precision: str
+) -> int:
+    """Bytes of the distinct storages `fn()` saves for backward, run under `precision`'s autocast.
+
+    `exclude` (the parameters) is not counted; the graph is dropped afterwards without a backward.
+    """
+    with autocast_ctx(device, precision), _Meter(exclude) as meter:
+        _active_meters.append(meter)
+        try:
+            out = fn()
+        finally:
+            _active_meters.remove(meter)
+        saved = meter.bytes
+    del out
+    return saved
+
+
+def block_saved_bytes(model: ViTForImageClassification, batch: int, precision: str, layer: int = 0) -> int:
+    """Measured bytes one encoder block of `model` saves for backward, for a random input of `batch`."""
+    device = next(model.parameters()).device
+    shape = block_shape(model.config, batch)
+    h = torch.randn(batch, shape.tokens, shape.hidden, device=device, requires_grad=True)
+    block = encoder_layers(model)[layer]
+    return measure_saved_bytes(lambda: block(h), list(model.parameters()), device, precision)
+
+
+def loss_of(model: ViTForImageClassification, x: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(model(x).logits.float(), y)
+
+
+def model_saved_bytes(model: ViTForImageClassification, x: Tensor, y: Tensor, precision: str) -> int:
+    """Measured bytes a whole training forward (model and loss) saves for backward."""
+    return measure_saved_bytes(lambda: loss_of(model, x, y), list(model.parameters()), x.device, precision)
+
+
+# ---------------------------------------------------------------- building a configuration
+def synthetic_batch(
+    batch: int, image_size: int, num_labels: int, device: torch.device, seed: int
+) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, image_size, image_size, generator=g)
+    y = torch.randint(0, num_labels, (batch,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def build(spec: ModelSpec, cfg: BenchConfig, device: torch.device, seed: int) -> ViTForImageClassification:
+    """The model of one configuration, in train mode; every configuration gets the same initial weights."""
+    torch.manual_seed(seed)
+    if spec.path:
+        model = spec.build(cfg.attn)
+    else:
+        with torch.device(device):  # random init directly on the device (fast on a GPU)
+            model = spec.build(cfg.attn)
+    if not cfg.exact:
+        inject(model, CRSConfig(ratio=cfg.ratio, method=cfg.method), cfg.target_names)
+    if cfg.checkpointing:
+        enable_checkpointing(model)
+    return model.to(device).train()
+
+
+# ---------------------------------------------------------------- training steps
+def make_step(
+    model: ViTForImageClassification, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, precision: str
+) -> Callable[[], None]:
+    def step() -> None:
+        with autocast_ctx(x.device, precision):
+            loss = loss_of(model, x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> list[float]:
+    """Seconds per timed step (CUDA events on a GPU, perf_counter elsewhere), after `warmup` steps."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0)
+        else:
+            t0 = time.perf_counter()
+            step()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def images_per_s(batch: int, times: list[float]) -> float | None:
+    return batch / statistics.median(times) if times else None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def cuda_max_batch(
+    trial: Callable[[int], None], device: torch.device, budget_bytes: int, start: int, cap: int = 8192
+) -> int:
+    """The largest batch whose training steps `trial(b)` run within `budget_bytes` of CUDA memory.
+
+    The caching allocator is capped at the budget (`set_per_process_memory_fraction`), so a batch that needs
+    more raises OOM; doubling from `start`, then bisection. Peak reserved memory is checked as well.
+    """
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), device)
+
+    def fits(b: int) -> bool:
+        free_memory(device)
+        ok = True
+        try:
+            trial(b)
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            if not is_oom(exc):
+                raise
+            ok = False
+        ok = ok and torch.cuda.max_memory_reserved(device) <= budget_bytes
+        free_memory(device)
+        return ok
+
+    try:
+        lo, hi = 0, max(1, start)
+        while hi <= cap and fits(hi):
+            lo, hi = hi, hi * 2
+        if hi > cap:
+            return lo
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)

@@ -1,0 +1,147 @@
+"""The benchmark's Markdown report (bench.md): header with device, versions and command, then the table."""
+
+from __future__ import annotations
+
+GIB, MIB = 1 << 30, 1 << 20
+
+
+def _unit(rows: list[dict]) -> tuple[str, int]:
+    biggest = max((r.get("saved_bytes") or 0 for r in rows), default=0)
+    return ("GiB", GIB) if biggest >= GIB else ("MiB", MIB)
+
+
+def _bytes(v: int | None, scale: int) -> str:
+    return "n/a" if v is None else f"{v / scale:,.3f}" if scale == GIB else f"{v / scale:,.2f}"
+
+
+def _x(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
+def _num(v: float | None, fmt: str = "{:,.1f}") -> str:
+    return "n/a" if v is None else fmt.format(v)
+
+
+def markdown(result: dict) -> str:
+    meta, rows = result["meta"], result["rows"]
+    ok = [r for r in rows if r["status"] != "skipped"]
+    unit, scale = _unit(ok)
+    m = meta["model"]
+    model = m["path"] or m["name"]
+    lines = [
+        f"# vitcrs.bench: {model}, batch {meta['batch_size']}",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- device: {meta['device']}",
+        f"- torch {meta['torch']}, transformers {meta['transformers']}, python {meta['python']}",
+        f"- date: {meta['date']}",
+        f"- model: hidden {m['hidden']}, {m['layers']} layers, {m['heads']} heads, mlp {m['intermediate']}, "
+        f"{m['image_size']} px / patch {m['patch_size']} = {m['tokens']} tokens, "
+        f"{m['parameters']:,} parameters, "
+        f"{'random init' if not m['path'] else 'checkpoint weights'}; AdamW; one synthetic batch",
+        "",
+        *_notes(meta),
+        "",
+    ]
+    max_batch = meta["find_max_batch"]
+    header = [
+        "attn",
+        "precision",
+        "ckpt",
+        "method",
+        "ratio",
+        "targets",
+        f"saved {unit}",
+        f"ideal saved {unit}",
+        "saved red.",
+        "ideal red.",
+        "realised/ideal",
+        "block ideal red.",
+        "peak alloc GiB",
+        "peak reserved GiB",
+        "peak red.",
+        "images/s",
+        "throughput vs exact",
+    ]
+    if max_batch:
+        header += [f"max batch @ {meta['memory_budget_gib']:g} GiB", "images/s @ max batch"]
+    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in ok:
+        if r["status"] != "ok":
+            cells = [r["attn"], r["precision"], "yes" if r["checkpointing"] else "no", r["method"]]
+            cells += [f"{r['ratio']:g}", r["targets"], f"{r['status']}: {r['reason']}"]
+            cells += [""] * (len(header) - len(cells))
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        cells = [
+            r["attn"],
+            r["precision"],
+            "yes" if r["checkpointing"] else "no",
+            r["method"],
+            f"{r['ratio']:g}",
+            r["targets"],
+            _bytes(r.get("saved_bytes"), scale),
+            _bytes(r.get("ideal_saved_bytes"), scale),
+            _x(r.get("saved_reduction")),
+            _x(r.get("ideal_reduction")),
+            _num(r.get("realised_over_ideal"), "{:.3f}"),
+            _x(r.get("block_ideal_reduction")),
+            _bytes(r.get("peak_allocated_bytes"), GIB),
+            _bytes(r.get("peak_reserved_bytes"), GIB),
+            _x(r.get("peak_allocated_reduction")),
+            _num(r.get("images_per_s")),
+            _x(r.get("throughput_ratio")),
+        ]
+        if max_batch:
+            cells += [_num(r.get("max_batch"), "{:d}"), _num(r.get("max_batch_images_per_s"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    if skipped:
+        lines += ["", f"Skipped ({len(skipped)}):", ""]
+        lines += [f"- {r['name']}: {r['reason']}" for r in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def _notes(meta: dict) -> list[str]:
+    notes = [
+        "- saved: bytes of the distinct storages one training forward (model + loss) keeps for backward, "
+        "parameters excluded (`SavedTensorsMeter`). With checkpointing: what stays between forward and "
+        "backward (each block's input and what the ops outside the blocks save); during backward one block's "
+        "activations are recomputed on top of it. No ideal is given for checkpointed rows.",
+        "- ideal saved: the exact row's measured bytes minus, for each block, what the analytic block model "
+        "says sampling saves (eager: `vitcrs.crs.vit_block_saved_bytes`; sdpa: its extension in "
+        "`vitcrs.bench.analytic`). block ideal red.: analytic exact block / analytic sampled block.",
+        "- red. (reduction) and throughput ratios are against the exact row of the same attention and "
+        "precision without checkpointing; realised/ideal = saved red. / ideal red.",
+    ]
+    if meta["device_type"] != "cuda":
+        timed = "images/s measured on CPU (--time-on-cpu), not a GPU figure" if meta["timed"] else "images/s"
+        notes.append(
+            "- CPU run: peak memory is n/a (CUDA allocator statistics only)"
+            + ("; " + timed if meta["timed"] else f"; {timed} n/a (not timed on CPU)")
+            + "."
+        )
+    else:
+        notes.append(
+            f"- images/s: batch / median of {meta['steps']} timed steps (CUDA events) after {meta['warmup']} "
+            "warm-up steps; peak: `torch.cuda.max_memory_allocated/reserved` over those steps."
+        )
+    if meta["find_max_batch"]:
+        if meta["device_type"] == "cuda":
+            notes.append(
+                "- max batch: the allocator capped at the budget, the largest batch whose two training steps "
+                "ran without OOM (doubling, then bisection); images/s timed at that batch."
+            )
+        else:
+            notes.append(
+                "- max batch (CPU estimate, not a measurement): 4 x parameter bytes (weights, grads, "
+                "AdamW states) + saved-for-backward bytes, linear in the batch (measured at batches 1 and "
+                "2), + one block's analytic bytes with checkpointing; ignores workspace and fragmentation, "
+                "so it is an upper bound."
+            )
+    if meta["model"]["dropout"]:
+        notes.append(
+            f"- the model has dropout {meta['model']['dropout']:g}; the analytic block model assumes none, "
+            "so ideal figures omit the dropout masks."
+        )
+    return notes

@@ -1,0 +1,268 @@
+"""Run a list of configurations one after the other in this process, on one synthetic batch."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import torch
+import transformers
+
+from vitcrs.crs import CRSConfig
+
+from .analytic import BlockShape, block_saved_bytes, ideal_model_saved_bytes, max_batch_from_estimate
+from .grid import BenchConfig
+from .measure import (
+    ModelSpec,
+    block_shape,
+    build,
+    cuda_max_batch,
+    free_memory,
+    images_per_s,
+    is_oom,
+    make_step,
+    model_saved_bytes,
+    synthetic_batch,
+    time_steps,
+)
+
+GIB = 1 << 30
+
+
+@dataclass
+class BenchOptions:
+    batch_size: int = 64
+    warmup: int = 3
+    steps: int = 10
+    seed: int = 0
+    lr: float = 1e-4
+    time_on_cpu: bool = False
+    find_max_batch: bool = False
+    memory_budget_gib: float | None = None
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cores = os.cpu_count()
+    gpu = "" if torch.cuda.is_available() else ", no GPU"
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"CPU ({cores} cores{gpu})" + (f": {model}" if model else "")
+
+
+def crs_config(cfg: BenchConfig) -> CRSConfig | None:
+    return None if cfg.exact else CRSConfig(ratio=cfg.ratio, method=cfg.method)
+
+
+def _adamw(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=lr)
+
+
+def run_config(
+    cfg: BenchConfig, spec: ModelSpec, opts: BenchOptions, device: torch.device, batch: tuple
+) -> dict:
+    """Measure one configuration; returns its row (ratios against the reference are filled in later)."""
+    x, y = batch
+    row: dict = {**cfg.to_dict(), "status": "ok", "reason": None}
+    model = build(spec, cfg, device, opts.seed)
+    shape = block_shape(model.config, opts.batch_size)
+    row["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    timed = device.type == "cuda" or opts.time_on_cpu
+    try:
+        if timed:
+            free_memory(device)  # also resets the CUDA peak statistics
+            opt = _adamw(model, opts.lr)
+            times = time_steps(make_step(model, opt, x, y, cfg.precision), opts.warmup, opts.steps, device)
+            row["step_times_s"] = times
+            row["images_per_s"] = images_per_s(opts.batch_size, times)
+            if device.type == "cuda":
+                row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+                row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+            del opt
+            model.zero_grad(set_to_none=True)
+            free_memory(device)
+        row["saved_bytes"] = model_saved_bytes(model, x, y, cfg.precision)
+        _analytic(row, cfg, shape)
+        if opts.find_max_batch:
+            _max_batch(row, cfg, spec, model, shape, opts, device)
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+        if not is_oom(exc):
+            raise
+        row["status"], row["reason"] = "oom", f"out of memory at batch {opts.batch_size}"
+    finally:
+        del model
+        free_memory(device)
+    return row
+
+
+def _analytic(row: dict, cfg: BenchConfig, shape: BlockShape) -> None:
+    row["block_exact_bytes"] = block_saved_bytes(shape, cfg.attn, cfg.autocast)
+    row["block_bytes"] = block_saved_bytes(shape, cfg.attn, cfg.autocast, crs_config(cfg), cfg.target_names)
+
+
+def _max_batch(
+    row: dict,
+    cfg: BenchConfig,
+    spec: ModelSpec,
+    model: torch.nn.Module,
+    shape: BlockShape,
+    opts: BenchOptions,
+    device: torch.device,
+) -> None:
+    budget = int(opts.memory_budget_gib * GIB)
+    image_size, labels = model.config.image_size, model.config.num_labels
+    if device.type == "cuda":
+
+        def trial(b: int) -> None:
+            xb, yb = synthetic_batch(b, image_size, labels, device, opts.seed)
+            opt = _adamw(model, opts.lr)
+            try:
+                step = make_step(model, opt, xb, yb, cfg.precision)
+                step()
+                step()
+            finally:
+                model.zero_grad(set_to_none=True)
+                del opt
+
+        best = cuda_max_batch(trial, device, budget, opts.batch_size)
+        row["max_batch"], row["max_batch_method"] = best, "cuda: largest batch whose steps ran within budget"
+        if best > 0:
+            xb, yb = synthetic_batch(best, image_size, labels, device, opts.seed)
+            opt = _adamw(model, opts.lr)
+            times = time_steps(make_step(model, opt, xb, yb, cfg.precision), opts.warmup, opts.steps, device)
+            del opt, xb, yb
+            model.zero_grad(set_to_none=True)
+            row["max_batch_images_per_s"] = images_per_s(best, times)
+        return
+
+    # CPU: params + grads + AdamW's two states (fp32) + the measured saved bytes, linear in the batch (fitted
+    # from batches 1 and 2), + with checkpointing one block's recomputed activations during backward.
+    saved1, saved2 = (
+        model_saved_bytes(model, *synthetic_batch(b, image_size, labels, device, opts.seed), cfg.precision)
+        for b in (1, 2)
+    )
+    static = 4 * row["param_bytes"]
+    crs = crs_config(cfg)
+
+    def estimate(b: int) -> int:
+        est = static + saved1 + (b - 1) * (saved2 - saved1)
+        if cfg.checkpointing:
+            est += block_saved_bytes(shape.with_batch(b), cfg.attn, cfg.autocast, crs, cfg.target_names)
+        return est
+
+    row["max_batch"] = max_batch_from_estimate(estimate, budget)
+    row["max_batch_method"] = "cpu estimate: 4 x params + saved-for-backward bytes (no workspace)"
+
+
+def fill_ratios(rows: list[dict], configs: Sequence[BenchConfig]) -> None:
+    """Ideal bytes and the reduction factors of each row against its reference exact row."""
+    by_name = {r["name"]: r for r in rows}
+    for cfg, row in zip(configs, rows, strict=True):
+        if row["status"] != "ok":
+            continue
+        ref = by_name.get(cfg.reference.name)
+        ok_ref = ref is not None and ref["status"] == "ok"
+        row["reference"] = cfg.reference.name if ok_ref else None
+        saved = row["saved_bytes"]
+        if not cfg.checkpointing:
+            row["block_ideal_reduction"] = row["block_exact_bytes"] / row["block_bytes"]
+        if not ok_ref:
+            continue
+        row["saved_reduction"] = ref["saved_bytes"] / saved
+        if not cfg.checkpointing:
+            shape = BlockShape(**row["block_shape"])
+            ideal = ideal_model_saved_bytes(
+                ref["saved_bytes"], shape, cfg.attn, cfg.autocast, crs_config(cfg), cfg.target_names
+            )
+            row["ideal_saved_bytes"] = ideal
+            row["ideal_reduction"] = ref["saved_bytes"] / ideal
+            row["realised_over_ideal"] = ideal / saved  # = saved_reduction / ideal_reduction
+        for key, out in (
+            ("peak_allocated_bytes", "peak_allocated_reduction"),
+            ("peak_reserved_bytes", "peak_reserved_reduction"),
+        ):
+            if row.get(key) and ref.get(key):
+                row[out] = ref[key] / row[key]
+        if row.get("images_per_s") and ref.get("images_per_s"):
+            row["throughput_ratio"] = row["images_per_s"] / ref["images_per_s"]
+
+
+def run_bench(
+    configs: Sequence[BenchConfig],
+    spec: ModelSpec,
+    opts: BenchOptions,
+    device: torch.device,
+    argv: Sequence[str] = (),
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+) -> dict:
+    """Run every configuration (skipping invalid ones with their reason); returns {"meta", "rows"}."""
+    probe = spec.build("eager")
+    config = probe.config
+    shape = block_shape(config, opts.batch_size)
+    params = sum(p.numel() for p in probe.parameters())
+    del probe
+    batch = synthetic_batch(opts.batch_size, config.image_size, config.num_labels, device, opts.seed)
+    rows = []
+    for i, cfg in enumerate(configs, 1):
+        reason = cfg.skip_reason()
+        if reason:
+            row = {**cfg.to_dict(), "status": "skipped", "reason": reason}
+        else:
+            row = run_config(cfg, spec, opts, device, batch)
+            row["block_shape"] = shape.to_dict()
+        rows.append(row)
+        log(f"[{i}/{len(configs)}] {cfg.name}: {_summary(row)}")
+    fill_ratios(rows, configs)
+    dropout = max(config.hidden_dropout_prob, config.attention_probs_dropout_prob)
+    meta = {
+        "command": shlex.join(["python", "-m", "vitcrs.bench", *argv]),
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device_description(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "model": {
+            **spec.to_dict(),
+            "hidden": config.hidden_size,
+            "layers": config.num_hidden_layers,
+            "heads": config.num_attention_heads,
+            "intermediate": config.intermediate_size,
+            "image_size": config.image_size,
+            "patch_size": config.patch_size,
+            "tokens": shape.tokens,
+            "parameters": params,
+            "dropout": dropout,
+        },
+        "batch_size": opts.batch_size,
+        "warmup": opts.warmup,
+        "steps": opts.steps,
+        "seed": opts.seed,
+        "timed": device.type == "cuda" or opts.time_on_cpu,
+        "find_max_batch": opts.find_max_batch,
+        "memory_budget_gib": opts.memory_budget_gib,
+    }
+    return {"meta": meta, "rows": rows}
+
+
+def _summary(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['status']} ({row['reason']})"
+    parts = [f"saved {row['saved_bytes'] / GIB:.3f} GiB"]
+    if row.get("images_per_s"):
+        parts.append(f"{row['images_per_s']:.1f} img/s")
+    if row.get("peak_allocated_bytes"):
+        parts.append(f"peak {row['peak_allocated_bytes'] / GIB:.2f} GiB")
+    if row.get("max_batch") is not None:
+        parts.append(f"max batch {row['max_batch']}")
+    return ", ".join(parts)

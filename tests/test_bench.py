@@ -1,0 +1,153 @@
+"""vitcrs.bench: measured saved-for-backward bytes against the analytic ideal, and the CPU command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vitcrs import bench
+from vitcrs.bench import BenchConfig, ModelSpec, expand
+from vitcrs.crs import CRSConfig
+from vitcrs.crs import random as crs_random
+
+PRECISIONS = ["fp32", "bf16-mixed"]
+TINY = ["--model", "vit_tiny", "--layers", "1", "--image-size", "64", "--batch-size", "2", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_stream():
+    torch.manual_seed(0)
+    crs_random.manual_seed(0)
+    yield
+    crs_random.set_rng_state({"seed": None})
+
+
+# ---------------------------------------------------------------- one ViT-B/16 block vs the analytic model
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_block_saved_bytes_are_within_5_percent_of_the_analytic_ideal(attn, precision):
+    """A ViT-B/16-shaped block (width 768, 12 heads, 197 tokens; batch 2) at ratio 0.3, each target set."""
+    spec = ModelSpec("vit_b16", overrides={"num_hidden_layers": 1})
+    batch = 2
+    exact_cfg = bench.grid.exact_config(attn, precision, False)
+    model = bench.build(spec, exact_cfg, torch.device("cpu"), seed=0)
+    shape = bench.block_shape(model.config, batch)
+    assert (shape.tokens, shape.hidden, shape.heads, shape.intermediate) == (197, 768, 12, 3072)
+    autocast = precision == "bf16-mixed"
+    exact = bench.measured_block_saved_bytes(model, batch, precision)
+    exact_ideal = bench.block_saved_bytes(shape, attn, autocast)
+    assert exact == pytest.approx(exact_ideal, rel=0.05)
+
+    checked = []
+    for targets in ("default", "linears", "all", "lean"):
+        cfg = BenchConfig("wta_crs", 0.3, targets, attn, precision, False)
+        if cfg.skip_reason():  # the attention matmuls exist only with eager attention
+            assert attn == "sdpa" and targets in ("default", "all")
+            continue
+        model = bench.build(spec, cfg, torch.device("cpu"), seed=0)
+        measured = bench.measured_block_saved_bytes(model, batch, precision)
+        ideal = bench.block_saved_bytes(shape, attn, autocast, CRSConfig(ratio=0.3), cfg.target_names)
+        assert measured == pytest.approx(ideal, rel=0.05), targets
+        assert measured < exact
+        checked.append(targets)
+    assert checked == (["default", "linears", "all", "lean"] if attn == "eager" else ["linears", "lean"])
+
+
+def test_sdpa_model_differs_from_eager_by_the_attention_internals():
+    shape = bench.BlockShape(64, 197, 768, 12, 3072, 12)
+    probs = 64 * 12 * 197 * 197
+    lse = 64 * 12 * 197 * 4
+    eager32, sdpa32 = (bench.block_saved_bytes(shape, a, False) for a in ("eager", "sdpa"))
+    eager16, sdpa16 = (bench.block_saved_bytes(shape, a, True) for a in ("eager", "sdpa"))
+    assert eager32 - sdpa32 == probs * 4 - lse  # the fp32 softmax output
+    assert eager16 - sdpa16 == probs * (4 + 2) - lse  # and its bf16 copy for the context matmul
+    with pytest.raises(ValueError, match="eager"):
+        bench.block_saved_bytes(shape, "sdpa", False, CRSConfig(ratio=0.3), ("scores",))
+
+
+def test_max_batch_from_estimate():
+    assert bench.max_batch_from_estimate(lambda b: 100 + 10 * b, 1000) == 90
+    assert bench.max_batch_from_estimate(lambda b: 100 + 10 * b, 105) == 0
+    assert bench.max_batch_from_estimate(lambda b: 100 + 10 * b, 110) == 1
+
+
+# ---------------------------------------------------------------- the command line on CPU
+def _run(tmp_path, *args: str) -> tuple[dict, str]:
+    assert bench.main([*TINY, *args, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    return result, (tmp_path / "bench.md").read_text()
+
+
+def test_cli_on_cpu_writes_one_row_per_configuration(tmp_path, capsys):
+    result, md = _run(tmp_path, "--grid", "quick", "--ratios", "0.3", "--checkpointing", "off,on")
+    configs = expand(("wta_crs",), (0.3,), tuple(bench.TARGET_SETS), ("eager", "sdpa"),
+                     ("fp32", "bf16-mixed"), (False, True))  # fmt: skip
+    rows = result["rows"]
+    assert [r["name"] for r in rows] == [c.name for c in configs]
+    assert result["meta"]["device"].startswith("CPU") and result["meta"]["torch"] == torch.__version__
+    assert "python -m vitcrs.bench --model vit_tiny" in result["meta"]["command"]
+    assert md in capsys.readouterr().out  # the table is printed too
+
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert {(r["attn"], r["targets"]) for r in skipped} == {("sdpa", "default"), ("sdpa", "all")}
+    assert all("eager attention" in r["reason"] for r in skipped)
+    measured = [r for r in rows if r["status"] == "ok"]
+    assert len(measured) + len(skipped) == len(rows)
+    for r in measured:
+        assert r["saved_bytes"] > 0
+        assert r.get("peak_allocated_bytes") is None and r.get("images_per_s") is None  # n/a on CPU
+        if r["method"] == "exact" and not r["checkpointing"]:
+            assert r["saved_reduction"] == 1.0 and r["ideal_reduction"] == 1.0
+        elif not r["checkpointing"]:
+            assert r["saved_reduction"] > 1.0
+            assert r["realised_over_ideal"] == pytest.approx(1.0, rel=0.05)
+            assert r["ideal_reduction"] > 1.0 and r["block_ideal_reduction"] > 1.0
+        else:  # checkpointing keeps only the blocks' inputs (and what is outside the blocks)
+            assert r["saved_reduction"] > 1.0 and r.get("ideal_saved_bytes") is None
+
+    table = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith(("| attn", "| ---"))]
+    assert len(table) == len(measured)
+    assert sum(ln.startswith("- sdpa/") for ln in md.splitlines()) == len(skipped)
+    assert "| eager | fp32 | no | exact | 1 | - |" in md and "1.00x" in md
+    assert "n/a" in md and result["meta"]["command"] in md
+
+
+def test_cli_on_cpu_times_steps_and_estimates_the_max_batch(tmp_path):
+    result, md = _run(
+        tmp_path,
+        *("--attn", "eager", "--precision", "fp32", "--targets", "all", "--ratios", "0.3"),
+        *("--checkpointing", "off,on", "--methods", "crs", "--time-on-cpu", "--warmup", "0", "--steps", "1"),
+        *("--find-max-batch", "--memory-budget-gib", "0.25"),
+    )
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == [
+        "eager/fp32/exact",
+        "eager/fp32/crs@0.3/all",
+        "eager/fp32/exact/ckpt",
+        "eager/fp32/crs@0.3/all/ckpt",
+    ]
+    for r in rows.values():
+        assert r["status"] == "ok" and r["images_per_s"] > 0 and r["max_batch"] > 0
+        assert r["throughput_ratio"] > 0
+    assert rows["eager/fp32/crs@0.3/all"]["max_batch"] > rows["eager/fp32/exact"]["max_batch"]
+    assert "CPU estimate" in md and "max batch @ 0.25 GiB" in md
+
+
+def test_cli_rejects_bad_settings(tmp_path, capsys):
+    assert bench.main([*TINY, "--find-max-batch", "--out", str(tmp_path)]) == 2
+    assert "--memory-budget-gib" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main([*TINY, "--ratios", "1.5"])
+    with pytest.raises(SystemExit):
+        bench.main([*TINY, "--targets", "everything"])
+
+
+def test_module_entry_point():
+    out = subprocess.run(
+        [sys.executable, "-m", "vitcrs.bench", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--grid" in out and "--find-max-batch" in out
