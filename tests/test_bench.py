@@ -137,6 +137,22 @@ def test_cli_on_cpu_times_steps_and_estimates_the_max_batch(tmp_path):
     assert "CPU estimate" in md and "max batch @ 0.25 GiB" in md
 
 
+def test_a_failing_configuration_is_reported_not_fatal(tmp_path, monkeypatch):
+    real = bench.runner.run_config
+
+    def flaky(cfg, *args):
+        if cfg.method != "exact":
+            raise RuntimeError("boom")
+        return real(cfg, *args)
+
+    monkeypatch.setattr(bench.runner, "run_config", flaky)
+    args = ["--attn", "eager", "--precision", "fp32", "--ratios", "0.3", "--targets", "linears"]
+    assert bench.main([*TINY, *args, "--out", str(tmp_path)]) == 1
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "error"] and rows[1]["reason"] == "RuntimeError: boom"
+    assert "error: RuntimeError: boom" in (tmp_path / "bench.md").read_text()
+
+
 def test_cli_rejects_bad_settings(tmp_path, capsys):
     assert bench.main([*TINY, "--find-max-batch", "--out", str(tmp_path)]) == 2
     assert "--memory-budget-gib" in capsys.readouterr().err

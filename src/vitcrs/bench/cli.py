@@ -124,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     grid = dict(GRIDS[args.grid])
     for key in ("methods", "ratios", "targets", "attn", "precision", "checkpointing"):
         if getattr(args, key) is not None:
@@ -157,4 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "bench.md").write_text(table)
     print(table)
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}", file=sys.stderr)
-    return 0
+    errors = [r["name"] for r in result["rows"] if r["status"] == "error"]
+    if errors:
+        print(f"error: {len(errors)} configuration(s) failed: {', '.join(errors)}", file=sys.stderr)
+    return 1 if errors else 0

@@ -6,6 +6,7 @@ import os
 import platform
 import shlex
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -48,7 +49,8 @@ class BenchOptions:
 
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        return f"{torch.cuda.get_device_name(device)} ({total / GIB:.1f} GiB)"
     cores = os.cpu_count()
     gpu = "" if torch.cuda.is_available() else ", no GPU"
     model = ""
@@ -218,7 +220,12 @@ def run_bench(
         if reason:
             row = {**cfg.to_dict(), "status": "skipped", "reason": reason}
         else:
-            row = run_config(cfg, spec, opts, device, batch)
+            try:
+                row = run_config(cfg, spec, opts, device, batch)
+            except Exception as exc:  # one broken configuration must not lose the others' results
+                traceback.print_exc()
+                row = {**cfg.to_dict(), "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+                free_memory(device)
             row["block_shape"] = shape.to_dict()
         rows.append(row)
         log(f"[{i}/{len(configs)}] {cfg.name}: {_summary(row)}")
