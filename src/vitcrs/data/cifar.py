@@ -1,0 +1,272 @@
+"""CIFAR-10 / CIFAR-100 in torchvision's on-disk layout, read straight from the official pickles.
+
+torchvision's ``CIFAR100`` exposes only the fine labels, so the pickles are read here: that gives the
+``coarse_labels`` (20 superclasses) too, lets a locally built archive (which fails torchvision's md5 test) be
+loaded on an explicit opt-out, and turns every failure into a :class:`~vitcrs.errors.ConfigError` that says
+where the files must be.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import socket
+import tarfile
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vitcrs.errors import ConfigError
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# fmt: off
+CIFAR100_FINE_CLASSES = [
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl",
+    "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair",
+    "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin",
+    "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp",
+    "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck",
+    "pine_tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road",
+    "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television",
+    "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf",
+    "woman", "worm",
+]
+
+CIFAR100_COARSE_CLASSES = [
+    "aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables",
+    "household_electrical_devices", "household_furniture", "insects", "large_carnivores",
+    "large_man-made_outdoor_things", "large_natural_outdoor_scenes", "large_omnivores_and_herbivores",
+    "medium_mammals", "non-insect_invertebrates", "people", "reptiles", "small_mammals", "trees",
+    "vehicles_1", "vehicles_2",
+]
+
+# The official superclass of each fine class (index = fine label, value = coarse label).
+CIFAR100_FINE_TO_COARSE = [
+    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
+    6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
+    5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
+    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
+    16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
+]
+# fmt: on
+
+
+@dataclass(frozen=True)
+class CifarSpec:
+    """Where one CIFAR variant lives on disk and what its official files hash to (torchvision's table)."""
+
+    source: str
+    title: str
+    folder: str
+    tarball: str
+    tarball_md5: str
+    url: str
+    train_files: tuple[tuple[str, str], ...]
+    test_files: tuple[tuple[str, str], ...]
+    meta_file: tuple[str, str]
+    label_keys: dict[str, str]  # label_type -> key in the pickles
+
+    @property
+    def all_files(self) -> tuple[tuple[str, str], ...]:
+        return (*self.train_files, *self.test_files, self.meta_file)
+
+    def file_list(self) -> str:
+        return ", ".join(name for name, _ in self.all_files)
+
+
+CIFAR10 = CifarSpec(
+    source="cifar10",
+    title="CIFAR-10",
+    folder="cifar-10-batches-py",
+    tarball="cifar-10-python.tar.gz",
+    tarball_md5="c58f30108f718f92721af3b95e74349a",
+    url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    train_files=(
+        ("data_batch_1", "c99cafc152244af753f735de768cd75f"),
+        ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+        ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
+        ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+        ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb"),
+    ),
+    test_files=(("test_batch", "40351d587109b95175f43aff81a1287e"),),
+    meta_file=("batches.meta", "5ff9c542aee3614f3951f8cda6e48888"),
+    label_keys={"fine": "labels"},
+)
+
+CIFAR100 = CifarSpec(
+    source="cifar100",
+    title="CIFAR-100",
+    folder="cifar-100-python",
+    tarball="cifar-100-python.tar.gz",
+    tarball_md5="eb9058c3a382ffc7106e4002c42a8d85",
+    url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    train_files=(("train", "16019d7e3df5f24257cddd939b257f8d"),),
+    test_files=(("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),),
+    meta_file=("meta", "7973b15100ade9c7d40fb424638fde48"),
+    label_keys={"fine": "fine_labels", "coarse": "coarse_labels"},
+)
+
+SPECS = {"cifar10": CIFAR10, "cifar100": CIFAR100}
+
+
+def class_names(source: str, label_type: str) -> list[str]:
+    if source == "cifar10":
+        return list(CIFAR10_CLASSES)
+    return list(CIFAR100_COARSE_CLASSES if label_type == "coarse" else CIFAR100_FINE_CLASSES)
+
+
+def md5sum(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _where_to_put(spec: CifarSpec, root: Path) -> str:
+    return (
+        f"place the official {spec.tarball} or the extracted {spec.folder}/ "
+        f"({spec.file_list()}) under {root}/, i.e. {root / spec.folder}/"
+    )
+
+
+def locate(spec: CifarSpec, root: Path) -> str:
+    """'folder' when the extracted files are all there, 'tarball' when only the archive is, else 'missing'."""
+    folder = root / spec.folder
+    if all((folder / name).is_file() for name, _ in spec.all_files):
+        return "folder"
+    if (root / spec.tarball).is_file():
+        return "tarball"
+    return "missing"
+
+
+def verify_checksums(spec: CifarSpec, root: Path, where: str) -> None:
+    """Compare the files against torchvision's md5 table; a mismatch names ``data.verify_checksum``."""
+    items = (
+        [(root / spec.folder / name, md5) for name, md5 in spec.all_files]
+        if where == "folder"
+        else [(root / spec.tarball, spec.tarball_md5)]
+    )
+    for path, expected in items:
+        got = md5sum(path)
+        if got != expected:
+            raise ConfigError(
+                f"data.verify_checksum=true: {path} is not the official {spec.title} file "
+                f"(md5 {got}, torchvision expects {expected}). If you built this archive locally "
+                f"(e.g. from the CIFAR JPEGs, or a generated test archive), set data.verify_checksum=false "
+                f"to load it anyway; otherwise the file is damaged: delete {path} and run again with "
+                f"data.download=true, or {_where_to_put(spec, root)}."
+            )
+
+
+def missing_error(spec: CifarSpec, root: Path, reason: str, download: bool) -> ConfigError:
+    fix = _where_to_put(spec, root)
+    if not download:
+        fix += ", or set data.download=true to fetch it"
+    return ConfigError(
+        f"data.root={str(root)!r}: {spec.title} not found ({reason}). Expected {root / spec.folder}/ holding "
+        f"{spec.file_list()}. Fix: {fix}; or point data.root at the folder that holds {spec.folder}/."
+    )
+
+
+def can_reach(url: str, timeout: float = 5.0) -> str | None:
+    """None when a TCP connection to the URL's host opens, else the reason (a cheap offline probe)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{parts.hostname} unreachable: {e}"
+
+
+def download(spec: CifarSpec, root: Path, verify_checksum: bool) -> None:
+    """torchvision's download + extract; on failure (offline) a ConfigError saying what to put where."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        download_and_extract_archive(
+            spec.url, str(root), filename=spec.tarball, md5=spec.tarball_md5 if verify_checksum else None
+        )
+    except Exception as e:  # URLError, HTTPError, OSError, RuntimeError (md5) ...
+        raise ConfigError(
+            f"data.download=true: downloading {spec.title} from {spec.url} into {root} failed "
+            f"({type(e).__name__}: {e}). Fix: {_where_to_put(spec, root)} (then data.download=false is fine)."
+        ) from e
+
+
+def extract(spec: CifarSpec, root: Path) -> None:
+    path = root / spec.tarball
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4: refuse unsafe members
+                tar.extractall(root, filter="data")
+            else:  # pragma: no cover
+                tar.extractall(root)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ConfigError(
+            f"data.root={str(root)!r}: {path} cannot be extracted ({type(e).__name__}: {e}). "
+            f"Fix: delete it and {_where_to_put(spec, root)}."
+        ) from e
+
+
+def _load_pickle(path: Path, spec: CifarSpec) -> dict:
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except Exception as e:  # UnpicklingError, EOFError (truncated), ValueError, ...
+        raise ConfigError(
+            f"data.root: {path} is not a readable {spec.title} pickle ({type(e).__name__}: {e}); "
+            f"the archive is corrupt or truncated. Fix: delete {path.parent}/ and "
+            f"{_where_to_put(spec, path.parent.parent)}, or run again with data.download=true."
+        ) from e
+    if not isinstance(entry, dict):
+        raise ConfigError(
+            f"data.root: {path} holds a {type(entry).__name__}, not the {spec.title} dict of data/labels. "
+            f"Fix: {_where_to_put(spec, path.parent.parent)}."
+        )
+    return entry
+
+
+def load_split(spec: CifarSpec, root: Path, split: str, label_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [N, 3, 32, 32] (a view of the pickled array, no copy) and labels int64 [N]."""
+    key = spec.label_keys[label_type]
+    images, labels = [], []
+    for name, _ in spec.train_files if split == "train" else spec.test_files:
+        path = root / spec.folder / name
+        entry = _load_pickle(path, spec)
+        data, lab = entry.get("data"), entry.get(key)
+        ok = isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+        if not ok or data.shape[1] != 3072:
+            got = f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}"
+            raise ConfigError(
+                f"data.root: {path} has no uint8 'data' array of shape [N, 3072] (got {got}); "
+                f"the archive is corrupt. Fix: {_where_to_put(spec, root)}."
+            )
+        if lab is None or len(lab) != len(data):
+            raise ConfigError(
+                f"data.root: {path} has {'no' if lab is None else len(lab)} {key!r} labels for "
+                f"{len(data)} images; "
+                f"the archive is corrupt or not {spec.title}. Fix: {_where_to_put(spec, root)}."
+            )
+        images.append(data)
+        labels.append(np.asarray(lab, dtype=np.int64))
+    x = images[0] if len(images) == 1 else np.concatenate(images)
+    y = np.concatenate(labels)
+    n_classes = len(class_names(spec.source, label_type))
+    if len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise ConfigError(
+            f"data.root: {root / spec.folder} has {key!r} outside 0..{n_classes - 1} "
+            f"(min {y.min()}, max {y.max()}); it is not {spec.title}. Fix: {_where_to_put(spec, root)}."
+        )
+    return x.reshape(-1, 3, 32, 32), y
+
+
+def resolve_root(root: str | os.PathLike) -> Path:
+    return Path(os.path.expandvars(os.path.expanduser(str(root))))
