@@ -1,0 +1,6 @@
+"""The network (`build_vit`, `model_inputs`) and its LightningModule (`ViTClassifier`)."""
+
+from .module import ViTClassifier
+from .vit import ATTN_IMPLEMENTATIONS, ModelInputs, build_vit, model_inputs
+
+__all__ = ["ATTN_IMPLEMENTATIONS", "ModelInputs", "ViTClassifier", "build_vit", "model_inputs"]
