@@ -1,0 +1,134 @@
+"""`PeakMemoryMonitor`: training memory and speed, measured the same way for every run."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from vitcrs.crs import SavedTensorsMeter
+
+GIB = 1024**3
+
+
+class PeakMemoryMonitor(Callback):
+    """Peak GPU memory, bytes saved for backward, and training throughput.
+
+    - CUDA: peak stats are reset at fit start and at every epoch start; per epoch (training plus the
+      validation that follows it) it logs `mem/peak_allocated_gib` and `mem/peak_reserved_gib`
+      (`torch.cuda.max_memory_allocated/reserved`, GiB = 2^30 bytes); the run peaks are their maxima.
+    - Every device: on the first training batch the forward pass runs inside a `SavedTensorsMeter`, giving
+      `saved_bytes_per_step`: bytes of non-parameter tensors autograd keeps for backward (the activation
+      memory CRS reduces). Logged as `mem/saved_mib_per_step`. On CPU this is the only memory figure.
+    - Throughput `perf/images_per_s`: images over the wall time of training batches only (forward, backward,
+      optimizer step; data loading and validation excluded), leaving out the first `warmup_batches` of
+      the run. CUDA is synchronised around each timed batch.
+
+    `summary()` gives the run figures under the metrics.json key names (None where not measured).
+    """
+
+    def __init__(self, warmup_batches: int = 2) -> None:
+        self.warmup_batches = warmup_batches
+        self.peak_allocated_gib: float | None = None
+        self.peak_reserved_gib: float | None = None
+        self.saved_bytes_per_step: int | None = None
+        self._images = 0
+        self._seconds = 0.0
+        self._batches = 0
+        self._epoch_images = 0
+        self._epoch_seconds = 0.0
+        self._t0: float | None = None
+        self._meter: SavedTensorsMeter | None = None
+        self._restored: dict[str, Any] | None = None
+
+    @staticmethod
+    def _cuda(pl_module: LightningModule) -> torch.device | None:
+        return pl_module.device if pl_module.device.type == "cuda" else None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "peak_mem_allocated_gib": self.peak_allocated_gib,
+            "peak_mem_reserved_gib": self.peak_reserved_gib,
+            "saved_bytes_per_step": self.saved_bytes_per_step,
+            "images_per_s": self._images / self._seconds if self._seconds > 0 else None,
+        }
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._restored is not None:  # resuming: carry the earlier segments' figures on
+            state, self._restored = self._restored, None
+            self.peak_allocated_gib = state["peak_allocated_gib"]
+            self.peak_reserved_gib = state["peak_reserved_gib"]
+            self._images, self._seconds = state["images"], state["seconds"]
+        if (dev := self._cuda(pl_module)) is not None:
+            torch.cuda.reset_peak_memory_stats(dev)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (dev := self._cuda(pl_module)) is not None:
+            torch.cuda.reset_peak_memory_stats(dev)
+        self._epoch_images, self._epoch_seconds = 0, 0.0
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.saved_bytes_per_step is None:
+            self._meter = SavedTensorsMeter(exclude=pl_module.parameters()).__enter__()
+        if (dev := self._cuda(pl_module)) is not None:
+            torch.cuda.synchronize(dev)
+        self._t0 = time.perf_counter()
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        self._close_meter()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._close_meter()
+        if (dev := self._cuda(pl_module)) is not None:
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - (self._t0 or time.perf_counter())
+        self._batches += 1
+        if self._batches > self.warmup_batches:
+            images = len(batch[0])
+            self._images += images
+            self._seconds += seconds
+            self._epoch_images += images
+            self._epoch_seconds += seconds
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (dev := self._cuda(pl_module)) is not None:
+            allocated = torch.cuda.max_memory_allocated(dev) / GIB
+            reserved = torch.cuda.max_memory_reserved(dev) / GIB
+            self.peak_allocated_gib = max(self.peak_allocated_gib or 0.0, allocated)
+            self.peak_reserved_gib = max(self.peak_reserved_gib or 0.0, reserved)
+            pl_module.log("mem/peak_allocated_gib", allocated)
+            pl_module.log("mem/peak_reserved_gib", reserved)
+        if self.saved_bytes_per_step is not None:
+            pl_module.log("mem/saved_mib_per_step", self.saved_bytes_per_step / 2**20)
+        if self._epoch_seconds > 0:
+            pl_module.log("perf/images_per_s", self._epoch_images / self._epoch_seconds)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._close_meter()
+
+    def _close_meter(self) -> None:
+        """Leave the saved-tensors hooks (once the forward is done) and keep the measured bytes."""
+        if self._meter is not None:
+            self._meter.__exit__(None, None, None)
+            self.saved_bytes_per_step = self._meter.bytes
+            self._meter = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "peak_allocated_gib": self.peak_allocated_gib,
+            "peak_reserved_gib": self.peak_reserved_gib,
+            "images": self._images,
+            "seconds": self._seconds,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Applied at fit start only: `trainer.test(ckpt_path=...)` also loads callback states, and must not
+        # replace this run's figures with those saved in the checkpoint.
+        self._restored = dict(state_dict)
