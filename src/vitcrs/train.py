@@ -1,0 +1,267 @@
+"""Train, select and test one run: `python -m vitcrs.train [key=value ...]`; `-m` sweeps (one run per job).
+
+The configuration is the repository's `conf/` (found relative to this file, so vitcrs must be installed
+editable, `pip install -e .`, or run from a checkout). Steps:
+1. validate every setting (ConfigError naming the key) before anything is downloaded, loaded or written;
+2. seed everything (CRS sampling: seed + rank);
+3. fit with AdamW, checkpointing last.ckpt and the best val/acc; test the best checkpoint on the test split;
+4. keep `<run_dir>/metrics.json` current throughout (incomplete / complete / failed).
+Returns the best validation accuracy, for Hydra sweepers.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning
+import torch
+import transformers
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.loggers import CSVLogger, Logger
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import MissingMandatoryValue
+
+import vitcrs
+from vitcrs.callbacks import MetricsFile
+from vitcrs.crs import CRSConfig, validate_targets
+from vitcrs.crs import random as crs_random
+from vitcrs.errors import ConfigError
+from vitcrs.models import ATTN_IMPLEMENTATIONS, ModelInputs, ViTClassifier, model_inputs
+
+log = logging.getLogger(__name__)
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _number(
+    cfg: DictConfig, key: str, lo: float, hi: float | None, hint: str, closed_hi: bool = False
+) -> None:
+    """ConfigError unless OmegaConf.select(cfg, key) is a number in [lo, hi) (or [lo, hi] if closed_hi)."""
+    value = OmegaConf.select(cfg, key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= lo
+    if ok and hi is not None:
+        ok = value <= hi if closed_hi else value < hi
+    if not ok:
+        span = f"[{lo}, {hi}{']' if closed_hi else ')'}" if hi is not None else f">= {lo}"
+        raise ConfigError(f"{key}={value!r} is invalid: it must be a number {span}. {hint}")
+
+
+def _model_inputs(cfg: DictConfig) -> ModelInputs:
+    try:
+        name_or_path = cfg.model.name_or_path
+    except MissingMandatoryValue as err:
+        raise ConfigError(
+            "model.name_or_path is missing (???): this model needs a checkpoint. Give a local directory or a "
+            "Hub id, e.g. model.name_or_path=/path/to/vit-tiny-patch16-224 or "
+            "model.name_or_path=WinKawaks/vit-tiny-patch16-224."
+        ) from err
+    config = _container(cfg.model.config)
+    if config is not None and not isinstance(config, dict):
+        raise ConfigError(
+            f"model.config={config!r} is invalid: it must be a mapping of ViTConfig fields or null."
+        )
+    return model_inputs(name_or_path, config)
+
+
+def validate(cfg: DictConfig) -> Any:
+    """Check every setting without loading weights or data; return the (unprepared) datamodule.
+
+    Fills data.image_size / data.mean / data.std from the model where they are null. Raises ConfigError.
+    """
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed!r} is invalid: it must be an integer >= 0, e.g. seed=1.")
+    crs = dict(_container(cfg.crs))
+    targets = crs.pop("targets", None)
+    try:
+        CRSConfig(**crs)
+    except TypeError as err:
+        raise ConfigError(
+            f"crs has unknown keys ({err}): allowed are ratio, method, targets, min_k, prob, grad_ema."
+        ) from err
+    except ValueError as err:
+        raise ConfigError(f"{err} (see conf/crs/default.yaml)") from err
+    attn = cfg.model.attn_implementation
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"model.attn_implementation={attn!r} is unknown: choose one of "
+            f"{', '.join(ATTN_IMPLEMENTATIONS)}, e.g. model.attn_implementation=eager (needed to sample the "
+            "attention matmuls)."
+        )
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise ConfigError(
+            f"crs.targets={targets!r} is invalid: it must be a list of names, e.g. [query,key]."
+        )
+    try:
+        validate_targets(targets, attn)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    _number(cfg, "optim.lr", 0, None, "Give a positive learning rate, e.g. optim.lr=5e-5.")
+    if cfg.optim.lr == 0:
+        raise ConfigError("optim.lr=0 is invalid: it must be > 0, e.g. optim.lr=5e-5.")
+    _number(cfg, "optim.weight_decay", 0, None, "e.g. optim.weight_decay=0.01.")
+    _number(cfg, "optim.warmup_fraction", 0, 1, "e.g. optim.warmup_fraction=0.1.")
+    batch_size = cfg.data.batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"data.batch_size={batch_size!r} is invalid: it must be an integer >= 1, e.g. 64.")
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file. Give a run's checkpoint, e.g. "
+            "ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt, or ckpt_path=null to start afresh."
+        )
+
+    inputs = _model_inputs(cfg)
+    with open_dict(cfg):
+        if cfg.data.get("image_size") is None:
+            cfg.data.image_size = inputs.image_size
+        if cfg.data.get("mean") is None:
+            cfg.data.mean = list(inputs.mean)
+        if cfg.data.get("std") is None:
+            cfg.data.std = list(inputs.std)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.check()
+    return datamodule
+
+
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+def quiet_known_warnings() -> None:
+    """Silence the notices a normal run triggers that need no action; nothing else."""
+    # Lightning suggests more dataloader workers whenever num_workers is small; data.num_workers is explicit.
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    # Quick runs (few batches per epoch) are told the logging interval exceeds an epoch.
+    warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
+    # Lightning 2.6 still uses torch's deprecated pytree LeafSpec (torch >= 2.10); harmless.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    # Lightning's advertisement for its cloud logger, printed by every Trainer.
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropLitLoggerTip())
+
+
+def _choice(group: str) -> str | None:
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+
+
+def describe_run(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
+    """The fields of metrics.json known before training."""
+    crs = cfg.crs
+    return {
+        "dataset": datamodule.name,
+        "label_type": datamodule.label_type,
+        "num_classes": datamodule.num_classes,
+        "ratio": float(crs.ratio),
+        "method": crs.method,
+        "targets": list(crs.targets),
+        "seed": cfg.seed,
+        "versions": {
+            "vitcrs": vitcrs.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "lightning": lightning.__version__,
+        },
+        "settings": {
+            "model": cfg.model.name_or_path or _choice("model") or "random-init",
+            "attn_implementation": cfg.model.attn_implementation,
+            "precision": str(cfg.trainer.precision),
+            "batch_size": cfg.data.batch_size,
+            "max_epochs": cfg.trainer.max_epochs,
+            "lr": cfg.optim.lr,
+            "image_size": cfg.data.image_size,
+            "method": crs.method,
+            "targets": list(crs.targets),
+            "prob": crs.prob,
+            "limit_train": cfg.data.get("limit_train"),
+        },
+        "run_dir": str(Path(cfg.run_dir).resolve()),
+    }
+
+
+def _keep_csv_logs(loggers: list[Logger]) -> None:
+    """On resume, move each CSVLogger's metrics.csv aside (to metrics.segment-N.csv) before it is deleted."""
+    for logger in loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        current = Path(logger.log_dir) / "metrics.csv"
+        if current.is_file():
+            n = 1 + len(list(current.parent.glob("metrics.segment-*.csv")))
+            current.rename(current.with_name(f"metrics.segment-{n}.csv"))
+    warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted.*")
+
+
+def _instantiate_all(node: DictConfig | None) -> list[Any]:
+    """Instantiate each non-null entry of a name -> config mapping, in order."""
+    return [instantiate(c) for c in (node or {}).values() if c is not None]
+
+
+def train(cfg: DictConfig) -> float | None:
+    """One run as configured (cfg.run_dir must resolve); returns the best val accuracy."""
+    quiet_known_warnings()
+    datamodule = validate(cfg)
+    run_dir = Path(cfg.run_dir)
+    seed_everything(cfg.seed, workers=True, verbose=False)
+
+    callbacks: list[Callback] = _instantiate_all(cfg.get("callbacks"))
+    loggers: list[Logger] = _instantiate_all(cfg.get("logger"))
+    if cfg.ckpt_path is not None:
+        if Path(cfg.ckpt_path).resolve().parent.parent != run_dir.resolve():
+            log.warning(
+                "resuming from %s in a new run dir %s: checkpoint selection starts afresh. To continue the "
+                "run in place, add hydra.run.dir=<the run dir of the checkpoint>.",
+                cfg.ckpt_path,
+                run_dir,
+            )
+        _keep_csv_logs(loggers)
+    metrics = MetricsFile(run_dir / "metrics.json", describe_run(cfg, datamodule))
+    trainer: Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, metrics], logger=loggers or False)
+    crs_random.manual_seed(cfg.seed + trainer.global_rank)
+    try:
+        model = ViTClassifier(
+            model=_container(cfg.model),
+            crs=_container(cfg.crs),
+            optim=_container(cfg.optim),
+            num_labels=datamodule.num_classes,
+            class_names=list(datamodule.class_names),
+        )
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        selector = trainer.checkpoint_callback
+        best = selector.best_model_path if selector is not None else ""
+        if not best:
+            log.warning("no best checkpoint was saved: testing the final weights")
+        results = trainer.test(
+            model, datamodule=datamodule, ckpt_path="best" if best else None, verbose=False
+        )
+        # val_acc is the score of the checkpoint just tested, when checkpoint selection ran.
+        score = selector.best_model_score if best else None
+        metrics.finish(
+            test_acc=float(results[0]["test/acc"]),
+            val_acc=float(score) if score is not None else None,
+        )
+    except BaseException as err:
+        metrics.fail(err)
+        raise
+    log.info(
+        "val_acc %s, test_acc %.4f; metrics in %s",
+        f"{metrics.data['val_acc']:.4f}" if metrics.data["val_acc"] is not None else "n/a",
+        metrics.data["test_acc"],
+        metrics.path,
+    )
+    return metrics.data["val_acc"]
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
