@@ -1,0 +1,99 @@
+"""Shared fixtures: the repo's conf/ composed in-process, a tiny saved ViT checkpoint, a subprocess runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+# A ViT small enough to build in milliseconds: 32 px, 8 px patches (17 tokens), 2 blocks.
+TINY_VIT = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
+
+
+@pytest.fixture
+def one_thread():
+    """Run torch on one thread: in-process training stays fast on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_vit_config() -> dict[str, int]:
+    """ViTConfig fields of a ViT that builds in milliseconds."""
+    return dict(TINY_VIT)
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """compose_cfg(*overrides) -> the composed config, with run_dir and data.root in tmp_path."""
+
+    def _compose(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(
+                "config",
+                overrides=[f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", *overrides],
+            )
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def vit_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved 1000-class ViTForImageClassification (like a Hub checkpoint) with mean 0.4 / std 0.3."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    path = tmp_path_factory.mktemp("vit_ckpt")
+    ViTForImageClassification(ViTConfig(**TINY_VIT, num_labels=1000)).save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {"image_processor_type": "ViTImageProcessor", "image_mean": [0.4] * 3, "image_std": [0.3] * 3}
+        )
+    )
+    return path
+
+
+def quiet_env() -> dict[str, str]:
+    """Environment for training subprocesses: offline, one thread (robust on a busy 2-core machine)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture
+def run_train() -> Callable[..., subprocess.CompletedProcess]:
+    """run_train(*args, cwd) -> the finished `python -m vitcrs.train *args` (exit 0 unless check=False)."""
+
+    def _run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [sys.executable, "-m", "vitcrs.train", *args],
+            cwd=cwd,
+            env=quiet_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if check:
+            assert proc.returncode == 0, (
+                f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+            )
+        return proc
+
+    return _run

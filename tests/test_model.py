@@ -1,0 +1,156 @@
+"""vitcrs.models: checkpoint loading with a fresh head, random init, errors, and the LightningModule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import ViTForImageClassification
+
+from vitcrs.crs import CRSLinear, CRSViTAttention, crs_state_dict
+from vitcrs.crs import random as crs_random
+from vitcrs.errors import ConfigError
+from vitcrs.models import ViTClassifier, build_vit, model_inputs
+
+# Lightning 2.6 uses torch's deprecated pytree LeafSpec; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning")
+
+
+def test_checkpoint_gets_a_fresh_head_and_keeps_the_encoder(vit_checkpoint):
+    source = ViTForImageClassification.from_pretrained(vit_checkpoint)
+    names = [f"class_{i}" for i in range(7)]
+    model = build_vit(str(vit_checkpoint), num_labels=7, attn_implementation="eager", class_names=names)
+    assert model.classifier.out_features == 7 and model.config.num_labels == 7
+    assert model.config.id2label[3] == "class_3" and model.config._attn_implementation == "eager"
+    encoder, loaded = source.vit.state_dict(), model.vit.state_dict()
+    assert encoder.keys() == loaded.keys()
+    assert all(torch.equal(encoder[k], loaded[k]) for k in encoder)
+
+
+def test_checkpoint_config_overrides_apply(vit_checkpoint):
+    model = build_vit(str(vit_checkpoint), 3, "sdpa", config={"hidden_dropout_prob": 0.25})
+    assert model.config.hidden_dropout_prob == 0.25 and model.config._attn_implementation == "sdpa"
+
+
+def test_random_init_from_config(tiny_vit_config):
+    model = build_vit(None, 5, "eager", tiny_vit_config)
+    assert model.classifier.out_features == 5 and model.config.hidden_size == tiny_vit_config["hidden_size"]
+    logits = model(pixel_values=torch.randn(2, 3, 32, 32)).logits
+    assert logits.shape == (2, 5)
+
+
+def test_model_inputs_read_size_and_normalisation(vit_checkpoint, tmp_path, tiny_vit_config):
+    spec = model_inputs(str(vit_checkpoint))
+    assert (
+        spec.image_size == 32
+        and spec.mean == pytest.approx((0.4,) * 3)
+        and spec.std == pytest.approx((0.3,) * 3)
+    )
+    assert model_inputs(str(vit_checkpoint), {"image_size": 64}).image_size == 64
+    assert model_inputs(None, tiny_vit_config).mean == (0.5, 0.5, 0.5)
+    bare = tmp_path / "no_preprocessor"
+    bare.mkdir()
+    (bare / "config.json").write_text((vit_checkpoint / "config.json").read_text())
+    assert model_inputs(str(bare)).std == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("name", ["/no/such/dir", "./relative/missing", "not a hub id"])
+def test_missing_checkpoint_is_a_config_error(name):
+    with pytest.raises(ConfigError, match=r"model\.name_or_path") as err:
+        build_vit(name, 10)
+    assert "Hub id" in str(err.value)
+    with pytest.raises(ConfigError, match=r"model\.name_or_path"):
+        model_inputs(name)
+
+
+def test_directory_without_config_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"config\.json"):
+        build_vit(str(tmp_path), 10)
+
+
+def test_unknown_attention_is_a_config_error(tiny_vit_config):
+    with pytest.raises(ConfigError, match=r"model\.attn_implementation"):
+        build_vit(None, 10, "fast", tiny_vit_config)
+
+
+# --- ViTClassifier ----------------------------------------------------------------------------------------
+
+
+def _module(tiny_vit_config, **crs) -> ViTClassifier:
+    return ViTClassifier(
+        model={"name_or_path": None, "attn_implementation": "eager", "config": tiny_vit_config},
+        crs={
+            "ratio": 0.5,
+            "method": "wta_crs",
+            "targets": ["query", "key", "value", "scores", "context", "fc1"],
+            "min_k": 1,
+            "prob": "norm_grad",
+            "grad_ema": 0.9,
+            **crs,
+        },
+        optim={"lr": 1e-3, "weight_decay": 0.01, "warmup_fraction": 0.25},
+        num_labels=4,
+    )
+
+
+def _loader(n: int = 16) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.arange(n) % 4), batch_size=4
+    )
+
+
+def _trainer(tmp_path, **kw) -> Trainer:
+    return Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, **kw,
+    )  # fmt: skip
+
+
+def test_module_injects_crs_and_saves_hparams(tiny_vit_config):
+    module = _module(tiny_vit_config)
+    layer = module.net.vit.layers[0]
+    assert isinstance(layer.attention, CRSViTAttention) and isinstance(layer.mlp.fc1, CRSLinear)
+    assert module.crs_config.ratio == 0.5
+    assert module.hparams.optim["lr"] == 1e-3 and module.hparams.num_labels == 4
+
+
+def test_module_trains_schedules_and_checkpoints_crs_state(tiny_vit_config, tmp_path):
+    crs_random.manual_seed(3)
+    module = _module(tiny_vit_config)
+    trainer = _trainer(tmp_path, max_steps=4, enable_checkpointing=False)
+    trainer.fit(module, _loader(), _loader(8))
+    optimizer = trainer.optimizers[0]
+    decays = sorted(g["weight_decay"] for g in optimizer.param_groups)
+    assert decays == [0.0, 0.01]  # biases and norm weights are not decayed
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # linear decay to 0 at the last step
+    state = crs_state_dict(module.net)
+    assert any(s["value"] is not None for s in state.values())  # norm_grad estimates were updated
+
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    rng = crs_random.get_rng_state()
+    crs_random.manual_seed(99)
+    restored = ViTClassifier.load_from_checkpoint(path)
+    for name, s in crs_state_dict(restored.net).items():
+        saved = state[name]["value"]
+        assert (s["value"] is None) == (saved is None) and (saved is None or torch.equal(s["value"], saved))
+    assert crs_random.get_rng_state()["seed"] == rng["seed"] == 3
+    assert torch.equal(crs_random.get_rng_state()["states"]["cpu"], rng["states"]["cpu"])
+
+
+def test_non_finite_loss_stops_training(tiny_vit_config, tmp_path, monkeypatch):
+    module = _module(tiny_vit_config)
+    real = module._loss
+
+    def nan_loss(batch):
+        loss, logits, y = real(batch)
+        return loss * math.nan, logits, y
+
+    monkeypatch.setattr(module, "_loss", nan_loss)
+    trainer = _trainer(tmp_path, max_steps=2, enable_checkpointing=False, num_sanity_val_steps=0)
+    with pytest.raises(FloatingPointError, match=r"training loss became nan.*optim\.lr"):
+        trainer.fit(module, _loader(), _loader(4))

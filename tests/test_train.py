@@ -1,0 +1,215 @@
+"""vitcrs.train end to end on the synthetic demo (CPU, a few batches), and the run record it keeps."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitcrs.callbacks import METRICS_KEYS, MetricsFile, PeakMemoryMonitor, write_json_atomic
+from vitcrs.errors import ConfigError
+from vitcrs.models import ViTClassifier
+from vitcrs.train import train
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning")
+
+QUICK = [
+    "experiment=demo",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+]
+SETTINGS_KEYS = {
+    "model", "attn_implementation", "precision", "batch_size", "max_epochs", "lr", "image_size", "method",
+    "targets", "prob", "limit_train",
+}  # fmt: skip
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_complete_record(run_dir: Path, ratio: float) -> dict:
+    """metrics.json of a finished CPU run: exactly the documented keys, each of its type."""
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert set(m) == set(METRICS_KEYS)
+    assert m["status"] == "complete"
+    assert m["dataset"] == "synthetic" and m["label_type"] == "fine" and m["num_classes"] == 10
+    assert m["ratio"] == ratio and m["method"] == "wta_crs" and m["seed"] == 0
+    assert m["targets"] == ["query", "key", "value", "scores", "context"]
+    for key in ("val_acc", "test_acc"):
+        assert _is_num(m[key]) and 0.0 <= m[key] <= 1.0, key
+    assert m["peak_mem_allocated_gib"] is None and m["peak_mem_reserved_gib"] is None  # CPU: not measured
+    assert isinstance(m["saved_bytes_per_step"], int) and m["saved_bytes_per_step"] > 0
+    assert _is_num(m["images_per_s"]) and m["images_per_s"] > 0
+    assert m["epochs"] == 1 and _is_num(m["wall_time_s"]) and m["wall_time_s"] > 0
+    assert m["device"] == "cpu"
+    assert set(m["versions"]) == {"vitcrs", "torch", "transformers", "lightning"}
+    assert all(isinstance(v, str) for v in m["versions"].values())
+    assert set(m["settings"]) == SETTINGS_KEYS
+    s = m["settings"]
+    assert s["model"] == "vit_micro" and s["precision"] == "32-true" and s["image_size"] == 32
+    assert s["batch_size"] == 64 and s["max_epochs"] == 1 and s["prob"] == "norm" and s["limit_train"] is None
+    assert Path(m["run_dir"]) == run_dir.resolve()
+    return m
+
+
+def test_demo_run_writes_every_output(run_train, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(*QUICK, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    check_complete_record(run_dir, 0.3)
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    logged = {"train/loss_epoch", "val/acc", "test/acc", "mem/saved_mib_per_step", "perf/images_per_s"}
+    assert logged <= set(header)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((run_dir / "checkpoints").glob("best-*.ckpt"))) == 1
+    # No warning spam: Python warnings print as "<file>.py:<line>: <message>".
+    assert not re.findall(r"\.py:\d+: .*", proc.stderr), proc.stderr[-3000:]
+
+
+def test_multirun_writes_one_run_dir_per_job(run_train, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train("-m", *QUICK, "crs.ratio=1.0,0.5", "callbacks.progress_bar=null", f"hydra.sweep.dir={sweep}",
+              cwd=tmp_path)  # fmt: skip
+    check_complete_record(sweep / "0", 1.0)
+    check_complete_record(sweep / "1", 0.5)
+    assert (sweep / "multirun.yaml").is_file()
+
+
+# --- in process: failure, resume, validation ------------------------------------------------------------
+
+
+def test_bad_setting_fails_before_writing_anything(compose_cfg, tmp_path):
+    cfg = compose_cfg(*QUICK, "crs.ratio=2")
+    with pytest.raises(ConfigError, match=r"crs\.ratio"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_failed_run_is_marked_failed(compose_cfg, tmp_path, monkeypatch, one_thread):
+    real = ViTClassifier._loss
+
+    def nan_loss(self, batch):
+        loss, logits, y = real(self, batch)
+        return loss * float("nan"), logits, y
+
+    monkeypatch.setattr(ViTClassifier, "_loss", nan_loss)
+    cfg = compose_cfg(*QUICK, "callbacks.progress_bar=null", "trainer.num_sanity_val_steps=0")
+    with pytest.raises(FloatingPointError):
+        train(cfg)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["status"] == "failed" and m["error"].startswith("FloatingPointError: training loss became nan")
+    assert m["test_acc"] is None
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_resume_continues_the_run(compose_cfg, tmp_path, one_thread):
+    first = compose_cfg(*QUICK, "callbacks.progress_bar=null", "crs.prob=norm_grad")
+    train(first)
+    before = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    assert saved["crs"]["grad_norms"] and saved["crs"]["rng"]["seed"] == 0
+
+    # Resumed in place (as with hydra.run.dir=<the run dir>), so checkpoint selection spans both segments.
+    second = compose_cfg(*QUICK, "callbacks.progress_bar=null", "crs.prob=norm_grad", "trainer.max_epochs=2",
+                         f"ckpt_path={last}")  # fmt: skip
+    train(second)
+    after = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert after["status"] == "complete" and after["epochs"] == 2
+    assert after["val_acc"] >= before["val_acc"]  # the best of both segments
+    assert after["wall_time_s"] > before["wall_time_s"] * 0.5
+    csv = tmp_path / "run" / "csv"
+    # both segments' logs are kept
+    assert (csv / "metrics.csv").is_file() and (csv / "metrics.segment-1.csv").is_file()
+
+
+# --- the record's building blocks ------------------------------------------------------------------------
+
+
+def test_metrics_file_statuses_and_atomic_writes(tmp_path):
+    path = tmp_path / "out" / "metrics.json"
+    record = MetricsFile(path, {"dataset": "cifar10", "ratio": 0.5})
+    record.write("incomplete")
+    m = json.loads(path.read_text())
+    assert list(m) == list(METRICS_KEYS) and m["status"] == "incomplete" and m["epochs"] == 0
+    record.fail(RuntimeError("boom"))
+    record.fail(ValueError("later"))  # the first error is kept
+    m = json.loads(path.read_text())
+    assert m["status"] == "failed" and m["error"] == "RuntimeError: boom"
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temporary files left
+    with pytest.raises(ValueError, match="status"):
+        record.write("done")
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"x": object()})
+    assert json.loads(path.read_text())["status"] == "failed"  # a failed write leaves the old file whole
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
+
+
+class _FakeModule:
+    """Just what PeakMemoryMonitor touches of a LightningModule: device, parameters, log."""
+
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+        self.weight = torch.nn.Parameter(torch.randn(8, 8))
+        self.logged: dict[str, float] = {}
+
+    def parameters(self):
+        return iter([self.weight])
+
+    def log(self, name: str, value: float) -> None:
+        self.logged[name] = value
+
+
+def test_peak_memory_monitor_cuda_bookkeeping(monkeypatch):
+    """The CUDA branch, driven hook by hook with torch.cuda's memory functions stubbed (no GPU needed)."""
+    calls = []
+    peaks = iter([(3 * 2**30, 4 * 2**30), (2 * 2**30, 5 * 2**30)])  # (allocated, reserved) per epoch
+    current: dict[str, int] = {}
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda dev: calls.append(("reset", str(dev))))
+    monkeypatch.setattr(cuda, "synchronize", lambda dev: calls.append(("sync", str(dev))))
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda dev: current["a"])
+    monkeypatch.setattr(cuda, "max_memory_reserved", lambda dev: current["r"])
+
+    monitor, module = PeakMemoryMonitor(warmup_batches=1), _FakeModule("cuda:0")
+    monitor.on_fit_start(None, module)
+    x = torch.randn(4, 8)
+    for epoch in range(2):
+        monitor.on_train_epoch_start(None, module)
+        for i in range(3):
+            batch = (x, torch.zeros(4))
+            monitor.on_train_batch_start(None, module, batch, i)
+            loss = (x @ module.weight).relu().sum()  # saves x and the relu output for backward
+            monitor.on_before_backward(None, module, loss)
+            loss.backward()
+            monitor.on_train_batch_end(None, module, loss, batch, i)
+        current["a"], current["r"] = next(peaks)
+        monitor.on_train_epoch_end(None, module)
+        assert module.logged["mem/peak_allocated_gib"] == [3.0, 2.0][epoch]
+
+    assert calls.count(("reset", "cuda:0")) == 3 and calls.count(("sync", "cuda:0")) == 12
+    summary = monitor.summary()
+    assert summary["peak_mem_allocated_gib"] == 3.0 and summary["peak_mem_reserved_gib"] == 5.0
+    assert summary["saved_bytes_per_step"] == 2 * 4 * 8 * 4  # x and the relu output, float32; not the weight
+    assert summary["images_per_s"] > 0 and monitor.state_dict()["images"] == 5 * 4  # 6 batches, 1 warm-up
+
+
+def test_peak_memory_monitor_summary_on_cpu():
+    monitor = PeakMemoryMonitor(warmup_batches=1)
+    assert monitor.summary() == {
+        "peak_mem_allocated_gib": None,
+        "peak_mem_reserved_gib": None,
+        "saved_bytes_per_step": None,
+        "images_per_s": None,
+    }
+    state = {"peak_allocated_gib": 1.5, "peak_reserved_gib": 2.0, "images": 640, "seconds": 2.0}
+    monitor.load_state_dict(state)
+    assert monitor.summary()["images_per_s"] is None  # applied only when a fit resumes, not on test loads
+    assert monitor.state_dict()["images"] == 0
