@@ -118,6 +118,17 @@ def test_module_injects_crs_and_saves_hparams(tiny_vit_config):
     assert module.hparams.optim["lr"] == 1e-3 and module.hparams.num_labels == 4
 
 
+def test_module_from_a_checkpoint_is_in_train_mode(vit_checkpoint):
+    # from_pretrained returns eval mode; Lightning keeps a module's mode, so training would run in eval mode.
+    module = ViTClassifier(
+        model={"name_or_path": str(vit_checkpoint), "attn_implementation": "eager", "config": None},
+        crs={"ratio": 1.0, "targets": ["query"]},
+        optim={"lr": 1e-3, "weight_decay": 0.0, "warmup_fraction": 0.0},
+        num_labels=3,
+    )
+    assert all(m.training for m in module.modules())
+
+
 def test_module_trains_schedules_and_checkpoints_crs_state(tiny_vit_config, tmp_path):
     crs_random.manual_seed(3)
     module = _module(tiny_vit_config)

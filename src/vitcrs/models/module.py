@@ -55,6 +55,7 @@ class ViTClassifier(LightningModule):
             class_names,
         )
         inject(self.net, self.crs_config, targets)
+        self.net.train()  # from_pretrained returns eval mode, which Lightning would keep for training
         self.train_acc, self.val_acc, self.test_acc = (
             MulticlassAccuracy(num_labels, average="micro") for _ in range(3)
         )
