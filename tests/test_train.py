@@ -82,6 +82,15 @@ def test_multirun_writes_one_run_dir_per_job(run_train, tmp_path):
     assert (sweep / "multirun.yaml").is_file()
 
 
+def test_bad_setting_exits_with_a_clean_message(run_train, tmp_path):
+    proc = run_train(
+        "experiment=demo", "crs.ratio=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "crs.ratio=0 is invalid" in out and "Traceback" not in out
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
 # --- in process: failure, resume, validation ------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ import lightning
 import torch
 import transformers
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, Logger
@@ -260,7 +261,13 @@ def train(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+    try:
+        return train(cfg)
+    except ConfigError as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra reports it and goes on with the other jobs
+        log.error("%s", err)  # a bad setting: its message says it all, no traceback
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
