@@ -99,8 +99,12 @@ class ViTClassifier(LightningModule):
         optim = self.hparams.optim
         params = [p for p in self.net.parameters() if p.requires_grad]
         groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim["weight_decay"]},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            {
+                "name": "decay",
+                "params": [p for p in params if p.ndim >= 2],
+                "weight_decay": optim["weight_decay"],
+            },
+            {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW(groups, lr=optim["lr"])
         total = max(1, int(self.trainer.estimated_stepping_batches))
