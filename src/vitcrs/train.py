@@ -144,6 +144,8 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
     # Lightning 2.6 still uses torch's deprecated pytree LeafSpec (torch >= 2.10); harmless.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    # Lightning's model summary cannot size bf16/fp16 weights and says so on every mixed-precision run.
+    warnings.filterwarnings("ignore", message=r".*is not supported by the model summary.*")
     # Lightning's advertisement for its cloud logger, printed by every Trainer.
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropLitLoggerTip())
