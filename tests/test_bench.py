@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -67,6 +69,22 @@ def test_sdpa_model_differs_from_eager_by_the_attention_internals():
     assert eager16 - sdpa16 == probs * (4 + 2) - lse  # and its bf16 copy for the context matmul
     with pytest.raises(ValueError, match="eager"):
         bench.block_saved_bytes(shape, "sdpa", False, CRSConfig(ratio=0.3), ("scores",))
+
+
+def test_measuring_frees_the_graph():
+    """The meter must not keep a graph alive: saved outputs (softmax) would otherwise leak every forward."""
+    x = torch.randn(4, 100, requires_grad=True)
+    alive = {}
+
+    def forward():
+        y = x.softmax(-1)  # softmax saves its own output
+        alive["y"] = weakref.ref(y)
+        return y.square().sum()
+
+    saved = bench.measure_saved_bytes(forward, [], torch.device("cpu"), "fp32")
+    assert saved == 4 * 100 * 4  # y, counted once (saved by softmax and by square)
+    gc.collect()
+    assert alive["y"]() is None
 
 
 def test_max_batch_from_estimate():
