@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -410,3 +412,15 @@ def test_gradient_checkpointing_with_crs_trains():
     loss = model(torch.randn(4, 3, 16, 16)).logits.square().mean()
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_meter_does_not_keep_a_dropped_graph_alive():
+    x = torch.randn(4, 100, requires_grad=True)
+    with SavedTensorsMeter() as meter:
+        y = x.softmax(-1)  # softmax saves its own output
+        loss = y.square().sum()
+    ref = weakref.ref(y)
+    assert meter.bytes == y.numel() * 4  # y, saved by softmax and by square, counted once
+    del y, loss
+    gc.collect()
+    assert ref() is None

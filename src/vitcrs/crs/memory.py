@@ -14,6 +14,7 @@ class SavedTensorsMeter:
     """Context manager summing the bytes of distinct storages saved for backward inside it.
 
     Storages of `exclude` tensors (e.g. the model's parameters, which live anyway) are not counted.
+    Backward works as usual; a graph dropped without backward is freed.
     A storage saved by several ops (e.g. a shared input) counts once. Read `.bytes` after the block, while
     the graph is still alive.
     """
@@ -31,7 +32,9 @@ class SavedTensorsMeter:
         key = self._key(t)
         if key not in self._excluded:
             self._storages[key] = t.untyped_storage().nbytes()
-        return t
+        # Same storage, no grad_fn: returning `t` itself would make every saved output (softmax, ...) a
+        # reference cycle through its own grad_fn, leaking the graph when it is dropped without backward.
+        return t.detach()
 
     @property
     def bytes(self) -> int:
