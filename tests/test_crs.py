@@ -28,6 +28,7 @@ from vitcrs.crs import (
     crs_state_dict,
     inject,
     load_crs_state_dict,
+    uninjected,
     vit_block_saved_bytes,
 )
 from vitcrs.crs import random as crs_random
@@ -374,6 +375,21 @@ def test_inject_replaces_the_targeted_modules_and_keeps_state_dict(targets):
         assert isinstance(layer.mlp, CRSViTMLP) == ("mlp" in targets)
         assert not isinstance(layer.attention.q_proj, CRSLinear)  # q/k/v are sampled by the attention module
     assert not isinstance(model.classifier, CRSLinear)
+
+
+def test_uninjected_runs_the_plain_model_and_restores_crs():
+    base = tiny_vit()
+    model = inject(copy.deepcopy(base), CRSConfig(ratio=0.3), LEAN_ALL)
+    x = torch.randn(2, 3, 16, 16)
+    with uninjected(model):
+        assert not any(isinstance(m, (CRSLinear, CRSViTAttention, CRSViTMLP)) for m in model.modules())
+        with SavedTensorsMeter(exclude=model.parameters()) as exact:
+            model(x)
+    with SavedTensorsMeter(exclude=base.parameters()) as plain:
+        base(x)
+    assert exact.bytes == plain.bytes
+    assert isinstance(model.vit.layers[0].mlp, CRSViTMLP)
+    assert isinstance(model.vit.layers[0].attention.o_proj, CRSLinear)
 
 
 def test_injected_checkpoint_loads_into_plain_model(tmp_path):

@@ -23,6 +23,7 @@ from .inject import (
     crs_state_dict,
     inject,
     load_crs_state_dict,
+    uninjected,
     validate_targets,
 )
 from .memory import SavedTensorsMeter, vit_block_saved_bytes
@@ -50,6 +51,7 @@ __all__ = [
     "inject",
     "load_crs_state_dict",
     "random",
+    "uninjected",
     "validate_targets",
     "vit_block_saved_bytes",
 ]

@@ -7,7 +7,8 @@ matmul targets, runs eager attention with `crs_matmul`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -186,6 +187,22 @@ def inject(model: nn.Module, cfg: CRSConfig, targets: Iterable[str] = DEFAULT_TA
         layer.mlp.crs_cfg = cfg
     model.crs_config, model.crs_targets = cfg, tuple(t for t in KNOWN_TARGETS if t in targets)
     return model
+
+
+_PLAIN = {CRSLinear: nn.Linear, CRSViTAttention: ViTAttention, CRSViTMLP: ViTMLP}
+
+
+@contextmanager
+def uninjected(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` as the plain, exact HF model inside the block (e.g. to measure the exact baseline)."""
+    swapped = [(m, type(m)) for m in model.modules() if type(m) in _PLAIN]
+    for m, cls in swapped:
+        m.__class__ = _PLAIN[cls]
+    try:
+        yield model
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
 
 
 def _trackers(model: nn.Module) -> dict[str, GradNormEMA]:
