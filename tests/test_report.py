@@ -355,3 +355,150 @@ def test_report_of_only_unreadable_files_is_still_written(tmp_path: Path) -> Non
     md = (out / "accuracy.md").read_text()
     assert "No usable runs." in md and "unreadable: UnicodeDecodeError" in md
     assert (out / "accuracy_vs_ratio.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+# targets_ablation-like runs: an exact run ignores method/targets/prob, so one is the baseline of all
+QKV = ["query", "key", "value"]
+STUDY_TARGETS = SETTINGS["targets"]
+LINEARS = ["query", "key", "value", "attn_output", "fc1", "fc2"]
+LEAN = ["query", "key", "value", "attn_output", "mlp", "scores", "context"]
+# (targets, method) -> ratio -> (test_acc, peak allocated GiB); the only exact run (qkv, wta_crs) comes last
+ABLATION = {
+    (tuple(QKV), "crs"): {0.5: (0.97, 6.0), 0.3: (0.95, 5.0)},
+    (tuple(QKV), "wta_crs"): {0.5: (0.98, 6.0), 0.3: (0.96, 5.0)},
+    (tuple(STUDY_TARGETS), "crs"): {0.5: (0.96, 4.0), 0.3: (0.94, 3.2)},
+    (tuple(STUDY_TARGETS), "wta_crs"): {0.5: (0.97, 4.0), 0.3: (0.95, 3.2)},
+}
+
+
+def write_ablation(root: Path) -> Path:
+    """Groups 1-4 in ABLATION's order; only group 2 (qkv, wta_crs) has a ratio-1 run (99.00 %, 8 GiB)."""
+    n = 0
+    for (targets, method), cells in ABLATION.items():
+        for ratio, (acc, mem) in cells.items():
+            settings = {"targets": list(targets), "method": method}
+            write_run(root, str(n), ratio=ratio, test_acc=acc, peak_mem_allocated_gib=mem, settings=settings)
+            n += 1
+    write_run(root, str(n), test_acc=0.99, settings={"targets": QKV, "method": "wta_crs"})
+    return root
+
+
+def section(md: str, index: int) -> str:
+    """The text of the section "## Group <index> of …" up to the next section."""
+    start = md.index(f"## Group {index} of ")
+    end = md.find("\n## ", start + 1)
+    return md[start : None if end < 0 else end]
+
+
+def test_ablation_groups_share_one_exact_baseline(tmp_path: Path) -> None:
+    out = report(tmp_path, write_ablation(tmp_path / "runs"))
+    md = (out / "accuracy.md").read_text()
+    assert md.count("## Group") == 4
+    assert "## Group 2 of 4: method=wta_crs, targets=query,key,value" in md
+    # group 2 owns the exact run: unchanged table, no note
+    assert table(section(md, 2))[2:] == [
+        "| 1 (exact) | 99.00 |",
+        "| 0.5 | 98.00 (−1.00) |",
+        "| 0.3 | 96.00 (−3.00) |",
+    ]
+    assert "Note:" not in section(md, 2)
+    expected = {
+        1: (["| 0.5 | 97.00 (−2.00) |", "| 0.3 | 95.00 (−4.00) |"], "method"),
+        3: (["| 0.5 | 96.00 (−3.00) |", "| 0.3 | 94.00 (−5.00) |"], "method/targets"),
+        4: (["| 0.5 | 97.00 (−2.00) |", "| 0.3 | 95.00 (−4.00) |"], "targets"),
+    }
+    memory = (out / "memory.md").read_text()
+    for index, (rows, differs) in expected.items():
+        text = section(md, index)
+        assert table(text)[2:] == ["| 1 (exact, shared) | 99.00 |", *rows], index
+        assert f"Note: Exact baseline shared from group 2 (differs only in {differs}) for CIFAR-10:" in text
+        assert f"shared from group 2 (differs only in {differs})" in section(memory, index)
+        assert (
+            table(section(memory, index))[2]
+            == "| CIFAR-10 | 1 (exact, shared) | 8.00 GiB | 10.00 GiB | 350.2 |"
+        )
+    assert table(section(memory, 1))[3] == "| CIFAR-10 | 0.5 | 6.00 GiB (1.33x) | 10.00 GiB (1.00x) | 350.2 |"
+    assert table(section(memory, 4))[4] == "| CIFAR-10 | 0.3 | 3.20 GiB (2.50x) | 10.00 GiB (1.00x) | 350.2 |"
+    tex = (out / "accuracy.tex").read_text()
+    assert r"1 (exact, shared) & 99.00 \\" in tex and r"0.3 & 94.00 ($-$5.00) \\" in tex
+    assert "Exact baseline shared from group 2 (differs only in method/targets) for CIFAR-10" in tex
+    assert r"4.00 GiB (2.00x)" in (out / "memory.tex").read_text()
+    groups = json.loads((out / "results.json").read_text())["groups"]
+    assert groups[1]["shared_exact"] == []
+    (shared,) = groups[2]["shared_exact"]
+    assert (shared["column"], shared["from_group"], shared["differs"]) == (
+        "CIFAR-10",
+        2,
+        ["method", "targets"],
+    )
+    assert shared["cell"]["test_acc"]["mean"] == pytest.approx(0.99)
+    assert [c["ratio"] for c in groups[2]["cells"]] == [0.5, 0.3]  # a borrowed cell is not the group's own
+    half = groups[2]["cells"][0]
+    assert half["test_acc_change_pts"] == pytest.approx(-3.0)
+    assert half["reduction"]["peak_mem_allocated_gib"] == pytest.approx(2.0)
+
+
+def test_mlp_groups_neither_borrow_nor_lend_an_exact_baseline(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_run(runs, "0", test_acc=0.99, settings={"targets": QKV})  # group 1: the only usable CIFAR-10 exact
+    write_run(runs, "1", ratio=0.5, test_acc=0.97, peak_mem_allocated_gib=4.0, settings={"targets": LEAN})
+    lean_exact = {"dataset": "cifar100", "test_acc": 0.92, "settings": {"targets": LEAN, "method": "crs"}}
+    write_run(runs, "2", **lean_exact)  # group 3: a lean exact run must not be lent
+    for n, dataset in ((3, "cifar10"), (4, "cifar100")):
+        write_run(runs, str(n), dataset=dataset, ratio=0.5, test_acc=0.91 + (dataset == "cifar10") * 0.06,
+                  peak_mem_allocated_gib=4.0, settings={"targets": QKV, "method": "crs"})  # fmt: skip
+    out = report(tmp_path)
+    md = (out / "accuracy.md").read_text()
+    assert md.count("## Group") == 4
+    lean = section(md, 2)
+    assert "targets=query,key,value,attn_output,mlp,scores,context" in lean
+    assert table(lean)[2:] == ["| 0.5 | 97.00 |"]  # no exact row, no change
+    assert "Exact baseline shared" not in lean
+    assert "No exact baseline for CIFAR-10: none is shared into a group whose targets contain mlp" in lean
+    qkv_crs = section(md, 4)
+    assert table(qkv_crs)[2:] == ["| 1 (exact, shared) | 99.00 | — |", "| 0.5 | 97.00 (−2.00) | 91.00 |"]
+    assert "shared from group 1 (differs only in method) for CIFAR-10:" in qkv_crs
+    memory = section((out / "memory.md").read_text(), 4)
+    assert "| CIFAR-100 fine | 1 (exact) | — | — | — |" in memory
+    assert "| CIFAR-100 fine | 0.5 | 4.00 GiB | 10.00 GiB | 350.2 |" in memory
+    groups = json.loads((out / "results.json").read_text())["groups"]
+    assert groups[1]["shared_exact"] == [] and groups[2]["shared_exact"] == []
+    assert groups[1]["cells"][0]["test_acc_change_pts"] is None
+    assert groups[1]["cells"][0]["reduction"]["peak_mem_allocated_gib"] is None
+    assert [s["column"] for s in groups[3]["shared_exact"]] == ["CIFAR-10"]
+
+
+def test_no_sharing_across_attention_or_other_settings(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_run(runs, "0", test_acc=0.99, settings={"targets": LINEARS})  # eager, batch 64: the only exact
+    write_run(
+        runs, "1", ratio=0.5, test_acc=0.97, settings={"targets": LINEARS, "attn_implementation": "sdpa"}
+    )
+    write_run(runs, "2", ratio=0.5, test_acc=0.96, settings={"targets": LINEARS, "batch_size": 32})
+    write_run(runs, "3", ratio=0.5, test_acc=0.95, settings={"targets": LINEARS, "precision": "bf16-mixed"})
+    write_run(runs, "4", ratio=0.5, test_acc=0.98, settings={"targets": LINEARS, "method": "crs"})
+    md = (report(tmp_path) / "accuracy.md").read_text()
+    for index, acc in ((2, "97.00"), (3, "96.00"), (4, "95.00")):
+        assert table(section(md, index))[2:] == [f"| 0.5 | {acc} |"], index
+        assert "Note:" not in section(md, index)
+    assert table(section(md, 5))[2:] == ["| 1 (exact, shared) | 99.00 |", "| 0.5 | 98.00 (−1.00) |"]
+
+
+def test_shared_baseline_prefers_identical_targets_then_fewest_differences(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_run(runs, "0", test_acc=0.90, settings={"targets": LINEARS, "method": "crs"})  # group 1
+    write_run(runs, "1", test_acc=0.99, settings={"targets": QKV})  # group 2: qkv, wta_crs
+    write_run(runs, "2", ratio=0.5, test_acc=0.89, settings={"targets": QKV, "method": "crs"})  # group 3
+    write_run(runs, "3", ratio=0.5, test_acc=0.88, settings={"method": "crs"})  # group 4: study targets
+    write_run(runs, "4", ratio=1.0, status="failed", test_acc=None, settings={"prob": "uniform"})  # group 5
+    write_run(runs, "5", ratio=0.5, test_acc=0.95)  # group 6: study targets, wta_crs, prob norm
+    md = (report(tmp_path) / "accuracy.md").read_text()
+    # identical targets (group 2) wins over a lower group index with as few differences (group 1)
+    assert "shared from group 2 (differs only in method) for CIFAR-10" in section(md, 3)
+    assert table(section(md, 3))[3] == "| 0.5 | 89.00 (−10.00) |"
+    # no identical targets: group 1 (targets differ) over group 2 (method and targets differ)
+    assert "shared from group 1 (differs only in targets) for CIFAR-10" in section(md, 4)
+    assert table(section(md, 4))[3] == "| 0.5 | 88.00 (−2.00) |"
+    # group 5's exact run failed, so it lends nothing; group 2 differs in targets only
+    assert "shared from group 2 (differs only in targets) for CIFAR-10" in section(md, 6)
+    assert table(section(md, 5))[2:] == ["| 1 (exact) | failed |"]

@@ -6,7 +6,10 @@ plots, results.json and index.md. Prints that folder's path, and nothing else, o
 
 Runs are grouped by their settings (minus the swept keys dataset, label_type, ratio, seed; plus device and
 versions), one table section per group, so that runs that differ in anything else are never mixed in a
-cell. Bad files never stop the report: they are listed as unreadable or invalid.
+cell. The one exception is the exact baseline: a group without a ratio-1 run in a column borrows (and
+marks as shared) that of a group differing only in method, targets and prob, whose exact run computes the
+same thing; never with the "mlp" target (see vitcrs.report.data). Bad files never stop the report: they are
+listed as unreadable or invalid.
 """
 
 from __future__ import annotations

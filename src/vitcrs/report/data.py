@@ -7,6 +7,11 @@ Contracts:
   statuses) are counted per cell and listed, never averaged in.
 - Runs are comparable only within a `Group`: same `config` = `settings` minus the swept keys
   (dataset, label_type, ratio, seed), plus the measuring device and the package versions.
+- One exception, for the exact baseline: an exact (ratio 1) run uses the exact op whatever `method`,
+  `targets` and `prob` say, so a group with no ratio-1 run in a column borrows that column's exact cell from
+  a group whose config differs only in those keys (`share_exact_baselines`; see `SHARED_KEYS`). Never into
+  or out of a group whose targets contain "mlp": the lean MLP recomputes its hidden activation even at
+  ratio 1, so its exact run's memory differs.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ METRICS_FILE = "metrics.json"
 SWEPT_KEYS = ("dataset", "label_type", "ratio", "seed")
 EXACT_RATIO = 1.0
 KNOWN_DATASETS = ("cifar10", "cifar100")
+# config keys that an exact (ratio 1) run ignores: groups that differ only in these share an exact baseline
+SHARED_KEYS = ("method", "targets", "prob")
+LEAN_TARGET = "mlp"  # a target that changes the exact run too (recomputed MLP hidden activation)
 
 
 @dataclass(frozen=True)
@@ -130,13 +138,24 @@ class Cell:
         return sorted(r.seed for r in self.complete if r.seed is not None)
 
 
+@dataclass(frozen=True)
+class SharedExact:
+    """An exact (ratio 1) cell borrowed from group `group`, whose config differs only in `differs`."""
+
+    group: int
+    differs: tuple[str, ...]
+    cell: Cell
+
+
 @dataclass
 class Group:
-    """Runs that share one `config`; `index` counts from 1 in report order."""
+    """Runs that share one `config`; `index` counts from 1 in report order. `shared` holds, per column
+    without an own ratio-1 run, the exact cell borrowed from another group (see `share_exact_baselines`)."""
 
     index: int
     config: dict[str, Any]
     runs: list[Run]
+    shared: dict[Column, SharedExact] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def columns(self) -> list[Column]:
@@ -148,25 +167,40 @@ class Group:
         """The group's ratios: 1 (exact) first, then descending."""
         return sorted({r.ratio for r in self.runs}, key=lambda x: (x != EXACT_RATIO, -x))
 
+    @property
+    def table_ratios(self) -> list[float]:
+        """`ratios`, with 1 (exact) first also when the group's only exact cells are borrowed."""
+        ratios = self.ratios
+        return [EXACT_RATIO, *ratios] if self.shared and EXACT_RATIO not in ratios else ratios
+
     def cell(self, column: Column, ratio: float) -> Cell:
-        """The cell at (column, ratio); empty when no run is there."""
+        """The cell at (column, ratio); empty when no run is there. Own runs only."""
         runs = [r for r in self.runs if Column(r.dataset, r.label_type) == column and r.ratio == ratio]
         return Cell(column, ratio, runs)
 
+    def exact_cell(self, column: Column) -> Cell:
+        """The ratio-1 cell of `column`: the group's own, else the one borrowed (`shared`), else empty."""
+        shared = self.shared.get(column)
+        return shared.cell if shared is not None else self.cell(column, EXACT_RATIO)
+
+    def table_cell(self, column: Column, ratio: float) -> Cell:
+        """The cell shown at (column, ratio): `exact_cell` at ratio 1, else `cell`."""
+        return self.exact_cell(column) if ratio == EXACT_RATIO else self.cell(column, ratio)
+
     def drop_pts(self, cell: Cell) -> float | None:
-        """Mean test accuracy of `cell` minus that of ratio 1 in the same column, in points; None at ratio 1
-        or when either side has no accuracy."""
+        """Mean test accuracy of `cell` minus that of ratio 1 in the same column (own or borrowed), in
+        points; None at ratio 1 or when either side has no accuracy."""
         if cell.ratio == EXACT_RATIO:
             return None
-        acc, ref = cell.stat("test_acc"), self.cell(cell.column, EXACT_RATIO).stat("test_acc")
+        acc, ref = cell.stat("test_acc"), self.exact_cell(cell.column).stat("test_acc")
         return None if acc is None or ref is None else 100.0 * (acc.mean - ref.mean)
 
     def reduction(self, cell: Cell, attr: str) -> float | None:
-        """Reference mean of `attr` at ratio 1 divided by the cell's mean (2.0 = half the memory); None at
-        ratio 1, when either side is missing, or when the cell's mean is 0."""
+        """Reference mean of `attr` at ratio 1 (own or borrowed) divided by the cell's mean (2.0 = half the
+        memory); None at ratio 1, when either side is missing, or when the cell's mean is 0."""
         if cell.ratio == EXACT_RATIO:
             return None
-        val, ref = cell.stat(attr), self.cell(cell.column, EXACT_RATIO).stat(attr)
+        val, ref = cell.stat(attr), self.exact_cell(cell.column).stat(attr)
         if val is None or ref is None or val.mean == 0:
             return None
         return ref.mean / val.mean
@@ -264,14 +298,68 @@ def read_run(path: Path) -> Run | Problem:
 
 
 def group_runs(runs: Iterable[Run]) -> list[Group]:
-    """Split runs by `config`, groups ordered by their first run (in the given order)."""
+    """Split runs by `config`, groups ordered by their first run (in the given order); then share exact
+    baselines between them (`share_exact_baselines`)."""
     groups: dict[str, Group] = {}
     for run in runs:
         key = json.dumps(run.config, sort_keys=True, default=str)
         if key not in groups:
             groups[key] = Group(len(groups) + 1, run.config, [])
         groups[key].runs.append(run)
-    return list(groups.values())
+    return share_exact_baselines(list(groups.values()))
+
+
+def target_set(config: dict[str, Any]) -> frozenset[str]:
+    """The CRS targets of a config as a set (a list, or a comma-separated string); empty when unset."""
+    targets = config.get("targets")
+    if isinstance(targets, str):
+        targets = targets.split(",")
+    if not isinstance(targets, list | tuple):
+        return frozenset()
+    return frozenset(str(t).strip() for t in targets) - {""}
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, ...]:
+    """The keys whose value differs between two configs (a missing key counts as a value), in key order."""
+
+    def text(config: dict[str, Any], key: str) -> str | None:
+        return json.dumps(config[key], sort_keys=True, default=str) if key in config else None
+
+    return tuple(k for k in dict.fromkeys([*a, *b]) if text(a, k) != text(b, k))
+
+
+def lean(group: Group) -> bool:
+    """Whether the group's targets contain the lean MLP, which changes even its exact run."""
+    return LEAN_TARGET in target_set(group.config)
+
+
+def share_exact_baselines(groups: list[Group]) -> list[Group]:
+    """Fill each group's `shared`: for every column where the group has no ratio-1 run, the ratio-1 cell
+    of another group whose config differs only in `SHARED_KEYS` and that has complete runs there. Neither
+    side may have "mlp" among its targets. Preferred: identical targets, then the fewest differing keys,
+    then the lowest group index. Returns `groups`."""
+    for group in groups:
+        group.shared.clear()
+    for group in groups:
+        if lean(group):
+            continue
+        for column in group.columns:
+            if group.cell(column, EXACT_RATIO).runs:
+                continue
+            candidates = []
+            for other in groups:
+                differs = config_diff(group.config, other.config)
+                if other is group or lean(other) or not set(differs) <= set(SHARED_KEYS):
+                    continue
+                cell = other.cell(column, EXACT_RATIO)
+                if not cell.complete:
+                    continue
+                same_targets = target_set(other.config) == target_set(group.config)
+                candidates.append(((not same_targets, len(differs), other.index), other, differs, cell))
+            if candidates:
+                _, other, differs, cell = min(candidates, key=lambda c: c[0])
+                group.shared[column] = SharedExact(other.index, differs, cell)
+    return groups
 
 
 def differing_keys(groups: Sequence[Group]) -> list[str]:

@@ -11,7 +11,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vitcrs.report.data import EXACT_RATIO, Cell, Column, Group, Problem, Run, Stat, differing_keys
+from vitcrs.report.data import (
+    EXACT_RATIO,
+    LEAN_TARGET,
+    Cell,
+    Column,
+    Group,
+    Problem,
+    Run,
+    Stat,
+    differing_keys,
+    lean,
+)
 
 GIB = 1024**3
 MIB = 1024**2
@@ -46,9 +57,12 @@ MD = Style(minus="−", pm="±", dash="—", escape=_md_escape)
 TEX = Style(minus="$-$", pm="$\\pm$", dash="--", escape=_tex_escape)
 
 
-def ratio_label(ratio: float) -> str:
-    """Row label: "1 (exact)" for ratio 1, else the ratio as written ("0.5")."""
-    return "1 (exact)" if ratio == EXACT_RATIO else f"{ratio:g}"
+def ratio_label(ratio: float, shared: bool = False) -> str:
+    """Row label: "1 (exact)" for ratio 1 ("1 (exact, shared)" when `shared`: borrowed from another
+    group), else the ratio as written ("0.5")."""
+    if ratio != EXACT_RATIO:
+        return f"{ratio:g}"
+    return "1 (exact, shared)" if shared else "1 (exact)"
 
 
 def signed(value: float, style: Style) -> str:
@@ -191,18 +205,28 @@ def tex_table(header: Sequence[str], rows: Sequence[Sequence[str]], caption: str
 
 
 def accuracy_counts(group: Group) -> set[int]:
-    """The distinct numbers of test accuracies averaged in the group's cells."""
-    return {s.n for c in group.columns for r in group.ratios if (s := group.cell(c, r).stat("test_acc"))}
+    """The distinct numbers of test accuracies averaged in the group's table cells (borrowed exact ones
+    included)."""
+    return {
+        s.n
+        for c in group.columns
+        for r in group.table_ratios
+        if (s := group.table_cell(c, r).stat("test_acc"))
+    }
 
 
 def accuracy_rows(group: Group, style: Style) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of a group's accuracy table: rows are ratios (exact first), columns datasets."""
+    """Header and rows of a group's accuracy table: rows are ratios (exact first), columns datasets. The
+    exact row is labelled shared when any of its cells is borrowed (`shared_lines` says which)."""
     columns = group.columns
     show_n = len(accuracy_counts(group)) > 1
     header = ["Ratio", *(style.escape(c.label) for c in columns)]
     rows = [
-        [ratio_label(r), *(accuracy_cell(group, group.cell(c, r), style, show_n) for c in columns)]
-        for r in group.ratios
+        [
+            style.escape(ratio_label(r, r == EXACT_RATIO and bool(group.shared))),
+            *(accuracy_cell(group, group.table_cell(c, r), style, show_n) for c in columns),
+        ]
+        for r in group.table_ratios
     ]
     return header, rows
 
@@ -231,12 +255,36 @@ def memory_rows(group: Group, style: Style) -> tuple[list[str], list[list[str]]]
     header = ["Dataset", "Ratio", *(name for _, name, _ in fields), "Images/s"]
     rows = []
     for column in group.columns:
-        for ratio in group.ratios:
-            cell = group.cell(column, ratio)
+        for ratio in group.table_ratios:
+            cell = group.table_cell(column, ratio)
             mems = [memory_cell(group, cell, attr, fmt, style) for attr, _, fmt in fields]
             ips = memory_cell(group, cell, "images_per_s", lambda v: f"{v:.1f}", style, factor=False)
-            rows.append([style.escape(column.label), style.escape(ratio_label(ratio)), *mems, ips])
+            label = ratio_label(ratio, ratio == EXACT_RATIO and column in group.shared)
+            rows.append([style.escape(column.label), style.escape(label), *mems, ips])
     return header, rows
+
+
+def shared_lines(group: Group) -> list[str]:
+    """Notes on the group's exact baseline: one line per group it borrows from, naming the columns, and,
+    for a group with the lean MLP target, why it borrows none. [] when there is nothing to say."""
+    by_donor: dict[tuple[int, tuple[str, ...]], list[str]] = {}
+    for column in group.columns:
+        if (shared := group.shared.get(column)) is not None:
+            by_donor.setdefault((shared.group, shared.differs), []).append(column.label)
+    lines = [
+        f"Exact baseline shared from group {index} (differs only in {'/'.join(differs)}) for "
+        f"{', '.join(labels)}: an exact (ratio 1) run uses the exact op whatever method, targets and prob "
+        "say, so the change vs exact and the reduction factors here are against that group's ratio-1 runs."
+        for (index, differs), labels in by_donor.items()
+    ]
+    missing = [c.label for c in group.columns if not group.cell(c, EXACT_RATIO).runs]
+    if lean(group) and missing:
+        lines.append(
+            f"No exact baseline for {', '.join(missing)}: none is shared into a group whose targets "
+            f"contain {LEAN_TARGET} (the lean MLP recomputes its hidden activation even at ratio 1, so its "
+            "exact run's memory differs); add a ratio-1 run with these settings for the change vs exact."
+        )
+    return lines
 
 
 ACCURACY_NOTE = (
@@ -311,6 +359,8 @@ def markdown_report(
     for group in groups:
         header, body = rows(group, MD)
         lines += [*_group_preamble(group, groups), *md_table(header, body, left)]
+        if shared := shared_lines(group):
+            lines += ["", *(f"Note: {line}" for line in shared)]
         if unfinished := unfinished_lines(group):
             lines += ["", unfinished[0], "", *unfinished[1:]]
         lines.append("")
@@ -328,7 +378,10 @@ def tex_report(
     for group in groups:
         header, body = rows(group, TEX)
         settings = ", ".join(config_items(group.config))
-        caption = _tex_escape(f"{title}. {group_title(group, groups)}. Settings: {settings}")
+        notes = " ".join(shared_lines(group))  # each a sentence; appended after the settings when any
+        caption = _tex_escape(
+            f"{title}. {group_title(group, groups)}. Settings: {settings}" + (f". {notes}" if notes else "")
+        )
         lines += tex_table(header, body, caption, left)
         lines += [f"% {line}" for line in unfinished_lines(group, markdown=False)]
         lines.append("")
@@ -389,6 +442,17 @@ def results_data(groups: Sequence[Group], problems: Sequence[Problem]) -> dict[s
                 "differs": {k: g.config.get(k) for k in keys},
                 "cells": [
                     cell_json(g, g.cell(c, r)) for c in g.columns for r in g.ratios if g.cell(c, r).runs
+                ],
+                "shared_exact": [
+                    {
+                        "column": c.label,
+                        "dataset": c.dataset,
+                        "label_type": c.label_type,
+                        "from_group": s.group,
+                        "differs": list(s.differs),
+                        "cell": cell_json(g, s.cell),
+                    }
+                    for c, s in g.shared.items()
                 ],
                 "unfinished": [
                     {"run_dir": r.run_dir, "status": r.raw_status, "error": r.error, "metrics": str(r.path)}
