@@ -89,21 +89,11 @@ def autocast_ctx(device: torch.device, precision: str) -> AbstractContextManager
 
 # ---------------------------------------------------------------- saved-for-backward bytes
 class _Meter(SavedTensorsMeter):
-    """`SavedTensorsMeter` that packs detached tensors and can count tensors kept alive another way.
-
-    The pack hook returns `t.detach()` (same storage, so the count is unchanged): a pack hook that returns the
-    live tensor makes every saved *output* (softmax, GELU in place of their inputs…) a reference cycle through
-    its own grad_fn, which Python's gc cannot break when the graph is dropped without a backward, so every
-    measurement would leak its whole graph (pytorch/pytorch#115255, #189025).
-    """
-
-    def _pack(self, t: Tensor) -> Tensor:
-        super()._pack(t)
-        return t.detach()
+    """`SavedTensorsMeter` that can also count tensors kept alive another way (checkpointed-block inputs)."""
 
     def record(self, t: Tensor) -> None:
         """Count `t`'s storage as kept for backward (e.g. a checkpointed block's input)."""
-        super()._pack(t)
+        self._pack(t)
 
 
 _active_meters: list[_Meter] = []
