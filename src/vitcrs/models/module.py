@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import get_linear_schedule_with_warmup
 
 from vitcrs.crs import DEFAULT_TARGETS, CRSConfig, crs_state_dict, inject, load_crs_state_dict
 from vitcrs.crs import random as crs_random
+from vitcrs.distributed import gather_objects
 
 from .vit import build_vit
 
 Batch = tuple[Tensor, Tensor]
+log = logging.getLogger(__name__)
+
+
+def _cpu(value: Any) -> Any:
+    """`value` with every tensor moved to the CPU (nested dicts/lists), for checkpoints and gathering."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu(v) for v in value)
+    return value
 
 
 class ViTClassifier(LightningModule):
@@ -28,10 +43,15 @@ class ViTClassifier(LightningModule):
         linear warm-up then linear decay to 0).
     num_labels, class_names: the classifier head.
 
+    seed: the run's seed. When fitting starts, CRS sampling gets its own stream seeded with seed + global rank
+        (`vitcrs.crs.random.manual_seed`), so data-parallel ranks draw different rows; None: leave the stream
+        as it is.
+
     Logs train/loss (per step and epoch), train/acc (per epoch), val/loss, val/acc, test/loss, test/acc
-    (top-1). Checkpoints also hold the CRS running gradient-norm estimates and the CRS random stream, so a
-    resumed run samples as an unbroken one.
-    A non-finite training loss raises FloatingPointError.
+    (top-1). Checkpoints also hold, for every rank, the CRS running gradient-norm estimates, the CRS random
+    stream and torch's RNG state (dropout), so a resumed run samples as an unbroken one.
+    A non-finite training loss, or non-finite gradients, raise FloatingPointError on every rank before the
+    optimizer step: the weights (and so any later checkpoint) never take a non-finite update.
     """
 
     def __init__(
@@ -41,6 +61,7 @@ class ViTClassifier(LightningModule):
         optim: dict[str, Any],
         num_labels: int,
         class_names: list[str] | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -55,10 +76,16 @@ class ViTClassifier(LightningModule):
             class_names,
         )
         inject(self.net, self.crs_config, targets)
+        self._pending_torch_rng: dict[str, Tensor] | None = None  # from a checkpoint, not yet applied
         self.net.train()  # from_pretrained returns eval mode, which Lightning would keep for training
         self.train_acc, self.val_acc, self.test_acc = (
             MulticlassAccuracy(num_labels, average="micro") for _ in range(3)
         )
+
+    def setup(self, stage: str) -> None:
+        # Runs once the rank is known and before a checkpoint is restored (which then replaces the stream).
+        if stage == TrainerFn.FITTING and self.hparams.get("seed") is not None:
+            crs_random.manual_seed(int(self.hparams.seed) + self.global_rank)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         """Logits [B, num_labels] for normalised images [B, 3, S, S]."""
@@ -69,30 +96,42 @@ class ViTClassifier(LightningModule):
         logits = self(x)
         return F.cross_entropy(logits, y), logits, y
 
+    def _any_rank(self, flag: Tensor) -> bool:
+        """Whether `flag` (a bool tensor) is true on any rank: every rank gets the same answer."""
+        flag = flag.detach().float().reshape(1)
+        if self._trainer is not None:
+            flag = self.trainer.strategy.reduce(flag, reduce_op="max")
+        return bool(flag.item() > 0)
+
+    def _lr(self) -> float:
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        return optimizers[0].param_groups[0]["lr"] if optimizers else float("nan")
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss, logits, y = self._loss(batch)
-        if not torch.isfinite(loss):
-            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else float("nan")
+        if self._any_rank(~torch.isfinite(loss)):  # decided together, so no rank waits in backward
+            value = loss.item() if not torch.isfinite(loss) else "non-finite on another rank"
             raise FloatingPointError(
-                f"training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
-                f"(lr {lr:.3g}): stopping. Lower optim.lr, train in trainer.precision=32-true, set "
+                f"training loss became {value} at epoch {self.current_epoch}, step {self.global_step} "
+                f"(lr {self._lr():.3g}): stopping before this step, so the weights and checkpoints keep the "
+                "last good state. Lower optim.lr, train in trainer.precision=32-true, set "
                 "trainer.gradient_clip_val, or sample less (a higher crs.ratio or crs.min_k)."
             )
         self.train_acc(logits, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         loss, logits, y = self._loss(batch)
         self.val_acc(logits, y)
-        self.log("val/loss", loss)
+        self.log("val/loss", loss, sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         loss, logits, y = self._loss(batch)
         self.test_acc(logits, y)
-        self.log("test/loss", loss)
+        self.log("test/loss", loss, sync_dist=True)
         self.log("test/acc", self.test_acc)
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -112,14 +151,80 @@ class ViTClassifier(LightningModule):
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # After backward (gradients all-reduced), before clipping and the step. A GradScaler (16-mixed)
+        # handles overflowing gradients itself, by skipping the step.
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: a few fused kernels
+            total = torch.nn.utils.get_total_norm(grads)
+        else:
+            total = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).sum()
+        if self._any_rank(~torch.isfinite(total)):
+            raise FloatingPointError(
+                f"gradients became non-finite (inf/nan) at epoch {self.current_epoch}, step "
+                f"{self.global_step} (lr {self._lr():.3g}) with a finite loss: stopping before the optimizer "
+                "step, so the weights and checkpoints keep the last good state. Sample less (a higher "
+                "crs.ratio or crs.min_k, crs.prob=norm), lower optim.lr, or train in "
+                "trainer.precision=32-true."
+            )
+
+    def _crs_state(self) -> dict[str, Any]:
+        """This rank's sampling state: CRS running estimates and random stream, torch's RNG (dropout)."""
+        torch_rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            torch_rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "grad_norms": _cpu(crs_state_dict(self.net)),
+            "rng": crs_random.get_rng_state(),
+            "torch_rng": torch_rng,
+        }
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["crs"] = {"grad_norms": crs_state_dict(self.net), "rng": crs_random.get_rng_state()}
+        # Lightning builds the checkpoint on every rank (rank 0 writes it), so the ranks' states are gathered.
+        per_rank = gather_objects(self._crs_state())
+        checkpoint["crs"] = {
+            "grad_norms": per_rank[0]["grad_norms"],
+            "rng": per_rank[0]["rng"],
+            "per_rank": per_rank,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("crs")
-        if state is not None:
-            load_crs_state_dict(self.net, state["grad_norms"])
-            crs_random.set_rng_state(state["rng"])
+        if state is None:
+            return
+        trainer = self._trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        per_rank = state.get("per_rank") or [{"grad_norms": state["grad_norms"], "rng": state["rng"]}]
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        fresh = {"grad_norms": per_rank[0]["grad_norms"], "rng": None}  # a rank the saved run did not have
+        mine = per_rank[rank] if rank < len(per_rank) else fresh
+        if len(per_rank) != world and fitting:
+            log.warning(
+                "resuming a %d-process run with %d processes: ranks without a saved CRS stream start a fresh "
+                "one (seed + rank)",
+                len(per_rank),
+                world,
+            )
+        load_crs_state_dict(self.net, mine["grad_norms"])
+        if mine["rng"] is not None:
+            crs_random.set_rng_state(mine["rng"])
+        elif self.hparams.get("seed") is not None:
+            crs_random.manual_seed(int(self.hparams.seed) + rank)
+        # torch's global RNG (dropout) only when training goes on, and only when the next training batch
+        # starts: whatever Lightning draws before that (sanity check, loaders) must not shift it. Loading
+        # weights elsewhere must not reseed the caller.
+        self._pending_torch_rng = mine.get("torch_rng") if fitting else None
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        state, self._pending_torch_rng = self._pending_torch_rng, None
+        if state:
+            torch.set_rng_state(state["cpu"])
+            if "cuda" in state and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def on_train_start(self) -> None:
         # Estimates restored from a checkpoint may sit on another device than the model now does.
