@@ -172,7 +172,7 @@ class _FakeModule:
     def parameters(self):
         return iter([self.weight])
 
-    def log(self, name: str, value: float) -> None:
+    def log(self, name: str, value: float, **kwargs) -> None:
         self.logged[name] = value
 
 
@@ -206,6 +206,8 @@ def test_peak_memory_monitor_cuda_bookkeeping(monkeypatch):
     assert calls.count(("reset", "cuda:0")) == 3 and calls.count(("sync", "cuda:0")) == 12
     summary = monitor.summary()
     assert summary["peak_mem_allocated_gib"] == 3.0 and summary["peak_mem_reserved_gib"] == 5.0
+    assert summary["peak_mem_allocated_gib_per_rank"] == [3.0]
+    assert summary["peak_mem_reserved_gib_per_rank"] == [5.0]
     assert summary["saved_bytes_per_step"] == 2 * 4 * 8 * 4  # x and the relu output, float32; not the weight
     assert summary["images_per_s"] > 0 and monitor.state_dict()["images"] == 5 * 4  # 6 batches, 1 warm-up
 
@@ -215,6 +217,8 @@ def test_peak_memory_monitor_summary_on_cpu():
     assert monitor.summary() == {
         "peak_mem_allocated_gib": None,
         "peak_mem_reserved_gib": None,
+        "peak_mem_allocated_gib_per_rank": None,
+        "peak_mem_reserved_gib_per_rank": None,
         "saved_bytes_per_step": None,
         "images_per_s": None,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -10,6 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from vitcrs.crs import SavedTensorsMeter
+from vitcrs.distributed import gather_objects
 
 GIB = 1024**3
 
@@ -27,6 +29,10 @@ class PeakMemoryMonitor(Callback):
       optimizer step; data loading and validation excluded), leaving out the first `warmup_batches` of
       the run. CUDA is synchronised around each timed batch.
 
+    - Data parallel (several ranks): every rank measures itself; at each epoch end the ranks' run figures are
+      gathered, so the summary has the largest peak, the per-rank peaks (`*_per_rank`, in rank order) and the
+      throughput of all ranks together (their images over the slowest rank's time).
+
     `summary()` gives the run figures under the metrics.json key names (None where not measured).
     """
 
@@ -43,17 +49,38 @@ class PeakMemoryMonitor(Callback):
         self._t0: float | None = None
         self._meter: SavedTensorsMeter | None = None
         self._restored: dict[str, Any] | None = None
+        # per rank, in rank order: [peak allocated GiB, peak reserved GiB, images, seconds]
+        self._per_rank: list[list[float]] | None = None
 
     @staticmethod
     def _cuda(pl_module: LightningModule) -> torch.device | None:
         return pl_module.device if pl_module.device.type == "cuda" else None
 
+    def _mine(self) -> list[float]:
+        """This process's run figures: [peak allocated GiB, peak reserved GiB, images, seconds]."""
+        peaks = [math.nan if v is None else v for v in (self.peak_allocated_gib, self.peak_reserved_gib)]
+        return [*peaks, float(self._images), self._seconds]
+
+    def _rows(self) -> list[list[float]]:
+        """The per-rank figures: gathered ones when there are several ranks, else this process's."""
+        return self._per_rank if self._per_rank is not None else [self._mine()]
+
     def summary(self) -> dict[str, Any]:
+        rows = self._rows()
+
+        def peaks(i: int) -> list[float | None] | None:
+            values = [None if math.isnan(r[i]) else r[i] for r in rows]
+            return None if all(v is None for v in values) else values
+
+        alloc, reserved = peaks(0), peaks(1)
+        images, seconds = sum(r[2] for r in rows), max(r[3] for r in rows)
         return {
-            "peak_mem_allocated_gib": self.peak_allocated_gib,
-            "peak_mem_reserved_gib": self.peak_reserved_gib,
+            "peak_mem_allocated_gib": max(v for v in alloc if v is not None) if alloc else None,
+            "peak_mem_reserved_gib": max(v for v in reserved if v is not None) if reserved else None,
+            "peak_mem_allocated_gib_per_rank": alloc,
+            "peak_mem_reserved_gib_per_rank": reserved,
             "saved_bytes_per_step": self.saved_bytes_per_step,
-            "images_per_s": self._images / self._seconds if self._seconds > 0 else None,
+            "images_per_s": images / seconds if seconds > 0 else None,
         }
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -62,6 +89,13 @@ class PeakMemoryMonitor(Callback):
             self.peak_allocated_gib = state["peak_allocated_gib"]
             self.peak_reserved_gib = state["peak_reserved_gib"]
             self._images, self._seconds = state["images"], state["seconds"]
+            rows, rank = state.get("per_rank"), trainer.global_rank
+            if rows is not None and len(rows) == trainer.world_size:  # this rank's own figures
+                self._per_rank = rows
+                a, r, self._images, self._seconds = rows[rank]
+                self.peak_allocated_gib = None if math.isnan(a) else a
+                self.peak_reserved_gib = None if math.isnan(r) else r
+                self._images = int(self._images)
         if (dev := self._cuda(pl_module)) is not None:
             torch.cuda.reset_peak_memory_stats(dev)
 
@@ -103,12 +137,16 @@ class PeakMemoryMonitor(Callback):
             reserved = torch.cuda.max_memory_reserved(dev) / GIB
             self.peak_allocated_gib = max(self.peak_allocated_gib or 0.0, allocated)
             self.peak_reserved_gib = max(self.peak_reserved_gib or 0.0, reserved)
-            pl_module.log("mem/peak_allocated_gib", allocated)
-            pl_module.log("mem/peak_reserved_gib", reserved)
+            pl_module.log("mem/peak_allocated_gib", allocated, sync_dist=True, reduce_fx="max")
+            pl_module.log("mem/peak_reserved_gib", reserved, sync_dist=True, reduce_fx="max")
         if self.saved_bytes_per_step is not None:
-            pl_module.log("mem/saved_mib_per_step", self.saved_bytes_per_step / 2**20)
+            pl_module.log("mem/saved_mib_per_step", self.saved_bytes_per_step / 2**20, sync_dist=True)
         if self._epoch_seconds > 0:
-            pl_module.log("perf/images_per_s", self._epoch_images / self._epoch_seconds)
+            # all ranks together (each rank's images per second, summed)
+            rate = self._epoch_images / self._epoch_seconds
+            pl_module.log("perf/images_per_s", rate, sync_dist=True, reduce_fx="sum")
+        if trainer is not None and trainer.world_size > 1:  # a collective: all ranks come here each epoch
+            self._per_rank = gather_objects(self._mine())
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._close_meter()
@@ -126,6 +164,7 @@ class PeakMemoryMonitor(Callback):
             "peak_reserved_gib": self.peak_reserved_gib,
             "images": self._images,
             "seconds": self._seconds,
+            "per_rank": self._per_rank,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -29,16 +29,21 @@ METRICS_KEYS = (
     "test_acc",
     "peak_mem_allocated_gib",
     "peak_mem_reserved_gib",
+    "peak_mem_allocated_gib_per_rank",
+    "peak_mem_reserved_gib_per_rank",
     "saved_bytes_per_step",
     "images_per_s",
     "epochs",
     "wall_time_s",
     "device",
+    "world_size",
     "versions",
     "settings",
     "run_dir",
 )
 STATUSES = ("incomplete", "complete", "failed")
+_UMASK = os.umask(0o022)  # read the process umask (and put it back): written files get the usual mode
+os.umask(_UMASK)
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -46,6 +51,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); a result file is for everyone
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
@@ -72,7 +78,8 @@ class MetricsFile(Callback):
         by `finish(test_acc)`, "failed" with "error" on an exception (`fail`, also called by Lightning).
     val_acc is the best `monitor` value seen in validation (the one checkpoint selection uses); the memory
     and speed fields come from a `PeakMemoryMonitor` among the trainer's callbacks, if any; wall_time_s runs
-    from fit start to `finish` (summed over resumed segments). Only global rank 0 writes.
+    from fit start to `finish` (summed over resumed segments); world_size is the number of data-parallel
+    processes. Only global rank 0 writes (once a trainer is known: `attach` or fit start).
     """
 
     def __init__(self, path: str | os.PathLike, record: dict[str, Any], monitor: str = "val/acc") -> None:
@@ -117,6 +124,10 @@ class MetricsFile(Callback):
             return
         self.write("failed", error=f"{type(error).__name__}: {error}")
 
+    def attach(self, trainer: Trainer) -> None:
+        """Know the trainer before fitting, so that only global rank 0 writes even an early failure."""
+        self._trainer = trainer
+
     # -- Lightning hooks -------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._trainer = trainer
@@ -125,7 +136,7 @@ class MetricsFile(Callback):
             self.data["val_acc"], self.data["epochs"] = state["val_acc"], state["epochs"]
             self._earlier_s = state["wall_time_s"]
         self._start = time.perf_counter()
-        self.write("incomplete", device=describe_device(pl_module.device))
+        self.write("incomplete", device=describe_device(pl_module.device), world_size=trainer.world_size)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or self._trainer is None:
@@ -144,8 +155,12 @@ class MetricsFile(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         elapsed = time.perf_counter() - self._start if self._start is not None else 0.0
-        # Checkpoints are saved at the end of validation, before on_train_epoch_end counts the epoch.
-        epochs = self._trainer.current_epoch + 1 if self._trainer is not None else self.data["epochs"]
+        epochs, trainer = self.data["epochs"], self._trainer
+        if trainer is not None:
+            # Epochs whose training batches are all done: at the end of validation (before on_train_epoch_end
+            # counts the epoch) the current one is; at a mid-epoch checkpoint it is not.
+            ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            epochs = trainer.current_epoch + int(ready >= trainer.num_training_batches)
         return {
             "val_acc": self.data["val_acc"],
             "epochs": epochs,

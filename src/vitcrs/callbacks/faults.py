@@ -1,0 +1,33 @@
+"""`FaultInjector`: make a run fail on purpose at a given step, to check what a failure leaves behind."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class FaultInjector(Callback):
+    """Breaks a training run at a chosen optimizer step (the tests of resumption and of the NaN guard use it).
+
+    kill_at_step: when training batch `kill_at_step` starts (that many optimizer steps done), the process
+        kills itself with SIGKILL, as the OOM killer or a preempting scheduler would: no handler, no cleanup.
+    nan_at_step: the images of that batch become NaN, so its loss is NaN.
+    Added to a run with `+callbacks.fault._target_=vitcrs.callbacks.FaultInjector`
+    `+callbacks.fault.kill_at_step=N`.
+    """
+
+    def __init__(self, kill_at_step: int | None = None, nan_at_step: int | None = None) -> None:
+        self.kill_at_step = kill_at_step
+        self.nan_at_step = nan_at_step
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if trainer.global_step == self.nan_at_step:
+            batch[0].fill_(math.nan)
