@@ -2,10 +2,14 @@
 
 The configuration is the repository's `conf/` (found relative to this file, so vitcrs must be installed
 editable, `pip install -e .`, or run from a checkout). Steps:
-1. validate every setting (ConfigError naming the key) before anything is downloaded, loaded or written;
-2. seed everything (CRS sampling: seed + rank);
+1. validate every setting (ConfigError naming the key) before anything is downloaded, loaded or written,
+   including the checkpoint to resume from (`ckpt_path=last`: <run_dir>/checkpoints/last.ckpt);
+2. seed everything (CRS sampling: seed + rank, set by the LightningModule once the rank is known), and make
+   the training data a function of (seed, epoch, step, rank) that checkpoints can resume mid-epoch;
 3. fit with AdamW, checkpointing last.ckpt and the best val/acc; test the best checkpoint on the test split;
-4. keep `<run_dir>/metrics.json` current throughout (incomplete / complete / failed).
+4. keep `<run_dir>/metrics.json` current throughout (incomplete / complete / failed), written by rank 0.
+Data parallel (`trainer=ddp`, `trainer=fsdp`): Lightning starts the other processes of a single run by running
+this command again in the same run dir; in a `-m` sweep the processes must come from the cluster (SLURM).
 Returns the best validation accuracy, for Hydra sweepers.
 """
 
@@ -21,21 +25,38 @@ import lightning
 import torch
 import transformers
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.strategies.launchers.subprocess_script import (
+    _SubprocessScriptLauncher as FabricSubprocessLauncher,
+)
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 import vitcrs
-from vitcrs.callbacks import MetricsFile
+from vitcrs.callbacks import METRICS_KEYS, MetricsFile, write_json_atomic
 from vitcrs.crs import CRSConfig, validate_targets
-from vitcrs.crs import random as crs_random
 from vitcrs.errors import ConfigError
 from vitcrs.models import ATTN_IMPLEMENTATIONS, ModelInputs, ViTClassifier, model_inputs
+from vitcrs.resume import (
+    LAST,
+    check_checkpoint,
+    checkpoint_run_dir,
+    hydra_output_subdir,
+    resolve_ckpt_path,
+    resumable_train_data,
+)
 
 log = logging.getLogger(__name__)
+
+# conf/config.yaml: hydra.run.dir follows ckpt_path into its run dir; a re-used run dir keeps its .hydra/.
+OmegaConf.register_new_resolver("vitcrs.run_dir", checkpoint_run_dir, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("vitcrs.hydra_subdir", hydra_output_subdir, use_cache=True, replace=True)
 
 
 def _container(node: Any) -> Any:
@@ -112,10 +133,14 @@ def validate(cfg: DictConfig) -> Any:
     batch_size = cfg.data.batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"data.batch_size={batch_size!r} is invalid: it must be an integer >= 1, e.g. 64.")
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path == LAST:  # <run_dir>/checkpoints/last.ckpt if there is one, else a fresh start
+        cfg.ckpt_path = resolve_ckpt_path(LAST, cfg.run_dir)
+    elif ckpt_path is not None and (not isinstance(ckpt_path, str) or not Path(ckpt_path).is_file()):
         raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file. Give a run's checkpoint, e.g. "
-            "ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt, or ckpt_path=null to start afresh."
+            f"ckpt_path={ckpt_path!r}: no such checkpoint file. Give a run's checkpoint, e.g. "
+            "ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt, ckpt_path=last (with "
+            "hydra.run.dir=<the run dir>), or ckpt_path=null to start afresh."
         )
 
     inputs = _model_inputs(cfg)
@@ -128,6 +153,8 @@ def validate(cfg: DictConfig) -> Any:
             cfg.data.std = list(inputs.std)
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.check()
+    if cfg.ckpt_path is not None:
+        check_checkpoint(cfg.ckpt_path, datamodule.num_classes, datamodule.name)
     return datamodule
 
 
@@ -146,6 +173,9 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     # Lightning's model summary cannot size bf16/fp16 weights and says so on every mixed-precision run.
     warnings.filterwarnings("ignore", message=r".*is not supported by the model summary.*")
+    # Data parallel: val/test are sharded with DistributedSampler, which repeats a few images when a split
+    # does not divide by the world size (CIFAR's 5000/10000 divide by 2, 4 and 8); see docs/scaling.md.
+    warnings.filterwarnings("ignore", message=r".*it is recommended to use `Trainer\(devices=1, num_nodes=1")
     # Lightning's advertisement for its cloud logger, printed by every Trainer.
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropLitLoggerTip())
@@ -206,6 +236,45 @@ def _instantiate_all(node: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in (node or {}).values() if c is not None]
 
 
+def _multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _build_trainer(cfg: DictConfig, metrics: MetricsFile) -> tuple[Trainer, list[Logger]]:
+    """The callbacks, loggers and Trainer as configured; ConfigError for settings Lightning refuses."""
+    try:
+        callbacks: list[Callback] = _instantiate_all(cfg.get("callbacks"))
+        loggers: list[Logger] = _instantiate_all(cfg.get("logger"))
+        trainer = instantiate(cfg.trainer, callbacks=[*callbacks, metrics], logger=loggers or False)
+    except (InstantiationException, MisconfigurationException) as err:
+        cause = err.__cause__ or err
+        raise ConfigError(
+            f"trainer/callbacks/logger settings are refused by Lightning: {type(cause).__name__}: {cause}"
+        ) from err
+    return trainer, loggers
+
+
+def _check_processes(trainer: Trainer) -> None:
+    """ConfigError for data-parallel launches that cannot work: spawned processes, re-run -m sweeps."""
+    strategy = trainer.strategy
+    launcher = getattr(strategy, "launcher", None)
+    env = getattr(strategy, "cluster_environment", None)
+    if launcher is None or trainer.world_size == 1 or (env is not None and env.creates_processes_externally):
+        return
+    if not isinstance(launcher, (_SubprocessScriptLauncher, FabricSubprocessLauncher)):
+        raise ConfigError(
+            f"trainer.strategy starts its {trainer.world_size} processes with {type(launcher).__name__}, "
+            "which vitcrs does not support: use trainer=ddp or trainer=fsdp (they run the command again per "
+            "device)."
+        )
+    if _multirun():
+        raise ConfigError(
+            f"trainer.devices x trainer.num_nodes = {trainer.world_size} processes in a -m sweep: Lightning "
+            "would start each extra process by re-running the whole sweep. Run data-parallel sweeps with "
+            "hydra/launcher=slurm (SLURM starts one task per device), or run each job on its own (no -m)."
+        )
+
+
 def train(cfg: DictConfig) -> float | None:
     """One run as configured (cfg.run_dir must resolve); returns the best val accuracy."""
     quiet_known_warnings()
@@ -213,20 +282,32 @@ def train(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.run_dir)
     seed_everything(cfg.seed, workers=True, verbose=False)
 
-    callbacks: list[Callback] = _instantiate_all(cfg.get("callbacks"))
-    loggers: list[Logger] = _instantiate_all(cfg.get("logger"))
+    metrics = MetricsFile(run_dir / "metrics.json", describe_run(cfg, datamodule))
+    trainer, loggers = _build_trainer(cfg, metrics)
+    _check_processes(trainer)
+    metrics.attach(trainer)
+    metrics.data["world_size"] = trainer.world_size
+    if trainer.world_size > 1:  # a different global batch: runs compare only with the same world size
+        metrics.data["settings"]["world_size"] = trainer.world_size
+    if trainer.local_rank == 0:
+        # Download or extract now (Lightning would do it inside fit), then check what was extracted: a
+        # corrupt archive stops the run here, before anything is written.
+        datamodule.prepare_data()
+        datamodule.check()
+    resumable_train_data(datamodule, cfg.seed)
     if cfg.ckpt_path is not None:
         if Path(cfg.ckpt_path).resolve().parent.parent != run_dir.resolve():
             log.warning(
                 "resuming from %s in a new run dir %s: checkpoint selection starts afresh. To continue the "
-                "run in place, add hydra.run.dir=<the run dir of the checkpoint>.",
+                "run in place, give a checkpoint under <run dir>/checkpoints/ (its run dir is then used) or "
+                "add hydra.run.dir=<the run dir of the checkpoint>.",
                 cfg.ckpt_path,
                 run_dir,
             )
-        _keep_csv_logs(loggers)
-    metrics = MetricsFile(run_dir / "metrics.json", describe_run(cfg, datamodule))
-    trainer: Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, metrics], logger=loggers or False)
-    crs_random.manual_seed(cfg.seed + trainer.global_rank)
+        if trainer.is_global_zero:
+            _keep_csv_logs(loggers)
+        # Resuming in place: the checkpoint dir is expected to hold the earlier checkpoints.
+        warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
     try:
         model = ViTClassifier(
             model=_container(cfg.model),
@@ -234,15 +315,16 @@ def train(cfg: DictConfig) -> float | None:
             optim=_container(cfg.optim),
             num_labels=datamodule.num_classes,
             class_names=list(datamodule.class_names),
+            seed=cfg.seed,
         )
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        selector = trainer.checkpoint_callback
+        # The checkpoint callback that selects on a metric (step_checkpoint only keeps last.ckpt).
+        selectors = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)]
+        selector = selectors[0] if selectors else None
         best = selector.best_model_path if selector is not None else ""
         if not best:
             log.warning("no best checkpoint was saved: testing the final weights")
-        results = trainer.test(
-            model, datamodule=datamodule, ckpt_path="best" if best else None, verbose=False
-        )
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         # val_acc is the score of the checkpoint just tested, when checkpoint selection ran.
         score = selector.best_model_score if best else None
         metrics.finish(
@@ -252,25 +334,63 @@ def train(cfg: DictConfig) -> float | None:
     except BaseException as err:
         metrics.fail(err)
         raise
-    log.info(
-        "val_acc %s, test_acc %.4f; metrics in %s",
-        f"{metrics.data['val_acc']:.4f}" if metrics.data["val_acc"] is not None else "n/a",
-        metrics.data["test_acc"],
-        metrics.path,
-    )
+    if trainer.is_global_zero:
+        log.info(
+            "val_acc %s, test_acc %.4f; metrics in %s",
+            f"{metrics.data['val_acc']:.4f}" if metrics.data["val_acc"] is not None else "n/a",
+            metrics.data["test_acc"],
+            metrics.path,
+        )
     return metrics.data["val_acc"]
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+def record_config_failure(cfg: DictConfig, err: ConfigError) -> None:
+    """A multirun job refused before training: a "failed" metrics.json naming the error, unless one exists."""
+    try:
+        path = Path(cfg.run_dir) / "metrics.json"
+    except Exception:  # no run dir to write to
+        return
+    if path.exists():
+        return  # an earlier run's record in this dir is left as it is
+    data: dict[str, Any] = {key: None for key in METRICS_KEYS}
+
+    def select(key: str) -> Any:
+        try:
+            return _container(OmegaConf.select(cfg, key, throw_on_missing=False))
+        except Exception:
+            return None
+
+    for field, key in (("dataset", "data.name"), ("ratio", "crs.ratio"), ("method", "crs.method"),
+                       ("targets", "crs.targets"), ("seed", "seed")):  # fmt: skip
+        data[field] = select(key)
+    data.update(status="failed", error=f"ConfigError: {err}", run_dir=str(path.parent.resolve()), epochs=0)
+    write_json_atomic(path, data)
+
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (editable install)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
-    except ConfigError as err:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+    except (ConfigError, FloatingPointError) as err:
+        if _multirun():
+            if isinstance(err, ConfigError):
+                record_config_failure(cfg, err)
             raise  # Hydra reports it and goes on with the other jobs
-        log.error("%s", err)  # a bad setting: its message says it all, no traceback
-        raise SystemExit(2) from None
+        # A bad setting, or a diverged run: the message says it all, no traceback.
+        log.error("%s", err)
+        if isinstance(err, FloatingPointError):
+            last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+            if last.is_file():
+                log.error("the last good checkpoint is %s", last)
+        raise SystemExit(2 if isinstance(err, ConfigError) else 1) from None
 
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module's main, not this __main__ copy's: launchers that pickle the task function
+    # (joblib, submitit) then refer to vitcrs.train.main by name instead of pickling this module's globals.
+    from vitcrs.train import main as _main
+
+    _main()
