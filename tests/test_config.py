@@ -25,6 +25,7 @@ COMMENTED = (
         for p in sorted((CONF_DIR / g).glob("*.yaml"))
     ]
     + [CONF_DIR / "experiment" / "demo.yaml"]
+    + sorted((CONF_DIR / "hydra" / "launcher").glob("*.yaml"))
 )
 
 
@@ -146,3 +147,48 @@ def test_tiny_vit_fixture_matches_micro_shape(tiny_vit_config):
     # The fixtures' tiny ViT keeps the demo's 32 px input, so both run on the same data.
     micro = OmegaConf.load(CONF_DIR / "model" / "vit_micro.yaml")
     assert tiny_vit_config["image_size"] == micro.config.image_size
+
+
+def _plugin(name: str) -> bool:
+    try:
+        __import__(f"hydra_plugins.{name}")
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _plugin("hydra_submitit_launcher"), reason="pip install -e '.[slurm]'")
+def test_slurm_launcher_asks_for_one_task_per_device():
+    from hydra import compose, initialize_config_dir
+
+    import vitcrs.train  # noqa: F401  (registers the config's resolvers)
+
+    overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (4, 4, 2)
+    assert launcher.timeout_min > 0 and launcher.max_num_timeout == 0
+
+
+@pytest.mark.skipif(not _plugin("hydra_joblib_launcher"), reason="pip install -e '.[joblib]'")
+def test_parallel_launcher_composes():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=parallel"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("joblib_launcher.JoblibLauncher")
+    assert cfg.hydra.launcher.n_jobs == 2
+
+
+def test_data_parallel_trainers_compose(compose_cfg):
+    for option, strategy in (("ddp", "DDPStrategy"), ("fsdp", "FSDPStrategy")):
+        cfg = compose_cfg("experiment=demo", f"trainer={option}")
+        assert cfg.trainer.strategy._target_.endswith(strategy)
+        assert cfg.trainer.devices == 2 and cfg.trainer.num_nodes == 1
+    policy = OmegaConf.to_container(compose_cfg("trainer=fsdp").trainer.strategy.auto_wrap_policy)
+    from hydra.utils import instantiate
+    from transformers.models.vit.modeling_vit import ViTLayer
+
+    assert instantiate(policy) == {ViTLayer}
