@@ -1,0 +1,127 @@
+"""Data-parallel training on the CPU: 2 processes (gloo) of `trainer=ddp`, run by `python -m vitcrs.train`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from vitcrs.crs import random as crs_random
+from vitcrs.crs.sampling import sample
+from vitcrs.models import ViTClassifier
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning"),
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo needed"
+    ),
+]
+
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+# One optimizer step, exact (ratio 1), no augmentation and no warm-up (the first step has lr > 0).
+ONE_STEP = [
+    "experiment=demo",
+    "crs.ratio=1.0",
+    "data.augment=false",
+    "optim.warmup_fraction=0",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=1",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "callbacks.progress_bar=null",
+]
+
+
+def _files(root: Path, name: str) -> list[Path]:
+    return sorted(root.rglob(name))
+
+
+def _ckpt(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+
+
+def _first_moments(ckpt: dict) -> torch.Tensor:
+    """AdamW's exp_avg of every parameter: after one step, (1 - beta1) x the gradient."""
+    state = ckpt["optimizer_states"][0]["state"]
+    return torch.cat([state[i]["exp_avg"].flatten() for i in sorted(state)])
+
+
+def test_two_processes_take_the_same_step_as_one_with_their_joint_batch(run_train, tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    run_train(*ONE_STEP, "data.batch_size=32", f"hydra.run.dir={single}", cwd=tmp_path)
+    run_train(*ONE_STEP, *DDP, "data.batch_size=16", f"hydra.run.dir={ddp}", cwd=tmp_path)
+
+    # One record, one config, one set of logs and checkpoints: written by rank 0 only.
+    assert _files(ddp, "metrics.json") == [ddp / "metrics.json"]
+    assert _files(ddp, "config.yaml") == [ddp / ".hydra" / "config.yaml"]
+    assert _files(ddp, "metrics.csv") == [ddp / "csv" / "metrics.csv"]
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == sorted(
+        p.name for p in (single / "checkpoints").iterdir()
+    )
+    m = json.loads((ddp / "metrics.json").read_text())
+    assert m["status"] == "complete" and m["world_size"] == 2 and m["settings"]["world_size"] == 2
+    assert m["settings"]["batch_size"] == 16  # per process
+    assert m["peak_mem_allocated_gib"] is None and m["peak_mem_allocated_gib_per_rank"] is None  # CPU
+    s = json.loads((single / "metrics.json").read_text())
+    assert s["world_size"] == 1 and "world_size" not in s["settings"]
+
+    # The averaged gradient of 2 x 16 images equals the gradient of the 32: same Adam moments, same weights.
+    a, b = _ckpt(single), _ckpt(ddp)
+    assert a["global_step"] == b["global_step"] == 1
+    ga, gb = (_first_moments(c) for c in (a, b))
+    assert ga.abs().max() > 0
+    torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6 * float(ga.abs().max()))
+    wa, wb = a["state_dict"], b["state_dict"]
+    diff = torch.cat([(wa[k].float() - wb[k].float()).abs().flatten() for k in wa])
+    # Adam's first step is ~lr * sign(grad) (lr 1e-3): a different batch would move weights by ~2e-3.
+    assert diff.max() < 1e-4 and diff.mean() < 1e-7
+
+
+def test_ranks_draw_from_their_own_crs_streams(run_train, tmp_path):
+    run_dir = tmp_path / "run"
+    run_train("experiment=demo", *DDP, "data.batch_size=16", "trainer.max_epochs=1",
+              "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+              "callbacks.progress_bar=null", f"hydra.run.dir={run_dir}", cwd=tmp_path)  # fmt: skip
+    per_rank = _ckpt(run_dir)["crs"]["per_rank"]
+    assert [r["rng"]["seed"] for r in per_rank] == [0, 1]  # seed + rank
+    states = [r["rng"]["states"]["cpu"] for r in per_rank]
+    fresh = [torch.Generator().manual_seed(s).get_state() for s in (0, 1)]
+    assert not torch.equal(states[0], states[1])
+    assert all(not torch.equal(s, f) for s, f in zip(states, fresh, strict=True))  # both ranks sampled
+    # The per-rank running gradient-norm estimates are kept too (each rank sees its own output gradients).
+    assert per_rank[0]["grad_norms"].keys() == per_rank[1]["grad_norms"].keys()
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["status"] == "complete" and m["ratio"] == 0.3
+
+
+def test_rank_seeds_give_different_rows_and_the_module_seeds_by_rank(tiny_vit_config):
+    """What the streams are for: with seed + rank, two ranks draw different rows from the same weights."""
+    weights = torch.rand(4, 64)
+    drawn = []
+    for rank in range(2):
+        crs_random.manual_seed(7 + rank)
+        drawn.append(sample(weights, 8, "crs", crs_random.generator(weights.device))[0])
+    assert not torch.equal(drawn[0], drawn[1])
+
+    module = ViTClassifier(
+        model={"name_or_path": None, "attn_implementation": "eager", "config": tiny_vit_config},
+        crs={"ratio": 0.5, "targets": ["query"]},
+        optim={"lr": 1e-3, "weight_decay": 0.0, "warmup_fraction": 0.0},
+        num_labels=3,
+        seed=7,
+    )
+    module._trainer = SimpleNamespace(global_rank=1)  # what Lightning sets before calling setup
+    try:
+        module.setup("fit")
+        assert crs_random.get_rng_state()["seed"] == 8
+        crs_random.manual_seed(0)
+        module.setup("test")  # evaluation leaves the stream alone
+        assert crs_random.get_rng_state()["seed"] == 0
+    finally:
+        module._trainer = None
+        crs_random.set_rng_state({"seed": None})

@@ -1,0 +1,179 @@
+"""Resumption: a run killed mid-epoch and resumed ends exactly like an unbroken one; the parts that do it."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from vitcrs.data import BatchCollate, ImageTensorDataset
+from vitcrs.resume import (
+    ResumableLoader,
+    checkpoint_run_dir,
+    hydra_output_subdir,
+    resolve_ckpt_path,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning")
+
+# Two short epochs of 4 steps, a checkpoint after every step, CRS with running gradient-norm estimates, and
+# dropout and augmentation on: everything a resumed run must restore to train as the unbroken one does.
+RUN = [
+    "experiment=demo",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "data.batch_size=16",
+    "callbacks.progress_bar=null",
+    "callbacks.step_checkpoint.every_n_train_steps=1",
+    "crs.prob=norm_grad",
+    "model.config.hidden_dropout_prob=0.1",
+]
+KILL_AT = 6  # the 3rd step of the 2nd epoch
+FAULT = [
+    "+callbacks.fault._target_=vitcrs.callbacks.FaultInjector",
+    f"+callbacks.fault.kill_at_step={KILL_AT}",
+]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+
+def test_killed_run_resumes_to_the_same_result(run_train, tmp_path):
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    run_train(*RUN, f"hydra.run.dir={unbroken}", cwd=tmp_path)
+
+    killed = run_train(*RUN, *FAULT, f"hydra.run.dir={broken}", cwd=tmp_path, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    record = json.loads((broken / "metrics.json").read_text())
+    assert record["status"] == "incomplete" and record["epochs"] == 1  # the kill left a whole, marked file
+    saved = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == KILL_AT  # the step checkpoint just before the kill
+    config = (broken / ".hydra" / "config.yaml").read_bytes()
+
+    # The checkpoint's path alone puts the resumed run back into its own run dir.
+    run_train(*RUN, f"ckpt_path={broken / 'checkpoints' / 'last.ckpt'}", cwd=tmp_path)
+
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (unbroken, broken))
+    assert b["status"] == "complete"
+    for key in ("val_acc", "test_acc", "epochs", "saved_bytes_per_step"):
+        assert a[key] == b[key], key
+    wa, wb = _weights(unbroken), _weights(broken)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # bit for bit
+    best = [sorted(p.name for p in (d / "checkpoints").glob("best-*.ckpt")) for d in (unbroken, broken)]
+    assert best[0] == best[1]
+    # The run dir keeps the first launch's config; the resumed launch's config sits next to it.
+    assert (broken / ".hydra" / "config.yaml").read_bytes() == config
+    assert len(list((broken / ".hydra").glob("*/config.yaml"))) == 1
+    assert (broken / "csv" / "metrics.segment-1.csv").is_file()
+
+
+# --- ckpt_path and run-dir resolution -----------------------------------------------------------------
+
+
+def test_ckpt_path_last_resolves_in_the_run_dir(tmp_path, caplog):
+    assert resolve_ckpt_path("last", tmp_path) is None  # nothing to resume: a fresh start, with a warning
+    assert "starts from scratch" in caplog.text
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"x")
+    assert resolve_ckpt_path("last", tmp_path) == str(last)
+    assert resolve_ckpt_path("/some/where.ckpt", tmp_path) == "/some/where.ckpt"
+    assert resolve_ckpt_path(None, tmp_path) is None
+
+
+def test_a_checkpoint_path_selects_its_run_dir(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "epoch3.ckpt"
+    default = str(tmp_path / "new")
+    assert checkpoint_run_dir(str(ckpt), default) == default  # not there (yet): never a guessed dir
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    assert checkpoint_run_dir(str(ckpt), default) == str(tmp_path / "run")
+    elsewhere = tmp_path / "copied.ckpt"
+    elsewhere.write_bytes(b"x")
+    assert checkpoint_run_dir(str(elsewhere), default) == default
+    assert checkpoint_run_dir(None, default) == default and checkpoint_run_dir("last", default) == default
+
+
+def test_a_reused_run_dir_keeps_its_hydra_config(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    assert hydra_output_subdir(tmp_path, "T") == ".hydra"
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("a: 1\n")
+    assert hydra_output_subdir(tmp_path, "T") == ".hydra/T"
+    monkeypatch.setenv("SLURM_PROCID", "3")  # a non-first task of a multi-task SLURM job writes none
+    assert hydra_output_subdir(tmp_path, "T") is None
+
+
+# --- ResumableLoader ----------------------------------------------------------------------------------
+
+
+def _loader(n: int = 50, batch_size: int = 8, shuffle: bool = True, augment: bool = True) -> DataLoader:
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 8, 8).contiguous()
+    dataset = ImageTensorDataset(images, torch.arange(n))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=BatchCollate(augment))
+
+
+def _epoch(loader: ResumableLoader, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader.sampler.set_epoch(epoch)
+    return list(loader)
+
+
+def test_loader_order_is_a_function_of_seed_and_epoch_and_spares_the_global_rng():
+    a, b = ResumableLoader(_loader(), seed=3), ResumableLoader(_loader(), seed=3)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    first = _epoch(a, 0)
+    assert torch.equal(torch.get_rng_state(), before)  # shuffling and augmentation draw from their own seeds
+    again = _epoch(b, 0)
+    assert all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(first, again, strict=True))
+    labels = torch.cat([y for _, y in first])
+    assert sorted(labels.tolist()) == list(range(50)) and labels.tolist() != list(range(50))
+    assert torch.cat([y for _, y in _epoch(a, 1)]).tolist() != labels.tolist()  # a new order each epoch
+    assert len(a) == 7
+
+
+def test_ranks_split_each_step_of_the_single_process_order():
+    """Step j of a W-rank run with batch b sees the images of step j of a 1-rank run with batch W*b."""
+    single = _epoch(ResumableLoader(_loader(batch_size=8, augment=False), seed=1), 0)
+    ranks = [
+        _epoch(ResumableLoader(_loader(batch_size=4, augment=False), seed=1, rank=r, world_size=2), 0)
+        for r in range(2)
+    ]
+    assert len(ranks[0]) == len(ranks[1]) == 7  # 50 images: 25 per rank
+    for step, (_, labels) in enumerate(single[:-1]):  # the last step is padded on the ranks
+        together = torch.cat([ranks[r][step][1] for r in range(2)])
+        assert sorted(together.tolist()) == sorted(labels.tolist())
+    covered = {int(y) for r in range(2) for _, ys in ranks[r] for y in ys}
+    assert covered == set(range(50))
+
+
+def test_loader_resumes_after_the_consumed_images():
+    full = _epoch(ResumableLoader(_loader(), seed=5), 2)
+    partial = ResumableLoader(_loader(), seed=5)
+    partial.sampler.set_epoch(2)
+    it = iter(partial)
+    for _ in range(3):
+        next(it)
+    state = partial.state_dict()
+    assert state == {"epoch": 2, "consumed": 24, "seed": 5}
+
+    resumed = ResumableLoader(_loader(), seed=5)
+    resumed.load_state_dict(state)
+    rest = _epoch(resumed, 2)
+    assert len(rest) == len(full) - 3
+    for (x, y), (u, v) in zip(rest, full[3:], strict=True):
+        assert torch.equal(x, u) and torch.equal(y, v)  # same images, same augmentation
+    assert len(_epoch(resumed, 3)) == len(full)  # the next epoch is whole again
+
+
+def test_a_state_from_another_epoch_is_ignored():
+    loader = ResumableLoader(_loader(), seed=5)
+    loader.load_state_dict({"epoch": 0, "consumed": 50, "seed": 5})  # saved at the end of epoch 0
+    assert len(_epoch(loader, 1)) == 7
