@@ -295,7 +295,11 @@ def train(cfg: DictConfig) -> float | None:
         datamodule.prepare_data()
         datamodule.check()
     resumable_train_data(datamodule, cfg.seed)
-    if cfg.ckpt_path is not None:
+    if cfg.ckpt_path is None:
+        # Every check passed: from here on a crash, or a kill while the model loads, leaves a marked record.
+        # (A resumed run keeps its earlier record until the checkpoint's figures are restored at fit start.)
+        metrics.write("incomplete")
+    else:
         if Path(cfg.ckpt_path).resolve().parent.parent != run_dir.resolve():
             log.warning(
                 "resuming from %s in a new run dir %s: checkpoint selection starts afresh. To continue the "
