@@ -114,10 +114,15 @@ def test_a_reused_run_dir_keeps_its_hydra_config(tmp_path, monkeypatch):
 # --- ResumableLoader ----------------------------------------------------------------------------------
 
 
-def _loader(n: int = 50, batch_size: int = 8, shuffle: bool = True, augment: bool = True) -> DataLoader:
+def _loader(
+    n: int = 50, batch_size: int = 8, shuffle: bool = True, augment: bool = True, workers: int = 0
+) -> DataLoader:
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 8, 8).contiguous()
+    images = images + torch.arange(8, dtype=torch.uint8).view(1, 1, 1, 8)  # crops and flips show
     dataset = ImageTensorDataset(images, torch.arange(n))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=BatchCollate(augment))
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=BatchCollate(augment), num_workers=workers
+    )
 
 
 def _epoch(loader: ResumableLoader, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -137,6 +142,15 @@ def test_loader_order_is_a_function_of_seed_and_epoch_and_spares_the_global_rng(
     assert sorted(labels.tolist()) == list(range(50)) and labels.tolist() != list(range(50))
     assert torch.cat([y for _, y in _epoch(a, 1)]).tolist() != labels.tolist()  # a new order each epoch
     assert len(a) == 7
+
+
+def test_loader_batches_do_not_depend_on_worker_processes():
+    main = _epoch(ResumableLoader(_loader(), seed=2), 1)
+    workers = _epoch(ResumableLoader(_loader(workers=2), seed=2), 1)
+    assert all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(main, workers, strict=True))
+    plain = _epoch(ResumableLoader(_loader(augment=False), seed=2), 1)  # same order, no crop/flip
+    assert all(torch.equal(u, v) for (_, u), (_, v) in zip(main, plain, strict=True))
+    assert not all(torch.equal(x, y) for (x, _), (y, _) in zip(main, plain, strict=True))
 
 
 def test_ranks_split_each_step_of_the_single_process_order():
