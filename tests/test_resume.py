@@ -191,3 +191,28 @@ def test_a_state_from_another_epoch_is_ignored():
     loader = ResumableLoader(_loader(), seed=5)
     loader.load_state_dict({"epoch": 0, "consumed": 50, "seed": 5})  # saved at the end of epoch 0
     assert len(_epoch(loader, 1)) == 7
+
+
+def test_a_gpu_checkpoint_loads_on_a_cpu_only_machine(tiny_vit_config, tmp_path):
+    """The CRS stream of a CUDA generator is dropped where there is no such GPU, not a crash."""
+    from vitcrs.crs import random as crs_random
+    from vitcrs.models import ViTClassifier
+    from vitcrs.models.module import _rng_for
+
+    module = ViTClassifier(
+        model={"name_or_path": None, "attn_implementation": "eager", "config": tiny_vit_config},
+        crs={"ratio": 0.5, "targets": ["query"]},
+        optim={"lr": 1e-3, "weight_decay": 0.0, "warmup_fraction": 0.0},
+        num_labels=3,
+    )
+    cpu_state = torch.Generator().manual_seed(4).get_state()
+    rng = {"seed": 4, "states": {"cpu": cpu_state, "cuda:7": cpu_state.clone()}}
+    checkpoint = {"crs": {"grad_norms": {}, "rng": rng, "per_rank": [{"grad_norms": {}, "rng": rng}]}}
+    try:
+        module.on_load_checkpoint(checkpoint)
+        restored = crs_random.get_rng_state()
+        assert restored["seed"] == 4 and set(restored["states"]) == {"cpu"}
+    finally:
+        crs_random.set_rng_state({"seed": None})
+    moved = _rng_for({"seed": 1, "states": {"cuda:3": cpu_state}}, torch.device("cuda:0"))
+    assert set(moved["states"]) <= {"cuda:0"}  # a rank's GPU stream follows it to its new device number

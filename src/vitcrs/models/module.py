@@ -34,6 +34,23 @@ def _cpu(value: Any) -> Any:
     return value
 
 
+def _rng_for(state: dict[str, Any], device: torch.device | None) -> dict[str, Any]:
+    """A saved CRS stream state made loadable here: a rank's one CUDA generator moves to this rank's device
+    (the checkpoint may come from another GPU numbering), and generators of absent devices are dropped (a
+    GPU checkpoint loaded on a CPU-only machine)."""
+    states = dict(state.get("states", {}))
+    cuda = [k for k in states if k.startswith("cuda")]
+    if device is not None and device.type == "cuda" and len(cuda) == 1 and cuda[0] != str(device):
+        states[str(device)] = states.pop(cuda[0])
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    keep = {
+        k: s
+        for k, s in states.items()
+        if k == "cpu" or (k.startswith("cuda") and int(k.partition(":")[2] or 0) < available)
+    }
+    return {**state, "states": keep}
+
+
 class ViTClassifier(LightningModule):
     """Image classification with a HF `ViTForImageClassification` (`self.net`) whose backward is CRS-sampled.
 
@@ -211,7 +228,8 @@ class ViTClassifier(LightningModule):
             )
         load_crs_state_dict(self.net, mine["grad_norms"])
         if mine["rng"] is not None:
-            crs_random.set_rng_state(mine["rng"])
+            device = trainer.strategy.root_device if trainer is not None else None
+            crs_random.set_rng_state(_rng_for(mine["rng"], device))
         elif self.hparams.get("seed") is not None:
             crs_random.manual_seed(int(self.hparams.seed) + rank)
         # torch's global RNG (dropout) only when training goes on, and only when the next training batch
