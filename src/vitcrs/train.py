@@ -339,13 +339,28 @@ def train(cfg: DictConfig) -> float | None:
         metrics.fail(err)
         raise
     if trainer.is_global_zero:
-        log.info(
-            "val_acc %s, test_acc %.4f; metrics in %s",
-            f"{metrics.data['val_acc']:.4f}" if metrics.data["val_acc"] is not None else "n/a",
-            metrics.data["test_acc"],
-            metrics.path,
-        )
+        data = metrics.data
+        val = f"{data['val_acc']:.4f}" if data["val_acc"] is not None else "n/a"
+        log.info("val_acc %s, test_acc %.4f; metrics in %s", val, data["test_acc"], metrics.path)
+        log.info("memory: %s", memory_summary(data))
     return metrics.data["val_acc"]
+
+
+def memory_summary(data: dict[str, Any]) -> str:
+    """One line of the run's memory and speed figures, with the reduction vs the exact baseline."""
+    parts = []
+    saved, exact = data.get("saved_bytes_per_step"), data.get("saved_bytes_per_step_exact")
+    if saved is not None:
+        part = f"saved for backward {saved / 2**20:.1f} MiB/step"
+        if exact is not None and saved > 0:
+            part += f" (exact: {exact / 2**20:.1f} MiB, {exact / saved:.2f}x less)"
+        parts.append(part)
+    if data.get("peak_mem_allocated_gib") is not None:
+        parts.append(f"peak GPU {data['peak_mem_allocated_gib']:.2f} GiB allocated")
+        parts.append(f"{data['peak_mem_reserved_gib']:.2f} GiB reserved")
+    if data.get("images_per_s") is not None:
+        parts.append(f"{data['images_per_s']:.0f} images/s")
+    return ", ".join(parts) or "not measured"
 
 
 def record_config_failure(cfg: DictConfig, err: ConfigError) -> None:

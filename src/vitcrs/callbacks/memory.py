@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from vitcrs.crs import SavedTensorsMeter
+from vitcrs.crs import SavedTensorsMeter, uninjected
 from vitcrs.distributed import gather_objects
 
 GIB = 1024**3
@@ -25,6 +25,9 @@ class PeakMemoryMonitor(Callback):
     - Every device: on the first training batch the forward pass runs inside a `SavedTensorsMeter`, giving
       `saved_bytes_per_step`: bytes of non-parameter tensors autograd keeps for backward (the activation
       memory CRS reduces). Logged as `mem/saved_mib_per_step`. On CPU this is the only memory figure.
+      Side by side, on the same batch and precision, one extra forward of the same network run exact
+      (`vitcrs.crs.uninjected`; RNG state untouched, graph dropped) gives `saved_bytes_per_step_exact`, so
+      every run reports its own reduction factor. Skipped when nothing is injected (then they are equal).
     - Throughput `perf/images_per_s`: images over the wall time of training batches only (forward, backward,
       optimizer step; data loading and validation excluded), leaving out the first `warmup_batches` of
       the run. CUDA is synchronised around each timed batch.
@@ -41,6 +44,7 @@ class PeakMemoryMonitor(Callback):
         self.peak_allocated_gib: float | None = None
         self.peak_reserved_gib: float | None = None
         self.saved_bytes_per_step: int | None = None
+        self.saved_bytes_per_step_exact: int | None = None
         self._images = 0
         self._seconds = 0.0
         self._batches = 0
@@ -80,6 +84,7 @@ class PeakMemoryMonitor(Callback):
             "peak_mem_allocated_gib_per_rank": alloc,
             "peak_mem_reserved_gib_per_rank": reserved,
             "saved_bytes_per_step": self.saved_bytes_per_step,
+            "saved_bytes_per_step_exact": self.saved_bytes_per_step_exact,
             "images_per_s": images / seconds if seconds > 0 else None,
         }
 
@@ -108,10 +113,29 @@ class PeakMemoryMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.saved_bytes_per_step is None:
+            self._measure_exact(trainer, pl_module, batch)
             self._meter = SavedTensorsMeter(exclude=pl_module.parameters()).__enter__()
         if (dev := self._cuda(pl_module)) is not None:
             torch.cuda.synchronize(dev)
         self._t0 = time.perf_counter()
+
+    def _measure_exact(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        """Saved-for-backward bytes of this batch's forward with the network run exact (no CRS)."""
+        net = getattr(pl_module, "net", None)
+        if net is None or not getattr(net, "crs_targets", ()):
+            return
+        dev = self._cuda(pl_module)
+        with (
+            torch.random.fork_rng(devices=[dev] if dev is not None else []),
+            uninjected(net),
+            trainer.precision_plugin.forward_context(),
+            SavedTensorsMeter(exclude=pl_module.parameters()) as meter,
+        ):
+            loss = pl_module._loss(batch)[0]
+        del loss
+        self.saved_bytes_per_step_exact = meter.bytes
+        if dev is not None:  # the extra forward must not count in this epoch's peak
+            torch.cuda.reset_peak_memory_stats(dev)
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         self._close_meter()
@@ -141,6 +165,9 @@ class PeakMemoryMonitor(Callback):
             pl_module.log("mem/peak_reserved_gib", reserved, sync_dist=True, reduce_fx="max")
         if self.saved_bytes_per_step is not None:
             pl_module.log("mem/saved_mib_per_step", self.saved_bytes_per_step / 2**20, sync_dist=True)
+        if self.saved_bytes_per_step_exact is not None:
+            exact_mib = self.saved_bytes_per_step_exact / 2**20
+            pl_module.log("mem/saved_mib_per_step_exact", exact_mib, sync_dist=True)
         if self._epoch_seconds > 0:
             # all ranks together (each rank's images per second, summed)
             rate = self._epoch_images / self._epoch_seconds
