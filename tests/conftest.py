@@ -17,6 +17,15 @@ from omegaconf import DictConfig
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
+# A few batches of the offline demo: the end-to-end runs of the tests.
+QUICK = [
+    "experiment=demo",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+]
+
 # A ViT small enough to build in milliseconds: 32 px, 8 px patches (17 tokens), 2 blocks.
 TINY_VIT = {
     "image_size": 32,

@@ -14,6 +14,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 import vitcrs.train as app
+from conftest import QUICK as DEMO_BATCHES
 from vitcrs.data import cifar
 from vitcrs.errors import ConfigError
 from vitcrs.models import ViTClassifier
@@ -21,14 +22,7 @@ from vitcrs.train import train, validate
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning")
 
-QUICK = [
-    "experiment=demo",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-    "callbacks.progress_bar=null",
-]
+QUICK = [*DEMO_BATCHES, "callbacks.progress_bar=null"]
 
 
 def _fake_checkpoint(path: Path, num_labels: int) -> Path:

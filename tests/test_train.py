@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import QUICK
 from vitcrs.callbacks import METRICS_KEYS, MetricsFile, PeakMemoryMonitor, write_json_atomic
 from vitcrs.errors import ConfigError
 from vitcrs.models import ViTClassifier
@@ -16,13 +17,6 @@ from vitcrs.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning")
 
-QUICK = [
-    "experiment=demo",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-]
 SETTINGS_KEYS = {
     "model", "attn_implementation", "precision", "batch_size", "max_epochs", "lr", "image_size", "method",
     "targets", "prob", "limit_train",
