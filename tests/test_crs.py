@@ -392,6 +392,19 @@ def test_uninjected_runs_the_plain_model_and_restores_crs():
     assert isinstance(model.vit.layers[0].attention.o_proj, CRSLinear)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model_trains_with_every_target(dtype):
+    """A model held in bf16/fp16 (no autocast): same forward as the plain model, finite gradients."""
+    base = tiny_vit().to(dtype)
+    x = torch.randn(4, 3, 16, 16, dtype=dtype)
+    for ratio in (1.0, 0.3):
+        model = inject(copy.deepcopy(base), CRSConfig(ratio=ratio), LEAN_ALL)
+        out = model(x).logits
+        assert torch.equal(out, base(x).logits)
+        out.float().square().sum().backward()
+        assert all(torch.isfinite(p.grad).all() and p.grad.dtype == dtype for p in model.parameters())
+
+
 def test_injected_checkpoint_loads_into_plain_model(tmp_path):
     model = inject(tiny_vit(), CRSConfig(ratio=0.3), ALL_TARGETS)
     model.save_pretrained(tmp_path)

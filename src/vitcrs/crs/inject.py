@@ -108,9 +108,13 @@ class CRSViTAttention(ViTAttention):
         dropout = self.attention_dropout if self.training else 0.0
         if "context" in self.crs_targets:
             # softmax keeps its output for its own backward, so the context matmul reuses it (keep_a) rather
-            # than storing a sample or a cast copy of it; only V is sampled.
-            kept = dropout == 0.0
-            p = probs if kept else F.dropout(probs.to(q.dtype), p=dropout, training=True)
+            # than storing a sample or a cast copy of it; only V is sampled. That needs P as it is: no
+            # dropout, and a dtype the matmul takes (autocast casts it; a bf16/fp16 model needs the copy).
+            autocast = torch.is_autocast_enabled(q.device.type)
+            kept = dropout == 0.0 and (autocast or probs.dtype == q.dtype)
+            p = probs if kept else probs.to(q.dtype)
+            if dropout > 0.0:
+                p = F.dropout(p, p=dropout, training=True)
             context = crs_matmul(p, v, cfg, keep_a=kept, trackers=(None, norms["context_n"]))
             probs = probs.to(q.dtype)
         else:
