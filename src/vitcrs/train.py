@@ -42,7 +42,7 @@ import vitcrs
 from vitcrs.callbacks import METRICS_KEYS, MetricsFile, write_json_atomic
 from vitcrs.crs import CRSConfig, validate_targets
 from vitcrs.errors import ConfigError
-from vitcrs.models import ATTN_IMPLEMENTATIONS, ModelInputs, ViTClassifier, model_inputs
+from vitcrs.models import ModelInputs, ViTClassifier, check_attn_implementation, model_inputs
 from vitcrs.resume import (
     LAST,
     check_checkpoint,
@@ -111,12 +111,7 @@ def validate(cfg: DictConfig) -> Any:
     except ValueError as err:
         raise ConfigError(f"{err} (see conf/crs/default.yaml)") from err
     attn = cfg.model.attn_implementation
-    if attn not in ATTN_IMPLEMENTATIONS:
-        raise ConfigError(
-            f"model.attn_implementation={attn!r} is unknown: choose one of "
-            f"{', '.join(ATTN_IMPLEMENTATIONS)}, e.g. model.attn_implementation=eager (needed to sample the "
-            "attention matmuls)."
-        )
+    check_attn_implementation(attn)
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise ConfigError(
             f"crs.targets={targets!r} is invalid: it must be a list of names, e.g. [query,key]."

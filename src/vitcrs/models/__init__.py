@@ -1,6 +1,13 @@
 """The network (`build_vit`, `model_inputs`) and its LightningModule (`ViTClassifier`)."""
 
 from .module import ViTClassifier
-from .vit import ATTN_IMPLEMENTATIONS, ModelInputs, build_vit, model_inputs
+from .vit import ATTN_IMPLEMENTATIONS, ModelInputs, build_vit, check_attn_implementation, model_inputs
 
-__all__ = ["ATTN_IMPLEMENTATIONS", "ModelInputs", "ViTClassifier", "build_vit", "model_inputs"]
+__all__ = [
+    "ATTN_IMPLEMENTATIONS",
+    "ModelInputs",
+    "ViTClassifier",
+    "build_vit",
+    "check_attn_implementation",
+    "model_inputs",
+]

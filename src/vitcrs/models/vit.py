@@ -45,6 +45,16 @@ def _side(size: Any) -> int:
     return int(size)
 
 
+def check_attn_implementation(attn_implementation: Any) -> None:
+    """ConfigError unless `attn_implementation` is one of ATTN_IMPLEMENTATIONS."""
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"model.attn_implementation={attn_implementation!r} is unknown: choose one of "
+            f"{', '.join(ATTN_IMPLEMENTATIONS)}, e.g. model.attn_implementation=eager (needed to sample the "
+            "attention matmuls)."
+        )
+
+
 def _local_dir(name_or_path: str) -> Path | None:
     """`name_or_path` as an existing local checkpoint directory, None if it must be a Hub id.
 
@@ -128,11 +138,7 @@ def build_vit(
     class_names: label names stored in the config's id2label (default LABEL_i).
     Raises ConfigError when the checkpoint cannot be found or fetched.
     """
-    if attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ConfigError(
-            f"model.attn_implementation={attn_implementation!r} is unknown: choose one of "
-            f"{', '.join(ATTN_IMPLEMENTATIONS)} (eager is needed to sample the attention matmuls)."
-        )
+    check_attn_implementation(attn_implementation)
     names = list(class_names) if class_names is not None else [f"LABEL_{i}" for i in range(num_labels)]
     if len(names) != num_labels:
         raise ValueError(f"build_vit got {len(names)} class names for num_labels={num_labels}")
