@@ -35,6 +35,19 @@ def test_checkpoint_config_overrides_apply(vit_checkpoint):
     assert model.config.hidden_dropout_prob == 0.25 and model.config._attn_implementation == "sdpa"
 
 
+def test_loading_leaves_the_callers_logging_settings(vit_checkpoint):
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    try:
+        build_vit(str(vit_checkpoint), 3)
+        assert not hf_logging.is_progress_bar_enabled(), "bars the caller turned off must stay off"
+        assert hf_logging.get_verbosity() == verbosity
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def test_random_init_from_config(tiny_vit_config):
     model = build_vit(None, 5, "eager", tiny_vit_config)
     assert model.classifier.out_features == 5 and model.config.hidden_size == tiny_vit_config["hidden_size"]

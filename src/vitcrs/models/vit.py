@@ -154,7 +154,7 @@ def build_vit(
         return ViTForImageClassification(vit_config)
 
     _local_dir(name_or_path)
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the load report is replaced by the summary below
     hf_logging.disable_progress_bar()
     try:
@@ -170,7 +170,8 @@ def build_vit(
         raise _hub_error(name_or_path, err) from err
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars:  # put back what the caller had: bars they disabled stay off
+            hf_logging.enable_progress_bar()
     _report_loading(name_or_path, info)
     return model
 
