@@ -69,22 +69,33 @@ def write_cifar10(root: str | Path, n_train_per_batch: int = 40, n_test: int = 5
     train = _images(train_labels, 10, rng)
     for b in range(5):
         sl = slice(b * n_train_per_batch, (b + 1) * n_train_per_batch)
-        _dump(folder / f"data_batch_{b + 1}", {
-            "batch_label": f"training batch {b + 1} of 5",
-            "labels": train_labels[sl].tolist(),
-            "data": train[sl],
-            "filenames": [f"img_{i:05d}.png" for i in range(sl.start, sl.stop)],
-        })
+        _dump(
+            folder / f"data_batch_{b + 1}",
+            {
+                "batch_label": f"training batch {b + 1} of 5",
+                "labels": train_labels[sl].tolist(),
+                "data": train[sl],
+                "filenames": [f"img_{i:05d}.png" for i in range(sl.start, sl.stop)],
+            },
+        )
     test_labels = rng.integers(0, 10, n_test)
-    _dump(folder / "test_batch", {
-        "batch_label": "testing batch 1 of 1",
-        "labels": test_labels.tolist(),
-        "data": _images(test_labels, 10, rng),
-        "filenames": [f"test_{i:05d}.png" for i in range(n_test)],
-    })
-    _dump(folder / "batches.meta", {
-        "label_names": list(CIFAR10_CLASSES), "num_cases_per_batch": n_train_per_batch, "num_vis": 3072,
-    })
+    _dump(
+        folder / "test_batch",
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": test_labels.tolist(),
+            "data": _images(test_labels, 10, rng),
+            "filenames": [f"test_{i:05d}.png" for i in range(n_test)],
+        },
+    )
+    _dump(
+        folder / "batches.meta",
+        {
+            "label_names": list(CIFAR10_CLASSES),
+            "num_cases_per_batch": n_train_per_batch,
+            "num_vis": 3072,
+        },
+    )
     return folder
 
 
@@ -96,16 +107,23 @@ def write_cifar100(root: str | Path, n_train: int = 300, n_test: int = 100, seed
     to_coarse = np.asarray(CIFAR100_FINE_TO_COARSE)
     for split, n in (("train", n_train), ("test", n_test)):
         fine = rng.integers(0, 100, n)
-        _dump(folder / split, {
-            "filenames": [f"{split}_{i:05d}.png" for i in range(n)],
-            "batch_label": f"{split}ing batch 1 of 1",
-            "fine_labels": fine.tolist(),
-            "coarse_labels": to_coarse[fine].tolist(),
-            "data": _images(fine, 100, rng),
-        })
-    _dump(folder / "meta", {
-        "fine_label_names": list(CIFAR100_FINE_CLASSES), "coarse_label_names": list(CIFAR100_COARSE_CLASSES),
-    })
+        _dump(
+            folder / split,
+            {
+                "filenames": [f"{split}_{i:05d}.png" for i in range(n)],
+                "batch_label": f"{split}ing batch 1 of 1",
+                "fine_labels": fine.tolist(),
+                "coarse_labels": to_coarse[fine].tolist(),
+                "data": _images(fine, 100, rng),
+            },
+        )
+    _dump(
+        folder / "meta",
+        {
+            "fine_label_names": list(CIFAR100_FINE_CLASSES),
+            "coarse_label_names": list(CIFAR100_COARSE_CLASSES),
+        },
+    )
     return folder
 
 

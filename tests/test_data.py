@@ -70,8 +70,9 @@ def test_cifar10_classes_splits_and_labels(c10_root):
     assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (160, 40, 50)
     assert dm.train_dataset.images.dtype == torch.uint8 and dm.train_dataset.images.shape[1:] == (3, 32, 32)
 
-    archive = np.concatenate([read_pickle(c10_root / "cifar-10-batches-py" / f"data_batch_{i}")["labels"]
-                              for i in range(1, 6)])
+    archive = np.concatenate(
+        [read_pickle(c10_root / "cifar-10-batches-py" / f"data_batch_{i}")["labels"] for i in range(1, 6)]
+    )
     for ds in (dm.train_dataset, dm.val_dataset):
         idx = image_index(ds.images)
         assert ds.labels.tolist() == archive[idx].tolist()
@@ -241,7 +242,9 @@ def test_random_crop_flip_matches_reflect_pad_reference():
     assert out.shape == images.shape and out.dtype == torch.uint8
     padded = F.pad(images.float(), (4, 4, 4, 4), mode="reflect")
     for i in range(len(images)):
-        candidates = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy, dx in itertools.product(range(9), range(9))]
+        candidates = [
+            padded[i, :, dy : dy + 8, dx : dx + 8] for dy, dx in itertools.product(range(9), range(9))
+        ]
         candidates += [c.flip(-1) for c in candidates]
         assert any(torch.equal(out[i].float(), c) for c in candidates)
 
@@ -333,8 +336,15 @@ def test_imagefolder_errors(tmp_path):
 
 def test_synthetic_is_deterministic_balanced_and_learnable():
     def build(seed: int = 0) -> VisionDataModule:
-        dm = make_dm(source="synthetic", name="synthetic", num_classes=5, num_train=500, num_test=100,
-                     native_size=16, synthetic_seed=seed)
+        dm = make_dm(
+            source="synthetic",
+            name="synthetic",
+            num_classes=5,
+            num_train=500,
+            num_test=100,
+            native_size=16,
+            synthetic_seed=seed,
+        )
         dm.setup()
         return dm
 
@@ -360,18 +370,33 @@ def test_synthetic_is_deterministic_balanced_and_learnable():
 
 @pytest.mark.parametrize(
     ("name", "source", "label_type", "classes"),
-    [("cifar10", "cifar10", "fine", 10), ("cifar100", "cifar100", "fine", 100),
-     ("cifar100_coarse", "cifar100", "coarse", 20), ("imagefolder", "imagefolder", "fine", None),
-     ("synthetic", "synthetic", "fine", 10)],
+    [
+        ("cifar10", "cifar10", "fine", 10),
+        ("cifar100", "cifar100", "fine", 100),
+        ("cifar100_coarse", "cifar100", "coarse", 20),
+        ("imagefolder", "imagefolder", "fine", None),
+        ("synthetic", "synthetic", "fine", 10),
+    ],
 )
 def test_dataset_configs_instantiate(name, source, label_type, classes, tmp_path):
     path = REPO / "conf" / "dataset" / f"{name}.yaml"
     assert path.read_text().splitlines()[0] == "# @package data"
     node = OmegaConf.load(path)
     assert node._target_ == "vitcrs.data.VisionDataModule" and node.source == source
-    common = {"root": str(tmp_path), "batch_size": 64, "num_workers": 0, "val_fraction": 0.1, "split_seed": 0,
-              "download": False, "verify_checksum": True, "augment": True, "image_size": 32,
-              "mean": [0.5] * 3, "std": [0.5] * 3, "limit_train": None}
+    common = {
+        "root": str(tmp_path),
+        "batch_size": 64,
+        "num_workers": 0,
+        "val_fraction": 0.1,
+        "split_seed": 0,
+        "download": False,
+        "verify_checksum": True,
+        "augment": True,
+        "image_size": 32,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "limit_train": None,
+    }
     dm = instantiate(OmegaConf.merge(common, node))
     assert isinstance(dm, VisionDataModule) and dm.label_type == label_type
     assert dm.name == ("cifar10" if name == "imagefolder" else name)
@@ -414,10 +439,25 @@ def test_trainer_receives_normalised_float_batches():
 
     for val_fraction in (0.25, 0.0):  # 0: an empty validation loader is fine
         seen.clear()
-        dm = make_dm(source="synthetic", name="synthetic", num_classes=4, num_train=64, num_test=16,
-                     native_size=16, image_size=24, val_fraction=val_fraction)
-        trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, accelerator="cpu", devices=1)
+        dm = make_dm(
+            source="synthetic",
+            name="synthetic",
+            num_classes=4,
+            num_train=64,
+            num_test=16,
+            native_size=16,
+            image_size=24,
+            val_fraction=val_fraction,
+        )
+        trainer = L.Trainer(
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
+        )
         trainer.fit(Probe(), datamodule=dm.check())
         assert ((3, 24, 24), torch.float32, torch.int64) in seen
         assert (("val", (3, 24, 24)) in seen) == (val_fraction > 0)

@@ -159,16 +159,27 @@ class VisionDataModule(L.LightningDataModule):
                 raise bad(key, v, "true or false")
 
         if self.source not in SOURCES:
-            raise bad("source", self.source, " | ".join(SOURCES),
-                      "choose a dataset config (dataset=cifar10|cifar100|cifar100_coarse|imagefolder|"
-                      "synthetic) or set data.source to one of those sources")
+            raise bad(
+                "source",
+                self.source,
+                " | ".join(SOURCES),
+                "choose a dataset config (dataset=cifar10|cifar100|cifar100_coarse|imagefolder|"
+                "synthetic) or set data.source to one of those sources",
+            )
         if self.label_type not in LABEL_TYPES:
-            raise bad("label_type", self.label_type, " | ".join(LABEL_TYPES),
-                      "set data.label_type=fine (or coarse for CIFAR-100's 20 superclasses)")
+            raise bad(
+                "label_type",
+                self.label_type,
+                " | ".join(LABEL_TYPES),
+                "set data.label_type=fine (or coarse for CIFAR-100's 20 superclasses)",
+            )
         if self.label_type == "coarse" and self.source != "cifar100":
-            raise bad("label_type", self.label_type, f"'coarse' only with data.source=cifar100 "
-                      f"(got data.source={self.source!r})",
-                      "set data.label_type=fine, or use dataset=cifar100_coarse")
+            raise bad(
+                "label_type",
+                self.label_type,
+                f"'coarse' only with data.source=cifar100 (got data.source={self.source!r})",
+                "set data.label_type=fine, or use dataset=cifar100_coarse",
+            )
         if not isinstance(self.name, str) or not self.name:
             raise bad("name", self.name, "a non-empty string", "set data.name, e.g. data.name=cifar10")
         if not isinstance(self.root, str | os.PathLike) or not str(self.root):
@@ -177,8 +188,12 @@ class VisionDataModule(L.LightningDataModule):
         need_int("num_workers", self.num_workers, 0)
         vf = self.val_fraction
         if isinstance(vf, bool) or not isinstance(vf, int | float) or not (0 <= vf < 1) or math.isnan(vf):
-            raise bad("val_fraction", vf, "a number in [0, 1) (0: no validation split)",
-                      "set e.g. data.val_fraction=0.1")
+            raise bad(
+                "val_fraction",
+                vf,
+                "a number in [0, 1) (0: no validation split)",
+                "set e.g. data.val_fraction=0.1",
+            )
         need_int("split_seed", self.split_seed, 0)
         need_bool("download", self.download)
         need_bool("verify_checksum", self.verify_checksum)
@@ -187,8 +202,9 @@ class VisionDataModule(L.LightningDataModule):
         for key in ("mean", "std"):
             v = getattr(self, key)
             if not isinstance(v, list) or len(v) != 3:
-                raise bad(key, v, "a list of 3 numbers (one per RGB channel)",
-                          f"set e.g. data.{key}=[0.5,0.5,0.5]")
+                raise bad(
+                    key, v, "a list of 3 numbers (one per RGB channel)", f"set e.g. data.{key}=[0.5,0.5,0.5]"
+                )
         if any(s <= 0 for s in self.std):
             raise bad("std", self.std, "3 numbers > 0", "set e.g. data.std=[0.5,0.5,0.5]")
         if self.limit_train is not None:
@@ -203,9 +219,12 @@ class VisionDataModule(L.LightningDataModule):
             need_int("native_size", self.native_size, 8)
             need_int("synthetic_seed", self.synthetic_seed, 0)
         elif self.synthetic_num_classes is not None:
-            raise bad("num_classes", self.synthetic_num_classes,
-                      f"null unless data.source=synthetic (data.source={self.source!r} fixes the classes)",
-                      "remove data.num_classes (the model head follows the dataset)")
+            raise bad(
+                "num_classes",
+                self.synthetic_num_classes,
+                f"null unless data.source=synthetic (data.source={self.source!r} fixes the classes)",
+                "remove data.num_classes (the model head follows the dataset)",
+            )
 
     # ------------------------------------------------------------------ classes (no image decoding)
 
@@ -243,8 +262,9 @@ class VisionDataModule(L.LightningDataModule):
                     raise cifar.missing_error(spec, root, "data.download=false", download=False)
                 reason = cifar.can_reach(spec.url)
                 if reason is not None:
-                    raise cifar.missing_error(spec, root, f"and data.download=true cannot fetch it: {reason}",
-                                              download=True)
+                    raise cifar.missing_error(
+                        spec, root, f"and data.download=true cannot fetch it: {reason}", download=True
+                    )
             elif self.verify_checksum:
                 cifar.verify_checksums(spec, root, where)
                 self._verified = True
@@ -295,8 +315,9 @@ class VisionDataModule(L.LightningDataModule):
         if self.source == "imagefolder":
             data = imagefolder.load(root, self.load_size, threads=os.cpu_count())
             return (*data["train"], *data["test"])
-        return synthetic.generate(self.num_classes, self.num_train, self.num_test, self.native_size,
-                                  self.synthetic_seed)
+        return synthetic.generate(
+            self.num_classes, self.num_train, self.num_test, self.native_size, self.synthetic_seed
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Load all splits once (any stage): a seeded train/val split of the train set, the test set as is."""

@@ -96,8 +96,9 @@ def check(root: Path) -> dict[str, list[tuple[os.DirEntry, int]]]:
             f"folders, since labels are the sorted folder names."
         )
     files = {split: list_split(root, split, classes) for split in SPLITS}
-    counts = torch.bincount(torch.tensor([lab for _, lab in files["train"]], dtype=torch.long),
-                            minlength=len(classes))
+    counts = torch.bincount(
+        torch.tensor([lab for _, lab in files["train"]], dtype=torch.long), minlength=len(classes)
+    )
     empty = [classes[i] for i in range(len(classes)) if counts[i] == 0]
     if empty:
         raise ConfigError(

@@ -100,7 +100,10 @@ def to_model_input(
     h, w = x.shape[-2:]
     if (h, w) != (image_size, image_size) and x.shape[0] > 0:
         x = F.interpolate(
-            x, size=(image_size, image_size), mode="bilinear", align_corners=False,
+            x,
+            size=(image_size, image_size),
+            mode="bilinear",
+            align_corners=False,
             antialias=image_size < min(h, w),  # only matters when shrinking
         )
     # Pass mean/std as tensors already on the device to avoid a tiny host-to-device copy per batch.
