@@ -243,11 +243,16 @@ def resumable_train_data(datamodule: Any, seed: int) -> Any:
     return datamodule
 
 
+def last_checkpoint(run_dir: str | Path) -> Path:
+    """Where a run keeps its latest checkpoint: <run_dir>/checkpoints/last.ckpt (it may not exist yet)."""
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     """`last` -> <run_dir>/checkpoints/last.ckpt when it exists (else None: a fresh start); paths as given."""
     if ckpt_path != LAST:
         return ckpt_path
-    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(run_dir)
     if last.is_file():
         return str(last)
     log.warning("ckpt_path=last: there is no %s yet, so this run starts from scratch", last)

@@ -48,6 +48,7 @@ from vitcrs.resume import (
     check_checkpoint,
     checkpoint_run_dir,
     hydra_output_subdir,
+    last_checkpoint,
     resolve_ckpt_path,
     resumable_train_data,
 )
@@ -396,7 +397,7 @@ def main(cfg: DictConfig) -> float | None:
         # A bad setting, or a diverged run: the message says it all, no traceback.
         log.error("%s", err)
         if isinstance(err, FloatingPointError):
-            last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+            last = last_checkpoint(cfg.run_dir)
             if last.is_file():
                 log.error("the last good checkpoint is %s", last)
         raise SystemExit(2 if isinstance(err, ConfigError) else 1) from None
