@@ -201,6 +201,23 @@ def test_only_failed_cell_says_failed(tmp_path: Path) -> None:
     assert table(md)[2:] == ["| 1 (exact) | failed |", "| 0.5 | 90.00 |"]  # no drop without a reference
 
 
+def test_status_words_are_escaped_in_latex(tmp_path: Path) -> None:
+    write_run(tmp_path / "runs", "a", ratio=1.0, test_acc=0.9)
+    write_run(tmp_path / "runs", "b", ratio=0.5, test_acc=None)  # complete, but no test accuracy
+    write_run(tmp_path / "runs", "c", ratio=0.3, test_acc=0.8)
+    write_run(tmp_path / "runs", "d", ratio=0.3, seed=1, test_acc=None)
+    out = report(tmp_path)
+    assert table((out / "accuracy.md").read_text())[3:] == [
+        "| 0.5 | no test_acc |",
+        "| 0.3 | 80.00 (−10.00); 1 no test_acc |",
+    ]
+    tex = (out / "accuracy.tex").read_text()
+    assert r"0.5 & no test\_acc \\" in tex
+    assert r"0.3 & 80.00 ($-$10.00); 1 no test\_acc \\" in tex
+    table_lines = [ln for ln in tex.splitlines() if not ln.startswith("%")]  # comments need no escaping
+    assert not any("test_acc" in ln for ln in table_lines)
+
+
 def test_bad_files_are_listed_not_fatal(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     write_run(runs, "good", test_acc=0.95)

@@ -79,17 +79,18 @@ def value_text(value: str, value_std: str | None, note: str | None, style: Style
     return text if note is None else f"{text} ({note})"
 
 
-def status_text(cell: Cell, with_value: bool) -> str:
+def status_text(cell: Cell, with_value: bool, style: Style) -> str:
     """What the cell's runs without a result are: "failed", "incomplete", "2 failed, 1 incomplete".
-    A lone status word when it is the cell's only run and there is no value; counts otherwise."""
+    A lone status word when it is the cell's only run and there is no value; counts otherwise. Escaped for
+    `style` ("no test_acc" needs it in LaTeX)."""
     counts = cell.status_counts()
     if not with_value and len(cell.runs) == 1 and counts:
-        return next(iter(counts))
-    return ", ".join(f"{n} {what}" for what, n in counts.items())
+        return style.escape(next(iter(counts)))
+    return style.escape(", ".join(f"{n} {what}" for what, n in counts.items()))
 
 
-def _with_status(text: str, cell: Cell) -> str:
-    extra = status_text(cell, with_value=True)
+def _with_status(text: str, cell: Cell, style: Style) -> str:
+    extra = status_text(cell, with_value=True, style=style)
     return f"{text}; {extra}" if extra else text
 
 
@@ -100,7 +101,7 @@ def accuracy_cell(group: Group, cell: Cell, style: Style, show_n: bool) -> str:
         return style.dash
     acc = cell.stat("test_acc")
     if acc is None:
-        return status_text(cell, with_value=False)
+        return status_text(cell, with_value=False, style=style)
     drop = group.drop_pts(cell)
     text = value_text(
         f"{100 * acc.mean:.2f}",
@@ -110,7 +111,7 @@ def accuracy_cell(group: Group, cell: Cell, style: Style, show_n: bool) -> str:
     )
     if show_n:
         text += f", n={acc.n}"
-    return _with_status(text, cell)
+    return _with_status(text, cell, style)
 
 
 def format_gib(value: float) -> str:
@@ -131,7 +132,7 @@ def memory_cell(
     if not cell.runs:
         return style.dash
     if not cell.complete:
-        return status_text(cell, with_value=False)
+        return status_text(cell, with_value=False, style=style)
     value = cell.stat(attr)
     if value is None:
         return "n/a"
