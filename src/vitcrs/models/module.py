@@ -134,20 +134,20 @@ class ViTClassifier(LightningModule):
                 "last good state. Lower optim.lr, train in trainer.precision=32-true, set "
                 "trainer.gradient_clip_val, or sample less (a higher crs.ratio or crs.min_k)."
             )
-        self.train_acc(logits, y)
+        self.train_acc.update(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         loss, logits, y = self._loss(batch)
-        self.val_acc(logits, y)
+        self.val_acc.update(logits, y)
         self.log("val/loss", loss, sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         loss, logits, y = self._loss(batch)
-        self.test_acc(logits, y)
+        self.test_acc.update(logits, y)
         self.log("test/loss", loss, sync_dist=True)
         self.log("test/acc", self.test_acc)
 
