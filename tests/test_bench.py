@@ -93,6 +93,16 @@ def test_max_batch_from_estimate():
     assert bench.max_batch_from_estimate(lambda b: 100 + 10 * b, 110) == 1
 
 
+def test_largest_fitting_search_used_by_cuda_max_batch():
+    from vitcrs.bench.analytic import largest_fitting
+
+    assert largest_fitting(lambda b: b <= 37, start=64, cap=8192) == 37  # start too big: bisect below it
+    assert largest_fitting(lambda b: b <= 37, start=8, cap=8192) == 37  # doubling 8, 16, 32, then bisect
+    assert largest_fitting(lambda b: b <= 37, start=0, cap=8192) == 37
+    assert largest_fitting(lambda b: True, start=8, cap=100) == 64  # the largest doubling within the cap
+    assert largest_fitting(lambda b: False, start=8, cap=8192) == 0
+
+
 # ---------------------------------------------------------------- the command line on CPU
 def _run(tmp_path, *args: str) -> tuple[dict, str]:
     assert bench.main([*TINY, *args, "--out", str(tmp_path)]) == 0

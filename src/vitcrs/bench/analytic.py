@@ -106,16 +106,20 @@ def ideal_model_saved_bytes(
     return measured_exact - shape.layers * (exact_block - sampled_block)
 
 
-def max_batch_from_estimate(estimate: Callable[[int], int], budget_bytes: int, upper: int = 1 << 20) -> int:
-    """The largest batch b ≥ 0 with estimate(b) ≤ budget (estimate non-decreasing in b), by bisection."""
-    if estimate(1) > budget_bytes:
-        return 0
-    lo, hi = 1, 2
-    while hi <= upper and estimate(hi) <= budget_bytes:
+def largest_fitting(fits: Callable[[int], bool], start: int, cap: int) -> int:
+    """The largest batch b ≥ 0 with fits(b) (monotone in b): doubling from `start` while b ≤ `cap`, then
+    bisection; 0 when `start` does not fit and no smaller batch does either."""
+    lo, hi = 0, max(1, start)
+    while hi <= cap and fits(hi):
         lo, hi = hi, hi * 2
-    if hi > upper:
+    if hi > cap:
         return lo
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if estimate(mid) <= budget_bytes else (lo, mid)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def max_batch_from_estimate(estimate: Callable[[int], int], budget_bytes: int, upper: int = 1 << 20) -> int:
+    """The largest batch b ≥ 0 with estimate(b) ≤ budget (estimate non-decreasing in b), by bisection."""
+    return largest_fitting(lambda b: estimate(b) <= budget_bytes, 1, upper)

@@ -18,7 +18,7 @@ from transformers.models.vit.modeling_vit import ViTLayer
 
 from vitcrs.crs import CRSConfig, SavedTensorsMeter, inject
 
-from .analytic import BlockShape
+from .analytic import BlockShape, largest_fitting
 from .grid import BenchConfig
 
 
@@ -267,14 +267,6 @@ def cuda_max_batch(
         return ok
 
     try:
-        lo, hi = 0, max(1, start)
-        while hi <= cap and fits(hi):
-            lo, hi = hi, hi * 2
-        if hi > cap:
-            return lo
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return lo
+        return largest_fitting(fits, start, cap)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
