@@ -88,7 +88,6 @@ class MetricsFile(Callback):
         self.monitor = monitor
         self.data: dict[str, Any] = {key: None for key in METRICS_KEYS}
         self.data.update(record)
-        self.data.setdefault("epochs", 0)
         self.data["epochs"] = self.data["epochs"] or 0
         self._trainer: Trainer | None = None
         self._start: float | None = None
