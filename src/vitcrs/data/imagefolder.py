@@ -79,6 +79,11 @@ def list_split(root: Path, split: str, classes: list[str]) -> list[tuple[os.DirE
 
 def check(root: Path) -> dict[str, list[tuple[os.DirEntry, int]]]:
     """Validate the tree without decoding: both splits, same class folders, images in each train class."""
+    return _checked(root)[1]
+
+
+def _checked(root: Path) -> tuple[list[str], dict[str, list[tuple[os.DirEntry, int]]]]:
+    """`check`, returning the class names it read as well."""
     classes = class_names(root)
     test = root / "test"
     if not test.is_dir():
@@ -111,7 +116,7 @@ def check(root: Path) -> dict[str, list[tuple[os.DirEntry, int]]]:
             f"data.root={str(root)!r}: {test}/ has class folders but no images "
             f"(extensions {', '.join(IMAGE_EXTENSIONS)}). Fix: add the test images."
         )
-    return files
+    return classes, files
 
 
 def _decode(path: str, size: int) -> torch.Tensor:
@@ -169,8 +174,7 @@ def cache_path(root: Path, size: int) -> Path:
 
 def load(root: Path, size: int, threads: int | None = None, use_cache: bool = True) -> dict:
     """{'classes', 'train': (images, labels), 'test': (images, labels)}; images uint8 [N, 3, size, size]."""
-    files = check(root)
-    classes = class_names(root)
+    classes, files = _checked(root)  # one listing of train/ for both
     key = _cache_key(root, files, size)
     cache = cache_path(root, size)
     if use_cache and cache.is_file():
