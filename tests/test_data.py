@@ -330,6 +330,14 @@ def test_imagefolder_errors(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(f"data.root={tmp_path / 'tree'}")):
         make_dm(source="imagefolder", name="t", root=str(tmp_path)).check()
 
+    # a train class folder with no images (ant keeps only its notes.txt): named, the others not
+    no_images = tmp_path / "no_images"
+    _write_tree(no_images)
+    for f in (no_images / "train" / "ant").glob("*.*g"):
+        f.unlink()
+    with pytest.raises(ConfigError, match=r"train class folders without images \(ant\)"):
+        make_dm(source="imagefolder", name="t", root=str(no_images)).check()
+
 
 # ---------------------------------------------------------------------------------------------- synthetic
 

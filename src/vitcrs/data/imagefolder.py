@@ -101,10 +101,8 @@ def _checked(root: Path) -> tuple[list[str], dict[str, list[tuple[os.DirEntry, i
             f"folders, since labels are the sorted folder names."
         )
     files = {split: list_split(root, split, classes) for split in SPLITS}
-    counts = torch.bincount(
-        torch.tensor([lab for _, lab in files["train"]], dtype=torch.long), minlength=len(classes)
-    )
-    empty = [classes[i] for i in range(len(classes)) if counts[i] == 0]
+    present = {lab for _, lab in files["train"]}
+    empty = [name for label, name in enumerate(classes) if label not in present]
     if empty:
         raise ConfigError(
             f"data.root={str(root)!r}: train class folders without images ({', '.join(empty[:5])}"
