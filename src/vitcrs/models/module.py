@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
@@ -21,17 +22,6 @@ from .vit import build_vit
 
 Batch = tuple[Tensor, Tensor]
 log = logging.getLogger(__name__)
-
-
-def _cpu(value: Any) -> Any:
-    """`value` with every tensor moved to the CPU (nested dicts/lists), for checkpoints and gathering."""
-    if isinstance(value, Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cpu(v) for v in value)
-    return value
 
 
 def _rng_for(state: dict[str, Any], device: torch.device | None) -> dict[str, Any]:
@@ -195,7 +185,7 @@ class ViTClassifier(LightningModule):
         if self.device.type == "cuda":
             torch_rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
-            "grad_norms": _cpu(crs_state_dict(self.net)),
+            "grad_norms": move_data_to_device(crs_state_dict(self.net), "cpu"),
             "rng": crs_random.get_rng_state(),
             "torch_rng": torch_rng,
         }
@@ -246,9 +236,4 @@ class ViTClassifier(LightningModule):
 
     def on_train_start(self) -> None:
         # Estimates restored from a checkpoint may sit on another device than the model now does.
-        state = crs_state_dict(self.net)
-        moved = {
-            name: {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in s.items()}
-            for name, s in state.items()
-        }
-        load_crs_state_dict(self.net, moved)
+        load_crs_state_dict(self.net, move_data_to_device(crs_state_dict(self.net), self.device))
