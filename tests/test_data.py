@@ -174,6 +174,35 @@ def test_tarball_is_extracted(tmp_path):
     assert len(dm.train_dataset) + len(dm.val_dataset) == 20 and len(dm.test_dataset) == 5
 
 
+def test_verified_tarball_is_hashed_once(tmp_path, monkeypatch):
+    folder = write_cifar10(tmp_path / "src", n_train_per_batch=4, n_test=5)
+    root = tmp_path / "root"
+    root.mkdir()
+    tar_archive(folder, root / "cifar-10-python.tar.gz")
+    hashed = []
+    official = {name: md5 for name, md5 in cifar_mod.CIFAR10.all_files}
+    official[cifar_mod.CIFAR10.tarball] = cifar_mod.CIFAR10.tarball_md5
+
+    def fake_md5(path):  # the local archive passes as the official one
+        hashed.append(path.name)
+        return official[path.name]
+
+    monkeypatch.setattr(cifar_mod, "md5sum", fake_md5)
+    dm = make_dm(source="cifar10", name="cifar10", root=str(root), verify_checksum=True)
+    dm.check()
+    dm.prepare_data()
+    dm.setup()
+    assert hashed == ["cifar-10-python.tar.gz"]  # by check(); prepare_data and setup trust it
+
+    fresh = make_dm(source="cifar10", name="cifar10", root=str(tmp_path / "again"), verify_checksum=True)
+    (tmp_path / "again").mkdir()
+    tar_archive(folder, tmp_path / "again" / "cifar-10-python.tar.gz")
+    hashed.clear()
+    fresh.prepare_data()  # without check(): prepare_data hashes the archive, setup the extracted files
+    fresh.setup()
+    assert hashed == ["cifar-10-python.tar.gz", *(name for name, _ in cifar_mod.CIFAR10.all_files)]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_pickle(tmp_path, damage):
     folder = write_cifar10(tmp_path, n_train_per_batch=8, n_test=8)

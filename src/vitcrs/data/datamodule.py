@@ -288,7 +288,7 @@ class VisionDataModule(L.LightningDataModule):
             cifar.download(spec, root, self.verify_checksum)
             self._verified = self.verify_checksum
         elif where == "tarball":
-            if self.verify_checksum:
+            if self.verify_checksum and not self._verified:  # check() may have hashed it already
                 cifar.verify_checksums(spec, root, "tarball")
             cifar.extract(spec, root)
 
