@@ -37,9 +37,6 @@ class ImageTensorDataset(Dataset):
         idx = torch.as_tensor(indices, dtype=torch.long)
         return self.images[idx], self.labels[idx]
 
-    def subset(self, indices: torch.Tensor) -> ImageTensorDataset:
-        return ImageTensorDataset(self.images[indices], self.labels[indices])
-
 
 def random_crop_flip(
     images: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None
