@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
+import vitcrs.train as app
 from conftest import QUICK
 from vitcrs.callbacks import METRICS_KEYS, MetricsFile, PeakMemoryMonitor, write_json_atomic
 from vitcrs.errors import ConfigError
@@ -139,6 +141,17 @@ def test_resume_continues_the_run(compose_cfg, tmp_path, one_thread):
     csv = tmp_path / "run" / "csv"
     # both segments' logs are kept
     assert (csv / "metrics.csv").is_file() and (csv / "metrics.segment-1.csv").is_file()
+
+
+def test_resumed_csv_logs_never_overwrite_a_kept_segment(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    csv = Path(logger.log_dir)
+    csv.mkdir(parents=True)
+    for name in ("metrics.csv", "metrics.segment-1.csv", "metrics.segment-3.csv"):  # segment 2 was removed
+        (csv / name).write_text(name)
+    app._keep_csv_logs([logger])
+    assert (csv / "metrics.segment-3.csv").read_text() == "metrics.segment-3.csv"
+    assert (csv / "metrics.segment-4.csv").read_text() == "metrics.csv" and not (csv / "metrics.csv").exists()
 
 
 # --- the record's building blocks ------------------------------------------------------------------------

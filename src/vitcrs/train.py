@@ -222,7 +222,12 @@ def _keep_csv_logs(loggers: list[Logger]) -> None:
             continue
         current = Path(logger.log_dir) / "metrics.csv"
         if current.is_file():
-            n = 1 + len(list(current.parent.glob("metrics.segment-*.csv")))
+            # After the highest segment, not the count: with one removed, the count names a kept one.
+            taken = [
+                p.name[len("metrics.segment-") : -len(".csv")]
+                for p in current.parent.glob("metrics.segment-*.csv")
+            ]
+            n = 1 + max((int(i) for i in taken if i.isdigit()), default=0)
             current.rename(current.with_name(f"metrics.segment-{n}.csv"))
     warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted.*")
 
