@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from vitcrs.crs import ALL_TARGETS, DEFAULT_TARGETS, LEAN_TARGETS, LINEAR_TARGETS, MATMUL_TARGETS, METHODS
+from vitcrs.crs import (
+    ALL_TARGETS,
+    DEFAULT_TARGETS,
+    LEAN_TARGETS,
+    LINEAR_TARGETS,
+    MATMUL_TARGETS,
+    METHODS,
+    CRSConfig,
+)
 
 TARGET_SETS: dict[str, tuple[str, ...]] = {
     "default": DEFAULT_TARGETS,  # the study's: q/k/v projections and the two attention matmuls
@@ -63,6 +71,11 @@ class BenchConfig:
     @property
     def target_names(self) -> tuple[str, ...]:
         return () if self.exact else TARGET_SETS[self.targets]
+
+    @property
+    def crs_config(self) -> CRSConfig | None:
+        """The sampling the targets are injected with; None for exact."""
+        return None if self.exact else CRSConfig(ratio=self.ratio, method=self.method)
 
     @property
     def reference(self) -> BenchConfig:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.models.vit.modeling_vit import ViTLayer
 
-from vitcrs.crs import CRSConfig, SavedTensorsMeter, inject
+from vitcrs.crs import SavedTensorsMeter, inject
 
 from .analytic import BlockShape, largest_fitting
 from .grid import BenchConfig
@@ -179,7 +179,7 @@ def build(spec: ModelSpec, cfg: BenchConfig, device: torch.device, seed: int) ->
         with torch.device(device):  # random init directly on the device (fast on a GPU)
             model = spec.build(cfg.attn)
     if not cfg.exact:
-        inject(model, CRSConfig(ratio=cfg.ratio, method=cfg.method), cfg.target_names)
+        inject(model, cfg.crs_config, cfg.target_names)
     if cfg.checkpointing:
         enable_checkpointing(model)
     return model.to(device).train()

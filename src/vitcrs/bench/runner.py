@@ -14,8 +14,6 @@ from datetime import datetime
 import torch
 import transformers
 
-from vitcrs.crs import CRSConfig
-
 from .analytic import BlockShape, block_saved_bytes, ideal_model_saved_bytes, max_batch_from_estimate
 from .grid import BenchConfig
 from .measure import (
@@ -62,10 +60,6 @@ def device_description(device: torch.device) -> str:
     return f"CPU ({cores} cores{gpu})" + (f": {model}" if model else "")
 
 
-def crs_config(cfg: BenchConfig) -> CRSConfig | None:
-    return None if cfg.exact else CRSConfig(ratio=cfg.ratio, method=cfg.method)
-
-
 def _adamw(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=lr)
 
@@ -109,7 +103,7 @@ def run_config(
 
 def _analytic(row: dict, cfg: BenchConfig, shape: BlockShape) -> None:
     row["block_exact_bytes"] = block_saved_bytes(shape, cfg.attn, cfg.autocast)
-    row["block_bytes"] = block_saved_bytes(shape, cfg.attn, cfg.autocast, crs_config(cfg), cfg.target_names)
+    row["block_bytes"] = block_saved_bytes(shape, cfg.attn, cfg.autocast, cfg.crs_config, cfg.target_names)
 
 
 def _max_batch(
@@ -154,7 +148,7 @@ def _max_batch(
         for b in (1, 2)
     )
     static = 4 * row["param_bytes"]
-    crs = crs_config(cfg)
+    crs = cfg.crs_config
 
     def estimate(b: int) -> int:
         est = static + saved1 + (b - 1) * (saved2 - saved1)
@@ -184,7 +178,7 @@ def fill_ratios(rows: list[dict], configs: Sequence[BenchConfig]) -> None:
         if not cfg.checkpointing:
             shape = BlockShape(**row["block_shape"])
             ideal = ideal_model_saved_bytes(
-                ref["saved_bytes"], shape, cfg.attn, cfg.autocast, crs_config(cfg), cfg.target_names
+                ref["saved_bytes"], shape, cfg.attn, cfg.autocast, cfg.crs_config, cfg.target_names
             )
             row["ideal_saved_bytes"] = ideal
             row["ideal_reduction"] = ref["saved_bytes"] / ideal
