@@ -14,7 +14,7 @@ import pytest
 
 from vitcrs.errors import ConfigError
 from vitcrs.report import build_report, main
-from vitcrs.report.data import Column, read_run
+from vitcrs.report.data import Column, Group, config_diff, differing_keys, read_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SETTINGS = {
@@ -284,6 +284,15 @@ def test_cpu_runs_show_saved_bytes(tmp_path: Path) -> None:
         "| synthetic | 0.5 | — | — |",
     ]
     assert (out / "memory_vs_ratio.png").stat().st_size > 0
+
+
+def test_differing_keys_and_config_diff_agree() -> None:
+    a = {"method": "crs", "opt": {"lr": 1, "wd": 0}}
+    b = {"method": "wta_crs", "opt": {"wd": 0, "lr": 1}}  # same dict value, other key order
+    c = {"method": "crs", "opt": {"lr": 1, "wd": 0}, "extra": None}  # null differs from missing
+    groups = [Group(i, config, []) for i, config in enumerate((a, b, c), 1)]
+    assert config_diff(a, b) == ("method",) and config_diff(a, c) == ("extra",)
+    assert differing_keys(groups) == ["method", "extra"]
 
 
 def test_column_labels() -> None:

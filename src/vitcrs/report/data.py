@@ -319,13 +319,14 @@ def target_set(config: dict[str, Any]) -> frozenset[str]:
     return frozenset(str(t).strip() for t in targets) - {""}
 
 
+def _value_text(config: dict[str, Any], key: str) -> str | None:
+    """A config value as canonical JSON, to compare; None for a missing key (distinct from JSON null)."""
+    return json.dumps(config[key], sort_keys=True, default=str) if key in config else None
+
+
 def config_diff(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, ...]:
     """The keys whose value differs between two configs (a missing key counts as a value), in key order."""
-
-    def text(config: dict[str, Any], key: str) -> str | None:
-        return json.dumps(config[key], sort_keys=True, default=str) if key in config else None
-
-    return tuple(k for k in dict.fromkeys([*a, *b]) if text(a, k) != text(b, k))
+    return tuple(k for k in dict.fromkeys([*a, *b]) if _value_text(a, k) != _value_text(b, k))
 
 
 def lean(group: Group) -> bool:
@@ -365,5 +366,4 @@ def share_exact_baselines(groups: list[Group]) -> list[Group]:
 def differing_keys(groups: Sequence[Group]) -> list[str]:
     """Config keys whose value is not the same in every group (a missing key counts as a value)."""
     keys = list(dict.fromkeys(k for g in groups for k in g.config))
-    missing = object()
-    return [k for k in keys if len({json.dumps(g.config.get(k, missing), default=repr) for g in groups}) > 1]
+    return [k for k in keys if len({_value_text(g.config, k) for g in groups}) > 1]
