@@ -442,7 +442,7 @@ def results_data(groups: Sequence[Group], problems: Sequence[Problem]) -> dict[s
                 "settings": g.config,
                 "differs": {k: g.config.get(k) for k in keys},
                 "cells": [
-                    cell_json(g, g.cell(c, r)) for c in g.columns for r in g.ratios if g.cell(c, r).runs
+                    cell_json(g, cell) for c in g.columns for r in g.ratios if (cell := g.cell(c, r)).runs
                 ],
                 "shared_exact": [
                     {
