@@ -143,6 +143,16 @@ def test_resume_continues_the_run(compose_cfg, tmp_path, one_thread):
     assert (csv / "metrics.csv").is_file() and (csv / "metrics.segment-1.csv").is_file()
 
 
+def test_quieting_twice_adds_no_second_log_filter():
+    import logging
+
+    app.quiet_known_warnings()
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    before = list(logger.filters)
+    app.quiet_known_warnings()  # each job of an in-process sweep calls it again
+    assert logger.filters == before
+
+
 def test_resumed_csv_logs_never_overwrite_a_kept_segment(tmp_path):
     logger = CSVLogger(tmp_path, name="csv", version="")
     csv = Path(logger.log_dir)

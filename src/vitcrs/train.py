@@ -159,6 +159,9 @@ class _DropLitLoggerTip(logging.Filter):
         return "litlogger" not in str(record.msg)
 
 
+_DROP_LITLOGGER_TIP = _DropLitLoggerTip()  # one instance: addFilter skips it when already added
+
+
 def quiet_known_warnings() -> None:
     """Silence the notices a normal run triggers that need no action; nothing else."""
     # Lightning suggests more dataloader workers whenever num_workers is small; data.num_workers is explicit.
@@ -174,7 +177,7 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*it is recommended to use `Trainer\(devices=1, num_nodes=1")
     # Lightning's advertisement for its cloud logger, printed by every Trainer.
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropLitLoggerTip())
+        logging.getLogger(name).addFilter(_DROP_LITLOGGER_TIP)
 
 
 def _choice(group: str) -> str | None:
