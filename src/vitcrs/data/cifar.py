@@ -235,7 +235,8 @@ def _load_pickle(path: Path, spec: CifarSpec) -> dict:
 
 
 def load_split(spec: CifarSpec, root: Path, split: str, label_type: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images uint8 [N, 3, 32, 32] (a view of the pickled array, no copy) and labels int64 [N]."""
+    """Images uint8 [N, 3, 32, 32] and labels int64 [N]; the images are a view of the pickled array when
+    the split is one file (CIFAR-100, CIFAR-10's test), else the batches concatenated."""
     key = spec.label_keys[label_type]
     images, labels = [], []
     for name, _ in spec.train_files if split == "train" else spec.test_files:
