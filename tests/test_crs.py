@@ -405,6 +405,14 @@ def test_low_precision_model_trains_with_every_target(dtype):
         assert all(torch.isfinite(p.grad).all() and p.grad.dtype == dtype for p in model.parameters())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+def test_grad_norm_estimate_survives_a_device_change():
+    ema = GradNormEMA(0.5)
+    ema.update(torch.tensor([2.0, 4.0]))  # restored from a CPU checkpoint, then trained on the GPU
+    ema.update(torch.tensor([4.0, 8.0], device="cuda"))
+    assert torch.equal(ema.value.cpu(), torch.tensor([3.0, 6.0]))  # moved and averaged, not reset
+
+
 def test_injected_checkpoint_loads_into_plain_model(tmp_path):
     model = inject(tiny_vit(), CRSConfig(ratio=0.3), ALL_TARGETS)
     model.save_pretrained(tmp_path)

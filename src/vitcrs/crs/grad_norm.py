@@ -22,10 +22,12 @@ class GradNormEMA:
     def update(self, norms: Tensor) -> None:
         """Fold in this step's mean gradient norm per position, `norms` [length]."""
         norms = norms.detach().float()
-        if self.value is None or self.value.shape != norms.shape or self.value.device != norms.device:
+        if self.value is None or self.value.shape != norms.shape:  # first step, or new token count
             self.value = norms.clone()
-        else:
-            self.value.mul_(self.momentum).add_(norms, alpha=1.0 - self.momentum)
+            return
+        if self.value.device != norms.device:  # e.g. restored from a checkpoint on another device
+            self.value = self.value.to(norms.device)
+        self.value.mul_(self.momentum).add_(norms, alpha=1.0 - self.momentum)
 
     def weights(self, length: int) -> Tensor | None:
         if self.value is None or self.value.numel() != length:
