@@ -38,6 +38,17 @@ TINY_VIT = {
 
 
 @pytest.fixture
+def fresh_crs_stream():
+    """Seed torch and the CRS stream with 0 for the test, and leave the CRS stream unseeded after it."""
+    from vitcrs.crs import random as crs_random
+
+    torch.manual_seed(0)
+    crs_random.manual_seed(0)
+    yield
+    crs_random.set_rng_state({"seed": None})
+
+
+@pytest.fixture
 def one_thread():
     """Run torch on one thread: in-process training stays fast on a busy 2-core machine."""
     threads = torch.get_num_threads()

@@ -14,18 +14,12 @@ import torch
 from vitcrs import bench
 from vitcrs.bench import BenchConfig, ModelSpec, expand
 from vitcrs.crs import CRSConfig
-from vitcrs.crs import random as crs_random
 
 PRECISIONS = ["fp32", "bf16-mixed"]
 TINY = ["--model", "vit_tiny", "--layers", "1", "--image-size", "64", "--batch-size", "2", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_stream():
-    torch.manual_seed(0)
-    crs_random.manual_seed(0)
-    yield
-    crs_random.set_rng_state({"seed": None})
+pytestmark = pytest.mark.usefixtures("fresh_crs_stream")
 
 
 # ---------------------------------------------------------------- one ViT-B/16 block vs the analytic model

@@ -38,12 +38,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 METHODS = ["crs", "wta_crs"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_stream():
-    torch.manual_seed(0)
-    crs_random.manual_seed(0)
-    yield
-    crs_random.set_rng_state({"seed": None})
+pytestmark = pytest.mark.usefixtures("fresh_crs_stream")
 
 
 def skewed(*shape: int, device: str = "cpu", dtype=torch.float32) -> torch.Tensor:
