@@ -266,8 +266,9 @@ class VisionDataModule(L.LightningDataModule):
                         spec, root, f"and data.download=true cannot fetch it: {reason}", download=True
                     )
             elif self.verify_checksum:
-                cifar.verify_checksums(spec, root, where)
-                self._verified = True
+                if not self._verified:  # train() checks again after prepare_data: hash the files once
+                    cifar.verify_checksums(spec, root, where)
+                    self._verified = True
             elif where == "folder":  # unverified archive: read the pickles once (no decoding) to catch damage
                 self._read_cifar(spec, root)
         elif self.source == "imagefolder":
