@@ -99,6 +99,24 @@ def test_ranks_draw_from_their_own_crs_streams(run_train, tmp_path):
     assert m["status"] == "complete" and m["ratio"] == 0.3
 
 
+def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_step(run_train, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train("experiment=demo", *DDP, "data.batch_size=16", "trainer.max_epochs=1",
+                     "trainer.limit_train_batches=4", "trainer.num_sanity_val_steps=0",
+                     "callbacks.progress_bar=null", "callbacks.step_checkpoint.every_n_train_steps=1",
+                     "+callbacks.fault._target_=vitcrs.callbacks.FaultInjector",
+                     "+callbacks.fault.nan_at_step=2", "+callbacks.fault.nan_on_rank=1",
+                     f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    # rank 0's loss was finite: it stops because rank 1's was not, in the same step (no rank left waiting)
+    assert "training loss became non-finite on another rank at epoch 0, step 2" in out
+    ckpt = _ckpt(run_dir)
+    assert ckpt["global_step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["status"] == "failed" and "non-finite on another rank" in m["error"]
+
+
 def test_rank_seeds_give_different_rows_and_the_module_seeds_by_rank(tiny_vit_config):
     """What the streams are for: with seed + rank, two ranks draw different rows from the same weights."""
     weights = torch.rand(4, 64)

@@ -178,3 +178,29 @@ def test_non_finite_loss_stops_training(tiny_vit_config, tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, max_steps=2, enable_checkpointing=False, num_sanity_val_steps=0)
     with pytest.raises(FloatingPointError, match=r"training loss became nan.*optim\.lr"):
         trainer.fit(module, _loader(), _loader(4))
+
+
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+def test_non_finite_loss_in_an_accumulated_batch_stops_before_the_step(
+    tiny_vit_config, tmp_path, monkeypatch
+):
+    # The loss is checked once per optimizer step: a NaN in the first of two accumulated micro-batches,
+    # followed by a finite one, must still stop the run before that step, with the weights untouched.
+    module = _module(tiny_vit_config)
+    real, calls = module._loss, []
+
+    def nan_in_third(batch):
+        loss, logits, y = real(batch)
+        calls.append(len(calls))
+        return (loss * math.nan if len(calls) == 3 else loss), logits, y
+
+    monkeypatch.setattr(module, "_loss", nan_in_third)
+    trainer = _trainer(
+        tmp_path, max_steps=3, accumulate_grad_batches=2, enable_checkpointing=False, num_sanity_val_steps=0
+    )
+    with pytest.raises(
+        FloatingPointError, match=r"loss became non-finite in an accumulated batch at .* step 1 "
+    ):
+        trainer.fit(module, _loader())
+    assert trainer.global_step == 1 and len(calls) == 4  # micro-batches 3 (NaN) and 4 ran, step 2 did not
+    assert all(torch.isfinite(p).all() for p in module.parameters())

@@ -16,18 +16,22 @@ class FaultInjector(Callback):
     kill_at_step: when training batch `kill_at_step` starts (that many optimizer steps done), the process
         kills itself with SIGKILL, as the OOM killer or a preempting scheduler would: no handler, no cleanup.
     nan_at_step: the images of that batch become NaN, so its loss is NaN.
+    nan_on_rank: with several processes, only this rank's batch becomes NaN; None: every rank's.
     Added to a run with `+callbacks.fault._target_=vitcrs.callbacks.FaultInjector`
     `+callbacks.fault.kill_at_step=N`.
     """
 
-    def __init__(self, kill_at_step: int | None = None, nan_at_step: int | None = None) -> None:
+    def __init__(
+        self, kill_at_step: int | None = None, nan_at_step: int | None = None, nan_on_rank: int | None = None
+    ) -> None:
         self.kill_at_step = kill_at_step
         self.nan_at_step = nan_at_step
+        self.nan_on_rank = nan_on_rank
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if trainer.global_step == self.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
-        if trainer.global_step == self.nan_at_step:
+        if trainer.global_step == self.nan_at_step and self.nan_on_rank in (None, trainer.global_rank):
             batch[0].fill_(math.nan)

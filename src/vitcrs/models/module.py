@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -84,6 +85,10 @@ class ViTClassifier(LightningModule):
         )
         inject(self.net, self.crs_config, targets)
         self._pending_torch_rng: dict[str, Tensor] | None = None  # from a checkpoint, not yet applied
+        # non-finite losses since the last optimizer step (a device tensor: checking it needs a host sync,
+        # done once per step, with the gradients, in on_before_optimizer_step) and the last loss
+        self._loss_nonfinite: Tensor | None = None
+        self._last_loss: Tensor | None = None
         self.net.train()  # from_pretrained returns eval mode, which Lightning would keep for training
         self.train_acc, self.val_acc, self.test_acc = (
             MulticlassAccuracy(num_labels, average="micro") for _ in range(3)
@@ -103,12 +108,13 @@ class ViTClassifier(LightningModule):
         logits = self(x)
         return F.cross_entropy(logits, y), logits, y
 
-    def _any_rank(self, flag: Tensor) -> bool:
-        """Whether `flag` (a bool tensor) is true on any rank: every rank gets the same answer."""
-        flag = flag.detach().float().reshape(1)
+    def _any_rank(self, flags: Tensor) -> list[bool]:
+        """For each bool in `flags` [n], whether it is true on any rank: one all-reduce, one host sync, and
+        every rank gets the same answer."""
+        flags = flags.detach().float().reshape(-1)
         if self._trainer is not None:
-            flag = self.trainer.strategy.reduce(flag, reduce_op="max")
-        return bool(flag.item() > 0)
+            flags = self.trainer.strategy.reduce(flags, reduce_op="max")
+        return [v > 0 for v in flags.tolist()]
 
     def _lr(self) -> float:
         optimizers = self.trainer.optimizers if self._trainer is not None else []
@@ -116,14 +122,11 @@ class ViTClassifier(LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss, logits, y = self._loss(batch)
-        if self._any_rank(~torch.isfinite(loss)):  # decided together, so no rank waits in backward
-            value = loss.item() if not torch.isfinite(loss) else "non-finite on another rank"
-            raise FloatingPointError(
-                f"training loss became {value} at epoch {self.current_epoch}, step {self.global_step} "
-                f"(lr {self._lr():.3g}): stopping before this step, so the weights and checkpoints keep the "
-                "last good state. Lower optim.lr, train in trainer.precision=32-true, set "
-                "trainer.gradient_clip_val, or sample less (a higher crs.ratio or crs.min_k)."
-            )
+        # Checked in on_before_optimizer_step, not here: a check here would stall the host before backward.
+        nonfinite = ~torch.isfinite(loss.detach())
+        prior = self._loss_nonfinite
+        self._loss_nonfinite = nonfinite if prior is None else prior | nonfinite
+        self._last_loss = loss.detach()
         self.train_acc.update(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
@@ -159,18 +162,35 @@ class ViTClassifier(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # After backward (gradients all-reduced), before clipping and the step. A GradScaler (16-mixed)
-        # handles overflowing gradients itself, by skipping the step.
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+        # After backward (gradients all-reduced), before clipping and the step: the loss(es) of this step and
+        # the gradient norm, checked together in one all-reduce. A GradScaler (16-mixed) handles overflowing
+        # gradients itself, by skipping the step; its loss is still checked.
+        loss_bad = self._loss_nonfinite
+        self._loss_nonfinite = None
+        if loss_bad is None:  # no training_step since the last check
             return
+        flags = [loss_bad.reshape(1)]
         grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
-        if not grads:
-            return
-        if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: a few fused kernels
-            total = torch.nn.utils.get_total_norm(grads)
-        else:
-            total = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).sum()
-        if self._any_rank(~torch.isfinite(total)):
+        if grads and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: a few fused kernels
+                total = torch.nn.utils.get_total_norm(grads)
+            else:
+                total = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).sum()
+            flags.append(~torch.isfinite(total).reshape(1).to(loss_bad.device))
+        bad = self._any_rank(torch.cat(flags))
+        if bad[0]:
+            last = float(self._last_loss) if self._last_loss is not None else math.nan
+            if not bool(loss_bad):
+                value = "non-finite on another rank"
+            else:  # the last micro-batch's value, or one before it (gradient accumulation)
+                value = f"{last}" if not math.isfinite(last) else "non-finite in an accumulated batch"
+            raise FloatingPointError(
+                f"training loss became {value} at epoch {self.current_epoch}, step {self.global_step} "
+                f"(lr {self._lr():.3g}): stopping before this step, so the weights and checkpoints keep the "
+                "last good state. Lower optim.lr, train in trainer.precision=32-true, set "
+                "trainer.gradient_clip_val, or sample less (a higher crs.ratio or crs.min_k)."
+            )
+        if len(bad) > 1 and bad[1]:
             raise FloatingPointError(
                 f"gradients became non-finite (inf/nan) at epoch {self.current_epoch}, step "
                 f"{self.global_step} (lr {self._lr():.3g}) with a finite loss: stopping before the optimizer "
