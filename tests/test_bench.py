@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vitcrs import bench
-from vitcrs.bench import BenchConfig, ModelSpec, expand
+from vitcrs.bench import BenchConfig, ModelSpec, expand, measure
 from vitcrs.crs import CRSConfig
 
 PRECISIONS = ["fp32", "bf16-mixed"]
@@ -115,7 +115,7 @@ def test_cli_on_cpu_writes_one_row_per_configuration(tmp_path, capsys):
     assert md in capsys.readouterr().out  # the table is printed too
 
     skipped = [r for r in rows if r["status"] == "skipped"]
-    assert {(r["attn"], r["targets"]) for r in skipped} == {("sdpa", "default"), ("sdpa", "all")}
+    assert {(r["attn"], r["targets"]) for r in skipped} == {("sdpa", "default"), ("sdpa", "all"), ("sdpa", "lean_all")}
     assert all("eager attention" in r["reason"] for r in skipped)
     measured = [r for r in rows if r["status"] == "ok"]
     assert len(measured) + len(skipped) == len(rows)
@@ -157,6 +157,39 @@ def test_cli_on_cpu_times_steps_and_estimates_the_max_batch(tmp_path):
         assert r["throughput_ratio"] > 0
     assert rows["eager/fp32/crs@0.3/all"]["max_batch"] > rows["eager/fp32/exact"]["max_batch"]
     assert "CPU estimate" in md and "max batch @ 0.25 GiB" in md
+
+
+def test_cpu_peak_bytes_counts_live_tensors_and_the_highest_net_allocation():
+    kept = torch.zeros(1000)  # 4000 bytes alive through the step
+
+    def step() -> None:
+        a = torch.empty(1 << 18)  # 1 MiB
+        b = torch.empty(1 << 19)  # 2 MiB, while `a` is alive: the peak
+        del a, b
+        c = torch.empty(1 << 18)
+        del c
+
+    assert measure.cpu_peak_bytes(step, [kept, kept[:10]]) == 4000 + 3 * 2**20  # a view counts once
+
+
+def test_cli_on_cpu_measures_the_peak_of_a_training_step(tmp_path):
+    result, md = _run(
+        tmp_path,
+        *("--attn", "eager", "--precision", "fp32", "--targets", "all,lean", "--ratios", "0.3"),
+        *("--methods", "wta_crs", "--cpu-peak", "--batch-size", "32", "--image-size", "128"),
+    )
+    rows = {r["name"]: r for r in result["rows"]}
+    exact, sampled = rows["eager/fp32/exact"], rows["eager/fp32/wta_crs@0.3/all"]
+    params = exact["param_bytes"]
+    for r in rows.values():
+        # at the end of the forward: weights, AdamW's two states, the batch and everything saved for backward;
+        # at most that, the gradients, the optimizer step's temporaries and the backward's transients
+        assert r["peak_allocated_bytes"] >= 3 * params + r["saved_bytes"]
+        assert r["peak_allocated_bytes"] < 7 * params + 2 * r["saved_bytes"]
+    assert exact["peak_allocated_reduction"] == 1.0
+    assert sampled["peak_allocated_bytes"] < exact["peak_allocated_bytes"]
+    assert rows["eager/fp32/wta_crs@0.3/lean"]["peak_allocated_reduction"] > 1.0
+    assert result["meta"]["peak"] == "cpu" and "live CPU tensors" in md
 
 
 def test_a_failing_configuration_is_reported_not_fatal(tmp_path, monkeypatch):

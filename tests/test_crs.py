@@ -120,7 +120,10 @@ def test_injected_model_at_ratio_one_matches_plain_model(targets):
     ref.square().sum().backward()
     out.square().sum().backward()
     for p, q in zip(base.parameters(), model.parameters(), strict=True):
-        assert torch.equal(p.grad, q.grad)
+        if "mlp" in targets:  # the lean MLP's chunked backward sums in another order
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(p.grad, q.grad)
 
 
 # ---------------------------------------------------------------- unbiased, lower variance
@@ -168,8 +171,8 @@ def test_crs_mlp_gradients_are_unbiased_and_exact_at_ratio_one(method):
         return torch.autograd.grad((y * g).sum(), params)
 
     exact = torch.autograd.grad((fc2(F.gelu(fc1(x))) * g).sum(), params)
-    for u, v in zip(grads(1.0), exact, strict=True):
-        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    for u, v in zip(grads(1.0), exact, strict=True):  # exact; the chunked backward sums in another order
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
     sampled = grads(0.3)
     for i in (0, 2, 4):  # grads of x and of the biases stay exact
         torch.testing.assert_close(sampled[i], exact[i])

@@ -59,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m vitcrs.bench",
         description="Memory and speed of exact vs CRS / WTA-CRS training steps of a ViT, one "
         "configuration after the other on one synthetic batch. On CUDA: peak memory, images/s and "
-        "saved-for-backward bytes; on CPU: saved-for-backward bytes only. Writes bench.json and bench.md "
+        "saved-for-backward bytes; on CPU: saved-for-backward bytes, and with --cpu-peak the peak bytes of "
+        "live tensors. Writes bench.json and bench.md "
         "and prints the table.",
     )
     m = p.add_argument_group("model")
@@ -84,6 +85,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--time-on-cpu", action="store_true", help="on CPU, run and time the training steps too")
+    r.add_argument(
+        "--cpu-peak",
+        action="store_true",
+        help="on CPU, measure the peak bytes of live tensors in one training step (profiler memory events)",
+    )
     r.add_argument("--find-max-batch", action="store_true", help="largest batch within --memory-budget-gib")
     r.add_argument("--memory-budget-gib", type=float)
     r.add_argument("--out", type=Path, help="output folder (default outputs/bench/<timestamp>)")
@@ -147,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=args.steps,
         seed=args.seed,
         time_on_cpu=args.time_on_cpu,
+        cpu_peak=args.cpu_peak,
         find_max_batch=args.find_max_batch,
         memory_budget_gib=args.memory_budget_gib,
     )

@@ -22,6 +22,8 @@ TARGET_SETS: dict[str, tuple[str, ...]] = {
     # q/k/v and attention output as in "linears", and in place of fc1/fc2 the memory-lean MLP (`crs_mlp`:
     # keeps only the MLP input, recomputes the hidden activation in backward)
     "lean": (*(t for t in LINEAR_TARGETS if t not in ("fc1", "fc2")), *LEAN_TARGETS),
+    # "lean" + the attention matmuls (eager only): the least memory
+    "lean_all": (*(t for t in LINEAR_TARGETS if t not in ("fc1", "fc2")), *LEAN_TARGETS, *MATMUL_TARGETS),
 }
 ATTNS = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16-mixed")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import wraps
@@ -219,6 +219,40 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.
             synchronize(device)
             times.append(time.perf_counter() - t0)
     return times
+
+
+def storage_bytes(tensors: Iterable[Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one storage count once)."""
+    sizes = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        sizes[storage.data_ptr()] = storage.nbytes()
+    return sum(sizes.values())
+
+
+def cpu_peak_bytes(step: Callable[[], None], live: Iterable[Tensor]) -> int:
+    """Peak bytes of CPU tensors alive during one `step()`: the CPU counterpart of
+    `torch.cuda.max_memory_allocated` (without its 512-byte rounding and the cuBLAS workspace).
+
+    `live`: the tensors that exist before the step and through it (parameters, optimizer state, the batch),
+    counted by distinct storage. On top, the highest net allocation during the step, from the allocation and
+    free events the profiler records (`profile_memory=True`).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    static = storage_bytes(live)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = getattr(prof.profiler, "kineto_results", None)
+    if events is None:
+        raise RuntimeError("this torch's profiler gives no memory events: the CPU peak cannot be measured")
+    memory = sorted((e for e in events.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    net = peak = 0
+    for e in memory:
+        if e.device_type() == torch.autograd.DeviceType.CPU:
+            net += e.nbytes()
+            peak = max(peak, net)
+    return static + peak
 
 
 def images_per_s(batch: int, times: list[float]) -> float | None:

@@ -116,8 +116,15 @@ def _notes(meta: dict) -> list[str]:
     ]
     if meta["device_type"] != "cuda":
         timed = "images/s measured on CPU (--time-on-cpu), not a GPU figure" if meta["timed"] else "images/s"
+        peak = (
+            "peak alloc: the most bytes of live CPU tensors during one steady-state training step (the torch "
+            "profiler's allocation events; parameters, AdamW state and the batch included; no allocator "
+            "rounding, workspace or fragmentation), the CPU counterpart of the CUDA figure; peak reserved n/a"
+            if meta.get("peak") == "cpu"
+            else "peak memory is n/a (CUDA allocator statistics, or --cpu-peak)"
+        )
         notes.append(
-            "- CPU run: peak memory is n/a (CUDA allocator statistics only)"
+            f"- CPU run: {peak}"
             + ("; " + timed if meta["timed"] else f"; {timed} n/a (not timed on CPU)")
             + "."
         )

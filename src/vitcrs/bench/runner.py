@@ -20,6 +20,7 @@ from .measure import (
     ModelSpec,
     block_shape,
     build,
+    cpu_peak_bytes,
     cuda_max_batch,
     free_memory,
     images_per_s,
@@ -41,6 +42,7 @@ class BenchOptions:
     seed: int = 0
     lr: float = 1e-4
     time_on_cpu: bool = False
+    cpu_peak: bool = False
     find_max_batch: bool = False
     memory_budget_gib: float | None = None
 
@@ -87,6 +89,8 @@ def run_config(
             del opt
             model.zero_grad(set_to_none=True)
             free_memory(device)
+        if device.type == "cpu" and opts.cpu_peak:
+            row["peak_allocated_bytes"] = _cpu_peak(model, cfg, opts, x, y)
         row["saved_bytes"] = model_saved_bytes(model, x, y, cfg.precision)
         _analytic(row, cfg, shape)
         if opts.find_max_batch:
@@ -99,6 +103,25 @@ def run_config(
         del model
         free_memory(device)
     return row
+
+
+def _cpu_peak(
+    model: torch.nn.Module, cfg: BenchConfig, opts: BenchOptions, x: torch.Tensor, y: torch.Tensor
+) -> int:
+    """Peak bytes of live tensors in one steady-state training step on the CPU (`cpu_peak_bytes`).
+
+    A first step on two images creates AdamW's state, as the warm-up steps do on a GPU; the measured step then
+    starts with parameters, optimizer state and the batch alive, and no gradients (`set_to_none`).
+    """
+    opt = _adamw(model, opts.lr)
+    try:
+        make_step(model, opt, x[:2], y[:2], cfg.precision)()
+        state = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        live = [*model.parameters(), *state, x, y]
+        return cpu_peak_bytes(make_step(model, opt, x, y, cfg.precision), live)
+    finally:
+        del opt
+        model.zero_grad(set_to_none=True)
 
 
 def _analytic(row: dict, cfg: BenchConfig, shape: BlockShape) -> None:
@@ -250,6 +273,7 @@ def run_bench(
         "steps": opts.steps,
         "seed": opts.seed,
         "timed": device.type == "cuda" or opts.time_on_cpu,
+        "peak": "cuda" if device.type == "cuda" else "cpu" if opts.cpu_peak else None,
         "find_max_batch": opts.find_max_batch,
         "memory_budget_gib": opts.memory_budget_gib,
     }

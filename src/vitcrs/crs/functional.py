@@ -209,19 +209,26 @@ def crs_matmul(
     return _SampledMatmul.apply(a, b, cfg, keep_a, trackers)
 
 
-def _sampled_weight_grad(g: Tensor, x: Tensor, cfg: CRSConfig) -> Tensor:
-    """gᵀ x [d_out, d_in] from k rows drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal CRS p)."""
+def _row_sample(g: Tensor, x_norms: Tensor, cfg: CRSConfig) -> tuple[Tensor, Tensor] | None:
+    """k of g's n rows drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal CRS p for gᵀ x), or None when k = n."""
     k = cfg.num_samples(g.shape[0])
     if k >= g.shape[0]:
-        return g.t() @ x
-    norms = torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32)
-    norms = norms * torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
-    idx, scale = sample(norms, k, cfg.method, crs_random.generator(g.device))
-    return (g.index_select(0, idx) * scale.unsqueeze(-1).to(g.dtype)).t() @ x.index_select(0, idx)
+        return None
+    norms = torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32) * x_norms
+    return sample(norms, k, cfg.method, crs_random.generator(g.device))
+
+
+def _scaled_rows(t: Tensor, idx: Tensor, scale: Tensor) -> Tensor:
+    return t.index_select(0, idx) * scale.unsqueeze(-1).to(t.dtype)
+
+
+# The lean MLP's backward works on its hidden activation [n, f] in this many row chunks: besides one full-size
+# buffer (the recomputed pre-activation, overwritten by its gradient) only one chunk's temporaries exist.
+MLP_CHUNKS = 4
 
 
 class _RecomputedMLP(torch.autograd.Function):
-    """fc2(act(fc1(x))) saving only x; the hidden activation is recomputed in backward."""
+    """fc2(act(fc1(x))) saving only x; the hidden activation is recomputed in backward, chunk by chunk."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, act, cfg: CRSConfig):
@@ -233,19 +240,40 @@ class _RecomputedMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, w1, b1, w2, b2 = ctx.saved_tensors
-        dt = g.dtype
+        act, cfg, dt = ctx.act, ctx.cfg, g.dtype
         x2, g2 = x.reshape(-1, x.shape[-1]).to(dt), g.reshape(-1, g.shape[-1])
-        with torch.enable_grad():
-            h = F.linear(x2, w1.to(dt), None if b1 is None else b1.to(dt)).detach().requires_grad_()
-            a = ctx.act(h)
-        grad_w2 = _sampled_weight_grad(g2, a.detach(), ctx.cfg).to(w2.dtype)
-        (grad_h,) = torch.autograd.grad(a, h, g2 @ w2.to(dt))
-        del a, h
-        grad_w1 = _sampled_weight_grad(grad_h, x2, ctx.cfg).to(w1.dtype)
-        grad_x = (grad_h @ w1.to(dt)).reshape(x.shape).to(ctx.x_dtype)
+        w1, w2 = w1.to(dt), w2.to(dt)
+        h = F.linear(x2, w1, None if b1 is None else b1.to(dt))  # pre-activation [n, f]
+        step = -(-h.shape[0] // MLP_CHUNKS)
+        rows = [slice(i, i + step) for i in range(0, h.shape[0], step)]
+
+        # grad_w2 = gᵀ act(h): act(h) formed a chunk at a time (for its row norms), then at sampled rows only
+        a_norms = torch.cat([torch.linalg.vector_norm(act(h[r]), dim=-1, dtype=torch.float32) for r in rows])
+        pick = _row_sample(g2, a_norms, cfg)
+        if pick is None:
+            grad_w2 = sum(g2[r].t() @ act(h[r]) for r in rows)
+        else:
+            idx, scale = pick
+            grad_w2 = _scaled_rows(g2, idx, scale).t() @ act(h.index_select(0, idx))
+
+        # grad_h = act'(h) ⊙ (g W2), written over h chunk by chunk
+        for r in rows:
+            hr = h[r].detach().requires_grad_()
+            with torch.enable_grad():
+                (grad_hr,) = torch.autograd.grad(act(hr), hr, g2[r] @ w2)
+            h[r] = grad_hr
+        grad_h, h = h, None
+
+        pick = _row_sample(grad_h, torch.linalg.vector_norm(x2, dim=-1, dtype=torch.float32), cfg)
+        if pick is None:
+            grad_w1 = grad_h.t() @ x2
+        else:
+            idx, scale = pick
+            grad_w1 = _scaled_rows(grad_h, idx, scale).t() @ x2.index_select(0, idx)
+        grad_x = (grad_h @ w1).reshape(x.shape).to(ctx.x_dtype)
         grad_b1 = None if b1 is None else grad_h.sum(0, dtype=torch.float32).to(b1.dtype)
         grad_b2 = None if b2 is None else g2.sum(0, dtype=torch.float32).to(b2.dtype)
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+        return grad_x, grad_w1.to(w1.dtype), grad_b1, grad_w2.to(w2.dtype), grad_b2, None, None
 
 
 def crs_mlp(
@@ -256,6 +284,8 @@ def crs_mlp(
     x: [..., d]; w1: [f, d]; w2: [d, f]. Forward exact. Backward recomputes the hidden activation from x, so
     neither the activation's input nor fc2's input is stored; grads of x and biases are exact, the two weight
     grads are estimated from k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖input_i‖ (exact at ratio 1).
+    Backward memory: one [n, f] buffer plus one chunk's temporaries (`MLP_CHUNKS`); its sums run chunk by
+    chunk, so exact gradients match autograd's up to floating-point summation order.
     """
     if not torch.is_grad_enabled() or not (w1.requires_grad or w2.requires_grad or x.requires_grad):
         return F.linear(act(F.linear(x, w1, b1)), w2, b2)
