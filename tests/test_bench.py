@@ -39,10 +39,10 @@ def test_block_saved_bytes_are_within_5_percent_of_the_analytic_ideal(attn, prec
     assert exact == pytest.approx(exact_ideal, rel=0.05)
 
     checked = []
-    for targets in ("default", "linears", "all", "lean"):
+    for targets in bench.TARGET_SETS:
         cfg = BenchConfig("wta_crs", 0.3, targets, attn, precision, False)
         if cfg.skip_reason():  # the attention matmuls exist only with eager attention
-            assert attn == "sdpa" and targets in ("default", "all")
+            assert attn == "sdpa" and targets in ("default", "all", "lean_all")
             continue
         model = bench.build(spec, cfg, torch.device("cpu"), seed=0)
         measured = bench.measured_block_saved_bytes(model, batch, precision)
@@ -50,7 +50,8 @@ def test_block_saved_bytes_are_within_5_percent_of_the_analytic_ideal(attn, prec
         assert measured == pytest.approx(ideal, rel=0.05), targets
         assert measured < exact
         checked.append(targets)
-    assert checked == (["default", "linears", "all", "lean"] if attn == "eager" else ["linears", "lean"])
+    eager = ["default", "linears", "all", "lean", "lean_all"]
+    assert checked == (eager if attn == "eager" else ["linears", "lean"])
 
 
 def test_sdpa_model_differs_from_eager_by_the_attention_internals():
@@ -115,7 +116,11 @@ def test_cli_on_cpu_writes_one_row_per_configuration(tmp_path, capsys):
     assert md in capsys.readouterr().out  # the table is printed too
 
     skipped = [r for r in rows if r["status"] == "skipped"]
-    assert {(r["attn"], r["targets"]) for r in skipped} == {("sdpa", "default"), ("sdpa", "all"), ("sdpa", "lean_all")}
+    assert {(r["attn"], r["targets"]) for r in skipped} == {
+        ("sdpa", "default"),
+        ("sdpa", "all"),
+        ("sdpa", "lean_all"),
+    }
     assert all("eager attention" in r["reason"] for r in skipped)
     measured = [r for r in rows if r["status"] == "ok"]
     assert len(measured) + len(skipped) == len(rows)

@@ -19,6 +19,7 @@ from vitcrs.crs import (
     CRSConfig,
     CRSLinear,
     CRSViTAttention,
+    CRSViTLayer,
     CRSViTMLP,
     GradNormEMA,
     SavedTensorsMeter,
@@ -158,23 +159,29 @@ def test_crs_linear_weight_gradient_is_unbiased(method, prob):
     assert tracker.value is not None or prob == "norm"
 
 
+@pytest.mark.parametrize("normed", [False, True], ids=["mlp", "norm+mlp"])
 @pytest.mark.parametrize("method", METHODS)
-def test_crs_mlp_gradients_are_unbiased_and_exact_at_ratio_one(method):
+def test_crs_mlp_gradients_are_unbiased_and_exact_at_ratio_one(method, normed):
     x = skewed(3, 8, 6).requires_grad_()
     fc1, fc2 = torch.nn.Linear(6, 12), torch.nn.Linear(12, 6)
+    norm = torch.nn.LayerNorm(6) if normed else None
+    if norm is not None:
+        with torch.no_grad():
+            norm.weight.normal_(), norm.bias.normal_()
     g = torch.randn(3, 8, 6)
-    params = (x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    params = (x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, *(norm.parameters() if normed else ()))
 
     def grads(ratio: float) -> tuple[torch.Tensor, ...]:
         cfg = CRSConfig(ratio=ratio, method=method)
-        y = crs_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, F.gelu, cfg)
+        y = crs_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, F.gelu, cfg, norm)
+        assert torch.equal(y, fc2(F.gelu(fc1(norm(x) if normed else x))))  # forward exact
         return torch.autograd.grad((y * g).sum(), params)
 
-    exact = torch.autograd.grad((fc2(F.gelu(fc1(x))) * g).sum(), params)
+    exact = torch.autograd.grad((fc2(F.gelu(fc1(norm(x) if normed else x))) * g).sum(), params)
     for u, v in zip(grads(1.0), exact, strict=True):  # exact; the chunked backward sums in another order
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
     sampled = grads(0.3)
-    for i in (0, 2, 4):  # grads of x and of the biases stay exact
+    for i in (0, 2, 4, *((5, 6) if normed else ())):  # grads of x, the biases and the norm stay exact
         torch.testing.assert_close(sampled[i], exact[i])
     samples = _estimates(lambda: [grads(0.3)[i] for i in (1, 3)], 2000)
     _assert_unbiased(samples, torch.cat([exact[1].flatten(), exact[3].flatten()]).double())
@@ -371,6 +378,7 @@ def test_inject_replaces_the_targeted_modules_and_keeps_state_dict(targets):
         assert isinstance(layer.mlp.fc1, CRSLinear) == ("fc1" in targets)
         assert isinstance(layer.mlp.fc2, CRSLinear) == ("fc2" in targets)
         assert isinstance(layer.mlp, CRSViTMLP) == ("mlp" in targets)
+        assert isinstance(layer, CRSViTLayer) == ("mlp" in targets)  # the MLP recomputes the norm before it
         assert not isinstance(layer.attention.q_proj, CRSLinear)  # q/k/v are sampled by the attention module
     assert not isinstance(model.classifier, CRSLinear)
 
@@ -380,13 +388,14 @@ def test_uninjected_runs_the_plain_model_and_restores_crs():
     model = inject(copy.deepcopy(base), CRSConfig(ratio=0.3), LEAN_ALL)
     x = torch.randn(2, 3, 16, 16)
     with uninjected(model):
-        assert not any(isinstance(m, (CRSLinear, CRSViTAttention, CRSViTMLP)) for m in model.modules())
+        crs_classes = (CRSLinear, CRSViTAttention, CRSViTMLP, CRSViTLayer)
+        assert not any(isinstance(m, crs_classes) for m in model.modules())
         with SavedTensorsMeter(exclude=model.parameters()) as exact:
             model(x)
     with SavedTensorsMeter(exclude=base.parameters()) as plain:
         base(x)
     assert exact.bytes == plain.bytes
-    assert isinstance(model.vit.layers[0].mlp, CRSViTMLP)
+    assert isinstance(model.vit.layers[0], CRSViTLayer) and isinstance(model.vit.layers[0].mlp, CRSViTMLP)
     assert isinstance(model.vit.layers[0].attention.o_proj, CRSLinear)
 
 

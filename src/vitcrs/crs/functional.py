@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import random as crs_random
 from .config import CRSConfig
@@ -228,20 +228,33 @@ MLP_CHUNKS = 4
 
 
 class _RecomputedMLP(torch.autograd.Function):
-    """fc2(act(fc1(x))) saving only x; the hidden activation is recomputed in backward, chunk by chunk."""
+    """fc2(act(fc1(norm(x)))) saving only x; norm (an optional LayerNorm) and the hidden activation are
+    recomputed in backward, the hidden one chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, act, cfg: CRSConfig):
-        y = F.linear(act(F.linear(x, w1, b1)), w2, b2)
-        ctx.save_for_backward(x.to(_compute_dtype(x)), w1, b1, w2, b2)
-        ctx.act, ctx.cfg, ctx.x_dtype = act, cfg, x.dtype
+    def forward(ctx, x, w1, b1, w2, b2, ln_w, ln_b, act, cfg: CRSConfig, eps: float | None):
+        normed = eps is not None
+        xn = F.layer_norm(x, x.shape[-1:], ln_w, ln_b, eps) if normed else x
+        y = F.linear(act(F.linear(xn, w1, b1)), w2, b2)
+        # with the norm, x (its input) is all that is kept; else the MLP input in the dtype fc1 computes in
+        ctx.save_for_backward(x if normed else x.to(_compute_dtype(x)), w1, b1, w2, b2, ln_w, ln_b)
+        ctx.act, ctx.cfg, ctx.eps, ctx.x_dtype = act, cfg, eps, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, w1, b1, w2, b2 = ctx.saved_tensors
+        x, w1, b1, w2, b2, ln_w, ln_b = ctx.saved_tensors
         act, cfg, dt = ctx.act, ctx.cfg, g.dtype
-        x2, g2 = x.reshape(-1, x.shape[-1]).to(dt), g.reshape(-1, g.shape[-1])
+        g2 = g.reshape(-1, g.shape[-1])
+        normed = ctx.eps is not None
+        if normed:  # recompute the norm, with its graph, for the grads of x and of its parameters
+            x_leaf = x.detach().requires_grad_()
+            ln_w, ln_b = (None if p is None else p.detach().requires_grad_() for p in (ln_w, ln_b))
+            with torch.enable_grad():
+                xn = F.layer_norm(x_leaf, x.shape[-1:], ln_w, ln_b, ctx.eps)
+            x2 = xn.detach().reshape(-1, x.shape[-1]).to(dt)
+        else:
+            x2 = x.reshape(-1, x.shape[-1]).to(dt)
         w1, w2 = w1.to(dt), w2.to(dt)
         h = F.linear(x2, w1, None if b1 is None else b1.to(dt))  # pre-activation [n, f]
         step = -(-h.shape[0] // MLP_CHUNKS)
@@ -270,23 +283,45 @@ class _RecomputedMLP(torch.autograd.Function):
         else:
             idx, scale = pick
             grad_w1 = _scaled_rows(grad_h, idx, scale).t() @ x2.index_select(0, idx)
-        grad_x = (grad_h @ w1).reshape(x.shape).to(ctx.x_dtype)
         grad_b1 = None if b1 is None else grad_h.sum(0, dtype=torch.float32).to(b1.dtype)
         grad_b2 = None if b2 is None else g2.sum(0, dtype=torch.float32).to(b2.dtype)
-        return grad_x, grad_w1.to(w1.dtype), grad_b1, grad_w2.to(w2.dtype), grad_b2, None, None
+        grad_x2 = (grad_h @ w1).reshape(x.shape)
+        del grad_h
+        grad_ln_w = grad_ln_b = None
+        if normed:
+            inputs = [t for t in (x_leaf, ln_w, ln_b) if t is not None]
+            grad_x, *grad_ln = torch.autograd.grad(xn, inputs, grad_x2.to(xn.dtype))
+            grad_ln_w = grad_ln.pop(0) if ln_w is not None else None
+            grad_ln_b = grad_ln.pop(0) if ln_b is not None else None
+        else:
+            grad_x = grad_x2.to(ctx.x_dtype)
+        grads = (grad_w1.to(w1.dtype), grad_b1, grad_w2.to(w2.dtype), grad_b2)
+        return grad_x, *grads, grad_ln_w, grad_ln_b, None, None, None
 
 
 def crs_mlp(
-    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, act, cfg: CRSConfig
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    act,
+    cfg: CRSConfig,
+    norm: nn.LayerNorm | None = None,
 ) -> Tensor:
-    """`fc2(act(fc1(x)))` that keeps only x for backward (the memory-lean MLP).
+    """`fc2(act(fc1(norm(x))))` that keeps only x for backward (the memory-lean MLP); norm is optional.
 
-    x: [..., d]; w1: [f, d]; w2: [d, f]. Forward exact. Backward recomputes the hidden activation from x, so
-    neither the activation's input nor fc2's input is stored; grads of x and biases are exact, the two weight
-    grads are estimated from k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖input_i‖ (exact at ratio 1).
+    x: [..., d]; w1: [f, d]; w2: [d, f]; norm: the LayerNorm before the MLP (a ViT block's
+    `layernorm_after`), or None. Forward exact. Backward recomputes the norm and the hidden activation from
+    x, so neither the norm's output (the MLP input) nor the activation's input nor fc2's input is stored;
+    grads of x, of the norm and of the biases are exact, the two weight grads are estimated from
+    k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖input_i‖ (exact at ratio 1).
     Backward memory: one [n, f] buffer plus one chunk's temporaries (`MLP_CHUNKS`); its sums run chunk by
     chunk, so exact gradients match autograd's up to floating-point summation order.
     """
-    if not torch.is_grad_enabled() or not (w1.requires_grad or w2.requires_grad or x.requires_grad):
-        return F.linear(act(F.linear(x, w1, b1)), w2, b2)
-    return _RecomputedMLP.apply(x, w1, b1, w2, b2, act, cfg)
+    ln = (None, None, None) if norm is None else (norm.weight, norm.bias, norm.eps)
+    params = (w1, b1, w2, b2, *ln[:2])
+    if not torch.is_grad_enabled() or not any(p is not None and p.requires_grad for p in (x, *params)):
+        xn = x if norm is None else norm(x)
+        return F.linear(act(F.linear(xn, w1, b1)), w2, b2)
+    return _RecomputedMLP.apply(x, w1, b1, w2, b2, ln[0], ln[1], act, cfg, ln[2])

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from transformers.models.vit.modeling_vit import (
     ALL_ATTENTION_FUNCTIONS,
     ViTAttention,
+    ViTLayer,
     ViTMLP,
     eager_attention_forward,
 )
@@ -28,7 +29,7 @@ QKV_TARGETS = ("query", "key", "value")
 LINEAR_TARGETS = (*QKV_TARGETS, "attn_output", "fc1", "fc2")
 MATMUL_TARGETS = ("scores", "context")
 ALL_TARGETS = LINEAR_TARGETS + MATMUL_TARGETS
-LEAN_TARGETS = ("mlp",)  # the whole MLP, storing only its input (recomputed in backward)
+LEAN_TARGETS = ("mlp",)  # LayerNorm + MLP storing only the norm's input (the rest recomputed in backward)
 KNOWN_TARGETS = ALL_TARGETS + LEAN_TARGETS
 DEFAULT_TARGETS = ("query", "key", "value", "scores", "context")
 _QKV_ATTRS = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
@@ -151,11 +152,25 @@ class CRSViTMLP(ViTMLP):
 
     crs_cfg: CRSConfig
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
+    def forward(self, hidden_states: Tensor, norm: nn.LayerNorm | None = None) -> Tensor:
+        """`self(norm(hidden_states))`, keeping only `hidden_states` for backward (norm: None = none)."""
         fc1, fc2 = self.fc1, self.fc2
         return crs_mlp(
-            hidden_states, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.activation_fn, self.crs_cfg
+            hidden_states, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.activation_fn, self.crs_cfg, norm
         )
+
+
+class CRSViTLayer(ViTLayer):
+    """ViT encoder block whose lean MLP (`CRSViTMLP`) also recomputes the LayerNorm before it, so the
+    block's second half keeps only its input (the residual stream) for backward. Same math as `ViTLayer`."""
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        residual = hidden_states
+        hidden_states = self.layernorm_before(hidden_states)
+        hidden_states, _ = self.attention(hidden_states, attention_mask, **kwargs)
+        hidden_states = self.dropout(hidden_states) + residual
+        mlp_output = self.mlp(hidden_states, norm=self.layernorm_after)
+        return self.dropout(mlp_output) + hidden_states
 
 
 def _vit_layers(model: nn.Module) -> list[nn.Module]:
@@ -170,8 +185,9 @@ def inject(model: nn.Module, cfg: CRSConfig, targets: Iterable[str] = DEFAULT_TA
     """Sample the backward pass of the `targets` ops in every encoder block of a HF ViT; returns `model`.
 
     Targets: linear "query", "key", "value", "attn_output", "fc1", "fc2"; matmul "scores" (Q Kᵀ) and
-    "context" (P V), which need eager attention; "mlp", the memory-lean MLP (`crs_mlp`: keeps only the MLP
-    input, recomputes the hidden activation in backward; replaces "fc1"/"fc2"). Parameters and state_dict
+    "context" (P V), which need eager attention; "mlp", the memory-lean MLP (`crs_mlp`: keeps only the input
+    of the LayerNorm before the MLP, recomputes that norm and the hidden activation in backward; replaces
+    "fc1"/"fc2"). Parameters and state_dict
     keys are unchanged. Calling it again replaces the settings. With ratio 1 the numerics equal the
     uninjected model's.
     """
@@ -189,11 +205,13 @@ def inject(model: nn.Module, cfg: CRSConfig, targets: Iterable[str] = DEFAULT_TA
             linear.crs_cfg, linear.crs_grad_norm = cfg, GradNormEMA(cfg.grad_ema)
         layer.mlp.__class__ = CRSViTMLP if "mlp" in targets else ViTMLP
         layer.mlp.crs_cfg = cfg
+        if type(layer) in (ViTLayer, CRSViTLayer):  # other block classes keep their forward (no fused norm)
+            layer.__class__ = CRSViTLayer if "mlp" in targets else ViTLayer
     model.crs_config, model.crs_targets = cfg, tuple(t for t in KNOWN_TARGETS if t in targets)
     return model
 
 
-_PLAIN = {CRSLinear: nn.Linear, CRSViTAttention: ViTAttention, CRSViTMLP: ViTMLP}
+_PLAIN = {CRSLinear: nn.Linear, CRSViTAttention: ViTAttention, CRSViTMLP: ViTMLP, CRSViTLayer: ViTLayer}
 
 
 @contextmanager

@@ -79,7 +79,7 @@ def vit_block_saved_bytes(
     def weight_cast(d_out: int, d_in: int, name: str) -> int:
         return d_out * d_in * c if autocast and name not in targets else 0
 
-    layer_norms = 2 * (n * d * 4 + 2 * n * 4)  # input + mean + rstd, twice
+    layer_norm = n * d * 4 + 2 * n * 4  # input + mean + rstd
     qkv = [t for t in ("query", "key", "value") if t in targets]
     full_qkv = (3 - len(qkv)) * n * d * c if autocast else (n * d * 4 if len(qkv) < 3 else 0)
     qkv_bytes = full_qkv + (rows(n, d) if qkv else 0)
@@ -92,9 +92,10 @@ def vit_block_saved_bytes(
     else:
         context = n * d * c + (slices * tokens * tokens * c if autocast else 0)  # V, and P's cast copy
     attn_out = (rows(n, d) if "attn_output" in targets else n * d * c) + weight_cast(d, d, "attn_output")
-    if "mlp" in targets:  # only the MLP input, in the compute dtype; the hidden activation is recomputed
-        mlp = n * d * c
+    if "mlp" in targets:  # only the second LayerNorm's input (fp32); the norm and the hidden are recomputed
+        mlp = n * d * 4
     else:
-        mlp = (rows(n, d) if "fc1" in targets else n * d * c) + weight_cast(f, d, "fc1") + n * f * c
+        mlp = layer_norm
+        mlp += (rows(n, d) if "fc1" in targets else n * d * c) + weight_cast(f, d, "fc1") + n * f * c
         mlp += (rows(n, f) if "fc2" in targets else n * f * c) + weight_cast(d, f, "fc2")
-    return layer_norms + qkv_bytes + scores + probs + context + attn_out + mlp
+    return layer_norm + qkv_bytes + scores + probs + context + attn_out + mlp
