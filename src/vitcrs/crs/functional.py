@@ -62,8 +62,9 @@ class _SampledLinear(torch.autograd.Function):
         rows, idx, *weights = ctx.saved_tensors
         g2 = [g.reshape(-1, g.shape[-1]) for g in grads]
         grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = sum(g @ w.to(g.dtype) for g, w in zip(g2, weights, strict=True))
+        if ctx.needs_input_grad[0]:  # Σ_j G_j W_j, accumulated in place (no temporary per term)
+            for j, (g, w) in enumerate(zip(g2, weights, strict=True)):
+                grad_x = g @ w.to(g.dtype) if j == 0 else grad_x.addmm_(g, w.to(g.dtype))
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
         out = []
         for j, (g, w) in enumerate(zip(g2, weights, strict=True)):
