@@ -20,7 +20,7 @@ TARGET_SETS: dict[str, tuple[str, ...]] = {
     "linears": LINEAR_TARGETS,  # every linear of a block
     "all": ALL_TARGETS,  # linears + attention matmuls
     # q/k/v and attention output as in "linears", and in place of fc1/fc2 the memory-lean MLP (`crs_mlp`:
-    # keeps only the MLP input, recomputes the hidden activation in backward)
+    # keeps only the input of the LayerNorm before it, recomputes that norm and the hidden activation)
     "lean": (*(t for t in LINEAR_TARGETS if t not in ("fc1", "fc2")), *LEAN_TARGETS),
     # "lean" + the attention matmuls (eager only): the least memory
     "lean_all": (*(t for t in LINEAR_TARGETS if t not in ("fc1", "fc2")), *LEAN_TARGETS, *MATMUL_TARGETS),

@@ -148,7 +148,8 @@ class CRSViTAttention(ViTAttention):
 
 
 class CRSViTMLP(ViTMLP):
-    """ViT MLP that stores only its input and recomputes the hidden activation in backward (`crs_mlp`)."""
+    """ViT MLP that stores only its input (given `norm`: that norm's input) for backward and recomputes the
+    hidden activation there (`crs_mlp`)."""
 
     crs_cfg: CRSConfig
 
