@@ -87,12 +87,18 @@ def test_forward_exact_under_autocast_and_grad_dtypes(device):
     lin = torch.nn.Linear(16, 8).to(device)
     q = torch.randn(2, 2, 10, 4, device=device, requires_grad=True)
     k = torch.randn(2, 2, 4, 10, device=device, requires_grad=True)
+    norm, fc1, fc2 = (
+        m.to(device) for m in (torch.nn.LayerNorm(16), torch.nn.Linear(16, 32), torch.nn.Linear(32, 16))
+    )
     with torch.autocast(device, dtype=torch.bfloat16):
         y = crs_linear(x, lin.weight, lin.bias, CRSConfig(ratio=0.3))
         z = crs_matmul(q, k, CRSConfig(ratio=0.3))
+        m = crs_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, F.gelu, CRSConfig(ratio=0.3), norm)
         assert torch.equal(y, lin(x)) and torch.equal(z, q @ k)
-    (y.float().sum() + z.float().sum()).backward()
+        assert torch.equal(m, fc2(F.gelu(fc1(norm(x)))))
+    (y.float().sum() + z.float().sum() + m.float().sum()).backward()
     assert x.grad.dtype == lin.weight.grad.dtype == q.grad.dtype == k.grad.dtype == torch.float32
+    assert fc1.weight.grad.dtype == norm.weight.grad.dtype == torch.float32
 
 
 # ---------------------------------------------------------------- ratio 1 is torch

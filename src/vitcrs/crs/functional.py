@@ -256,8 +256,8 @@ class _RecomputedMLP(torch.autograd.Function):
             x2 = xn.detach().reshape(-1, x.shape[-1]).to(dt)
         else:
             x2 = x.reshape(-1, x.shape[-1]).to(dt)
-        w1, w2 = w1.to(dt), w2.to(dt)
-        h = F.linear(x2, w1, None if b1 is None else b1.to(dt))  # pre-activation [n, f]
+        w1c, w2c = w1.to(dt), w2.to(dt)  # compute-dtype copies; the grads go back in the weights' dtype
+        h = F.linear(x2, w1c, None if b1 is None else b1.to(dt))  # pre-activation [n, f]
         step = -(-h.shape[0] // MLP_CHUNKS)
         rows = [slice(i, i + step) for i in range(0, h.shape[0], step)]
 
@@ -274,7 +274,7 @@ class _RecomputedMLP(torch.autograd.Function):
         for r in rows:
             hr = h[r].detach().requires_grad_()
             with torch.enable_grad():
-                (grad_hr,) = torch.autograd.grad(act(hr), hr, g2[r] @ w2)
+                (grad_hr,) = torch.autograd.grad(act(hr), hr, g2[r] @ w2c)
             h[r] = grad_hr
         grad_h, h = h, None
 
@@ -286,7 +286,7 @@ class _RecomputedMLP(torch.autograd.Function):
             grad_w1 = _scaled_rows(grad_h, idx, scale).t() @ x2.index_select(0, idx)
         grad_b1 = None if b1 is None else grad_h.sum(0, dtype=torch.float32).to(b1.dtype)
         grad_b2 = None if b2 is None else g2.sum(0, dtype=torch.float32).to(b2.dtype)
-        grad_x2 = (grad_h @ w1).reshape(x.shape)
+        grad_x2 = (grad_h @ w1c).reshape(x.shape)
         del grad_h
         grad_ln_w = grad_ln_b = None
         if normed:
