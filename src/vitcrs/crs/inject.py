@@ -188,9 +188,8 @@ def inject(model: nn.Module, cfg: CRSConfig, targets: Iterable[str] = DEFAULT_TA
     Targets: linear "query", "key", "value", "attn_output", "fc1", "fc2"; matmul "scores" (Q Kᵀ) and
     "context" (P V), which need eager attention; "mlp", the memory-lean MLP (`crs_mlp`: keeps only the input
     of the LayerNorm before the MLP, recomputes that norm and the hidden activation in backward; replaces
-    "fc1"/"fc2"). Parameters and state_dict
-    keys are unchanged. Calling it again replaces the settings. With ratio 1 the numerics equal the
-    uninjected model's.
+    "fc1"/"fc2"). Parameters and state_dict keys are unchanged. Calling it again replaces the settings. With
+    ratio 1 the numerics equal the uninjected model's.
     """
     config = getattr(model, "config", None)
     targets = frozenset(validate_targets(targets, getattr(config, "_attn_implementation", None)))

@@ -179,7 +179,7 @@ class ViTClassifier(LightningModule):
             flags.append(~torch.isfinite(total).reshape(1).to(loss_bad.device))
         bad = self._any_rank(torch.cat(flags))
         if bad[0]:
-            last = float(self._last_loss) if self._last_loss is not None else math.nan
+            last = float(self._last_loss)  # set by the same training_step as loss_bad
             if not bool(loss_bad):
                 value = "non-finite on another rank"
             else:  # the last micro-batch's value, or one before it (gradient accumulation)
