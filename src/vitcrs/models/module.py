@@ -100,8 +100,13 @@ class ViTClassifier(LightningModule):
             crs_random.manual_seed(int(self.hparams.seed) + self.global_rank)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        """Logits [B, num_labels] for normalised images [B, 3, S, S]."""
-        return self.net(pixel_values=pixel_values).logits
+        """Logits [B, num_labels] for normalised images [B, 3, S, S].
+
+        S may differ from the model's own image size (a multiple of its patch size): the position embeddings
+        are then interpolated to the new patch grid (Hugging Face's `interpolate_pos_encoding`; at the model's
+        own size they are used as they are).
+        """
+        return self.net(pixel_values=pixel_values, interpolate_pos_encoding=True).logits
 
     def _loss(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch
