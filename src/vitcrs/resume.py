@@ -11,7 +11,9 @@ warns about it). `ResumableLoader` makes the training data a function of (seed, 
 - each batch is collated (random crop/flip) under a torch seed derived from (seed, epoch, step, rank),
   in the worker or main process alike, without touching the caller's global RNG;
 - `state_dict()` is (epoch, images of the epoch consumed), which Lightning stores in every checkpoint; a
-  resumed run skips exactly those images (by index, without loading them).
+  resumed run skips exactly those images (by index, without loading them);
+- with `indices=True` each batch also carries its images' dataset indices (int64 [B], a third element),
+  which `crs.prob=sample_cache` keys its per-image cache by.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class _Batch(list):
 
 
 class _KeyedDataset(Dataset):
-    """Hands the collate function (seed, items) for a `_Batch` of indices (one gather when supported)."""
+    """Hands the collate function (seed, items, indices) for a `_Batch` (one gather when supported)."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -57,23 +59,26 @@ class _KeyedDataset(Dataset):
     def __getitem__(self, index: int) -> Any:
         return self.dataset[index]
 
-    def __getitems__(self, batch: _Batch) -> tuple[int, Any]:
+    def __getitems__(self, batch: _Batch) -> tuple[int, Any, list[int]]:
         getitems = getattr(self.dataset, "__getitems__", None)
         items = getitems(list(batch)) if getitems else [self.dataset[i] for i in batch]
-        return batch.seed, items
+        return batch.seed, items, list(batch)
 
 
 class _SeededCollate:
-    """Runs the wrapped collate_fn (augmentation included) under the batch's own torch seed."""
+    """Runs the wrapped collate_fn (augmentation included) under the batch's own torch seed; with `indices`,
+    appends the batch's dataset indices (int64 [B]) to the collated tuple."""
 
-    def __init__(self, collate_fn: Callable[[Any], Any]) -> None:
+    def __init__(self, collate_fn: Callable[[Any], Any], indices: bool = False) -> None:
         self.collate_fn = collate_fn
+        self.indices = indices
 
-    def __call__(self, keyed: tuple[int, Any]) -> Any:
-        seed, items = keyed
+    def __call__(self, keyed: tuple[int, Any, list[int]]) -> Any:
+        seed, items, batch = keyed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.collate_fn(items)
+            out = self.collate_fn(items)
+        return (*out, torch.tensor(batch, dtype=torch.int64)) if self.indices else out
 
 
 class _EpochBatches:
@@ -125,11 +130,14 @@ class ResumableLoader:
     """The training loader of `loader` (a map-style `DataLoader`), made deterministic and resumable.
 
     seed: the run's seed (order and augmentation); rank, world_size: this process's share (data parallel).
+    indices: append each batch's dataset indices (int64 [B]) to what the collate_fn returns (a tuple).
     Keeps the loader's dataset, batch size (per rank), shuffle, drop_last, collate_fn and worker settings.
     Lightning calls `set_epoch` (via `.sampler`) before each epoch and stores `state_dict()` in checkpoints.
     """
 
-    def __init__(self, loader: DataLoader, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, loader: DataLoader, seed: int, rank: int = 0, world_size: int = 1, indices: bool = False
+    ) -> None:
         if not isinstance(loader.batch_sampler, BatchSampler) or not isinstance(
             loader.sampler, (RandomSampler, SequentialSampler)
         ):
@@ -156,7 +164,7 @@ class ResumableLoader:
             _KeyedDataset(loader.dataset),
             batch_sampler=self.sampler,
             num_workers=loader.num_workers,
-            collate_fn=_SeededCollate(loader.collate_fn),
+            collate_fn=_SeededCollate(loader.collate_fn, indices),
             pin_memory=loader.pin_memory,
             generator=torch.Generator().manual_seed(mix_seed(seed, 1)),  # leaves the global RNG alone
             **workers,
@@ -200,8 +208,10 @@ class ResumableLoader:
         self._resume = dict(state)
 
 
-def resumable_train_data(datamodule: Any, seed: int) -> Any:
+def resumable_train_data(datamodule: Any, seed: int, indices: bool = False) -> Any:
     """Make `datamodule.train_dataloader()` return a `ResumableLoader` (in place; returns the datamodule).
+
+    indices: its batches also carry the images' dataset indices (for `crs.prob=sample_cache`).
 
     The rank and world size are read from `datamodule.trainer` when Lightning asks for the loader. The
     loader's position is also kept as the datamodule's checkpoint state: Lightning restores that before it
@@ -217,7 +227,7 @@ def resumable_train_data(datamodule: Any, seed: int) -> Any:
         trainer = getattr(datamodule, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         try:
-            loader = ResumableLoader(loader, seed, rank, world)
+            loader = ResumableLoader(loader, seed, rank, world, indices)
         except TypeError as err:
             log.warning("%s: mid-epoch resumption will not be exact", err)
             return loader

@@ -125,7 +125,8 @@ def validate(cfg: DictConfig) -> Any:
         CRSConfig(**crs)
     except TypeError as err:
         raise ConfigError(
-            f"crs has unknown keys ({err}): allowed are ratio, method, targets, min_k, prob, grad_ema."
+            f"crs has unknown keys ({err}): allowed are ratio, method, targets, min_k, prob, grad_ema, "
+            "cache_format, cache_warmup, cache_in_checkpoint."
         ) from err
     except ValueError as err:
         raise ConfigError(f"{err} (see conf/crs/default.yaml)") from err
@@ -318,7 +319,7 @@ def train(cfg: DictConfig) -> float | None:
         # corrupt archive stops the run here, before anything is written.
         datamodule.prepare_data()
         datamodule.check()
-    resumable_train_data(datamodule, cfg.seed)
+    resumable_train_data(datamodule, cfg.seed, indices=cfg.crs.prob == "sample_cache")
     if cfg.ckpt_path is None:
         # Every check passed: from here on a crash, or a kill while the model loads, leaves a marked record.
         # (A resumed run keeps its earlier record until the checkpoint's figures are restored at fit start.)
@@ -344,6 +345,7 @@ def train(cfg: DictConfig) -> float | None:
             num_labels=datamodule.num_classes,
             class_names=list(datamodule.class_names),
             seed=cfg.seed,
+            image_size=cfg.data.image_size,
         )
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         # The checkpoint callback that selects on a metric (step_checkpoint only keeps last.ckpt).
@@ -355,6 +357,7 @@ def train(cfg: DictConfig) -> float | None:
         results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         # val_acc is the score of the checkpoint just tested, when checkpoint selection ran.
         score = selector.best_model_score if best else None
+        metrics.data["sample_cache"] = model.sample_cache_summary()
         metrics.finish(
             test_acc=float(results[0]["test/acc"]),
             val_acc=float(score) if score is not None else None,

@@ -33,6 +33,7 @@ METRICS_KEYS = (
     "peak_mem_reserved_gib_per_rank",
     "saved_bytes_per_step",
     "saved_bytes_per_step_exact",
+    "sample_cache",
     "images_per_s",
     "epochs",
     "wall_time_s",

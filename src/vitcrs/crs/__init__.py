@@ -7,7 +7,7 @@ model = inject(model, cfg, targets=["query", "key", "value", "scores", "context"
 """
 
 from . import random
-from .config import METHODS, PROBS, CRSConfig
+from .config import CACHE_FORMATS, CACHE_WARMUPS, METHODS, PROBS, CRSConfig
 from .functional import crs_linear, crs_linear_shared, crs_matmul, crs_mlp
 from .grad_norm import GradNormEMA
 from .inject import (
@@ -22,15 +22,27 @@ from .inject import (
     CRSViTLayer,
     CRSViTMLP,
     crs_state_dict,
+    grad_norm_sources,
     inject,
     load_crs_state_dict,
     uninjected,
     validate_targets,
 )
 from .memory import SavedTensorsMeter, vit_block_saved_bytes
+from .sample_cache import (
+    SampleGradCache,
+    attach_sample_cache,
+    sample_cache_bytes_per_image,
+    sample_cache_nbytes,
+    sample_caches,
+    set_training_batch,
+    training_batch,
+)
 
 __all__ = [
     "ALL_TARGETS",
+    "CACHE_FORMATS",
+    "CACHE_WARMUPS",
     "DEFAULT_TARGETS",
     "KNOWN_TARGETS",
     "LEAN_TARGETS",
@@ -44,15 +56,23 @@ __all__ = [
     "CRSViTLayer",
     "CRSViTMLP",
     "GradNormEMA",
+    "SampleGradCache",
     "SavedTensorsMeter",
+    "attach_sample_cache",
     "crs_linear",
     "crs_linear_shared",
     "crs_matmul",
     "crs_mlp",
     "crs_state_dict",
+    "grad_norm_sources",
     "inject",
     "load_crs_state_dict",
     "random",
+    "sample_cache_bytes_per_image",
+    "sample_cache_nbytes",
+    "sample_caches",
+    "set_training_batch",
+    "training_batch",
     "uninjected",
     "validate_targets",
     "vit_block_saved_bytes",

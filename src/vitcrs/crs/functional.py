@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import random as crs_random
-from .config import CRSConfig
-from .grad_norm import GradNormEMA
+from .config import GRAD_PROBS, CRSConfig
+from .grad_norm import floored
+from .sample_cache import GradNormSource
 from .sampling import sample
 
 
@@ -26,34 +27,41 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _position_weights(norms: Tensor, shape: torch.Size, tracker: GradNormEMA | None) -> Tensor:
-    """Multiply per-row norms [n] by the tracker's per-position estimate (position: index in dim -2)."""
-    if tracker is None or len(shape) < 3:
-        return norms
-    est = tracker.weights(shape[-2])
-    return norms if est is None else (norms.view(-1, shape[-2]) * est).reshape(-1)
+def _visit(source: GradNormSource | None, cfg: CRSConfig):
+    """This forward's visit of a gradient-norm source (see `grad_norm`), or None: p ∝ ‖row‖ alone."""
+    return source.visit() if source is not None and cfg.prob in GRAD_PROBS else None
+
+
+def _times_estimate(norms: Tensor, visit, joint: bool = False) -> Tensor:
+    """Row norms [*lead, n] times the visit's floored estimate of ‖output gradient‖ (unchanged without one).
+
+    joint: all rows are sampled together (a linear), else per slice of the last dim (a matmul); the floor
+    (`floored`) is relative to the mean over those rows."""
+    est = None if visit is None else visit.weights(norms)
+    return norms if est is None else norms * floored(est.expand_as(norms), joint)
 
 
 class _SampledLinear(torch.autograd.Function):
     """Y_j = X W_jᵀ + b_j for one input X and several (W_j, b_j), sharing one row sample of X."""
 
     @staticmethod
-    def forward(ctx, x, cfg: CRSConfig, tracker: GradNormEMA | None, *params):
+    def forward(ctx, x, cfg: CRSConfig, tracker: GradNormSource | None, *params):
         weights, biases = params[0::2], params[1::2]
         outs = tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
         dtype = _compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])
         n = x2.shape[0]
-        k = cfg.num_samples(n)
+        visit = _visit(tracker, cfg) if x.dim() >= 3 else None  # positions: the tokens (dim -2)
+        k = n if visit is not None and visit.exact else cfg.num_samples(n)
         if k < n:
             norms = torch.linalg.vector_norm(x2, dim=-1, dtype=torch.float32)
-            norms = _position_weights(norms, x.shape, tracker if cfg.prob == "norm_grad" else None)
+            norms = _times_estimate(norms.view(x.shape[:-1]), visit, joint=True).reshape(-1)
             idx, scale = sample(norms, k, cfg.method, crs_random.generator(x.device))
             rows = (x2.index_select(0, idx) * scale.unsqueeze(-1)).to(dtype)
             ctx.save_for_backward(rows, idx.to(torch.int32), *weights)
         else:
             ctx.save_for_backward(x2.to(dtype), None, *weights)
-        ctx.cfg, ctx.tracker, ctx.x_shape, ctx.x_dtype = cfg, tracker, x.shape, x.dtype
+        ctx.visit, ctx.x_shape, ctx.x_dtype = visit, x.shape, x.dtype
         ctx.has_bias = tuple(b is not None for b in biases)
         return outs
 
@@ -74,9 +82,9 @@ class _SampledLinear(torch.autograd.Function):
             )
             needs_b = ctx.has_bias[j] and ctx.needs_input_grad[4 + 2 * j]
             out.append(g.sum(0, dtype=torch.float32).to(w.dtype) if needs_b else None)
-        if ctx.cfg.prob == "norm_grad" and ctx.tracker is not None and len(ctx.x_shape) >= 3:
+        if ctx.visit is not None:  # ‖g_i‖ of the shared row: over all the outputs that share the sample
             sq = sum(torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32) ** 2 for g in g2)
-            ctx.tracker.update(sq.sqrt().view(-1, ctx.x_shape[-2]).mean(0))
+            ctx.visit.update(sq.sqrt().view(ctx.x_shape[:-1]))
         return grad_x, None, None, *out
 
 
@@ -85,13 +93,15 @@ def _sampling_needed(cfg: CRSConfig, weights: Sequence[Tensor]) -> bool:
 
 
 def crs_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, cfg: CRSConfig, tracker: GradNormEMA | None = None
+    x: Tensor, weight: Tensor, bias: Tensor | None, cfg: CRSConfig, tracker: GradNormSource | None = None
 ) -> Tensor:
     """`F.linear(x, weight, bias)` with a column-row sampled weight gradient.
 
     x: [..., d_in]; weight: [d_out, d_in]; bias: [d_out] or None. Forward, grad of x and grad of bias are
     exact; grad of weight is an unbiased estimate from k = ceil(ratio · n) of the n rows of x flattened.
-    With ratio 1 (or no grad needed) this is exactly `F.linear`.
+    tracker: the source of ‖output gradient‖ estimates per position (dim -2 of x) for prob="norm_grad" /
+    "sample_cache" (`GradNormEMA`, `SampleGradCache`). With ratio 1 (or no grad needed) this is exactly
+    `F.linear`.
     """
     if not _sampling_needed(cfg, [weight]):
         return F.linear(x, weight, bias)
@@ -103,7 +113,7 @@ def crs_linear_shared(
     weights: Sequence[Tensor],
     biases: Sequence[Tensor | None],
     cfg: CRSConfig,
-    tracker: GradNormEMA | None = None,
+    tracker: GradNormSource | None = None,
 ) -> tuple[Tensor, ...]:
     """Several linears of one input (e.g. q, k, v) that share a single row sample of x.
 
@@ -125,14 +135,8 @@ def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
     return t.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, t.shape[-1]))
 
 
-def _sample_slices(
-    weights: Tensor, k: int, cfg: CRSConfig, tracker: GradNormEMA | None, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    if cfg.prob == "norm_grad" and tracker is not None:
-        est = tracker.weights(weights.shape[-1])
-        if est is not None:
-            weights = weights * est
-    return sample(weights, k, cfg.method, crs_random.generator(device))
+def _sample_slices(norms: Tensor, k: int, cfg: CRSConfig, visit, device: torch.device) -> tuple[Tensor, ...]:
+    return sample(_times_estimate(norms, visit), k, cfg.method, crs_random.generator(device))
 
 
 class _SampledMatmul(torch.autograd.Function):
@@ -144,26 +148,28 @@ class _SampledMatmul(torch.autograd.Function):
         dtype = _compute_dtype(a)
         m, n = a.shape[-2], b.shape[-1]
         b_s = idx_n = a_s = idx_m = None
+        visits = tuple(_visit(t, cfg) for t in trackers)
+        exact = any(v is not None and v.exact for v in visits)
         if a.requires_grad:  # grad_A = G Bᵀ contracts over n: keep k of B's n columns
-            k = cfg.num_samples(n)
+            k = n if exact else cfg.num_samples(n)
             if k < n:
                 norms = torch.linalg.vector_norm(b, dim=-2, dtype=torch.float32)
-                idx, scale = _sample_slices(norms, k, cfg, trackers[1], b.device)
+                idx, scale = _sample_slices(norms, k, cfg, visits[1], b.device)
                 b_s = (_gather_cols(b, idx) * scale.unsqueeze(-2)).to(dtype)
                 idx_n = idx.to(torch.int32)
             else:
                 b_s = b.to(dtype)
         if b.requires_grad:  # grad_B = Aᵀ G contracts over m: keep k of A's m rows
-            k = cfg.num_samples(m)
+            k = m if exact else cfg.num_samples(m)
             if keep_a or k >= m:
                 a_s = a if keep_a else a.to(dtype)
             else:
                 norms = torch.linalg.vector_norm(a, dim=-1, dtype=torch.float32)
-                idx, scale = _sample_slices(norms, k, cfg, trackers[0], a.device)
+                idx, scale = _sample_slices(norms, k, cfg, visits[0], a.device)
                 a_s = (_gather_rows(a, idx) * scale.unsqueeze(-1)).to(dtype)
                 idx_m = idx.to(torch.int32)
         ctx.save_for_backward(a_s, idx_m, b_s, idx_n)
-        ctx.cfg, ctx.trackers, ctx.dtypes = cfg, trackers, (a.dtype, b.dtype)
+        ctx.visits, ctx.dtypes = visits, (a.dtype, b.dtype)
         return z
 
     @staticmethod
@@ -176,12 +182,10 @@ class _SampledMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gs = g if idx_m is None else _gather_rows(g, idx_m.long())
             grad_b = (a_s.to(g.dtype).transpose(-1, -2) @ gs).to(ctx.dtypes[1])
-        if ctx.cfg.prob == "norm_grad":
-            lead = tuple(range(g.dim() - 2))
-            if ctx.trackers[0] is not None:
-                ctx.trackers[0].update(torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32).mean(lead))
-            if ctx.trackers[1] is not None:
-                ctx.trackers[1].update(torch.linalg.vector_norm(g, dim=-2, dtype=torch.float32).mean(lead))
+        if ctx.visits[0] is not None:  # ‖G‖ per row of A (over n): [..., m]
+            ctx.visits[0].update(torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32))
+        if ctx.visits[1] is not None:  # ‖G‖ per column of B (over m): [..., n]
+            ctx.visits[1].update(torch.linalg.vector_norm(g, dim=-2, dtype=torch.float32))
         return grad_a, grad_b, None, None, None
 
 
@@ -190,7 +194,7 @@ def crs_matmul(
     b: Tensor,
     cfg: CRSConfig,
     keep_a: bool = False,
-    trackers: tuple[GradNormEMA | None, GradNormEMA | None] = (None, None),
+    trackers: tuple[GradNormSource | None, GradNormSource | None] = (None, None),
 ) -> Tensor:
     """`a @ b` with column-row sampled input gradients, sampled independently per leading slice.
 
@@ -198,8 +202,8 @@ def crs_matmul(
     k = ceil(ratio · n) sampled columns of b (and of G); grad_b = aᵀ G from k = ceil(ratio · m) sampled
     rows of a (and of G).
     keep_a: `a` is saved by another op anyway (e.g. it is a softmax output): save it by reference, at no extra
-    memory, and compute grad_b exactly. trackers: running gradient-norm estimates over m and over n, used with
-    prob="norm_grad". With ratio 1 (or no grad needed) this is exactly `torch.matmul`.
+    memory, and compute grad_b exactly. trackers: sources of gradient-norm estimates over m and over n, used
+    with prob="norm_grad" / "sample_cache". With ratio 1 (or no grad needed) this is exactly `torch.matmul`.
     """
     if not _sampling_needed(cfg, [a, b]):
         return torch.matmul(a, b)

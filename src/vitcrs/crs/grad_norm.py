@@ -1,27 +1,62 @@
-"""`GradNormEMA`: a running estimate of the output-gradient norm per position, for `prob="norm_grad"`."""
+"""Where sampled ops get their output-gradient norms from: `GradNormEMA` (`prob="norm_grad"`).
+
+A sampled op asks its source for a `visit()` in forward and keeps it for its backward:
+- `visit.exact`: compute this op's weight gradient exactly (keep all rows) this time;
+- `visit.weights(norms)`: an estimate (>= 0; the op floors it, `floored`) of ‖output gradient‖
+  broadcastable to the op's row norms `norms` [*lead, n] (lead: batch (and head) dims, n: positions), or
+  None (then p ∝ ‖row‖ alone);
+- `visit.update(norms)`: this backward's ‖output gradient‖ per row, `norms` [*lead, n].
+A visit of None means: p ∝ ‖row‖, nothing recorded. `vitcrs.crs.sample_cache` is the per-image source.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+# Estimates are floored to FLOOR x their mean over the rows sampled together (plus TINY), so every row with a
+# non-zero input keeps p > 0: a row whose gradient was 0 last time may not be 0 now, and unbiasedness needs
+# p > 0 wherever g xᵀ ≠ 0. Such rows are drawn rarely, with a large scale.
+FLOOR = 1e-3
+TINY = 1e-12
+
+
+def floored(est: Tensor, joint: bool = False) -> Tensor:
+    """`est` [..., n] >= 0 plus FLOOR x its mean plus TINY: strictly positive. The mean runs over the last
+    dim (rows sampled per slice, as in a matmul), or over everything with `joint` (rows sampled together
+    across images, as in a linear)."""
+    mean = est.mean() if joint else est.mean(-1, keepdim=True)
+    return est + FLOOR * mean + TINY
+
 
 class GradNormEMA:
     """Per-position running mean of ‖output gradient‖, updated from each backward pass.
 
     Positions are token positions (the second-to-last dim of a linear's input) or contraction indices of a
-    matmul. `weights(length)` returns the estimate floored to stay positive (so sampling stays unbiased), or
-    None before the first update or when the length changed.
+    matmul; the mean runs over the batch (and heads) and over steps (momentum). `weights` returns the
+    estimate [n] (the op floors it: `floored`), or None before the first update or when the length
+    changed: then p ∝ ‖row‖ with its proper 1/(k·p) scale, which is unbiased too.
     """
+
+    exact = False
 
     def __init__(self, momentum: float = 0.9) -> None:
         self.momentum = momentum
         self.value: Tensor | None = None
 
+    def visit(self) -> GradNormEMA:
+        """The same estimate serves every batch."""
+        return self
+
     @torch.no_grad()
     def update(self, norms: Tensor) -> None:
-        """Fold in this step's mean gradient norm per position, `norms` [length]."""
+        """Fold in this step's gradient norms `norms` [*lead, n], averaged over the lead dims. A step with a
+        non-finite norm (an overflow that a GradScaler skips) is left out: it would stay in the estimate."""
         norms = norms.detach().float()
+        if norms.dim() > 1:
+            norms = norms.mean(tuple(range(norms.dim() - 1)))
+        if not bool(torch.isfinite(norms).all()):  # (a host sync; norm_grad's estimates are small)
+            return
         if self.value is None or self.value.shape != norms.shape:  # first step, or new token count
             self.value = norms.clone()
             return
@@ -29,10 +64,11 @@ class GradNormEMA:
             self.value = self.value.to(norms.device)
         self.value.mul_(self.momentum).add_(norms, alpha=1.0 - self.momentum)
 
-    def weights(self, length: int) -> Tensor | None:
-        if self.value is None or self.value.numel() != length:
+    def weights(self, norms: Tensor) -> Tensor | None:
+        """The estimate [n] (on norms' device) for row norms `norms` [..., n], or None."""
+        if self.value is None or self.value.numel() != norms.shape[-1]:
             return None
-        return self.value + 1e-3 * self.value.mean() + 1e-12
+        return self.value.to(norms.device)
 
     def state_dict(self) -> dict:
         return {"momentum": self.momentum, "value": self.value}

@@ -24,6 +24,7 @@ from transformers.models.vit.modeling_vit import (
 from .config import CRSConfig
 from .functional import crs_linear, crs_linear_shared, crs_matmul, crs_mlp
 from .grad_norm import GradNormEMA
+from .sample_cache import GradNormSource, SampleGradCache, TrainingBatch
 
 QKV_TARGETS = ("query", "key", "value")
 LINEAR_TARGETS = (*QKV_TARGETS, "attn_output", "fc1", "fc2")
@@ -62,7 +63,7 @@ class CRSLinear(nn.Linear):
     """An `nn.Linear` whose weight gradient is column-row sampled (`crs_linear`)."""
 
     crs_cfg: CRSConfig
-    crs_grad_norm: GradNormEMA
+    crs_grad_norm: GradNormSource
 
     def forward(self, x: Tensor) -> Tensor:
         return crs_linear(x, self.weight, self.bias, self.crs_cfg, self.crs_grad_norm)
@@ -73,7 +74,7 @@ class CRSViTAttention(ViTAttention):
 
     crs_cfg: CRSConfig
     crs_targets: frozenset[str]
-    crs_grad_norms: dict[str, GradNormEMA]
+    crs_grad_norms: dict[str, GradNormSource]
 
     def _project(self, x: Tensor) -> list[Tensor]:
         names = [t for t in QKV_TARGETS if t in self.crs_targets]
@@ -193,21 +194,28 @@ def inject(model: nn.Module, cfg: CRSConfig, targets: Iterable[str] = DEFAULT_TA
     """
     config = getattr(model, "config", None)
     targets = frozenset(validate_targets(targets, getattr(config, "_attn_implementation", None)))
+    # prob="sample_cache": one cache per sampled op, all reading the batch indices from one TrainingBatch
+    batch = TrainingBatch() if cfg.prob == "sample_cache" else None
+
+    def source() -> GradNormSource:
+        if batch is not None:
+            return SampleGradCache(batch, cfg.cache_format, cfg.grad_ema)
+        return GradNormEMA(cfg.grad_ema)
+
     for layer in _vit_layers(model):
         attn = layer.attention
         attn.__class__ = CRSViTAttention if targets & {*QKV_TARGETS, *MATMUL_TARGETS} else ViTAttention
         attn.crs_cfg, attn.crs_targets = cfg, targets
-        attn.crs_grad_norms = {
-            k: GradNormEMA(cfg.grad_ema) for k in ("qkv", "scores_m", "scores_n", "context_n")
-        }
+        attn.crs_grad_norms = {k: source() for k in ("qkv", "scores_m", "scores_n", "context_n")}
         for name, linear in (("attn_output", attn.o_proj), ("fc1", layer.mlp.fc1), ("fc2", layer.mlp.fc2)):
             linear.__class__ = CRSLinear if name in targets else nn.Linear
-            linear.crs_cfg, linear.crs_grad_norm = cfg, GradNormEMA(cfg.grad_ema)
+            linear.crs_cfg, linear.crs_grad_norm = cfg, source()
         layer.mlp.__class__ = CRSViTMLP if "mlp" in targets else ViTMLP
         layer.mlp.crs_cfg = cfg
         if type(layer) in (ViTLayer, CRSViTLayer):  # other block classes keep their forward (no fused norm)
             layer.__class__ = CRSViTLayer if "mlp" in targets else ViTLayer
     model.crs_config, model.crs_targets = cfg, tuple(t for t in KNOWN_TARGETS if t in targets)
+    model.crs_training_batch = batch  # see vitcrs.crs.sample_cache.set_training_batch
     return model
 
 
@@ -227,7 +235,8 @@ def uninjected(model: nn.Module) -> Iterator[nn.Module]:
             m.__class__ = cls
 
 
-def _trackers(model: nn.Module) -> dict[str, GradNormEMA]:
+def grad_norm_sources(model: nn.Module) -> dict[str, GradNormSource]:
+    """The gradient-norm sources of an injected model's sampled ops, by module path (+ op for attention)."""
     found = {}
     for name, mod in model.named_modules():
         if isinstance(mod, CRSLinear):
@@ -238,13 +247,14 @@ def _trackers(model: nn.Module) -> dict[str, GradNormEMA]:
 
 
 def crs_state_dict(model: nn.Module) -> dict[str, dict]:
-    """The running gradient-norm estimates of an injected model (they are not in `model.state_dict()`)."""
-    return {name: t.state_dict() for name, t in _trackers(model).items()}
+    """The running gradient-norm estimates of an injected model (they are not in `model.state_dict()`);
+    for prob="sample_cache" the stand-ins, not the per-image entries (`SampleGradCache.entries_state`)."""
+    return {name: t.state_dict() for name, t in grad_norm_sources(model).items()}
 
 
 def load_crs_state_dict(model: nn.Module, state: dict[str, dict]) -> None:
     """Restore `crs_state_dict` output into an injected model with the same targets."""
-    trackers = _trackers(model)
+    trackers = grad_norm_sources(model)
     for name, s in state.items():
         if name in trackers:
             trackers[name].load_state_dict(s)

@@ -374,8 +374,10 @@ class VisionDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ device side
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """uint8 images -> float [B, 3, image_size, image_size], (x/255 - mean) / std, on the batch device."""
-        images, labels = batch[0], batch[1]
+        """uint8 images -> float [B, 3, image_size, image_size], (x/255 - mean) / std, on the batch device.
+
+        Further batch elements (the dataset indices of a training batch) are passed on as they are."""
+        images, labels, *rest = batch
         if images.dtype == torch.uint8:
             key = images.device
             if key not in self._norm_cache:
@@ -385,7 +387,7 @@ class VisionDataModule(L.LightningDataModule):
                 )
             mean, std = self._norm_cache[key]
             images = to_model_input(images, int(self.image_size), mean, std)
-        return images, labels
+        return (images, labels, *rest)
 
     # ------------------------------------------------------------------ reporting
 

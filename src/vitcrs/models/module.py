@@ -15,13 +15,24 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import get_linear_schedule_with_warmup
 
-from vitcrs.crs import DEFAULT_TARGETS, CRSConfig, crs_state_dict, inject, load_crs_state_dict
+from vitcrs.crs import (
+    DEFAULT_TARGETS,
+    CRSConfig,
+    attach_sample_cache,
+    crs_state_dict,
+    inject,
+    load_crs_state_dict,
+    sample_cache_bytes_per_image,
+    sample_cache_nbytes,
+    sample_caches,
+    set_training_batch,
+)
 from vitcrs.crs import random as crs_random
 from vitcrs.distributed import gather_objects
 
 from .vit import build_vit
 
-Batch = tuple[Tensor, Tensor]
+Batch = tuple[Tensor, ...]  # (images, labels); training with prob=sample_cache: (images, labels, indices)
 log = logging.getLogger(__name__)
 
 
@@ -54,6 +65,12 @@ class ViTClassifier(LightningModule):
     seed: the run's seed. When fitting starts, CRS sampling gets its own stream seeded with seed + global rank
         (`vitcrs.crs.random.manual_seed`), so data-parallel ranks draw different rows; None: leave the stream
         as it is.
+    image_size: the side of the images it is trained on (None: the model's own), for the sample cache's size.
+
+    With crs.prob=sample_cache, training batches carry a third element, the images' dataset indices: they are
+    handed to the network (`set_training_batch`) before its forward, so the sampled ops read and write the
+    per-image gradient-norm cache; it holds a row per training image (`len` of the training loader's
+    dataset), per process. Validation and test never touch it.
 
     Logs train/loss (per step and epoch), train/acc (per epoch), val/loss, val/acc, test/loss, test/acc
     (top-1). Checkpoints also hold, for every rank, the CRS running gradient-norm estimates, the CRS random
@@ -70,6 +87,7 @@ class ViTClassifier(LightningModule):
         num_labels: int,
         class_names: list[str] | None = None,
         seed: int | None = None,
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -85,6 +103,8 @@ class ViTClassifier(LightningModule):
         )
         inject(self.net, self.crs_config, targets)
         self._pending_torch_rng: dict[str, Tensor] | None = None  # from a checkpoint, not yet applied
+        self._pending_cache: dict[str, Tensor] | None = None  # sample-cache entries from a checkpoint
+        self._warned_no_indices = False
         # non-finite losses since the last optimizer step (a device tensor: checking it needs a host sync,
         # done once per step, with the gradients, in on_before_optimizer_step) and the last loss
         self._loss_nonfinite: Tensor | None = None
@@ -99,6 +119,33 @@ class ViTClassifier(LightningModule):
         if stage == TrainerFn.FITTING and self.hparams.get("seed") is not None:
             crs_random.manual_seed(int(self.hparams.seed) + self.global_rank)
 
+    def sample_cache_summary(self) -> dict[str, Any] | None:
+        """The per-image gradient-norm cache (prob=sample_cache) of this process: format, training images,
+        analytic bytes per image and the host bytes its entries take now; None for other probabilities."""
+        cfg = self.crs_config
+        if cfg.prob != "sample_cache":
+            return None
+        config = self.net.config
+        size = self.hparams.get("image_size") or config.image_size
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        patch = config.patch_size[0] if isinstance(config.patch_size, (list, tuple)) else config.patch_size
+        tokens = (int(size) // int(patch)) ** 2 + 1
+        per_image = sample_cache_bytes_per_image(
+            tokens,
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_hidden_layers,
+            self.net.crs_targets,
+            cfg.cache_format,
+        )
+        images = self.net.crs_training_batch.dataset_size
+        return {
+            "format": cfg.cache_format,
+            "images": images,
+            "bytes_per_image": per_image,
+            "host_bytes": sample_cache_nbytes(self.net),
+        }
+
     def forward(self, pixel_values: Tensor) -> Tensor:
         """Logits [B, num_labels] for normalised images [B, 3, S, S].
 
@@ -109,7 +156,7 @@ class ViTClassifier(LightningModule):
         return self.net(pixel_values=pixel_values, interpolate_pos_encoding=True).logits
 
     def _loss(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        x, y = batch
+        x, y = batch[0], batch[1]
         logits = self(x)
         return F.cross_entropy(logits, y), logits, y
 
@@ -126,6 +173,16 @@ class ViTClassifier(LightningModule):
         return optimizers[0].param_groups[0]["lr"] if optimizers else float("nan")
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        if self.crs_config.prob == "sample_cache":  # (cleared again in on_train_batch_end, after backward)
+            indices = batch[2] if len(batch) > 2 else None
+            if indices is None and not self._warned_no_indices:
+                self._warned_no_indices = True
+                log.warning(
+                    "crs.prob=sample_cache: the training batches carry no dataset indices, so the per-image "
+                    "cache is not used: rows are drawn with p ∝ ‖x‖ (unbiased)"
+                )
+            exact = self.crs_config.cache_warmup == "exact" and self.current_epoch == 0
+            set_training_batch(self.net, indices, exact)
         loss, logits, y = self._loss(batch)
         # Checked in on_before_optimizer_step, not here: a check here would stall the host before backward.
         nonfinite = ~torch.isfinite(loss.detach())
@@ -213,7 +270,13 @@ class ViTClassifier(LightningModule):
             "grad_norms": move_data_to_device(crs_state_dict(self.net), "cpu"),
             "rng": crs_random.get_rng_state(),
             "torch_rng": torch_rng,
+            **({"sample_cache": self._cache_entries()} if self.crs_config.cache_in_checkpoint else {}),
         }
+
+    def _cache_entries(self) -> dict[str, Tensor]:
+        """This process's sample-cache entries by op (crs.cache_in_checkpoint)."""
+        found = {name: c.entries_state() for name, c in sample_caches(self.net).items()}
+        return {name: e for name, e in found.items() if e is not None}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning builds the checkpoint on every rank (rank 0 writes it), so the ranks' states are gathered.
@@ -242,6 +305,7 @@ class ViTClassifier(LightningModule):
                 world,
             )
         load_crs_state_dict(self.net, mine["grad_norms"])
+        self._pending_cache = mine.get("sample_cache") if fitting else None
         if mine["rng"] is not None:
             device = trainer.strategy.root_device if trainer is not None else None
             crs_random.set_rng_state(_rng_for(mine["rng"], device))
@@ -259,6 +323,31 @@ class ViTClassifier(LightningModule):
             if "cuda" in state and self.device.type == "cuda":
                 torch.cuda.set_rng_state(state["cuda"], self.device)
 
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        set_training_batch(self.net, None)  # the batch's backward is done: nothing else reads or writes
+
     def on_train_start(self) -> None:
         # Estimates restored from a checkpoint may sit on another device than the model now does.
         load_crs_state_dict(self.net, move_data_to_device(crs_state_dict(self.net), self.device))
+        if self.crs_config.prob == "sample_cache":
+            self._start_sample_cache()
+
+    def _start_sample_cache(self) -> None:
+        """Size the cache to the training set, restore checkpointed entries, log its host-memory cost."""
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        attach_sample_cache(self.net, len(dataset) if dataset is not None else 0)
+        entries, self._pending_cache = self._pending_cache, None
+        for name, cache in sample_caches(self.net).items():
+            cache.load_entries_state((entries or {}).get(name))
+        summary = self.sample_cache_summary()
+        assert summary is not None
+        total = summary["bytes_per_image"] * summary["images"]
+        log.info(
+            "crs.prob=sample_cache: %s bytes per image (%s) x %d training images = %.3f GiB of host memory "
+            "per process%s",
+            f"{summary['bytes_per_image']:,}",
+            summary["format"],
+            summary["images"],
+            total / 2**30,
+            " (entries restored from the checkpoint)" if entries else "",
+        )
