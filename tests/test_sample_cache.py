@@ -23,6 +23,7 @@ from vitcrs.crs import (
     sample_cache_bytes_per_image,
     sample_caches,
     training_batch,
+    uninjected,
 )
 from vitcrs.crs import functional as crs_functional
 from vitcrs.crs.grad_norm import floored
@@ -148,16 +149,13 @@ def test_the_last_blocks_mlp_gets_cls_rows_only_and_wta_keeps_them_all():
         model = inject(tiny_vit(layers=2), CRSConfig(ratio=0.3, prob=prob), ["fc1", "fc2"])
         attach_sample_cache(model, 4)
         x, idx = torch.randn(4, 3, 16, 16), torch.arange(4)
-        fc2 = model.vit.encoder.layer[-1].mlp.fc2 if hasattr(model.vit, "encoder") else None
-        fc2 = fc2 or [m for n, m in model.named_modules() if n.endswith("mlp.fc2")][-1]
+        fc2 = [m for n, m in model.named_modules() if n.endswith("mlp.fc2")][-1]
         for _ in range(2):  # the first step makes the estimates, the second uses them
             model.zero_grad()
             with training_batch(model, idx):
                 model(x).logits.sum().backward()
         sampled = fc2.weight.grad.clone()
         model.zero_grad()
-        from vitcrs.crs import uninjected
-
         with uninjected(model):
             model(x).logits.sum().backward()
         torch.testing.assert_close(sampled, fc2.weight.grad, rtol=1e-5, atol=1e-7)
@@ -211,3 +209,20 @@ def test_a_run_with_the_cache_reports_its_memory_and_resumes_exactly(compose_cfg
               for d in (tmp_path / "unbroken", broken))  # fmt: skip
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bit for bit: the resumed run drew the same rows
     assert math.isfinite(unbroken["test_acc"])
+
+
+def test_the_exact_warm_up_keeps_every_row_and_fills_the_cache():
+    cfg = CRSConfig(ratio=0.3, prob="sample_cache", cache_warmup="exact")
+    model = inject(tiny_vit(layers=1), cfg, ALL_TARGETS)
+    attach_sample_cache(model, 4)
+    x = torch.randn(2, 3, 16, 16)
+    with training_batch(model, torch.tensor([0, 3]), exact=True):
+        model(x).logits.square().sum().backward()
+    sampled = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with uninjected(model):
+        model(x).logits.square().sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(sampled[n], p.grad, rtol=1e-5, atol=1e-6)
+    written = [c.entries for c in sample_caches(model).values() if c.entries is not None]
+    assert len(written) == 7 and all(not e[[0, 3]].float().isnan().any() for e in written)
