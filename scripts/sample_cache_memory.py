@@ -47,8 +47,7 @@ def measured_per_image(shape: tuple[int, int, int, int], size: int, fmt: str) ->
 
 def main() -> None:
     torch.manual_seed(0)
-    head = "| model | px | tokens | format | measured B/image | analytic B/image | KiB/image | GiB for 45,000 |"
-    print(head)
+    print("| model | px | tokens | format | measured B/image | analytic B/image | KiB/image | GiB, 45,000 |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for name, shape in MODELS.items():
         hidden, layers, heads, _ = shape
@@ -62,8 +61,8 @@ def main() -> None:
                     f"{want * CIFAR_TRAIN / 2**30:.2f} |"
                 )
     print()
-    print(f"torch {torch.__version__}; targets: {', '.join(DEFAULT_TARGETS)}; per process (each data-parallel")
-    print("rank keeps its own cache).")
+    print(f"torch {torch.__version__}; targets: {', '.join(DEFAULT_TARGETS)}; per process (each")
+    print("data-parallel rank keeps its own cache).")
 
 
 if __name__ == "__main__":
