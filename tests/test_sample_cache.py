@@ -226,3 +226,17 @@ def test_the_exact_warm_up_keeps_every_row_and_fills_the_cache():
         torch.testing.assert_close(sampled[n], p.grad, rtol=1e-5, atol=1e-6)
     written = [c.entries for c in sample_caches(model).values() if c.entries is not None]
     assert len(written) == 7 and all(not e[[0, 3]].float().isnan().any() for e in written)
+
+
+def test_an_overflowing_step_leaves_the_estimates_as_they_were():
+    """A GradScaler (16-mixed) skips a step whose gradients overflow: its norms must not poison estimates."""
+    ema = GradNormEMA(0.5)
+    ema.update(torch.tensor([[2.0, 4.0]]))
+    ema.update(torch.tensor([[float("inf"), 1.0]]))
+    assert torch.equal(ema.value, torch.tensor([2.0, 4.0]))
+    _, cache = _cache(3)
+    cache.write(torch.tensor([0, 1]), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    cache.write(torch.tensor([2, 1]), torch.tensor([[float("nan"), 8.0], [float("inf"), 8.0]]))
+    entries = decode(cache.entries, "bfloat16")
+    assert entries[1:, 0].isnan().all() and torch.equal(entries[1:, 1], torch.tensor([8.0, 8.0]))
+    torch.testing.assert_close(cache.standin, torch.tensor([2.0, 0.9 * 3.0 + 0.1 * 8.0]))

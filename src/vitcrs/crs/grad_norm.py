@@ -51,18 +51,19 @@ class GradNormEMA:
     @torch.no_grad()
     def update(self, norms: Tensor) -> None:
         """Fold in this step's gradient norms `norms` [*lead, n], averaged over the lead dims. A step with a
-        non-finite norm (an overflow that a GradScaler skips) is left out: it would stay in the estimate."""
+        non-finite norm (an overflow that a GradScaler skips) is left out (on the device, no host sync): it
+        would stay in the estimate for good."""
         norms = norms.detach().float()
         if norms.dim() > 1:
             norms = norms.mean(tuple(range(norms.dim() - 1)))
-        if not bool(torch.isfinite(norms).all()):  # (a host sync; norm_grad's estimates are small)
-            return
+        finite = torch.isfinite(norms).all()
         if self.value is None or self.value.shape != norms.shape:  # first step, or new token count
-            self.value = norms.clone()
+            self.value = torch.where(finite, norms, torch.zeros_like(norms))  # zeros: p ∝ ‖row‖ (floored)
             return
         if self.value.device != norms.device:  # e.g. restored from a checkpoint on another device
             self.value = self.value.to(norms.device)
-        self.value.mul_(self.momentum).add_(norms, alpha=1.0 - self.momentum)
+        update = self.value * self.momentum + norms * (1.0 - self.momentum)
+        self.value = torch.where(finite, update, self.value)
 
     def weights(self, norms: Tensor) -> Tensor | None:
         """The estimate [n] (on norms' device) for row norms `norms` [..., n], or None."""

@@ -120,12 +120,12 @@ class SampleGradCache:
         norms = norms.detach().float()
         norms = torch.where(norms.isfinite(), norms, torch.full_like(norms, float("nan")))
         mean = norms.nanmean(0)
-        mean = torch.where(mean.isnan(), self.standin if self.standin is not None else 1.0, mean)
         if self.standin is None or self.standin.shape != mean.shape:
-            self.standin = mean
-        else:
+            self.standin = torch.where(mean.isnan(), torch.ones_like(mean), mean)
+        else:  # positions no image of this batch had a finite norm at keep their stand-in
             standin = self.standin.to(mean.device)
-            self.standin = standin.mul_(self.momentum).add_(mean, alpha=1 - self.momentum)
+            update = standin * self.momentum + mean * (1 - self.momentum)
+            self.standin = torch.where(mean.isnan(), standin, update)
         size = self.batch.dataset_size
         if size == 0:
             return
