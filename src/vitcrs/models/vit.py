@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 DEFAULT_MEAN_STD = (0.5, 0.5, 0.5)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_HEAD_PREFIX = "classifier."
+HEAD_PREFIX = "classifier."  # parameter names of the classifier head (re-initialised per task)
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ def build_vit(
 def _report_loading(name_or_path: str, info: dict) -> None:
     """One log line for the expected fresh head; a warning for encoder weights that were not loaded."""
     mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
-    fresh = [k for k in [*info.get("missing_keys", []), *mismatched] if not k.startswith(_HEAD_PREFIX)]
+    fresh = [k for k in [*info.get("missing_keys", []), *mismatched] if not k.startswith(HEAD_PREFIX)]
     if fresh:
         log.warning(
             "%s: %d encoder weights were NOT loaded from the checkpoint and are random: %s",
