@@ -84,11 +84,11 @@ def configurations(cfg: DictConfig) -> list[Configuration]:
             )
         settings = {k: v for k, v in entry.items() if k != "targets"}
         try:
-            CRSConfig(**settings)
+            crs = CRSConfig(**settings)  # the keys not given take CRSConfig's defaults
             targets = validate_targets(targets, cfg.model.attn_implementation)
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from err
-        out.append(Configuration(targets=targets, **{k: settings[k] for k in settings}))
+        out.append(Configuration(targets=targets, **crs.to_dict()))
     return out
 
 

@@ -9,7 +9,7 @@ grad is enabled) does, in order:
    `prime_passes` sampled backward passes on the measured batch (only for probabilities that learn from
    earlier passes, i.e. prob other than "norm"), then `draws` sampled gradients ĝ_d of the measured batch.
 Every gradient is over `measured_parameters` (head excluded) and compared with `vitcrs.fidelity.metric`.
-Step time: median seconds of a forward + backward, sampled (draws and priming) and exact (the noise batches).
+Step time: median seconds of a forward + backward, sampled (the draws) and exact (the noise batches).
 """
 
 from __future__ import annotations
@@ -201,6 +201,51 @@ def exact_gradients(
     return first, noise
 
 
+def compare_draws(
+    sample: Callable[[], tuple[list[Tensor], float]],
+    exact: list[Tensor],
+    *,
+    draws: int,
+    groups: Groups,
+    alpha: float,
+    tick: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """Call `sample()` (→ sampled gradients per parameter, seconds) `draws` times and compare with `exact`.
+
+    Returns rel_err and cos (mean ± se over draws), rel_err_per_draw, per_block and per_kind relative errors
+    (each within its block or kind), the bias check (`vitcrs.fidelity.stats.bias_check`) and step_time_s
+    (median seconds of a draw). Holds the draws' errors in memory: draws × parameters floats.
+    """
+    exact_flat = torch.cat([g.reshape(-1) for g in exact])
+    errors = torch.empty(draws, exact_flat.numel(), dtype=exact_flat.dtype, device=exact_flat.device)
+    sums, times = [], []
+    for d in range(draws):
+        grads, seconds = sample()
+        times.append(seconds)
+        sums.append(parameter_sums(grads, exact))
+        torch.cat([g.reshape(-1) for g in grads], out=errors[d]).sub_(exact_flat)
+        tick()
+    per_draw = [rel_err_and_cos(s) for s in sums]
+    block_sums, kind_sums = groups.totals(torch.stack(sums).transpose(0, 1))  # [blocks|kinds, D, 4]
+
+    def relative(group_sums: Tensor, names: list[str]) -> dict[str, dict[str, Any]]:
+        return {
+            name: mean_se(_ratio(group_sums[i, :, SQ_ERR], group_sums[i, :, SQ_EXACT]))
+            for i, name in enumerate(names)
+        }
+
+    exact_sq = float(parameter_sums(exact, exact)[:, SQ_EXACT].sum())
+    return {
+        "rel_err": mean_se([r for r, _ in per_draw]),
+        "rel_err_per_draw": [r for r, _ in per_draw],
+        "cos": mean_se([c for _, c in per_draw]),
+        "per_block": relative(block_sums, groups.blocks),
+        "per_kind": relative(kind_sums, groups.kinds),
+        "bias": bias_check(errors, exact_sq, alpha),
+        "step_time_s": statistics.median(times),
+    }
+
+
 def measure_configuration(
     passes: Passes,
     batch: Batch,
@@ -213,50 +258,28 @@ def measure_configuration(
     groups: Groups,
     noise: dict[str, Any],
     alpha: float,
-    tick: Callable,
+    tick: Callable[[], None],
 ) -> dict[str, Any]:
     """`draws` sampled gradients of `batch` under `config`, compared with `exact` (see the module doc)."""
     inject(passes.model, config.crs_config, config.targets)
     crs_random.manual_seed(seed)
-    times = []
+    prime_times = []
     if config.prob not in STATELESS_PROBS:
         for _ in range(prime_passes):
-            times.append(passes.grads(batch)[1])
+            prime_times.append(passes.grads(batch)[1])
             tick()
-    exact_flat = torch.cat([g.reshape(-1) for g in exact])
-    errors = torch.empty(draws, exact_flat.numel(), dtype=exact_flat.dtype, device=exact_flat.device)
-    sums = []
-    for d in range(draws):
-        grads, seconds = passes.grads(batch)
-        times.append(seconds)
-        sums.append(parameter_sums(grads, exact))
-        torch.cat([g.reshape(-1) for g in grads], out=errors[d]).sub_(exact_flat)
-        tick()
-    inject(passes.model, CRSConfig(), ())  # leave the model exact
-    per_draw = [rel_err_and_cos(s) for s in sums]
-    rel_err = mean_se([r for r, _ in per_draw])
-    stacked = torch.stack(sums)  # [D, n, 4]
-    block_sums, kind_sums = groups.totals(stacked.transpose(0, 1))  # [blocks, D, 4], [kinds, D, 4]
-
-    def relative(group_sums: Tensor, names: list[str]) -> dict[str, dict[str, Any]]:
-        return {
-            name: mean_se(_ratio(group_sums[i, :, SQ_ERR], group_sums[i, :, SQ_EXACT]))
-            for i, name in enumerate(names)
-        }
-
-    exact_time = noise["step_time_s"]
-    step_time = statistics.median(times)
+    try:
+        result = compare_draws(
+            lambda: passes.grads(batch), exact, draws=draws, groups=groups, alpha=alpha, tick=tick
+        )
+    finally:
+        inject(passes.model, CRSConfig(), ())  # leave the model exact
+    exact_time, step_time = noise["step_time_s"], result["step_time_s"]
     return {
         **config.to_dict(),
-        "rel_err": rel_err,
-        "rel_err_per_draw": [r for r, _ in per_draw],
-        "cos": mean_se([c for _, c in per_draw]),
-        "err_over_noise": rel_err["mean"] / noise["noise"] if noise["noise"] > 0 else None,
-        "per_block": relative(block_sums, groups.blocks),
-        "per_kind": relative(kind_sums, groups.kinds),
-        "bias": bias_check(errors, noise["grad_sq_norm"], alpha),
-        "prime_passes": len(times) - draws,
-        "step_time_s": step_time,
+        **result,
+        "err_over_noise": result["rel_err"]["mean"] / noise["noise"] if noise["noise"] > 0 else None,
+        "prime_passes": len(prime_times),
         "time_vs_exact": step_time / exact_time if exact_time > 0 else None,
     }
 
