@@ -37,7 +37,7 @@ from vitcrs.errors import ConfigError
 from vitcrs.models import build_vit
 
 from .meter import Batch, Configuration, measure, passes_needed
-from .render import fidelity_markdown, write_plot
+from .render import fidelity_markdown, number, write_plot
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,18 @@ def _command() -> str:
     return "python -m vitcrs.fidelity " + shlex.join(overrides)
 
 
+def finite_or_none(value: Any) -> Any:
+    """`value` with every NaN/inf float inside dicts and lists replaced by None (valid JSON; e.g. the
+    relative error of a block whose exact gradient is zero)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def _model_name(cfg: DictConfig) -> str:
     """The checkpoint, else the model option chosen (e.g. vit_micro), else "random-init"."""
     choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
@@ -216,21 +228,18 @@ def run(cfg: DictConfig) -> Path:
         },
         **results,
     }
+    results = finite_or_none(results)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(
-        results, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v
-    )
-    (out / "fidelity.json").write_text(text + "\n", encoding="utf-8")
+    (out / "fidelity.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "fidelity.md").write_text(fidelity_markdown(results), encoding="utf-8")
     write_plot(results, out / "fidelity.png")
-    noise = results["exact"]["noise"]
+    noise = number(results["exact"]["noise"])
     for c in results["configurations"]:
-        ratio = c["err_over_noise"]
         log.info(
-            "%s: rel. error %.3g (%.2fx the minibatch noise %.3g), cos %.3f%s",
-            c["label"], c["rel_err"]["mean"], math.nan if ratio is None else ratio, noise, c["cos"]["mean"],
-            ", BIASED" if c["bias"]["biased"] else "",
+            "%s: rel. error %s (%sx the minibatch noise %s), cos %s%s",
+            c["label"], number(c["rel_err"]["mean"]), number(c["err_over_noise"]), noise,
+            number(c["cos"]["mean"]), ", BIASED" if c["bias"]["biased"] else "",
         )  # fmt: skip
     log.info("fidelity.json, fidelity.md, fidelity.png in %s", out.resolve())
     return out
