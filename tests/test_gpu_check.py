@@ -26,7 +26,7 @@ def test_dry_run_writes_every_step_result_and_the_summary(tmp_path):
     proc = subprocess.run(
         ["bash", str(REPO / "scripts/gpu_check.sh"), str(out), "--dry-run", "--configs", "study",
          "--work", str(tmp_path / "work"), "--bundle", str(bundle)],
-        env={**quiet_env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300,
+        env={**quiet_env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     summary = json.loads((out / "summary.json").read_text())

@@ -68,7 +68,10 @@ def parser() -> argparse.ArgumentParser:
         help="after every step also write gpu_check.tar.gz, summary.md and "
         "gpu_check.log here (for the device tool's $OUT: few files, no deep folders)",
     )
-    p.add_argument("--budget", type=float, help="seconds for the whole check (default 540; dry run 240)")
+    p.add_argument("--budget", type=float, help="seconds for the whole check (default 540; dry run 900)")
+    p.add_argument(
+        "--keep-going", action="store_true", help="run the later steps even when step 1 (tests, smoke) fails"
+    )
     p.add_argument("--steps", default=",".join(STEPS), help=f"which steps to run (default {','.join(STEPS)})")
     p.add_argument(
         "--configs",
@@ -331,6 +334,7 @@ class GPUCheck:
             f"model.name_or_path={model}",
             "dataset=imagefolder",
             f"data.root={tree}",
+            "data.name=cifar10",  # the JPEG tree is the real CIFAR-10: report it under that name
             *self.plan.train_overrides,
             *run.crs_overrides,
             f"seed={run.seed}",
@@ -384,9 +388,11 @@ class GPUCheck:
             self._not_run("setup failed")
             return 2
         tree, model = ready
-        ok = ("tests" not in steps or self.tests()) and ("smoke" not in steps or self.smoke())
-        if not ok:
-            self._not_run("step 1 (CUDA tests / correctness smoke) failed: fix that first")
+        ok = "tests" not in steps or self.tests()
+        if ok or self.args.keep_going:
+            ok = ("smoke" not in steps or self.smoke()) and ok
+        if not ok and not self.args.keep_going:
+            self._not_run("step 1 (CUDA tests / correctness smoke) failed: fix that first (or --keep-going)")
             return 1
         if "bench" in steps:
             self.bench()

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BUDGET_S = {"gpu": 540.0, "dry": 240.0}  # the whole check: 9 minutes on a GPU
+# the whole check: 9 minutes on a GPU; the dry run checks code paths, not time, so it gets room on a busy CPU
+BUDGET_S = {"gpu": 540.0, "dry": 900.0}
 # the training comparison: exact (ratio 1), the default sampling (conf/crs) and the study's targets, at 0.3
 TRAIN_CONFIGS = ("exact", "default", "study")
 
@@ -26,20 +27,20 @@ LIMITS_S = {
         "fidelity": 60,  # python -m vitcrs.fidelity, only when it exists (issue 10)
     },
     "dry": {
-        "setup": 60,
-        "tests": 90,
-        "smoke": 60,
-        "bench_eager_fp32": 60,
-        "bench_sdpa_bf16": 60,
-        "report": 60,
-        "fidelity": 60,
+        "setup": 120,
+        "tests": 120,
+        "smoke": 120,
+        "bench_eager_fp32": 120,
+        "bench_sdpa_bf16": 120,
+        "report": 120,
+        "fidelity": 120,
     },
 }
 
 # seconds of one training run before one of its kind has been timed: process start and data loading (~25 s,
 # first run decodes the JPEGs: ~17 s), 20,000 training images at ~1,400 (exact) / ~620 (CRS) images/s,
 # validation and test on 15,000 images (~5 s)
-TRAIN_PRIOR_S = {"gpu": {"exact": 60.0, "crs": 80.0}, "dry": {"exact": 30.0, "crs": 30.0}}
+TRAIN_PRIOR_S = {"gpu": {"exact": 60.0, "crs": 80.0}, "dry": {"exact": 60.0, "crs": 60.0}}
 
 
 @dataclass(frozen=True)
