@@ -89,6 +89,23 @@ def test_a_failed_step_one_stops_the_check_with_a_summary(tmp_path, monkeypatch)
     assert "| smoke: correctness smoke" in (tmp_path / "out/summary.md").read_text()
 
 
+def test_a_crash_in_one_step_fails_that_step_and_the_rest_still_run(tmp_path, monkeypatch):
+    args = cli.parser().parse_args([str(tmp_path / "out"), "--dry-run", "--steps", "train,report"])
+    check = cli.GPUCheck(args, make_plan(True, None, 10, 1, None), ["OUT"])
+    monkeypatch.setattr(check, "setup", lambda: (tmp_path, tmp_path))
+
+    def crash(*args) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(check, "train", crash)
+    monkeypatch.setattr(check, "report", lambda: check.finish(check.records["report"], "ok", 1.0))
+    assert check.run({"train", "report"}) == 1
+    steps = {s["name"]: s for s in json.loads((tmp_path / "out/summary.json").read_text())["steps"]}
+    assert steps["train"]["status"] == "failed" and steps["train"]["note"] == "RuntimeError: boom"
+    assert steps["report"]["status"] == "ok" and steps["smoke"]["status"] == NOT_RUN
+    assert "RuntimeError: boom" in (tmp_path / "out/gpu_check.log").read_text()  # with its traceback
+
+
 def test_bias_check_passes_unbiased_draws_and_flags_a_wrong_scale():
     """256 draws with 50 % error each: unbiased passes, a 25 % scale error (a wrong 1/(k·p)) does not."""
     torch.manual_seed(0)

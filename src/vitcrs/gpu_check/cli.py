@@ -12,9 +12,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import vitcrs
 
@@ -249,43 +251,26 @@ class GPUCheck:
         self.finish(record, status, done.seconds, note)
         return status == OK
 
-    def bench(self) -> None:
+    def bench(self, step: str, attn: str, precision: str) -> None:
+        """One bench process: exact and each sound target set, checkpointing off and on, in attn/precision."""
         from vitcrs.bench.grid import TARGET_SETS
         from vitcrs.crs import MATMUL_TARGETS
 
         # sound target sets: every activation gradient exact (no attention matmul sampled)
         sound = [name for name, targets in TARGET_SETS.items() if not set(targets) & set(MATMUL_TARGETS)]
-        for step, attn, precision in BENCH_RUNS:
-            record = self.records[step]
-            folder = f"bench/{attn}_{precision}"
-            argv = [
-                sys.executable,
-                "-m",
-                "vitcrs.bench",
-                *self.plan.bench_model,
-                "--methods",
-                "wta_crs",
-                "--ratios",
-                self.plan.bench_ratios,
-                "--targets",
-                ",".join(sound),
-                "--attn",
-                attn,
-                "--precision",
-                precision,
-                "--checkpointing",
-                "off,on",
-                "--out",
-                str(self.out / folder),
-            ]
-            done = self.command(record, argv, self.limit(step))
-            record.outputs = [f"{folder}/bench.md", f"{folder}/bench.json", record.log]
-            status = TIMEOUT if done.timed_out else OK if done.returncode == 0 else FAILED
-            rows = _bench_rows(self.out / folder / "bench.json")
-            self.finish(
-                record, status, done.seconds, f"{rows} rows; target sets {', '.join(sound)}" if rows else ""
-            )
-            combine_bench(self.out / "bench", [self.out / f"bench/{a}_{p}" for _, a, p in BENCH_RUNS])
+        record = self.records[step]
+        folder = f"bench/{attn}_{precision}"
+        grid = ["--methods", "wta_crs", "--ratios", self.plan.bench_ratios, "--targets", ",".join(sound)]
+        rows = ["--attn", attn, "--precision", precision, "--checkpointing", "off,on"]
+        argv = [sys.executable, "-m", "vitcrs.bench", *self.plan.bench_model, *grid, *rows]
+        argv += ["--out", str(self.out / folder)]
+        done = self.command(record, argv, self.limit(step))
+        record.outputs = [f"{folder}/bench.md", f"{folder}/bench.json", record.log]
+        status = TIMEOUT if done.timed_out else OK if done.returncode == 0 else FAILED
+        count = _bench_rows(self.out / folder / "bench.json")
+        note = f"{count} rows; target sets {', '.join(sound)}" if count else ""
+        combine_bench(self.out / "bench", [self.out / f"bench/{a}_{p}" for _, a, p in BENCH_RUNS])
+        self.finish(record, status, done.seconds, note)
 
     def train(self, tree: Path, model: Path, reserve_s: float) -> None:
         from vitcrs.train import CONF_DIR
@@ -380,30 +365,44 @@ class GPUCheck:
         self.finish(record, status, done.seconds, "optional: its result does not change the exit status")
 
     # ------------------------------------------------------------ the whole check
+    def guarded(self, step: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)`; an exception of the check's own code fails that step (traceback in the log), not the
+        whole check."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            with self.logfile.open("a") as f:
+                f.write(traceback.format_exc())
+            self.finish(
+                self.records[step], FAILED, self.records[step].seconds, f"{type(exc).__name__}: {exc}"
+            )
+            return None
+
     def run(self, steps: set[str]) -> int:
         self.log(f"{self.plan.mode} check into {self.out}, budget {self.plan.budget_s:.0f} s")
         self.save()
-        ready = self.setup()
+        ready = self.guarded("setup", self.setup)
         if ready is None:
             self._not_run("setup failed")
             return 2
         tree, model = ready
-        ok = "tests" not in steps or self.tests()
+        ok = "tests" not in steps or bool(self.guarded("tests", self.tests))
         if ok or self.args.keep_going:
-            ok = ("smoke" not in steps or self.smoke()) and ok
+            ok = ("smoke" not in steps or bool(self.guarded("smoke", self.smoke))) and ok
         if not ok and not self.args.keep_going:
             self._not_run("step 1 (CUDA tests / correctness smoke) failed: fix that first (or --keep-going)")
             return 1
         if "bench" in steps:
-            self.bench()
+            for step, attn, precision in BENCH_RUNS:
+                self.guarded(step, self.bench, step, attn, precision)
         fidelity = "fidelity" in steps and importlib.util.find_spec("vitcrs.fidelity") is not None
         if "train" in steps:
             reserve = self.plan.limit("report") + (self.plan.limit("fidelity") if fidelity else 0.0)
-            self.train(tree, model, reserve)
+            self.guarded("train", self.train, tree, model, reserve)
         if "report" in steps:
-            self.report()
+            self.guarded("report", self.report)
         if "fidelity" in steps:
-            self.fidelity(tree, model)
+            self.guarded("fidelity", self.fidelity, tree, model)
         self._not_run("not asked for (--steps)")
         required = [r for r in self.records.values() if r.name != "fidelity"]
         failed = [r.name for r in required if r.status in (FAILED, TIMEOUT)]
