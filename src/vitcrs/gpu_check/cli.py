@@ -82,8 +82,10 @@ def parser() -> argparse.ArgumentParser:
         f"targets at 0.3); default {','.join(TRAIN_CONFIGS)}",
     )
     p.add_argument("--seeds", type=int, help="training seeds to try, 0..N-1 (default 3; dry run 1)")
-    p.add_argument("--train-images", type=int, default=20000, help="training images per run (default 20000)")
-    p.add_argument("--epochs", type=int, default=1, help="epochs per training run (default 1)")
+    p.add_argument(
+        "--train-images", type=int, default=20000, help="training images per run on a GPU (default 20000)"
+    )
+    p.add_argument("--epochs", type=int, default=1, help="epochs per training run on a GPU (default 1)")
     return p
 
 
