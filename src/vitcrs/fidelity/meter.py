@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from vitcrs.crs import CRSConfig, inject, uninjected
 from vitcrs.crs import random as crs_random
+from vitcrs.models.vit import vit_logits
 
 from .metric import (
     EMBEDDINGS_BLOCK,
@@ -119,7 +120,7 @@ class Passes:
 
     def loss(self, batch: Batch) -> Tensor:
         x, y = batch
-        return F.cross_entropy(self.model(pixel_values=x).logits, y)
+        return F.cross_entropy(vit_logits(self.model, x), y)
 
     def grads(self, batch: Batch) -> tuple[list[Tensor], float]:
         """(gradients [per measured parameter], seconds of the forward + backward); p.grad is not touched."""
@@ -153,7 +154,7 @@ def warm_up(
     with uninjected(model):
         for x, y in batches:
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(pixel_values=x).logits, y).backward()
+            F.cross_entropy(vit_logits(model, x), y).backward()
             optimizer.step()
             tick()
     optimizer.zero_grad(set_to_none=True)

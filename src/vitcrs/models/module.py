@@ -27,7 +27,7 @@ from vitcrs.crs import (
 from vitcrs.crs import random as crs_random
 from vitcrs.distributed import gather_objects
 
-from .vit import build_vit
+from .vit import build_vit, vit_logits
 
 Batch = tuple[Tensor, Tensor]
 log = logging.getLogger(__name__)
@@ -124,8 +124,8 @@ class ViTClassifier(LightningModule):
             crs_random.manual_seed(int(self.hparams.seed) + self.global_rank)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        """Logits [B, num_labels] for normalised images [B, 3, S, S]."""
-        return self.net(pixel_values=pixel_values).logits
+        """Logits [B, num_labels] for normalised images [B, 3, S, S] (any S the model takes: `vit_logits`)."""
+        return vit_logits(self.net, pixel_values)
 
     def _loss(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch

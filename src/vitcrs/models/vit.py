@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
 from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification
 from transformers.utils import logging as hf_logging
 
@@ -29,11 +30,13 @@ HEAD_PREFIX = "classifier."  # parameter names of the classifier head (re-initia
 
 @dataclass(frozen=True)
 class ModelInputs:
-    """What the network expects of its input: square side in pixels and per-channel normalisation."""
+    """What the network expects of its input: its square side in pixels (the checkpoint's), per-channel
+    normalisation, and the patch side (another input side must be a multiple of it)."""
 
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    patch_size: int = 16
 
 
 def _side(size: Any) -> int:
@@ -88,7 +91,7 @@ def _hub_error(name_or_path: str, err: Exception) -> ConfigError:
 
 
 def model_inputs(name_or_path: str | None, config: dict | None = None) -> ModelInputs:
-    """Image size (from the model config) and mean/std (from preprocessor_config.json; 0.5 when absent).
+    """Image and patch size (from the model config), mean/std (preprocessor_config.json; 0.5 when absent).
 
     Reads only small JSON files (from the Hub cache for Hub ids). `config` overrides, e.g. image_size, win.
     """
@@ -99,18 +102,22 @@ def model_inputs(name_or_path: str | None, config: dict | None = None) -> ModelI
                 "model.name_or_path is null and model.config is empty: give a checkpoint "
                 "(model.name_or_path=...) or the architecture of a random-init ViT (model.config)."
             )
-        return ModelInputs(_side(config.get("image_size", 224)), DEFAULT_MEAN_STD, DEFAULT_MEAN_STD)
+        patch = _side(config.get("patch_size", ViTConfig().patch_size))
+        return ModelInputs(_side(config.get("image_size", 224)), DEFAULT_MEAN_STD, DEFAULT_MEAN_STD, patch)
     local = _local_dir(name_or_path)
     if local is not None:
         saved = json.loads((local / "config.json").read_text())
         size = config.get("image_size", saved.get("image_size", 224))
+        patch = config.get("patch_size", saved.get("patch_size", 16))
         pre = local / "preprocessor_config.json"
         processor = json.loads(pre.read_text()) if pre.is_file() else {}
     else:
         try:
-            size = config.get("image_size", ViTConfig.from_pretrained(name_or_path).image_size)
+            hub = ViTConfig.from_pretrained(name_or_path)
         except OSError as err:
             raise _hub_error(name_or_path, err) from err
+        size = config.get("image_size", hub.image_size)
+        patch = config.get("patch_size", hub.patch_size)
         try:  # config.json came through, so a failure here means the checkpoint has no preprocessor file
             p = AutoImageProcessor.from_pretrained(name_or_path)
             processor = {"image_mean": p.image_mean, "image_std": p.image_std}
@@ -120,7 +127,7 @@ def model_inputs(name_or_path: str | None, config: dict | None = None) -> ModelI
         log.warning("%s has no preprocessor_config.json: normalising with mean = std = 0.5", name_or_path)
     mean = tuple(float(m) for m in processor.get("image_mean", DEFAULT_MEAN_STD))
     std = tuple(float(s) for s in processor.get("image_std", DEFAULT_MEAN_STD))
-    return ModelInputs(_side(size), mean, std)
+    return ModelInputs(_side(size), mean, std, _side(patch))
 
 
 def build_vit(
@@ -174,6 +181,16 @@ def build_vit(
             hf_logging.enable_progress_bar()
     _report_loading(name_or_path, info)
     return model
+
+
+def vit_logits(net: ViTForImageClassification, pixel_values: Tensor) -> Tensor:
+    """Logits [B, num_labels] of `net` for normalised images [B, 3, S, S].
+
+    S may differ from the model's own image size (a multiple of its patch size): the position embeddings are
+    then interpolated to the new patch grid (Hugging Face's `interpolate_pos_encoding`; at the model's own
+    size they are used as they are).
+    """
+    return net(pixel_values=pixel_values, interpolate_pos_encoding=True).logits
 
 
 def _report_loading(name_or_path: str, info: dict) -> None:
