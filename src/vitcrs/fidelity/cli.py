@@ -183,7 +183,7 @@ def run(cfg: DictConfig) -> Path:
     ).to(device)
     total = passes_needed(configs, f.draws, f.prime_passes, f.noise_batches, f.warmup_steps)
     columns = (
-        TextColumn("{task.description:<64.64}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description:<56.56}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(),
     )  # fmt: skip
     with Progress(*columns) as progress:
