@@ -6,9 +6,12 @@ digits; relative errors are ‖ĝ − g‖² / ‖g‖² (head excluded), per bl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .stats import ROUNDOFF
 
 DASH = "—"
 
@@ -129,7 +132,8 @@ def fidelity_markdown(results: dict[str, Any]) -> str:
 
 
 def write_plot(results: dict[str, Any], path: Path) -> None:
-    """fidelity.png: relative error per block (log scale), one line per configuration, the noise dashed."""
+    """fidelity.png: relative error per block (log scale), one line per configuration, the noise dashed;
+    blocks whose error is float rounding (below stats.ROUNDOFF) are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,11 +145,12 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     noise = [results["exact"]["per_block"].get(b) for b in blocks]
     ax.plot(xs, [float("nan") if v is None else v for v in noise], "k--", lw=2, label="minibatch noise")
     for c in results["configurations"]:
-        values = [c["per_block"][b]["mean"] for b in blocks]
-        if all(v is not None and v <= 0 for v in values):
-            continue  # exact: nothing to draw on a log axis
-        ax.plot(xs, [v if v is not None and v > 0 else float("nan") for v in values], marker="o", ms=3,
-                label=c["label"])  # fmt: skip
+        # float rounding (an exact block, e.g. the embeddings under linear targets) is left out of the plot
+        values = [v if v is not None and v > ROUNDOFF else float("nan") for v in
+                  (c["per_block"][b]["mean"] for b in blocks)]  # fmt: skip
+        if all(math.isnan(v) for v in values):
+            continue  # exact everywhere: nothing to draw on a log axis
+        ax.plot(xs, values, marker="o", ms=3, label=c["label"])
     ax.set_yscale("log")
     ax.set_xticks(list(xs), blocks, rotation=45, ha="right")
     ax.set_xlabel("block")

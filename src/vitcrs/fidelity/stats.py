@@ -10,7 +10,9 @@ is about 1 when b = 0 and grows with ‖b‖². For Gaussian errors D‖ē‖² 
 Σ_j λ_j χ²_1 and Σ_j λ_j χ²_{D−1} over the eigenvalues λ_j of Σ; Satterthwaite's approximation makes them
 scaled χ² with ν and (D − 1)ν degrees of freedom, ν = (tr Σ)² / tr(Σ²) (exact when the λ_j are equal, and for
 rank one), so R ~ F(ν, (D − 1)ν) under b = 0. tr(Σ²) is estimated by the mean of (e_d·e_d')² over pairs d ≠ d'
-(unbiased when b = 0; larger otherwise, which only makes the test more conservative). The p-value is
+(unbiased when b = 0; larger otherwise, which only makes the test more conservative). With prob=norm_grad the
+probabilities move a little between draws (the running estimate learns from each); every draw stays unbiased,
+so the check still applies. The p-value is
 P(F > R); the estimator is flagged biased when p < alpha. Everything comes from the Gram matrix of the draws,
 so the errors must be held in memory: D × (number of parameters) floats.
 """
