@@ -240,3 +240,23 @@ def test_an_overflowing_step_leaves_the_estimates_as_they_were():
     entries = decode(cache.entries, "bfloat16")
     assert entries[1:, 0].isnan().all() and torch.equal(entries[1:, 1], torch.tensor([8.0, 8.0]))
     torch.testing.assert_close(cache.standin, torch.tensor([2.0, 0.9 * 3.0 + 0.1 * 8.0]))
+
+
+def test_the_fidelity_meter_primes_the_cache_with_earlier_visits_of_the_measured_batch(monkeypatch):
+    from test_fidelity import STUDY, _measure_tiny_vit
+    from vitcrs.crs import sample_cache
+    from vitcrs.fidelity.meter import Configuration
+
+    reads = []
+    real = sample_cache.SampleGradCache.read
+
+    def spy(self, indices, shape, device):
+        cached = self.entries is not None and not decode(self.entries[indices], self.fmt).isnan().any()
+        reads.append((indices.tolist(), cached))
+        return real(self, indices, shape, device)
+
+    monkeypatch.setattr(sample_cache.SampleGradCache, "read", spy)
+    result = _measure_tiny_vit([Configuration("wta_crs", STUDY, 0.5, "sample_cache")])["configurations"][0]
+    assert result["prime_passes"] == 1 and 0.0 < result["rel_err"]["mean"] < 1.0
+    assert reads and all(idx == list(range(8)) for idx, _ in reads)
+    assert any(cached for _, cached in reads)  # the draws read what the prime pass wrote

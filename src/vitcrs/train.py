@@ -112,6 +112,27 @@ def _check_image_size(size: Any, inputs: ModelInputs) -> None:
         )
 
 
+def build_datamodule(cfg: DictConfig) -> Any:
+    """The checked (unprepared) datamodule of `cfg.data` for `cfg.model`; raises ConfigError.
+
+    Fills data.image_size / data.mean / data.std from the model where they are null (reads only small files)
+    and checks a given data.image_size against the model's patch size.
+    """
+    inputs = _model_inputs(cfg)
+    with open_dict(cfg):
+        if cfg.data.get("image_size") is None:
+            cfg.data.image_size = inputs.image_size
+        else:
+            _check_image_size(cfg.data.image_size, inputs)
+        if cfg.data.get("mean") is None:
+            cfg.data.mean = list(inputs.mean)
+        if cfg.data.get("std") is None:
+            cfg.data.std = list(inputs.std)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.check()
+    return datamodule
+
+
 def validate(cfg: DictConfig) -> Any:
     """Check every setting without loading weights or data; return the (unprepared) datamodule.
 
@@ -158,18 +179,7 @@ def validate(cfg: DictConfig) -> Any:
             "hydra.run.dir=<the run dir>), or ckpt_path=null to start afresh."
         )
 
-    inputs = _model_inputs(cfg)
-    with open_dict(cfg):
-        if cfg.data.get("image_size") is None:
-            cfg.data.image_size = inputs.image_size
-        else:
-            _check_image_size(cfg.data.image_size, inputs)
-        if cfg.data.get("mean") is None:
-            cfg.data.mean = list(inputs.mean)
-        if cfg.data.get("std") is None:
-            cfg.data.std = list(inputs.std)
-    datamodule = instantiate(cfg.data, _convert_="all")
-    datamodule.check()
+    datamodule = build_datamodule(cfg)
     if cfg.ckpt_path is not None:
         check_checkpoint(cfg.ckpt_path, datamodule.num_classes, datamodule.name)
     return datamodule

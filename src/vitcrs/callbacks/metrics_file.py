@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from .grad_fidelity import GradFidelityMonitor
 from .memory import PeakMemoryMonitor
 
 # The keys of metrics.json, in file order; vitcrs.report reads exactly these.
@@ -35,6 +36,8 @@ METRICS_KEYS = (
     "saved_bytes_per_step_exact",
     "sample_cache",
     "images_per_s",
+    "fidelity_rel_err",
+    "fidelity_cos",
     "epochs",
     "wall_time_s",
     "device",
@@ -79,7 +82,8 @@ class MetricsFile(Callback):
         start as null. Written with status "incomplete" at fit start and after every validation, "complete"
         by `finish(test_acc)`, "failed" with "error" on an exception (`fail`, also called by Lightning).
     val_acc is the best `monitor` value seen in validation (the one checkpoint selection uses); the memory
-    and speed fields come from a `PeakMemoryMonitor` among the trainer's callbacks, if any; wall_time_s runs
+    and speed fields come from a `PeakMemoryMonitor` among the trainer's callbacks, if any, and the
+    gradient-fidelity means from a `GradFidelityMonitor`; wall_time_s runs
     from fit start to `finish` (summed over resumed segments); world_size is the number of data-parallel
     processes. Only global rank 0 writes (once a trainer is known: `attach` or fit start).
     """
@@ -105,9 +109,8 @@ class MetricsFile(Callback):
             return
         if trainer is not None:
             for cb in trainer.callbacks:
-                if isinstance(cb, PeakMemoryMonitor):
+                if isinstance(cb, (PeakMemoryMonitor, GradFidelityMonitor)):
                     self.data.update(cb.summary())
-                    break
         self.data.update(fields)
         self.data["status"] = status
         if self._start is not None:

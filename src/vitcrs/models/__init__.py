@@ -1,7 +1,14 @@
 """The network (`build_vit`, `model_inputs`) and its LightningModule (`ViTClassifier`)."""
 
 from .module import ViTClassifier
-from .vit import ATTN_IMPLEMENTATIONS, ModelInputs, build_vit, check_attn_implementation, model_inputs
+from .vit import (
+    ATTN_IMPLEMENTATIONS,
+    ModelInputs,
+    build_vit,
+    check_attn_implementation,
+    model_inputs,
+    vit_logits,
+)
 
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
@@ -10,4 +17,5 @@ __all__ = [
     "build_vit",
     "check_attn_implementation",
     "model_inputs",
+    "vit_logits",
 ]

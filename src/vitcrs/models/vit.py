@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
 from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification
 from transformers.utils import logging as hf_logging
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 DEFAULT_MEAN_STD = (0.5, 0.5, 0.5)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_HEAD_PREFIX = "classifier."
+HEAD_PREFIX = "classifier."  # parameter names of the classifier head (re-initialised per task)
 
 
 @dataclass(frozen=True)
@@ -182,10 +183,20 @@ def build_vit(
     return model
 
 
+def vit_logits(net: ViTForImageClassification, pixel_values: Tensor) -> Tensor:
+    """Logits [B, num_labels] of `net` for normalised images [B, 3, S, S].
+
+    S may differ from the model's own image size (a multiple of its patch size): the position embeddings are
+    then interpolated to the new patch grid (Hugging Face's `interpolate_pos_encoding`; at the model's own
+    size they are used as they are).
+    """
+    return net(pixel_values=pixel_values, interpolate_pos_encoding=True).logits
+
+
 def _report_loading(name_or_path: str, info: dict) -> None:
     """One log line for the expected fresh head; a warning for encoder weights that were not loaded."""
     mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
-    fresh = [k for k in [*info.get("missing_keys", []), *mismatched] if not k.startswith(_HEAD_PREFIX)]
+    fresh = [k for k in [*info.get("missing_keys", []), *mismatched] if not k.startswith(HEAD_PREFIX)]
     if fresh:
         log.warning(
             "%s: %d encoder weights were NOT loaded from the checkpoint and are random: %s",
