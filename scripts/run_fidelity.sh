@@ -23,7 +23,7 @@
 #   METHODS        default "wta_crs" (add crs to compare)
 #   DRAWS          sampled gradients per configuration (default 8)
 #   NOISE_BATCHES  batches of exact gradients for the minibatch noise (default 4)
-#   PRIME_PASSES   sampled passes before the draws, prob=norm_grad only (default 3)
+#   PRIME_PASSES   sampled passes before the draws, prob=norm_grad / sample_cache only (default 3)
 #   WARMUP_STEPS   exact AdamW steps before the second measurement (default 50; 0 skips it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
