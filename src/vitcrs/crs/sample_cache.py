@@ -178,7 +178,7 @@ class SampleGradCache:
     def load_entries_state(self, entries: Tensor | None) -> None:
         self.clear()
         if entries is not None and entries.shape[0] == self.batch.dataset_size:
-            self.entries = entries.clone() if entries.dtype == _dtype(self.fmt) else None
+            self.entries = entries if entries.dtype == _dtype(self.fmt) else None  # (no copy: GBs)
 
 
 GradNormSource = GradNormEMA | SampleGradCache  # where a sampled op gets its ‖output gradient‖ estimates
