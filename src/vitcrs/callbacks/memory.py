@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from vitcrs.crs import SavedTensorsMeter, uninjected
-from vitcrs.distributed import gather_objects
+from vitcrs.distributed import gather_objects, sync_logged_metrics
 
 GIB = 1024**3
 
@@ -173,6 +173,7 @@ class PeakMemoryMonitor(Callback):
             rate = self._epoch_images / self._epoch_seconds
             pl_module.log("perf/images_per_s", rate, sync_dist=True, reduce_fx="sum")
         if trainer is not None and trainer.world_size > 1:  # a collective: all ranks come here each epoch
+            sync_logged_metrics(trainer)  # first, as rank 0's progress bar may have done already
             self._per_rank = gather_objects(self._mine())
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
