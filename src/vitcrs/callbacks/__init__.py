@@ -1,7 +1,18 @@
-"""Lightning callbacks: memory/speed measurement, the run's metrics.json, and fault injection for tests."""
+"""Lightning callbacks: memory/speed measurement, the run's metrics.json, checkpoints that follow a moved run
+dir and one on SIGTERM, and fault injection for tests."""
 
+from .checkpoint import RunDirCheckpoint
 from .faults import FaultInjector
+from .interrupt import CheckpointOnSigterm
 from .memory import PeakMemoryMonitor
 from .metrics_file import METRICS_KEYS, MetricsFile, write_json_atomic
 
-__all__ = ["METRICS_KEYS", "FaultInjector", "MetricsFile", "PeakMemoryMonitor", "write_json_atomic"]
+__all__ = [
+    "METRICS_KEYS",
+    "CheckpointOnSigterm",
+    "FaultInjector",
+    "MetricsFile",
+    "PeakMemoryMonitor",
+    "RunDirCheckpoint",
+    "write_json_atomic",
+]

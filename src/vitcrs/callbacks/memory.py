@@ -94,6 +94,9 @@ class PeakMemoryMonitor(Callback):
             self.peak_allocated_gib = state["peak_allocated_gib"]
             self.peak_reserved_gib = state["peak_reserved_gib"]
             self._images, self._seconds = state["images"], state["seconds"]
+            # measured on the run's first batch: a resumed segment with no training batch left keeps them
+            self.saved_bytes_per_step = state.get("saved_bytes_per_step")
+            self.saved_bytes_per_step_exact = state.get("saved_bytes_per_step_exact")
             rows, rank = state.get("per_rank"), trainer.global_rank
             if rows is not None and len(rows) == trainer.world_size:  # this rank's own figures
                 self._per_rank = rows
@@ -193,6 +196,8 @@ class PeakMemoryMonitor(Callback):
             "images": self._images,
             "seconds": self._seconds,
             "per_rank": self._per_rank,
+            "saved_bytes_per_step": self.saved_bytes_per_step,
+            "saved_bytes_per_step_exact": self.saved_bytes_per_step_exact,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

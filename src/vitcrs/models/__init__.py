@@ -1,7 +1,15 @@
 """The network (`build_vit`, `model_inputs`) and its LightningModule (`ViTClassifier`)."""
 
 from .module import ViTClassifier
-from .vit import ATTN_IMPLEMENTATIONS, ModelInputs, build_vit, check_attn_implementation, model_inputs
+from .vit import (
+    ATTN_IMPLEMENTATIONS,
+    ModelInputs,
+    build_vit,
+    check_attn_implementation,
+    load_vit_config,
+    model_inputs,
+    parameter_shapes,
+)
 
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
@@ -9,5 +17,7 @@ __all__ = [
     "ViTClassifier",
     "build_vit",
     "check_attn_implementation",
+    "load_vit_config",
     "model_inputs",
+    "parameter_shapes",
 ]
