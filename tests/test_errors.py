@@ -242,6 +242,7 @@ def test_keys_added_where_their_reader_checks_them_are_let_through(compose_cfg):
         "+trainer.accumulate_grad_batches=2",
         "+callbacks.fault.kill_at_step=3",
         "+model.config.qkv_bias=false",
+        "+data.load_size=32",  # a VisionDataModule argument (source=imagefolder reads it)
     ]
     check_added_keys(compose_cfg("experiment=demo", *added), added)
 

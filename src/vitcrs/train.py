@@ -15,6 +15,7 @@ Returns the best validation accuracy, for Hydra sweepers.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import signal
@@ -30,7 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.fabric.strategies.launchers.subprocess_script import (
     _SubprocessScriptLauncher as FabricSubprocessLauncher,
 )
@@ -122,12 +123,13 @@ ADDABLE_NODES = ("trainer", "callbacks", "logger", "hydra")
 def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
     """ConfigError for a `+key=value` override adding a key that nothing reads (it would be silently ignored).
 
-    Allowed: config groups (`+experiment=...`), keys under ADDABLE_NODES, and ViTConfig fields under
-    model.config. The message lists the keys known where the new one was added.
+    Allowed: config groups (`+experiment=...`), keys under ADDABLE_NODES, arguments of a node's `_target_`
+    (`+data.num_classes=...`), and ViTConfig fields under model.config. The message lists the keys known
+    where the new one was added.
     """
     groups = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     for override in OverridesParser.create().parse_overrides(overrides):
-        if not (override.is_add() or override.is_force_add()):
+        if not override.is_add():  # `++key` may set a key that exists; only `+key` surely adds one
             continue
         key = override.key_or_group
         if "/" in key or key in groups or key.split(".")[0] in ADDABLE_NODES:
@@ -136,11 +138,17 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
         if parent == "model.config" and hasattr(ViTConfig(), name):
             continue
         node = OmegaConf.select(cfg, parent) if parent else cfg
-        known = sorted(k for k in node if k != name) if isinstance(node, DictConfig) else []
+        known = {str(k) for k in node if k != name} if isinstance(node, DictConfig) else set()
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        if isinstance(target, str):  # a node instantiated as `target`: its arguments are read
+            known |= set(inspect.signature(get_class(target)).parameters) - {"self", "args", "kwargs"}
+            if name in known:
+                continue
+        known.discard("_target_")
         where = f"under {parent}" if parent else "at the top level"
         raise ConfigError(
             f"{override.input_line}: vitcrs reads no key {key!r}, so it would be silently ignored. Known "
-            f"keys {where}: {', '.join(map(str, known))}. Fix the name (without the +, to change a known key)"
+            f"keys {where}: {', '.join(sorted(known))}. Fix the name (without the +, to change a known key)"
             f"{' or use a ViTConfig field' if parent == 'model.config' else ''}, or drop it."
         )
 
