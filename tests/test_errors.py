@@ -371,6 +371,19 @@ def test_an_existing_run_dir_that_cannot_take_the_run_is_refused(compose_cfg, tm
     assert _snapshot(run) == before
 
 
+def test_a_complete_job_of_a_resumed_sweep_is_left_as_it_is(compose_cfg, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _vit_checkpoint(run / "checkpoints" / "last.ckpt", _vit_micro(), CRS_OF_DEMO, epochs=3)
+    (run / "metrics.json").write_text(json.dumps({"status": "complete", "val_acc": 0.75}))
+    before = _snapshot(run)
+    monkeypatch.setattr(app, "_multirun", lambda: True)  # `-m ... ckpt_path=last` over a finished sweep
+    assert app.main(compose_cfg("experiment=demo", "ckpt_path=last")) == 0.75  # its score, no failure
+    monkeypatch.setattr(app, "_multirun", lambda: False)  # a single run: refused (exit status 2)
+    with pytest.raises(SystemExit) as exited:
+        app.main(compose_cfg("experiment=demo", "ckpt_path=last"))
+    assert exited.value.code == 2 and _snapshot(run) == before
+
+
 @pytest.mark.timeout(120)
 def test_a_busy_run_dir_is_refused_and_a_killed_run_leaves_it_free(run_train, tmp_path):
     run_dir = tmp_path / "run"

@@ -19,6 +19,14 @@ class RunDirInUse(ConfigError):
     """Another live process holds the run dir's lock."""
 
 
+class RunAlreadyComplete(ConfigError):
+    """The run dir records a complete run that the launch would overwrite (`val_acc`: its recorded score)."""
+
+    def __init__(self, message: str, val_acc: float | None) -> None:
+        super().__init__(message)
+        self.val_acc = val_acc
+
+
 class RunDirLock:
     """An exclusive `flock` on <run_dir>/.vitcrs.lock, held until `release()` or the process ends.
 
@@ -75,16 +83,20 @@ def check_run_dir(run_dir: str | os.PathLike, epochs_done: int | None, max_epoch
     if not record.is_file():
         return
     try:
-        status = json.loads(record.read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
         return  # an unreadable record is no finished result; the run rewrites it
-    if status == "complete" and (epochs_done is None or epochs_done >= max_epochs):
+    if not isinstance(data, dict):
+        return
+    if data.get("status") == "complete" and (epochs_done is None or epochs_done >= max_epochs):
         what = "start afresh over it" if epochs_done is None else "only test again and overwrite it"
-        raise ConfigError(
+        val_acc = data.get("val_acc") if isinstance(data.get("val_acc"), int | float) else None
+        raise RunAlreadyComplete(
             f"{record} records a complete run: this launch would {what}. To train on in place, resume with a "
             f"higher trainer.max_epochs (now {max_epochs}; the record is kept as metrics.segment-N.json); to "
             "train on elsewhere, give the new run its own dir (ckpt_path=<its checkpoint> hydra.run.dir=<new "
-            "dir>); to repeat the run, launch it without ckpt_path and hydra.run.dir (a new dir)."
+            "dir>); to repeat the run, launch it without ckpt_path and hydra.run.dir (a new dir).",
+            val_acc,
         )
 
 

@@ -66,7 +66,13 @@ from vitcrs.resume import (
     resolve_ckpt_path,
     resumable_train_data,
 )
-from vitcrs.run_dir import RunDirInUse, RunDirLock, check_run_dir, keep_complete_record
+from vitcrs.run_dir import (
+    RunAlreadyComplete,
+    RunDirInUse,
+    RunDirLock,
+    check_run_dir,
+    keep_complete_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -558,6 +564,13 @@ def main(cfg: DictConfig) -> float | None:
             last_checkpoint(cfg.run_dir),
         )
         raise SystemExit(128 + signal.SIGTERM) from None  # 143, as a process killed by SIGTERM reports
+    except RunAlreadyComplete as err:
+        if not _multirun():
+            log.error("%s", err)
+            raise SystemExit(2) from None
+        # Resuming a sweep (ckpt_path=last): its finished jobs are left as they are, and not failures.
+        log.warning("job %s left as it is: %s", cfg.run_dir, err)
+        return err.val_acc
     except (ConfigError, FloatingPointError) as err:
         if _multirun():
             if isinstance(err, ConfigError) and not isinstance(err, RunDirInUse):  # not the other run's dir
