@@ -38,6 +38,18 @@ TINY_VIT = {
 }
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every CUDA test `cuda`, so `pytest -m cuda` runs the CUDA variants of the suite (the GPU check's
+    step 1): a test parametrized with a CUDA device, or one skipped unless CUDA is there."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_cuda = callspec is not None and any(str(v).startswith("cuda") for v in callspec.params.values())
+        reasons = (str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif"))
+        needs_cuda = any("cuda" in reason for reason in reasons)
+        if on_cuda or needs_cuda:
+            item.add_marker(pytest.mark.cuda)
+
+
 @pytest.fixture
 def fresh_crs_stream():
     """Seed torch and the CRS stream with 0 for the test, and leave the CRS stream unseeded after it."""

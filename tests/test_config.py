@@ -15,13 +15,13 @@ from vitcrs.train import describe_run, validate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
-GROUPS = ("dataset", "model", "crs", "trainer", "logger", "callbacks", "experiment")
+GROUPS = ("data", "optim", "dataset", "model", "crs", "trainer", "logger", "callbacks", "experiment")
 # Files owned by this part of the project, held to "one comment per key".
 COMMENTED = (
-    [CONF_DIR / "config.yaml"]
+    [CONF_DIR / "config.yaml", CONF_DIR / "fidelity.yaml"]
     + [
         p
-        for g in ("model", "crs", "trainer", "logger", "callbacks")
+        for g in ("data", "optim", "model", "crs", "trainer", "logger", "callbacks")
         for p in sorted((CONF_DIR / g).glob("*.yaml"))
     ]
     + [CONF_DIR / "experiment" / "demo.yaml"]

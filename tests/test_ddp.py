@@ -57,9 +57,10 @@ def _first_moments(ckpt: dict) -> torch.Tensor:
 def test_two_processes_take_the_same_step_as_one_with_their_joint_batch(run_train, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run_train(*ONE_STEP, "data.batch_size=32", f"hydra.run.dir={single}", cwd=tmp_path)
-    run_train(
-        *ONE_STEP, *DDP, "data.batch_size=16", f"hydra.run.dir={ddp}", cwd=tmp_path, timeout=DDP_TIMEOUT_S
-    )
+    # The gradient-fidelity callback is on in the data-parallel run: its all-reduce of the exact gradient must
+    # meet the other rank's, must leave the step untouched, and at ratio 1 it finds the gradient exact.
+    run_train(*ONE_STEP, *DDP, "data.batch_size=16", "callbacks.grad_fidelity.every_n_steps=1",
+              f"hydra.run.dir={ddp}", cwd=tmp_path, timeout=DDP_TIMEOUT_S)  # fmt: skip
 
     # One record, one config, one set of logs and checkpoints: written by rank 0 only.
     assert _files(ddp, "metrics.json") == [ddp / "metrics.json"]
@@ -72,8 +73,10 @@ def test_two_processes_take_the_same_step_as_one_with_their_joint_batch(run_trai
     assert m["status"] == "complete" and m["world_size"] == 2 and m["settings"]["world_size"] == 2
     assert m["settings"]["batch_size"] == 16  # per process
     assert m["peak_mem_allocated_gib"] is None and m["peak_mem_allocated_gib_per_rank"] is None  # CPU
+    assert m["fidelity_rel_err"] == 0.0 and m["fidelity_cos"] == pytest.approx(1.0)
     s = json.loads((single / "metrics.json").read_text())
     assert s["world_size"] == 1 and "world_size" not in s["settings"]
+    assert s["fidelity_rel_err"] is None  # off by default
 
     # The averaged gradient of 2 x 16 images equals the gradient of the 32: same Adam moments, same weights.
     a, b = _ckpt(single), _ckpt(ddp)
@@ -92,7 +95,8 @@ def test_ranks_draw_from_their_own_crs_streams(run_train, tmp_path):
     run_dir = tmp_path / "run"
     run_train("experiment=demo", *DDP, "data.batch_size=16", "trainer.max_epochs=1",
               "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
-              "callbacks.step_checkpoint.every_n_train_steps=1", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+              "callbacks.step_checkpoint.every_n_train_steps=1", "callbacks.grad_fidelity.every_n_steps=1",
+              f"hydra.run.dir={run_dir}", cwd=tmp_path,
               timeout=DDP_TIMEOUT_S)  # fmt: skip
     per_rank = _ckpt(run_dir)["crs"]["per_rank"]
     assert [r["rng"]["seed"] for r in per_rank] == [0, 1]  # seed + rank
@@ -104,6 +108,7 @@ def test_ranks_draw_from_their_own_crs_streams(run_train, tmp_path):
     assert per_rank[0]["grad_norms"].keys() == per_rank[1]["grad_norms"].keys()
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["status"] == "complete" and m["ratio"] == 0.3
+    assert 0.0 < m["fidelity_rel_err"] < 1.0 and 0.0 < m["fidelity_cos"] < 1.0  # sampled, measured on 2 ranks
 
 
 @pytest.mark.timeout(2 * DDP_TIMEOUT_S + 60)

@@ -551,3 +551,18 @@ def test_shared_baseline_prefers_identical_targets_then_fewest_differences(tmp_p
     # group 5's exact run failed, so it lends nothing; group 2 differs in targets only
     assert "shared from group 2 (differs only in targets) for CIFAR-10" in section(md, 6)
     assert table(section(md, 5))[2:] == ["| 1 (exact) | failed |"]
+
+
+def test_gradient_fidelity_columns_only_when_measured(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_run(runs, "exact", fidelity_rel_err=0.0, fidelity_cos=1.0)
+    write_run(runs, "half", ratio=0.5, fidelity_rel_err=0.0123, fidelity_cos=0.9876)
+    write_run(runs, "other", settings={"lr": 1e-4})  # no fidelity measured: no columns in its group
+    out = report(tmp_path, runs)
+    md = (out / "memory.md").read_text()
+    measured = table(md)
+    assert measured[0].endswith("| Images/s | Grad. rel. error | Grad. cos |")
+    assert measured[3] == "| CIFAR-10 | 0.5 | 8.00 GiB (1.00x) | 10.00 GiB (1.00x) | 350.2 | 0.0123 | 0.988 |"
+    assert table(md, md.index("## Group 2"))[0].endswith("| Images/s |")
+    cell = json.loads((out / "results.json").read_text())["groups"][0]["cells"][1]
+    assert cell["fidelity_rel_err"]["mean"] == pytest.approx(0.0123)

@@ -216,6 +216,45 @@ def crs_changes(cfg: DictConfig, saved: dict[str, Any] | None) -> dict[str, Any]
     return {k: before.get(k) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)}
 
 
+def _check_image_size(size: Any, inputs: ModelInputs) -> None:
+    """ConfigError unless `size` (data.image_size) is a positive multiple of the model's patch side.
+
+    Another size than the checkpoint's is fine-tuned with interpolated position embeddings (Hugging Face's
+    `interpolate_pos_encoding`); the image must still cut into whole patches.
+    """
+    patch = inputs.patch_size
+    whole = isinstance(size, int) and not isinstance(size, bool)
+    if not whole or size < 1 or size % patch:
+        below = max(patch, size // patch * patch) if whole else 0
+        example = f"data.image_size={below} or {below + patch}" if below else f"data.image_size={patch * 14}"
+        raise ConfigError(
+            f"data.image_size={size!r} is invalid: it must be a positive multiple of the model's patch size "
+            f"{patch} (the model cuts images into {patch}x{patch} patches; its checkpoint size is "
+            f"{inputs.image_size}). Fix: e.g. {example}, or data.image_size=null for the model's own size."
+        )
+
+
+def build_datamodule(cfg: DictConfig) -> Any:
+    """The checked (unprepared) datamodule of `cfg.data` for `cfg.model`; raises ConfigError.
+
+    Fills data.image_size / data.mean / data.std from the model where they are null (reads only small files)
+    and checks a given data.image_size against the model's patch size.
+    """
+    inputs = _model_inputs(cfg)
+    with open_dict(cfg):
+        if cfg.data.get("image_size") is None:
+            cfg.data.image_size = inputs.image_size
+        else:
+            _check_image_size(cfg.data.image_size, inputs)
+        if cfg.data.get("mean") is None:
+            cfg.data.mean = list(inputs.mean)
+        if cfg.data.get("std") is None:
+            cfg.data.std = list(inputs.std)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.check()
+    return datamodule
+
+
 def validate(cfg: DictConfig) -> Any:
     """Check every setting without loading weights or data; return the (unprepared) datamodule.
 
@@ -267,16 +306,7 @@ def validate(cfg: DictConfig) -> Any:
             "hydra.run.dir=<the run dir>), or ckpt_path=null to start afresh."
         )
 
-    inputs = _model_inputs(cfg)
-    with open_dict(cfg):
-        if cfg.data.get("image_size") is None:
-            cfg.data.image_size = inputs.image_size
-        if cfg.data.get("mean") is None:
-            cfg.data.mean = list(inputs.mean)
-        if cfg.data.get("std") is None:
-            cfg.data.std = list(inputs.std)
-    datamodule = instantiate(cfg.data, _convert_="all")
-    datamodule.check()
+    datamodule = build_datamodule(cfg)
     vit = load_vit_config(cfg.model.name_or_path, datamodule.num_classes, _container(cfg.model.config))
     _check_sampling(cfg, targets, vit)
     if cfg.ckpt_path is not None:

@@ -107,14 +107,18 @@ def _check(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')}={v} is invalid: it must be >= 1.")
-    if args.image_size and args.patch_size and args.image_size % args.patch_size:
-        raise ConfigError(
-            f"--image-size={args.image_size} is not a multiple of --patch-size={args.patch_size}."
-        )
     if args.find_max_batch and not (args.memory_budget_gib and args.memory_budget_gib > 0):
         raise ConfigError("--find-max-batch needs --memory-budget-gib X with X > 0 (e.g. 16).")
-    if args.model_path and not Path(args.model_path).is_dir():
+    if args.model_path and not (Path(args.model_path) / "config.json").is_file():
         raise ConfigError(f"--model-path={args.model_path!r} is not a folder with a Hugging Face checkpoint.")
+    if args.image_size:  # a checkpoint at another size interpolates its position embeddings: whole patches
+        saved = json.loads((Path(args.model_path) / "config.json").read_text()) if args.model_path else {}
+        patch = args.patch_size or saved.get("patch_size", 16)
+        if args.image_size % patch:
+            raise ConfigError(
+                f"--image-size={args.image_size} is not a multiple of the patch size {patch}: e.g. "
+                f"--image-size={max(patch, args.image_size // patch * patch)}."
+            )
     if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device={args.device} asked for CUDA, but torch sees no GPU: use --device cpu.")
     if args.out is not None and args.out.exists() and not args.out.is_dir():

@@ -47,14 +47,23 @@ class ModelSpec:
     overrides: dict = field(default_factory=dict)  # ViTConfig: num_hidden_layers, image_size, patch_size
 
     def build(self, attn: str) -> ViTForImageClassification:
+        """The model; its `config.image_size` is the side the bench feeds it.
+
+        A checkpoint given another image_size keeps its own position embeddings, interpolated to the new patch
+        grid in every forward (`loss_of`), as training does (not re-initialised for the new size).
+        """
         if self.path:
-            return ViTForImageClassification.from_pretrained(
+            overrides = {k: v for k, v in self.overrides.items() if k != "image_size"}
+            model = ViTForImageClassification.from_pretrained(
                 self.path,
                 num_labels=self.num_labels,
                 ignore_mismatched_sizes=True,
                 attn_implementation=attn,
-                **self.overrides,
+                **overrides,
             )
+            if "image_size" in self.overrides:
+                model.config.image_size = self.overrides["image_size"]
+            return model
         shape = {"image_size": 224, "patch_size": 16, **MODELS[self.name], **self.overrides}
         config = ViTConfig(**shape, num_labels=self.num_labels, attn_implementation=attn)
         return ViTForImageClassification(config)
@@ -152,7 +161,8 @@ def block_saved_bytes(model: ViTForImageClassification, batch: int, precision: s
 
 
 def loss_of(model: ViTForImageClassification, x: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(model(x).logits.float(), y)
+    """Cross-entropy of the model on x; position embeddings follow x's size (as in training)."""
+    return F.cross_entropy(model(x, interpolate_pos_encoding=True).logits.float(), y)
 
 
 def model_saved_bytes(model: ViTForImageClassification, x: Tensor, y: Tensor, precision: str) -> int:

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .grad_fidelity import GradFidelityMonitor
 from .memory import PeakMemoryMonitor
 
 # The keys of metrics.json, in file order; vitcrs.report reads exactly these.
@@ -35,6 +36,8 @@ METRICS_KEYS = (
     "saved_bytes_per_step",
     "saved_bytes_per_step_exact",
     "images_per_s",
+    "fidelity_rel_err",
+    "fidelity_cos",
     "epochs",
     "wall_time_s",
     "device",
@@ -80,7 +83,8 @@ class MetricsFile(Callback):
         by `finish(test_acc)`, "failed" with "error" on an exception (`fail`, also called by Lightning), or
         "interrupted" with "error" saying how to resume when the exception is Lightning's SIGTERMException.
     val_acc is the best `monitor` value seen in validation (the one checkpoint selection uses); the memory
-    and speed fields come from a `PeakMemoryMonitor` among the trainer's callbacks, if any; wall_time_s runs
+    and speed fields come from a `PeakMemoryMonitor` among the trainer's callbacks, if any, and the
+    gradient-fidelity means from a `GradFidelityMonitor`; wall_time_s runs
     from fit start to `finish` (summed over resumed segments); world_size is the number of data-parallel
     processes. Only global rank 0 writes (once a trainer is known: `attach` or fit start).
     """
@@ -106,9 +110,8 @@ class MetricsFile(Callback):
             return
         if trainer is not None:
             for cb in trainer.callbacks:
-                if isinstance(cb, PeakMemoryMonitor):
+                if isinstance(cb, (PeakMemoryMonitor, GradFidelityMonitor)):
                     self.data.update(cb.summary())
-                    break
         self.data.update(fields)
         self.data["status"] = status
         if self._start is not None:

@@ -9,6 +9,7 @@ from .vit import (
     load_vit_config,
     model_inputs,
     parameter_shapes,
+    vit_logits,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "load_vit_config",
     "model_inputs",
     "parameter_shapes",
+    "vit_logits",
 ]

@@ -11,15 +11,23 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import get_linear_schedule_with_warmup
 
-from vitcrs.crs import DEFAULT_TARGETS, CRSConfig, crs_state_dict, inject, load_crs_state_dict
+from vitcrs.crs import (
+    DEFAULT_TARGETS,
+    MATMUL_TARGETS,
+    CRSConfig,
+    crs_state_dict,
+    inject,
+    load_crs_state_dict,
+)
 from vitcrs.crs import random as crs_random
 from vitcrs.distributed import gather_objects
 
-from .vit import build_vit
+from .vit import build_vit, vit_logits
 
 Batch = tuple[Tensor, Tensor]
 log = logging.getLogger(__name__)
@@ -40,6 +48,21 @@ def _rng_for(state: dict[str, Any], device: torch.device | None) -> dict[str, An
         if k == "cpu" or (k.startswith("cuda") and int(k.partition(":")[2] or 0) < available)
     }
     return {**state, "states": keep}
+
+
+def warn_if_activation_gradients_sampled(cfg: CRSConfig, targets: tuple[str, ...]) -> None:
+    """Log one warning (global rank 0) when sampled targets include the attention matmuls."""
+    matmuls = [t for t in targets if t in MATMUL_TARGETS]
+    if not matmuls or cfg.exact or rank_zero_only.rank != 0:
+        return
+    log.warning(
+        "crs.targets has %s: sampling an attention matmul samples *activation* gradients (of q, k, v), and "
+        "their error flows down into every earlier block; sampling a linear's weight gradient (query, key, "
+        "value, attn_output, fc1, fc2, mlp) keeps activation gradients exact. Measure what it costs: "
+        "`python -m vitcrs.fidelity` with this model and data (error vs the exact gradient and vs minibatch "
+        "noise, docs/fidelity.md), or log it while training with callbacks.grad_fidelity.every_n_steps=50.",
+        ", ".join(matmuls),
+    )
 
 
 class ViTClassifier(LightningModule):
@@ -85,6 +108,7 @@ class ViTClassifier(LightningModule):
             class_names,
         )
         inject(self.net, self.crs_config, targets)
+        warn_if_activation_gradients_sampled(self.crs_config, targets)
         self._pending_torch_rng: dict[str, Tensor] | None = None  # from a checkpoint, not yet applied
         # non-finite losses since the last optimizer step (a device tensor: checking it needs a host sync,
         # done once per step, with the gradients, in on_before_optimizer_step) and the last loss
@@ -101,8 +125,8 @@ class ViTClassifier(LightningModule):
             crs_random.manual_seed(int(self.hparams.seed) + self.global_rank)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        """Logits [B, num_labels] for normalised images [B, 3, S, S]."""
-        return self.net(pixel_values=pixel_values).logits
+        """Logits [B, num_labels] for normalised images [B, 3, S, S] (any S the model takes: `vit_logits`)."""
+        return vit_logits(self.net, pixel_values)
 
     def _loss(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch

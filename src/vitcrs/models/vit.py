@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification
 from transformers.utils import is_flash_attn_2_available
 from transformers.utils import logging as hf_logging
@@ -26,16 +27,18 @@ log = logging.getLogger(__name__)
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 DEFAULT_MEAN_STD = (0.5, 0.5, 0.5)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_HEAD_PREFIX = "classifier."
+HEAD_PREFIX = "classifier."  # parameter names of the classifier head (re-initialised per task)
 
 
 @dataclass(frozen=True)
 class ModelInputs:
-    """What the network expects of its input: square side in pixels and per-channel normalisation."""
+    """What the network expects of its input: its square side in pixels (the checkpoint's), per-channel
+    normalisation, and the patch side (another input side must be a multiple of it)."""
 
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    patch_size: int = 16
 
 
 def _side(size: Any) -> int:
@@ -96,7 +99,7 @@ def _hub_error(name_or_path: str, err: Exception) -> ConfigError:
 
 
 def model_inputs(name_or_path: str | None, config: dict | None = None) -> ModelInputs:
-    """Image size (from the model config) and mean/std (from preprocessor_config.json; 0.5 when absent).
+    """Image and patch size (from the model config), mean/std (preprocessor_config.json; 0.5 when absent).
 
     Reads only small JSON files (from the Hub cache for Hub ids). `config` overrides, e.g. image_size, win.
     """
@@ -107,18 +110,22 @@ def model_inputs(name_or_path: str | None, config: dict | None = None) -> ModelI
                 "model.name_or_path is null and model.config is empty: give a checkpoint "
                 "(model.name_or_path=...) or the architecture of a random-init ViT (model.config)."
             )
-        return ModelInputs(_side(config.get("image_size", 224)), DEFAULT_MEAN_STD, DEFAULT_MEAN_STD)
+        patch = _side(config.get("patch_size", ViTConfig().patch_size))
+        return ModelInputs(_side(config.get("image_size", 224)), DEFAULT_MEAN_STD, DEFAULT_MEAN_STD, patch)
     local = _local_dir(name_or_path)
     if local is not None:
         saved = json.loads((local / "config.json").read_text())
         size = config.get("image_size", saved.get("image_size", 224))
+        patch = config.get("patch_size", saved.get("patch_size", 16))
         pre = local / "preprocessor_config.json"
         processor = json.loads(pre.read_text()) if pre.is_file() else {}
     else:
         try:
-            size = config.get("image_size", ViTConfig.from_pretrained(name_or_path).image_size)
+            hub = ViTConfig.from_pretrained(name_or_path)
         except OSError as err:
             raise _hub_error(name_or_path, err) from err
+        size = config.get("image_size", hub.image_size)
+        patch = config.get("patch_size", hub.patch_size)
         try:  # config.json came through, so a failure here means the checkpoint has no preprocessor file
             p = AutoImageProcessor.from_pretrained(name_or_path)
             processor = {"image_mean": p.image_mean, "image_std": p.image_std}
@@ -128,7 +135,7 @@ def model_inputs(name_or_path: str | None, config: dict | None = None) -> ModelI
         log.warning("%s has no preprocessor_config.json: normalising with mean = std = 0.5", name_or_path)
     mean = tuple(float(m) for m in processor.get("image_mean", DEFAULT_MEAN_STD))
     std = tuple(float(s) for s in processor.get("image_std", DEFAULT_MEAN_STD))
-    return ModelInputs(_side(size), mean, std)
+    return ModelInputs(_side(size), mean, std, _side(patch))
 
 
 def load_vit_config(name_or_path: str | None, num_labels: int, config: dict | None = None) -> ViTConfig:
@@ -204,10 +211,20 @@ def build_vit(
     return model
 
 
+def vit_logits(net: ViTForImageClassification, pixel_values: Tensor) -> Tensor:
+    """Logits [B, num_labels] of `net` for normalised images [B, 3, S, S].
+
+    S may differ from the model's own image size (a multiple of its patch size): the position embeddings are
+    then interpolated to the new patch grid (Hugging Face's `interpolate_pos_encoding`; at the model's own
+    size they are used as they are).
+    """
+    return net(pixel_values=pixel_values, interpolate_pos_encoding=True).logits
+
+
 def _report_loading(name_or_path: str, info: dict) -> None:
     """One log line for the expected fresh head; a warning for encoder weights that were not loaded."""
     mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
-    fresh = [k for k in [*info.get("missing_keys", []), *mismatched] if not k.startswith(_HEAD_PREFIX)]
+    fresh = [k for k in [*info.get("missing_keys", []), *mismatched] if not k.startswith(HEAD_PREFIX)]
     if fresh:
         log.warning(
             "%s: %d encoder weights were NOT loaded from the checkpoint and are random: %s",

@@ -38,7 +38,8 @@ __all__ = ["build_report", "main"]
 TEXT_FILES = {
     "accuracy.md": "test accuracy (%) per sampling ratio and dataset, change vs exact in points",
     "accuracy.tex": "the same accuracy tables in LaTeX (booktabs)",
-    "memory.md": "peak memory (or saved bytes on CPU) with reduction factor vs exact, and images/s",
+    "memory.md": "peak memory (or saved bytes on CPU) with reduction factor vs exact, images/s, gradient "
+    "fidelity when measured",
     "memory.tex": "the same memory tables in LaTeX (booktabs)",
     "results.json": "the aggregated cells of every group, failed runs and unreadable files, as data",
 }

@@ -61,6 +61,10 @@ class Run:
     peak_mem_reserved_gib: float | None
     saved_bytes_per_step: float | None
     images_per_s: float | None
+    fidelity_rel_err: (
+        float | None
+    )  # run mean of ‖ĝ − g‖² / ‖g‖² (callbacks.grad_fidelity), None if unmeasured
+    fidelity_cos: float | None
     error: str | None
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -292,6 +296,8 @@ def read_run(path: Path) -> Run | Problem:
         peak_mem_reserved_gib=_number(raw.get("peak_mem_reserved_gib")),
         saved_bytes_per_step=_number(raw.get("saved_bytes_per_step")),
         images_per_s=_number(raw.get("images_per_s")),
+        fidelity_rel_err=_number(raw.get("fidelity_rel_err")),
+        fidelity_cos=_number(raw.get("fidelity_cos")),
         error=None if error is None else str(error),
         config=_config(raw),
     )

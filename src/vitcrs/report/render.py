@@ -250,18 +250,33 @@ def memory_fields(group: Group) -> list[tuple[str, str, Callable[[float], str]]]
     return [*(gpu if has_gpu or not has_saved else []), *([saved] if has_saved else [])]
 
 
+FIDELITY_FIELDS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+    ("fidelity_rel_err", "Grad. rel. error", lambda v: f"{v:.3g}"),
+    ("fidelity_cos", "Grad. cos", lambda v: f"{v:.3f}"),
+)
+
+
+def fidelity_fields(group: Group) -> list[tuple[str, str, Callable[[float], str]]]:
+    """The gradient-fidelity columns of a group: both if any run measured them (callbacks.grad_fidelity)."""
+    measured = any(r.fidelity_rel_err is not None or r.fidelity_cos is not None for r in group.runs)
+    return list(FIDELITY_FIELDS) if measured else []
+
+
 def memory_rows(group: Group, style: Style) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of a group's memory table: one row per (dataset, ratio)."""
-    fields = memory_fields(group)
+    """Header and rows of a group's memory table: one row per (dataset, ratio); gradient-fidelity columns
+    after images/s when the group's runs measured it."""
+    fields, fidelity = memory_fields(group), fidelity_fields(group)
     header = ["Dataset", "Ratio", *(name for _, name, _ in fields), "Images/s"]
+    header += [name for _, name, _ in fidelity]
     rows = []
     for column in group.columns:
         for ratio in group.table_ratios:
             cell = group.table_cell(column, ratio)
             mems = [memory_cell(group, cell, attr, fmt, style) for attr, _, fmt in fields]
             ips = memory_cell(group, cell, "images_per_s", lambda v: f"{v:.1f}", style, factor=False)
+            fid = [memory_cell(group, cell, attr, fmt, style, factor=False) for attr, _, fmt in fidelity]
             label = ratio_label(ratio, ratio == EXACT_RATIO and column in group.shared)
-            rows.append([style.escape(column.label), style.escape(label), *mems, ips])
+            rows.append([style.escape(column.label), style.escape(label), *mems, ips, *fid])
     return header, rows
 
 
@@ -298,7 +313,9 @@ MEMORY_NOTE = (
     "Peak GPU memory (torch max allocated, and max reserved) in GiB, mean over complete runs; in "
     "parentheses: reduction factor vs ratio 1 (exact) of the same dataset and settings (exact / this). "
     "CPU runs have no GPU peak and report the bytes saved for backward per training step instead. "
-    "Images/s: training throughput, mean. — = no run."
+    "Images/s: training throughput, mean. Grad. rel. error and cos (runs with callbacks.grad_fidelity on): "
+    "the run mean of ‖ĝ − g‖² / ‖g‖² and of the cosine between the sampled gradient ĝ and the exact "
+    "gradient g of the same batch (classifier head excluded), mean over runs. — = no run."
 )
 
 
@@ -416,6 +433,7 @@ def _stat_json(value: Stat | None) -> dict[str, Any] | None:
 def cell_json(group: Group, cell: Cell) -> dict[str, Any]:
     """One cell as plain data. Accuracies are fractions; the drop is in points; factors are exact / this."""
     stats = ("test_acc", "val_acc", *(f for f, _, _ in MEMORY_FIELDS), "images_per_s")
+    stats += tuple(f for f, _, _ in FIDELITY_FIELDS)
     return {
         "column": cell.column.label,
         "dataset": cell.column.dataset,

@@ -1,0 +1,5 @@
+"""`python -m vitcrs.fidelity`: the gradient-fidelity meter (see vitcrs.fidelity.cli)."""
+
+from vitcrs.fidelity.cli import main
+
+main()

@@ -1,0 +1,211 @@
+"""What a GPU check runs, with which shapes and time limits: on a GPU, and at tiny shapes on the CPU.
+
+Time limits are in seconds; docs/gpu.md derives the GPU ones from known figures (ViT-B/16 exact eager fp32
+about 360 images/s and ViT-Tiny about 1,400 images/s on an H100, /work/shared/docs/anchors.md). A step that
+ends early leaves its time to the training step, which gets what is left of the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# the whole check: 9 minutes on a GPU; the dry run checks code paths, not time, so it gets room on a busy CPU
+BUDGET_S = {"gpu": 540.0, "dry": 900.0}
+# the training comparison: exact (ratio 1), the default sampling (conf/crs) and the study's targets, at 0.3
+TRAIN_CONFIGS = ("exact", "default", "study")
+
+LIMITS_S = {
+    "gpu": {
+        "setup": 45,  # wheels are installed before; extracting the 88 MiB JPEG tree, reading the GPU
+        "tests": 90,  # pytest -m cuda: collection (~10 s) and the CUDA variants of the CRS tests
+        "smoke": 75,  # 18 cases x (130 forward/backward passes of a 2-block ViT) + process start
+        "bench_eager_fp32": 120,  # 14 rows x (7 steps at ≤ 0.45 s + model build + saved-bytes pass) ≈ 70 s
+        "bench_sdpa_bf16": 75,  # the same rows at ~4x the speed (1,688 images/s exact) ≈ 45 s
+        "report": 30,  # python -m vitcrs.report: reading metrics.json, tables, 3 plots
+        "fidelity": 60,  # python -m vitcrs.fidelity, only when it exists (issue 10)
+    },
+    "dry": {
+        "setup": 120,
+        "tests": 120,
+        "smoke": 120,
+        "bench_eager_fp32": 120,
+        "bench_sdpa_bf16": 120,
+        "report": 120,
+        "fidelity": 120,
+    },
+}
+
+# seconds of one training run before one of its kind has been timed: process start and data loading (~25 s,
+# first run decodes the JPEGs: ~17 s), 20,000 training images at ~1,400 (exact) / ~620 (CRS) images/s,
+# validation and test on 15,000 images (~5 s)
+TRAIN_PRIOR_S = {"gpu": {"exact": 60.0, "crs": 80.0}, "dry": {"exact": 60.0, "crs": 60.0}}
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """One (configuration, seed) training run of `experiment=study_tiny` on the payload's data and model."""
+
+    config: str  # exact | default | study
+    seed: int
+    crs_overrides: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.config}_s{self.seed}"
+
+    @property
+    def kind(self) -> str:
+        return "exact" if self.config == "exact" else "crs"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The commands' settings for one mode (`gpu` or `dry`)."""
+
+    mode: str
+    device: str
+    smoke_draws: int
+    bench_model: tuple[str, ...]  # model and run flags of python -m vitcrs.bench
+    train_overrides: tuple[str, ...]  # besides experiment, model, data and seed
+    train_seeds: int
+    train_configs: tuple[str, ...] = TRAIN_CONFIGS
+    test_paths: tuple[str, ...] = ("tests",)  # what pytest -m cuda collects (relative to the repository)
+    ratio: float = 0.3
+    bench_ratios: str = "0.5,0.3"
+    budget_s: float = 540.0
+    limits_s: dict[str, float] = field(default_factory=dict)
+    train_prior_s: dict[str, float] = field(default_factory=dict)
+
+    def limit(self, step: str) -> float:
+        return float(self.limits_s[step])
+
+
+def make_plan(
+    dry_run: bool,
+    seeds: int | None,
+    train_images: int,
+    epochs: int,
+    budget_s: float | None,
+    configs: tuple[str, ...] = TRAIN_CONFIGS,
+) -> Plan:
+    """The plan of a GPU check, or of the dry run (CPU, tiny shapes, fewer draws, rows and test files)."""
+    mode = "dry" if dry_run else "gpu"
+    if dry_run:
+        bench = (
+            "--model",
+            "vit_tiny",
+            "--layers",
+            "1",
+            "--image-size",
+            "32",
+            "--patch-size",
+            "8",
+            "--batch-size",
+            "4",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "--time-on-cpu",
+        )
+        train = (
+            "trainer.accelerator=cpu",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1",
+            "trainer.num_sanity_val_steps=0",
+            "data.batch_size=8",
+            "data.num_workers=0",
+        )
+    else:
+        bench = (
+            "--model",
+            "vit_b16",
+            "--batch-size",
+            "64",
+            "--warmup",
+            "2",
+            "--steps",
+            "5",
+            "--device",
+            "cuda",
+        )
+        train = (
+            "trainer.accelerator=gpu",
+            f"trainer.max_epochs={epochs}",
+            f"data.limit_train={train_images}",
+        )
+
+    return Plan(
+        mode=mode,
+        device="cpu" if dry_run else "cuda",
+        smoke_draws=6 if dry_run else 128,
+        bench_model=bench,
+        train_overrides=(*train, "callbacks.progress_bar=null"),
+        train_seeds=seeds if seeds is not None else (1 if dry_run else 3),
+        train_configs=configs,
+        test_paths=("tests/test_crs.py",) if dry_run else ("tests",),  # the dry run: the file with CUDA tests
+        bench_ratios="0.3" if dry_run else "0.5,0.3",
+        budget_s=budget_s if budget_s is not None else BUDGET_S[mode],
+        limits_s=dict(LIMITS_S[mode]),
+        train_prior_s=dict(TRAIN_PRIOR_S[mode]),
+    )
+
+
+def override_value(value: Any) -> str:
+    """`value` in Hydra's override grammar (lists and dicts included)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    return text if text.replace("_", "").replace("-", "").replace(".", "").isalnum() else repr(text)
+
+
+def crs_nodes(conf_dir: Path) -> tuple[dict, dict]:
+    """The `crs` node of the default configuration and of `experiment=study_tiny`, as composed by Hydra."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        default = OmegaConf.to_container(compose("config").crs, resolve=False)
+        study = OmegaConf.to_container(
+            compose("config", overrides=["experiment=study_tiny"]).crs, resolve=False
+        )
+    return default, study  # type: ignore[return-value]
+
+
+def train_runs(plan: Plan, conf_dir: Path) -> tuple[list[TrainRun], str]:
+    """(config, seed) runs in the order they are tried (every config of seed 0 first), and a note.
+
+    exact: crs.ratio=1; study: the experiment's own sampling at `plan.ratio`; default: the `crs` settings of
+    conf/crs (whatever the default is at run time) at `plan.ratio`, left out when they equal the study's.
+    """
+    default, study = crs_nodes(conf_dir)
+    without_ratio = {k: v for k, v in default.items() if k != "ratio"}
+    ratio = f"crs.ratio={plan.ratio}"
+    configs = {"exact": ("crs.ratio=1.0",)}
+    note = ""
+    if without_ratio == {k: v for k, v in study.items() if k != "ratio"}:
+        note = "the default crs settings equal the study's, so 'default' is not run separately"
+    else:
+        configs["default"] = (*(f"crs.{k}={override_value(v)}" for k, v in without_ratio.items()), ratio)
+    configs["study"] = (ratio,)
+    runs = [
+        TrainRun(c, s, o)
+        for s in range(plan.train_seeds)
+        for c, o in configs.items()
+        if c in plan.train_configs
+    ]
+    return runs, note

@@ -1,0 +1,135 @@
+"""The GPU check kit (scripts/gpu_check.sh, vitcrs.gpu_check): its CPU dry run end to end, and its parts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+
+from conftest import CONF_DIR, REPO, quiet_env
+from vitcrs.bench.grid import TARGET_SETS
+from vitcrs.gpu_check import cli
+from vitcrs.gpu_check.plan import make_plan, override_value, train_runs
+from vitcrs.gpu_check.smoke import BIAS_LIMIT, bias_ratio
+from vitcrs.gpu_check.steps import NOT_RUN
+
+STEP_NAMES = ["setup", "tests", "smoke", "bench_eager_fp32", "bench_sdpa_bf16", "train", "report", "fidelity"]
+
+
+def test_dry_run_writes_every_step_result_and_the_summary(tmp_path):
+    """bash scripts/gpu_check.sh OUT --dry-run: every step on the CPU at tiny shapes, all its files."""
+    out, bundle = tmp_path / "out", tmp_path / "bundle"
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts/gpu_check.sh"), str(out), "--dry-run", "--configs", "study",
+         "--work", str(tmp_path / "work"), "--bundle", str(bundle)],
+        env={**quiet_env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    summary = json.loads((out / "summary.json").read_text())
+    status = {s["name"]: s["status"] for s in summary["steps"]}
+    assert list(status) == STEP_NAMES
+    assert {k: v for k, v in status.items() if k not in ("tests", "fidelity")} == dict.fromkeys(
+        ["setup", "smoke", "bench_eager_fp32", "bench_sdpa_bf16", "train", "report"], "ok"
+    )
+    assert status["tests"] in ("ok", "skipped")  # on CPU the CUDA tests are collected and skipped
+    assert status["fidelity"] in ("ok", "skipped", "failed")  # optional: exists only with issue 10's meter
+
+    smoke = json.loads((out / "smoke/smoke.json").read_text())["cases"]
+    assert {c["target_set"] for c in smoke} == set(TARGET_SETS)
+    assert all(c["ok"] and c["finite"] for c in smoke)
+    assert {(c["attn"], c["precision"]) for c in smoke} == {
+        (a, p) for a in ("eager", "sdpa") for p in ("fp32", "bf16-mixed")
+    }
+    for folder, attn, precision in (
+        ("eager_fp32", "eager", "fp32"),
+        ("sdpa_bf16-mixed", "sdpa", "bf16-mixed"),
+    ):
+        rows = json.loads((out / "bench" / folder / "bench.json").read_text())["rows"]
+        assert {(r["attn"], r["precision"]) for r in rows} == {(attn, precision)}
+        assert {r["checkpointing"] for r in rows} == {False, True}
+        assert all(r["status"] == "ok" for r in rows) and any(r["method"] == "exact" for r in rows)
+    assert (out / "bench/bench.md").read_text().count("| attn | precision |") == 2
+
+    metrics = json.loads((out / "train/study_s0/metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["ratio"] == 0.3
+    assert (out / "report/index.md").is_file() and (out / "report/accuracy.md").is_file()
+    md = (out / "summary.md").read_text()
+    assert (
+        "| setup: payload, data extraction, device | **ok** |" in md and "| study_s0 | complete | 0.3 |" in md
+    )
+    assert "smoke: ok" in (out / "gpu_check.log").read_text()
+    assert (bundle / "summary.md").read_text() == md
+    with tarfile.open(bundle / "gpu_check.tar.gz") as tar:
+        names = tar.getnames()
+    assert "out/train/study_s0/metrics.json" in names and "out/smoke/smoke.json" in names
+    assert not [n for n in names if n.endswith(".ckpt")]  # weights stay behind
+
+
+def test_a_failed_step_one_stops_the_check_with_a_summary(tmp_path, monkeypatch):
+    args = cli.parser().parse_args([str(tmp_path / "out"), "--dry-run"])
+    check = cli.GPUCheck(args, make_plan(True, None, 10, 1, None), ["OUT", "--dry-run"])
+    monkeypatch.setattr(check, "setup", lambda: (tmp_path, tmp_path))
+
+    def failing_smoke() -> bool:
+        check.finish(check.records["smoke"], "failed", 1.0, "0 of 1 cases passed")
+        return False
+
+    monkeypatch.setattr(check, "tests", lambda: True)
+    monkeypatch.setattr(check, "smoke", failing_smoke)
+    for later in ("bench", "train", "report", "fidelity"):
+        monkeypatch.setattr(check, later, lambda *a: pytest.fail("ran after step 1 failed"))
+    assert check.run(set(cli.STEPS)) == 1
+    steps = {s["name"]: s for s in json.loads((tmp_path / "out/summary.json").read_text())["steps"]}
+    assert steps["smoke"]["status"] == "failed"
+    assert all(steps[n]["status"] == NOT_RUN and "step 1" in steps[n]["note"] for n in STEP_NAMES[3:])
+    assert "| smoke: correctness smoke" in (tmp_path / "out/summary.md").read_text()
+
+
+def test_a_crash_in_one_step_fails_that_step_and_the_rest_still_run(tmp_path, monkeypatch):
+    args = cli.parser().parse_args([str(tmp_path / "out"), "--dry-run", "--steps", "train,report"])
+    check = cli.GPUCheck(args, make_plan(True, None, 10, 1, None), ["OUT"])
+    monkeypatch.setattr(check, "setup", lambda: (tmp_path, tmp_path))
+
+    def crash(*args) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(check, "train", crash)
+    monkeypatch.setattr(check, "report", lambda: check.finish(check.records["report"], "ok", 1.0))
+    assert check.run({"train", "report"}) == 1
+    steps = {s["name"]: s for s in json.loads((tmp_path / "out/summary.json").read_text())["steps"]}
+    assert steps["train"]["status"] == "failed" and steps["train"]["note"] == "RuntimeError: boom"
+    assert steps["report"]["status"] == "ok" and steps["smoke"]["status"] == NOT_RUN
+    assert "RuntimeError: boom" in (tmp_path / "out/gpu_check.log").read_text()  # with its traceback
+
+
+def test_bias_check_passes_unbiased_draws_and_flags_a_wrong_scale():
+    """256 draws with 50 % error each: unbiased passes, a 25 % scale error (a wrong 1/(k·p)) does not."""
+    torch.manual_seed(0)
+    exact = torch.randn(2000, dtype=torch.float64)
+
+    def ratio(scale: float) -> float:
+        draws = scale * exact + 0.5 * torch.randn(256, 2000, dtype=torch.float64)
+        return bias_ratio(draws.sum(0), draws.square().sum().item(), 256, exact, 1e-5)[0]
+
+    assert ratio(1.0) < 2.0 < BIAS_LIMIT
+    assert ratio(1.25) > 5 * BIAS_LIMIT
+
+
+def test_training_configs_and_overrides(tmp_path):
+    assert override_value(["query", "mlp"]) == "[query,mlp]"
+    assert override_value(None) == "null" and override_value(0.9) == "0.9" and override_value(True) == "true"
+    assert override_value({"a": 1}) == "{a:1}" and override_value("wta_crs") == "wta_crs"
+    plan = make_plan(False, 2, 20000, 1, None)
+    runs, _ = train_runs(plan, CONF_DIR)
+    assert [r.name for r in runs][:2] == ["exact_s0", runs[1].name] and runs[-1].seed == 1
+    assert {r.config for r in runs} <= {"exact", "default", "study"}
+    assert all("crs.ratio=0.3" in r.crs_overrides for r in runs if r.config != "exact")
+    assert (
+        "trainer.accelerator=gpu" in plan.train_overrides and "data.limit_train=20000" in plan.train_overrides
+    )
+    assert cli.main([str(tmp_path / "x"), "--configs", "exact,bogus"]) == 2
+    assert cli.main([str(tmp_path / "x"), "--seeds", "0"]) == 2
