@@ -42,6 +42,6 @@ if [ ! -f "$MODEL/config.json" ]; then
 fi
 
 HF_HUB_OFFLINE=1 "$PYTHON" -m vitcrs.train -m experiment=study_tiny \
-  model.name_or_path="$MODEL" dataset=imagefolder data.root="$DATA_ROOT" \
+  model.name_or_path="$MODEL" dataset=imagefolder data.root="$DATA_ROOT" data.name=cifar10 \
   hydra.sweep.dir="$OUT" 'hydra.sweep.subdir=${data.name}_r${crs.ratio}_s${seed}' "$@"
 "$PYTHON" -m vitcrs.report "$OUT" --out "$OUT/report"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -109,19 +110,31 @@ def quiet_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
+def run_command(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own process group; on a timeout (or the test's own) kill the whole group (the data
+    parallel ranks it started too) and fail, instead of leaving processes hanging."""
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=quiet_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[2:])} did not finish in {timeout} s\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 @pytest.fixture
 def run_train() -> Callable[..., subprocess.CompletedProcess]:
-    """run_train(*args, cwd) -> the finished `python -m vitcrs.train *args` (exit 0 unless check=False)."""
+    """run_train(*args, cwd) -> the finished `python -m vitcrs.train *args` (exit 0 unless check=False).
 
-    def _run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(
-            [sys.executable, "-m", "vitcrs.train", *args],
-            cwd=cwd,
-            env=quiet_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+    A run over `timeout` seconds (a hang) is killed with every process it started, failing the test.
+    """
+
+    def _run(*args: str, cwd: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        proc = run_command([sys.executable, "-m", "vitcrs.train", *args], cwd, timeout)
         if check:
             assert proc.returncode == 0, (
                 f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -222,6 +222,14 @@ def test_cli_rejects_bad_settings(tmp_path, capsys):
         bench.main([*TINY, "--targets", "everything"])
 
 
+def test_cli_refuses_an_out_file_before_measuring(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("vitcrs.bench.cli.run_bench", lambda *a, **k: pytest.fail("the benchmark ran"))
+    (tmp_path / "results.json").write_text("mine")
+    assert bench.main([*TINY, "--out", str(tmp_path / "results.json")]) == 2
+    assert "is a file: give a folder" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text() == "mine"
+
+
 def test_module_entry_point():
     out = subprocess.run(
         [sys.executable, "-m", "vitcrs.bench", "--help"], capture_output=True, text=True, check=True

@@ -436,7 +436,7 @@ def test_dataset_configs_instantiate(name, source, label_type, classes, tmp_path
     }
     dm = instantiate(OmegaConf.merge(common, node))
     assert isinstance(dm, VisionDataModule) and dm.label_type == label_type
-    assert dm.name == ("cifar10" if name == "imagefolder" else name)
+    assert dm.name == (tmp_path.name if name == "imagefolder" else name)  # a folder tree: the folder's name
     if classes is not None:
         assert dm.num_classes == classes
     if source == "synthetic":

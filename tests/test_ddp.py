@@ -21,6 +21,9 @@ pytestmark = [
     ),
 ]
 
+# Every test runs the default callbacks (progress bar included: rank 0 alone renders it); a run that
+# hangs (ranks waiting in different collectives) is killed after this many seconds, failing its test.
+DDP_TIMEOUT_S = 150
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 # One optimizer step, exact (ratio 1), no augmentation and no warm-up (the first step has lr > 0).
 ONE_STEP = [
@@ -33,7 +36,6 @@ ONE_STEP = [
     "trainer.limit_val_batches=1",
     "trainer.limit_test_batches=1",
     "trainer.num_sanity_val_steps=0",
-    "callbacks.progress_bar=null",
 ]
 
 
@@ -51,13 +53,14 @@ def _first_moments(ckpt: dict) -> torch.Tensor:
     return torch.cat([state[i]["exp_avg"].flatten() for i in sorted(state)])
 
 
+@pytest.mark.timeout(2 * DDP_TIMEOUT_S + 60)
 def test_two_processes_take_the_same_step_as_one_with_their_joint_batch(run_train, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run_train(*ONE_STEP, "data.batch_size=32", f"hydra.run.dir={single}", cwd=tmp_path)
     # The gradient-fidelity callback is on in the data-parallel run: its all-reduce of the exact gradient must
     # meet the other rank's, must leave the step untouched, and at ratio 1 it finds the gradient exact.
     run_train(*ONE_STEP, *DDP, "data.batch_size=16", "callbacks.grad_fidelity.every_n_steps=1",
-              f"hydra.run.dir={ddp}", cwd=tmp_path)  # fmt: skip
+              f"hydra.run.dir={ddp}", cwd=tmp_path, timeout=DDP_TIMEOUT_S)  # fmt: skip
 
     # One record, one config, one set of logs and checkpoints: written by rank 0 only.
     assert _files(ddp, "metrics.json") == [ddp / "metrics.json"]
@@ -87,12 +90,14 @@ def test_two_processes_take_the_same_step_as_one_with_their_joint_batch(run_trai
     assert diff.max() < 1e-4 and diff.mean() < 1e-7
 
 
+@pytest.mark.timeout(2 * DDP_TIMEOUT_S + 60)
 def test_ranks_draw_from_their_own_crs_streams(run_train, tmp_path):
     run_dir = tmp_path / "run"
     run_train("experiment=demo", *DDP, "data.batch_size=16", "trainer.max_epochs=1",
               "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
-              "callbacks.progress_bar=null", "callbacks.grad_fidelity.every_n_steps=1",
-              f"hydra.run.dir={run_dir}", cwd=tmp_path)  # fmt: skip
+              "callbacks.step_checkpoint.every_n_train_steps=1", "callbacks.grad_fidelity.every_n_steps=1",
+              f"hydra.run.dir={run_dir}", cwd=tmp_path,
+              timeout=DDP_TIMEOUT_S)  # fmt: skip
     per_rank = _ckpt(run_dir)["crs"]["per_rank"]
     assert [r["rng"]["seed"] for r in per_rank] == [0, 1]  # seed + rank
     states = [r["rng"]["states"]["cpu"] for r in per_rank]
@@ -106,14 +111,16 @@ def test_ranks_draw_from_their_own_crs_streams(run_train, tmp_path):
     assert 0.0 < m["fidelity_rel_err"] < 1.0 and 0.0 < m["fidelity_cos"] < 1.0  # sampled, measured on 2 ranks
 
 
+@pytest.mark.timeout(2 * DDP_TIMEOUT_S + 60)
 def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_step(run_train, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train("experiment=demo", *DDP, "data.batch_size=16", "trainer.max_epochs=1",
                      "trainer.limit_train_batches=4", "trainer.num_sanity_val_steps=0",
-                     "callbacks.progress_bar=null", "callbacks.step_checkpoint.every_n_train_steps=1",
+                     "callbacks.step_checkpoint.every_n_train_steps=1",
                      "+callbacks.fault._target_=vitcrs.callbacks.FaultInjector",
                      "+callbacks.fault.nan_at_step=2", "+callbacks.fault.nan_on_rank=1",
-                     f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)  # fmt: skip
+                     f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False,
+                     timeout=DDP_TIMEOUT_S)  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     # rank 0's loss was finite: it stops because rank 1's was not, in the same step (no rank left waiting)

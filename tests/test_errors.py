@@ -6,19 +6,28 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 import vitcrs.train as app
+from conftest import CONF_DIR, quiet_env
 from conftest import QUICK as DEMO_BATCHES
 from vitcrs.data import cifar
 from vitcrs.errors import ConfigError
 from vitcrs.models import ViTClassifier
-from vitcrs.train import train, validate
+from vitcrs.run_dir import RunDirLock
+from vitcrs.train import check_added_keys, train, validate
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning")
 
@@ -29,6 +38,30 @@ def _fake_checkpoint(path: Path, num_labels: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {}, "hyper_parameters": {"num_labels": num_labels}}, path)
     return path
+
+
+def _vit_checkpoint(path: Path, config: dict, crs: dict | None = None, epochs: int = 0) -> Path:
+    """A checkpoint of a 10-class ViT of `config` (the `net.` weights vitcrs saves), `crs` settings and
+    `epochs` trained."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    net = ViTForImageClassification(ViTConfig(**config, num_labels=10))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    hparams = {"num_labels": 10} if crs is None else {"num_labels": 10, "crs": crs}
+    callbacks = {"MetricsFile": {"epochs": epochs}}
+    torch.save({"state_dict": state, "hyper_parameters": hparams, "callbacks": callbacks}, path)
+    return path
+
+
+def _vit_micro() -> dict:
+    return dict(OmegaConf.load(CONF_DIR / "model" / "vit_micro.yaml").config)
+
+
+def _one_class_folder(root: Path) -> list[str]:
+    (root / "train" / "cat").mkdir(parents=True)
+    (root / "test" / "cat").mkdir(parents=True)
+    return []
 
 
 def _corrupt_tarball(root: Path) -> Path:
@@ -45,6 +78,17 @@ def _truncated_folder(root: Path) -> Path:
         (folder / name).write_bytes(b"\x80\x04\x95truncated")
     return folder
 
+
+# experiment=demo's crs settings, and the same at ratio 0.5
+CRS_OF_DEMO = {
+    "ratio": 0.3,
+    "method": "wta_crs",
+    "targets": ["query", "key", "value", "scores", "context"],
+    "min_k": 1,
+    "prob": "norm",
+    "grad_ema": 0.9,
+}
+CRS_OF_DEMO_AT_HALF = {**CRS_OF_DEMO, "ratio": 0.5}
 
 # (overrides, a setup step (tmp_path -> extra overrides), what the message must say)
 BAD_INPUTS = {
@@ -91,6 +135,58 @@ BAD_INPUTS = {
         lambda tmp: [f"ckpt_path={_fake_checkpoint(tmp / 'old' / 'x.ckpt', 100)}"],
         ["100-class classifier", "dataset 'synthetic' has 10 classes", "ckpt_path=null"],
     ),
+    "checkpoint of another architecture": (
+        [],
+        lambda tmp: [
+            f"ckpt_path={_vit_checkpoint(tmp / 'old' / 'x.ckpt', {**_vit_micro(), 'hidden_size': 32})}"
+        ],
+        [
+            "another architecture",
+            "classifier.weight has shape (10, 32)",
+            "(10, 64) in the model",
+            "ckpt_path=null",
+        ],
+    ),
+    "checkpoint with other crs settings": (
+        [],
+        lambda tmp: [
+            f"ckpt_path={_vit_checkpoint(tmp / 'old' / 'x.ckpt', _vit_micro(), CRS_OF_DEMO_AT_HALF)}"
+        ],
+        ["other crs settings", "'ratio': 0.5", "'ratio': 0.3", "allow_crs_change=true"],
+    ),
+    "lr infinite": (["optim.lr=inf"], None, ["optim.lr=inf is invalid", "below 1"]),
+    "lr absurd": (["optim.lr=10"], None, ["optim.lr=10 is invalid", "below 1"]),
+    "nan in data.std": (["data.std=[nan,0.5,0.5]"], None, ["data.std", "nan", "finite"]),
+    "nan in data.mean": (["data.mean=[0.5,nan,0.5]"], None, ["data.mean", "nan", "finite"]),
+    "max_epochs zero": (["trainer.max_epochs=0"], None, ["trainer.max_epochs=0 is invalid", "integer >= 1"]),
+    "max_epochs negative": (["trainer.max_epochs=-1"], None, ["trainer.max_epochs=-1", "integer >= 1"]),
+    "max_epochs not an integer": (["trainer.max_epochs=1.5"], None, ["trainer.max_epochs=1.5", "integer"]),
+    "no training batches": (
+        ["trainer.limit_train_batches=0"],
+        None,
+        ["trainer.limit_train_batches=0 is invalid", "integer >= 1", "(0, 1]"],
+    ),
+    "seed beyond Lightning's range": (["seed=4294967296"], None, ["seed=4294967296", "4294967295"]),
+    "flash attention not installed": (
+        ["model.attn_implementation=flash_attention_2", "crs.targets=[query]"],
+        None,
+        ["flash_attention_2", "flash-attn", "model.attn_implementation=sdpa"],
+    ),
+    "imagefolder with one class": (
+        ["dataset=imagefolder"],
+        lambda tmp: _one_class_folder(tmp / "data"),
+        ["single class folder", "'cat'", "at least 2 classes"],
+    ),
+    "no targets but a ratio": (
+        ["crs.targets=[]"],
+        None,
+        ["crs.targets=[] samples nothing", "crs.ratio=0.3", "crs.ratio=1.0"],
+    ),
+    "min_k keeps every pair": (
+        ["crs.min_k=100000"],
+        None,
+        ["crs.min_k=100000 keeps every pair", "crs.ratio=0.3", "crs.ratio=1.0"],
+    ),
     "checkpoint unreadable": (
         [],
         lambda tmp: [f"ckpt_path={(tmp / 'junk.ckpt').write_bytes(b'junk') and tmp / 'junk.ckpt'}"],
@@ -109,6 +205,46 @@ def test_bad_input_is_named_before_anything_is_loaded(compose_cfg, tmp_path, nam
     for text in expected:
         assert text in str(err.value), (text, str(err.value))
     assert not (tmp_path / "run").exists(), "nothing may be written before validation passes"
+
+
+ADDED_KEYS = {
+    "+data.foo=1": ("under data", "batch_size"),
+    "+foo=1": ("at the top level", "seed"),
+    "+optim.momentum=0.9": ("under optim", "weight_decay"),
+    "+model.config.hiden_size=8": ("under model.config", "hidden_size"),
+}
+
+
+@pytest.mark.parametrize("override", list(ADDED_KEYS))
+def test_an_added_key_that_nothing_reads_is_refused_with_the_known_keys(tmp_path, override):
+    where, known = ADDED_KEYS[override]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        overrides = [
+            f"hydra.run.dir={tmp_path / 'run'}",
+            f"data.root={tmp_path}",
+            "experiment=demo",
+            override,
+        ]
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # as `python -m vitcrs.train ...` has it
+    try:
+        with pytest.raises(ConfigError) as err:
+            validate(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    message = str(err.value)
+    assert message.startswith(f"{override}: vitcrs reads no key") and where in message and known in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_keys_added_where_their_reader_checks_them_are_let_through(compose_cfg):
+    added = [
+        "+trainer.accumulate_grad_batches=2",
+        "+callbacks.fault.kill_at_step=3",
+        "+model.config.qkv_bias=false",
+        "+data.load_size=32",  # a VisionDataModule argument (source=imagefolder reads it)
+    ]
+    check_added_keys(compose_cfg("experiment=demo", *added), added)
 
 
 def test_offline_download_says_where_to_put_the_files(compose_cfg, tmp_path, monkeypatch):
@@ -177,6 +313,101 @@ def test_bad_resume_leaves_the_existing_run_untouched(run_train, tmp_path, extra
     assert not (tmp_path / "outputs").exists()  # the run dir was the checkpoint's, no other was made
 
 
+def test_resuming_with_other_crs_settings_when_allowed_is_recorded(compose_cfg, tmp_path):
+    ckpt = _vit_checkpoint(tmp_path / "old" / "checkpoints" / "last.ckpt", _vit_micro(), CRS_OF_DEMO_AT_HALF)
+    cfg = compose_cfg("experiment=demo", f"ckpt_path={ckpt}", "allow_crs_change=true")
+    datamodule = validate(cfg)
+    changed = app.crs_changes(cfg, torch.load(ckpt, weights_only=False)["hyper_parameters"])
+    assert changed == {"ratio": 0.5}
+    record = app.describe_run(cfg, datamodule, changed)
+    assert record["ratio"] == 0.3 and record["settings"]["crs_before_resume"] == {"ratio": 0.5}
+
+
+def test_an_image_folder_is_recorded_under_its_own_name_unless_named(compose_cfg, tmp_path):
+    root = tmp_path / "flowers"
+    for split in ("train", "test"):
+        for name in ("daisy", "rose"):
+            (root / split / name).mkdir(parents=True)
+    sized = ["data.image_size=32", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]
+    cfg = compose_cfg("experiment=demo", "dataset=imagefolder", f"data.root={root}", *sized)
+    assert app.describe_run(cfg, instantiate(cfg.data))["dataset"] == "flowers"
+    cfg = compose_cfg("experiment=demo", "dataset=imagefolder", f"data.root={root}", *sized, "data.name=mine")
+    assert app.describe_run(cfg, instantiate(cfg.data))["dataset"] == "mine"
+
+
+RUN_DIR_CONFLICTS = {
+    "checkpoints is a file": (
+        lambda run: (run / "checkpoints").write_text("x"),
+        "checkpoints exists and is not a",
+    ),
+    "metrics.json is a folder": (
+        lambda run: (run / "metrics.json").mkdir(),
+        "metrics.json exists and is not a",
+    ),
+    "a complete run, nothing left to train": (
+        lambda run: (run / "metrics.json").write_text(json.dumps({"status": "complete", "test_acc": 0.5})),
+        "records a complete run: this launch would only test again",
+    ),
+    "a complete run, started afresh": (
+        lambda run: (run / "metrics.json").write_text(json.dumps({"status": "complete", "test_acc": 0.5})),
+        "records a complete run: this launch would start afresh over it",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(RUN_DIR_CONFLICTS))
+def test_an_existing_run_dir_that_cannot_take_the_run_is_refused(compose_cfg, tmp_path, name):
+    make, message = RUN_DIR_CONFLICTS[name]
+    run = tmp_path / "run"
+    if name not in ("checkpoints is a file", "a complete run, started afresh"):  # a run to resume in place
+        _vit_checkpoint(run / "checkpoints" / "last.ckpt", _vit_micro(), CRS_OF_DEMO, epochs=3)  # demo's 3
+    run.mkdir(exist_ok=True)
+    make(run)
+    before = _snapshot(run)
+    cfg = compose_cfg("experiment=demo", "ckpt_path=last")  # resume in place (or start, without last.ckpt)
+    with pytest.raises(ConfigError, match=message) as err:
+        validate(cfg)
+    assert "hydra.run.dir=<new dir>" in str(err.value)
+    assert _snapshot(run) == before
+
+
+def test_a_complete_job_of_a_resumed_sweep_is_left_as_it_is(compose_cfg, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _vit_checkpoint(run / "checkpoints" / "last.ckpt", _vit_micro(), CRS_OF_DEMO, epochs=3)
+    (run / "metrics.json").write_text(json.dumps({"status": "complete", "val_acc": 0.75}))
+    before = _snapshot(run)
+    monkeypatch.setattr(app, "_multirun", lambda: True)  # `-m ... ckpt_path=last` over a finished sweep
+    assert app.main(compose_cfg("experiment=demo", "ckpt_path=last")) == 0.75  # its score, no failure
+    monkeypatch.setattr(app, "_multirun", lambda: False)  # a single run: refused (exit status 2)
+    with pytest.raises(SystemExit) as exited:
+        app.main(compose_cfg("experiment=demo", "ckpt_path=last"))
+    assert exited.value.code == 2 and _snapshot(run) == before
+
+
+@pytest.mark.timeout(120)
+def test_a_busy_run_dir_is_refused_and_a_killed_run_leaves_it_free(run_train, tmp_path):
+    run_dir = tmp_path / "run"
+    hold = (
+        "import sys, time; from vitcrs.run_dir import RunDirLock; "
+        "lock = RunDirLock(sys.argv[1]); print('held', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(run_dir)], env=quiet_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        proc = run_train(*QUICK, f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
+    finally:
+        holder.kill()  # SIGKILL: no cleanup, as a crashed or preempted run
+        holder.wait()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
+    assert f"is in use by another vitcrs run (pid {holder.pid}" in out and "hydra.run.dir=<new dir>" in out
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()
+    assert not (run_dir / "csv").exists()
+    RunDirLock(run_dir).release()  # the killed holder left its lock file, but not the lock
+
+
 def test_a_bad_setting_creates_no_checkpoints(run_train, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train("experiment=demo", "data.batch_size=0", f"hydra.run.dir={run_dir}", cwd=tmp_path,
@@ -240,6 +471,60 @@ def test_non_finite_gradients_stop_before_the_optimizer_step(tiny_vit_config, tm
         trainer.fit(module, DataLoader(data, batch_size=8))
     assert trainer.global_step == 2  # the third step was not taken
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+class _InfWeight(Callback):
+    """Makes one weight infinite just before the optimizer step of step `at` (loss and gradients stay finite),
+    as an overflowing update would leave it."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.at:
+            with torch.no_grad():
+                next(iter(pl_module.parameters()))[0] = math.inf
+
+
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+def test_non_finite_weights_after_a_step_stop_before_any_checkpoint_holds_them(
+    tiny_vit_config, tmp_path, one_thread
+):
+    module = ViTClassifier(
+        model={"name_or_path": None, "attn_implementation": "eager", "config": tiny_vit_config},
+        crs={"ratio": 0.5, "targets": ["query", "fc1"]},
+        optim={"lr": 1e-3, "weight_decay": 0.0, "warmup_fraction": 0.0},
+        num_labels=4,
+    )
+    data = TensorDataset(torch.randn(32, 3, 32, 32), torch.arange(32) % 4)
+    every_step = ModelCheckpoint(dirpath=tmp_path, save_top_k=0, save_last=True, every_n_train_steps=1)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[_InfWeight(at=2), every_step],
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"weights became non-finite .* step 2 .*finite gradients"):
+        trainer.fit(module, DataLoader(data, batch_size=8))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 2 and all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+
+
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+def test_a_nan_loss_before_any_update_blames_the_input_not_the_learning_rate(
+    tiny_vit_config, tmp_path, one_thread
+):
+    module = ViTClassifier(
+        model={"name_or_path": None, "attn_implementation": "eager", "config": tiny_vit_config},
+        crs={"ratio": 1.0, "targets": []},
+        optim={"lr": 1e-3, "weight_decay": 0.0, "warmup_fraction": 0.0},
+        num_labels=4,
+    )
+    data = TensorDataset(torch.full((8, 3, 32, 32), math.nan), torch.arange(8) % 4)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"step 0 .*not the learning rate.*data.mean/data.std"):
+        trainer.fit(module, DataLoader(data, batch_size=8))
 
 
 # --- sweeps --------------------------------------------------------------------------------------------

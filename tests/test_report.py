@@ -383,6 +383,29 @@ def test_report_of_only_unreadable_files_is_still_written(tmp_path: Path) -> Non
     assert (out / "accuracy_vs_ratio.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_each_skipped_file_is_named_with_its_reason(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_run(tmp_path / "runs", "good")
+    broken, keyless = tmp_path / "runs" / "broken", tmp_path / "runs" / "keyless"
+    broken.mkdir()
+    (broken / "metrics.json").write_text('{"status": "compl')
+    keyless.mkdir()
+    (keyless / "metrics.json").write_text(json.dumps({"status": "complete", "dataset": "cifar10"}))
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {broken / 'metrics.json'}: unreadable: JSONDecodeError" in err
+    assert f"skipped {keyless / 'metrics.json'}: no usable ratio (None)" in err
+    assert "good" not in err
+
+
+def test_out_that_is_a_file_is_refused_before_anything_is_read(tmp_path: Path, capsys) -> None:
+    write_run(tmp_path / "runs", "good")
+    (tmp_path / "report.md").write_text("mine")
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "report.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out={str(tmp_path / 'report.md')!r} is a file: give a folder")
+    assert (tmp_path / "report.md").read_text() == "mine"
+
+
 # targets_ablation-like runs: an exact run ignores method/targets/prob, so one is the baseline of all
 QKV = ["query", "key", "value"]
 STUDY_TARGETS = SETTINGS["targets"]

@@ -74,6 +74,30 @@ def test_killed_run_resumes_to_the_same_result(run_train, tmp_path):
     assert (broken / "csv" / "metrics.segment-1.csv").is_file()
 
 
+@pytest.mark.timeout(300)
+def test_a_moved_run_resumes_from_its_own_checkpoints_and_keeps_its_figures(run_train, tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    run = ["experiment=demo", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+           "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "data.batch_size=16",
+           "trainer.num_sanity_val_steps=0", "callbacks.progress_bar=null"]  # fmt: skip
+    # Killed once training and selection are done, as the test split starts.
+    kill = ["+callbacks.fault._target_=vitcrs.callbacks.FaultInjector", "+callbacks.fault.kill_at_test=true"]
+    killed = run_train(*run, *kill, f"hydra.run.dir={old}", cwd=tmp_path, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    before = json.loads((old / "metrics.json").read_text())
+    assert before["status"] == "incomplete" and before["epochs"] == 1 and before["saved_bytes_per_step"] > 0
+    assert len(list((old / "checkpoints").glob("best-*.ckpt"))) == 1
+
+    old.rename(new)  # e.g. onto another file system, or under a cluster's results folder
+    run_train(*run, f"ckpt_path={new / 'checkpoints' / 'last.ckpt'}", cwd=tmp_path)
+
+    after = json.loads((new / "metrics.json").read_text())
+    assert after["status"] == "complete" and after["test_acc"] is not None  # the moved best checkpoint tested
+    for key in ("epochs", "val_acc", "saved_bytes_per_step", "saved_bytes_per_step_exact"):
+        assert after[key] == before[key], key  # nothing left to train: the figures come from the checkpoint
+    assert str(old) not in (new / "metrics.json").read_text() and not old.exists()
+
+
 # --- ckpt_path and run-dir resolution -----------------------------------------------------------------
 
 

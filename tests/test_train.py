@@ -138,6 +138,8 @@ def test_resume_continues_the_run(compose_cfg, tmp_path, one_thread):
     assert after["status"] == "complete" and after["epochs"] == 2
     assert after["val_acc"] >= before["val_acc"]  # the best of both segments
     assert after["wall_time_s"] > before["wall_time_s"] * 0.5
+    # the complete record of the first segment is kept beside the new one (not lost by training on)
+    assert json.loads((tmp_path / "run" / "metrics.segment-1.json").read_text()) == before
     csv = tmp_path / "run" / "csv"
     # both segments' logs are kept
     assert (csv / "metrics.csv").is_file() and (csv / "metrics.segment-1.csv").is_file()
@@ -252,3 +254,25 @@ def test_peak_memory_monitor_summary_on_cpu():
     monitor.load_state_dict(state)
     assert monitor.summary()["images_per_s"] is None  # applied only when a fit resumes, not on test loads
     assert monitor.state_dict()["images"] == 0
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_exits_143_with_a_current_last_ckpt_and_an_interrupted_record(run_train, tmp_path):
+    run_dir = tmp_path / "run"
+    # no step checkpoints: last.ckpt can only come from the SIGTERM
+    proc = run_train(*QUICK, "trainer.limit_train_batches=6", "data.batch_size=16",
+                     "callbacks.progress_bar=null", "callbacks.step_checkpoint.every_n_train_steps=0",
+                     "+callbacks.fault._target_=vitcrs.callbacks.FaultInjector",
+                     "+callbacks.fault.term_at_step=2", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+                     check=False)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 143 and "Traceback" not in out, out[-3000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert f"ckpt_path={last}" in out
+    # the batch in progress when the signal came (step 2) finished; the state after it was saved
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["status"] == "interrupted" and m["epochs"] == 0 and m["test_acc"] is None
+    assert (
+        m["error"].startswith("stopped by SIGTERM at epoch 0, step 3") and f"ckpt_path={last}" in m["error"]
+    )

@@ -294,10 +294,13 @@ def hydra_output_subdir(run_dir: Any, stamp: str) -> str | None:
     return ".hydra"
 
 
-def check_checkpoint(ckpt_path: str, num_classes: int, dataset: str) -> None:
-    """ConfigError unless `ckpt_path` is a readable vitcrs checkpoint with a `num_classes`-way classifier.
+def check_checkpoint(
+    ckpt_path: str, num_classes: int, dataset: str, shapes: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, Any]:
+    """ConfigError unless `ckpt_path` is a readable vitcrs checkpoint with a `num_classes`-way classifier and,
+    given `shapes` (the network's weight shapes, see `vitcrs.models.parameter_shapes`), that architecture.
 
-    Reads only the checkpoint's metadata (memory-mapped; tensors are not loaded).
+    Reads only the checkpoint's metadata (memory-mapped; tensors are not loaded). Returns its hyperparameters.
     """
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
@@ -320,3 +323,27 @@ def check_checkpoint(ckpt_path: str, num_classes: int, dataset: str) -> None:
             f"{num_classes} classes: resume with the dataset the checkpoint was trained on (and its other "
             "settings), or start afresh with ckpt_path=null."
         )
+    if shapes is not None:
+        saved = {
+            k.removeprefix("net."): tuple(v.shape)
+            for k, v in ckpt["state_dict"].items()
+            if k.startswith("net.")
+        }
+        differ = sorted(k for k in saved.keys() | shapes.keys() if saved.get(k) != shapes.get(k))
+        if differ:
+            k = differ[0]
+            raise ConfigError(
+                f"ckpt_path={ckpt_path!r} holds another architecture than model.* gives: {len(differ)} "
+                f"weights differ, e.g. {k} has shape {saved.get(k)} in the checkpoint but {shapes.get(k)} in "
+                "the model (None: absent). Resume with the model settings the checkpoint was trained with "
+                "(model=..., model.config.*), or start afresh with ckpt_path=null."
+            )
+    return hparams
+
+
+def checkpoint_epochs(ckpt_path: str) -> int:
+    """Training epochs done in the run that saved `ckpt_path` (its metrics record's count, else its epoch)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    state = ckpt.get("callbacks", {}).get("MetricsFile", {}) if isinstance(ckpt, dict) else {}
+    epochs = state.get("epochs") if isinstance(state, dict) else None
+    return int(epochs) if isinstance(epochs, int) else int(ckpt.get("epoch", 0))

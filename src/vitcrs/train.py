@@ -15,7 +15,10 @@ Returns the best validation accuracy, for Hydra sweepers.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,9 +28,10 @@ import lightning
 import torch
 import transformers
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.fabric.strategies.launchers.subprocess_script import (
     _SubprocessScriptLauncher as FabricSubprocessLauncher,
 )
@@ -35,22 +39,39 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
+from transformers import ViTConfig
 
 import vitcrs
-from vitcrs.callbacks import METRICS_KEYS, MetricsFile, write_json_atomic
-from vitcrs.crs import CRSConfig, validate_targets
+from vitcrs.callbacks import METRICS_KEYS, CheckpointOnSigterm, MetricsFile, write_json_atomic
+from vitcrs.crs import MATMUL_TARGETS, CRSConfig, validate_targets
 from vitcrs.errors import ConfigError
-from vitcrs.models import ModelInputs, ViTClassifier, check_attn_implementation, model_inputs
+from vitcrs.models import (
+    ModelInputs,
+    ViTClassifier,
+    check_attn_implementation,
+    load_vit_config,
+    model_inputs,
+    parameter_shapes,
+)
 from vitcrs.resume import (
     LAST,
     check_checkpoint,
+    checkpoint_epochs,
     checkpoint_run_dir,
     hydra_output_subdir,
     last_checkpoint,
     resolve_ckpt_path,
     resumable_train_data,
+)
+from vitcrs.run_dir import (
+    RunAlreadyComplete,
+    RunDirInUse,
+    RunDirLock,
+    check_run_dir,
+    keep_complete_record,
 )
 
 log = logging.getLogger(__name__)
@@ -67,9 +88,14 @@ def _container(node: Any) -> Any:
 def _number(
     cfg: DictConfig, key: str, lo: float, hi: float | None, hint: str, closed_hi: bool = False
 ) -> None:
-    """ConfigError unless OmegaConf.select(cfg, key) is a number in [lo, hi) (or [lo, hi] if closed_hi)."""
+    """ConfigError unless OmegaConf.select(cfg, key) is a finite number in [lo, hi) ([lo, hi]: closed_hi)."""
     value = OmegaConf.select(cfg, key)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= lo
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= lo
+    )
     if ok and hi is not None:
         ok = value <= hi if closed_hi else value < hi
     if not ok:
@@ -92,6 +118,102 @@ def _model_inputs(cfg: DictConfig) -> ModelInputs:
             f"model.config={config!r} is invalid: it must be a mapping of ViTConfig fields or null."
         )
     return model_inputs(name_or_path, config)
+
+
+MAX_SEED = 2**32 - 1  # the largest seed Lightning's seed_everything takes (numpy's limit)
+# Nodes whose added keys (`+trainer.accumulate_grad_batches=2`, `+callbacks.x._target_=...`) go to
+# constructors that refuse unknown arguments themselves; a key added anywhere else would be read by nothing.
+ADDABLE_NODES = ("trainer", "callbacks", "logger", "hydra")
+
+
+def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
+    """ConfigError for a `+key=value` override adding a key that nothing reads (it would be silently ignored).
+
+    Allowed: config groups (`+experiment=...`), keys under ADDABLE_NODES, arguments of a node's `_target_`
+    (`+data.num_classes=...`), and ViTConfig fields under model.config. The message lists the keys known
+    where the new one was added.
+    """
+    groups = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if not override.is_add():  # `++key` may set a key that exists; only `+key` surely adds one
+            continue
+        key = override.key_or_group
+        if "/" in key or key in groups or key.split(".")[0] in ADDABLE_NODES:
+            continue
+        parent, _, name = key.rpartition(".")
+        if parent == "model.config" and hasattr(ViTConfig(), name):
+            continue
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        known = {str(k) for k in node if k != name} if isinstance(node, DictConfig) else set()
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        if isinstance(target, str):  # a node instantiated as `target`: its arguments are read
+            known |= set(inspect.signature(get_class(target)).parameters) - {"self", "args", "kwargs"}
+            if name in known:
+                continue
+        known.discard("_target_")
+        where = f"under {parent}" if parent else "at the top level"
+        raise ConfigError(
+            f"{override.input_line}: vitcrs reads no key {key!r}, so it would be silently ignored. Known "
+            f"keys {where}: {', '.join(sorted(known))}. Fix the name (without the +, to change a known key)"
+            f"{' or use a ViTConfig field' if parent == 'model.config' else ''}, or drop it."
+        )
+
+
+def _check_trainer_length(cfg: DictConfig) -> None:
+    """ConfigError unless the run trains: trainer.max_epochs >= 1 and some training batches per epoch."""
+    epochs = cfg.trainer.get("max_epochs")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(
+            f"trainer.max_epochs={epochs!r} is invalid: it must be an integer >= 1, e.g. "
+            "trainer.max_epochs=3."
+        )
+    limit = cfg.trainer.get("limit_train_batches")
+    share = isinstance(limit, float) and math.isfinite(limit) and 0 < limit <= 1
+    count = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
+    if limit is not None and not (share or count):
+        raise ConfigError(
+            f"trainer.limit_train_batches={limit!r} is invalid: it must be null (every batch), an integer "
+            ">= 1 (batches per epoch) or a share in (0, 1], e.g. trainer.limit_train_batches=0.25; a run "
+            "that trains on nothing would be recorded as trained."
+        )
+
+
+def _check_sampling(cfg: DictConfig, targets: list[str], vit: ViTConfig) -> None:
+    """ConfigError when crs.ratio < 1 would sample nothing (no targets, or crs.min_k >= every contraction):
+    the run would be exact but recorded as sampled."""
+    ratio = float(cfg.crs.ratio)
+    if ratio >= 1:
+        return
+    if not targets:
+        raise ConfigError(
+            f"crs.targets=[] samples nothing, so a crs.ratio={ratio} run would be exact yet recorded as "
+            "sampled. Give the ops to sample (e.g. crs.targets=[query,key,value]) or crs.ratio=1.0 for an "
+            "exact run."
+        )
+    side = int(cfg.data.image_size) // int(vit.patch_size)
+    tokens = side * side + 1
+    # The longest contraction a target samples: tokens of the batch for linears, tokens or the head width
+    # for the attention matmuls.
+    head = int(vit.hidden_size) // int(vit.num_attention_heads)
+    longest = max(
+        max(tokens, head) if t in MATMUL_TARGETS else int(cfg.data.batch_size) * tokens for t in targets
+    )
+    if int(cfg.crs.min_k) >= longest:
+        raise ConfigError(
+            f"crs.min_k={cfg.crs.min_k} keeps every pair of every sampled op (the longest contraction has "
+            f"{longest}), so a crs.ratio={ratio} run would be exact yet recorded as sampled. Lower crs.min_k "
+            "(default 1) or set crs.ratio=1.0 for an exact run."
+        )
+
+
+def crs_changes(cfg: DictConfig, saved: dict[str, Any] | None) -> dict[str, Any]:
+    """The crs.* settings that differ from those of the checkpoint's run (`saved`: its hyperparameters):
+    key -> the checkpoint's value."""
+    before = (saved or {}).get("crs")
+    if not isinstance(before, dict) or not before:  # not saved: nothing to compare with
+        return {}
+    now = _container(cfg.crs)
+    return {k: before.get(k) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)}
 
 
 def _check_image_size(size: Any, inputs: ModelInputs) -> None:
@@ -138,8 +260,12 @@ def validate(cfg: DictConfig) -> Any:
 
     Fills data.image_size / data.mean / data.std from the model where they are null. Raises ConfigError.
     """
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise ConfigError(f"seed={cfg.seed!r} is invalid: it must be an integer >= 0, e.g. seed=1.")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(
+            f"seed={cfg.seed!r} is invalid: it must be an integer in [0, {MAX_SEED}], e.g. seed=1."
+        )
+    if HydraConfig.initialized():
+        check_added_keys(cfg, list(HydraConfig.get().overrides.task))
     crs = dict(_container(cfg.crs))
     targets = crs.pop("targets", None)
     try:
@@ -161,11 +287,13 @@ def validate(cfg: DictConfig) -> Any:
         validate_targets(targets, attn)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    _number(cfg, "optim.lr", 0, None, "Give a positive learning rate, e.g. optim.lr=5e-5.")
+    # AdamW moves each weight by about lr per step: lr >= 1 (or inf) wrecks the weights in a step or two.
+    _number(cfg, "optim.lr", 0, 1, "Give a positive learning rate below 1, e.g. optim.lr=5e-5.")
     if cfg.optim.lr == 0:
         raise ConfigError("optim.lr=0 is invalid: it must be > 0, e.g. optim.lr=5e-5.")
     _number(cfg, "optim.weight_decay", 0, None, "e.g. optim.weight_decay=0.01.")
     _number(cfg, "optim.warmup_fraction", 0, 1, "e.g. optim.warmup_fraction=0.1.")
+    _check_trainer_length(cfg)
     batch_size = cfg.data.batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"data.batch_size={batch_size!r} is invalid: it must be an integer >= 1, e.g. 64.")
@@ -180,8 +308,22 @@ def validate(cfg: DictConfig) -> Any:
         )
 
     datamodule = build_datamodule(cfg)
+    vit = load_vit_config(cfg.model.name_or_path, datamodule.num_classes, _container(cfg.model.config))
+    _check_sampling(cfg, targets, vit)
     if cfg.ckpt_path is not None:
-        check_checkpoint(cfg.ckpt_path, datamodule.num_classes, datamodule.name)
+        shapes = parameter_shapes(vit)
+        saved = check_checkpoint(cfg.ckpt_path, datamodule.num_classes, datamodule.name, shapes)
+        changed = crs_changes(cfg, saved)
+        if changed and not cfg.allow_crs_change:
+            now = {k: _container(cfg.crs).get(k) for k in changed}
+            raise ConfigError(
+                f"ckpt_path={cfg.ckpt_path!r} was trained with other crs settings ({changed}) than this "
+                f"run's ({now}): the record would describe neither. Resume with the checkpoint's settings, "
+                "or add allow_crs_change=true to continue with the new ones (metrics.json then records the "
+                "old ones under settings.crs_before_resume)."
+            )
+    done = checkpoint_epochs(cfg.ckpt_path) if cfg.ckpt_path is not None else None
+    check_run_dir(cfg.run_dir, done, cfg.trainer.max_epochs)
     return datamodule
 
 
@@ -215,10 +357,13 @@ def _choice(group: str) -> str | None:
     return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
 
 
-def describe_run(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
-    """The fields of metrics.json known before training."""
+def describe_run(
+    cfg: DictConfig, datamodule: Any, crs_before_resume: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The fields of metrics.json known before training; `crs_before_resume`: the crs settings a resumed
+    checkpoint had where they differ (allow_crs_change=true), recorded under settings."""
     crs = cfg.crs
-    return {
+    record = {
         "dataset": datamodule.name,
         "label_type": datamodule.label_type,
         "num_classes": datamodule.num_classes,
@@ -247,6 +392,9 @@ def describe_run(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
         },
         "run_dir": str(Path(cfg.run_dir).resolve()),
     }
+    if crs_before_resume:
+        record["settings"]["crs_before_resume"] = crs_before_resume
+    return record
 
 
 def _keep_csv_logs(loggers: list[Logger]) -> None:
@@ -280,7 +428,10 @@ def _build_trainer(cfg: DictConfig, metrics: MetricsFile) -> tuple[Trainer, list
     try:
         callbacks: list[Callback] = _instantiate_all(cfg.get("callbacks"))
         loggers: list[Logger] = _instantiate_all(cfg.get("logger"))
-        trainer = instantiate(cfg.trainer, callbacks=[*callbacks, metrics], logger=loggers or False)
+        on_sigterm = CheckpointOnSigterm(last_checkpoint(cfg.run_dir))  # before metrics: see its docstring
+        trainer = instantiate(
+            cfg.trainer, callbacks=[*callbacks, on_sigterm, metrics], logger=loggers or False
+        )
     except (InstantiationException, MisconfigurationException) as err:
         cause = err.__cause__ or err
         raise ConfigError(
@@ -317,7 +468,10 @@ def train(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.run_dir)
     seed_everything(cfg.seed, workers=True, verbose=False)
 
-    metrics = MetricsFile(run_dir / "metrics.json", describe_run(cfg, datamodule))
+    changed = None
+    if cfg.ckpt_path is not None:  # allowed by validate (allow_crs_change=true) where there are any
+        changed = crs_changes(cfg, check_checkpoint(cfg.ckpt_path, datamodule.num_classes, datamodule.name))
+    metrics = MetricsFile(run_dir / "metrics.json", describe_run(cfg, datamodule, changed))
     trainer, loggers = _build_trainer(cfg, metrics)
     _check_processes(trainer)
     metrics.attach(trainer)
@@ -330,6 +484,9 @@ def train(cfg: DictConfig) -> float | None:
         datamodule.prepare_data()
         datamodule.check()
     resumable_train_data(datamodule, cfg.seed, indices=cfg.crs.prob == "sample_cache")
+    # One run per run dir, from its first write on: rank 0 holds the lock until it returns (the other ranks
+    # write nothing themselves).
+    lock = RunDirLock(run_dir) if trainer.global_rank == 0 else None
     if cfg.ckpt_path is None:
         # Every check passed: from here on a crash, or a kill while the model loads, leaves a marked record.
         # (A resumed run keeps its earlier record until the checkpoint's figures are restored at fit start.)
@@ -345,6 +502,7 @@ def train(cfg: DictConfig) -> float | None:
             )
         if trainer.is_global_zero:
             _keep_csv_logs(loggers)
+            keep_complete_record(run_dir)  # a complete run trained on: its record is kept beside
         # Resuming in place: the checkpoint dir is expected to hold the earlier checkpoints.
         warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
     try:
@@ -375,6 +533,9 @@ def train(cfg: DictConfig) -> float | None:
     except BaseException as err:
         metrics.fail(err)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
     if trainer.is_global_zero:
         data = metrics.data
         val = f"{data['val_acc']:.4f}" if data["val_acc"] is not None else "n/a"
@@ -430,9 +591,22 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf
 def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
+    except SIGTERMException:  # Lightning's, once the checkpoint is saved and metrics.json marked interrupted
+        log.error(
+            "stopped by SIGTERM; to go on, run the same command with ckpt_path=%s",
+            last_checkpoint(cfg.run_dir),
+        )
+        raise SystemExit(128 + signal.SIGTERM) from None  # 143, as a process killed by SIGTERM reports
+    except RunAlreadyComplete as err:
+        if not _multirun():
+            log.error("%s", err)
+            raise SystemExit(2) from None
+        # Resuming a sweep (ckpt_path=last): its finished jobs are left as they are, and not failures.
+        log.warning("job %s left as it is: %s", cfg.run_dir, err)
+        return err.val_acc
     except (ConfigError, FloatingPointError) as err:
         if _multirun():
-            if isinstance(err, ConfigError):
+            if isinstance(err, ConfigError) and not isinstance(err, RunDirInUse):  # not the other run's dir
                 record_config_failure(cfg, err)
             raise  # Hydra reports it and goes on with the other jobs
         # A bad setting, or a diverged run: the message says it all, no traceback.

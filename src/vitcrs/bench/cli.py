@@ -121,6 +121,11 @@ def _check(args: argparse.Namespace) -> None:
             )
     if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device={args.device} asked for CUDA, but torch sees no GPU: use --device cpu.")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ConfigError(
+            f"--out={str(args.out)!r} is a file: give a folder (created if missing) for bench.json and "
+            "bench.md."
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,15 +1,20 @@
-"""Lightning callbacks: memory/speed, gradient fidelity, the run's metrics.json, fault injection for tests."""
+"""Lightning callbacks: memory/speed measurement, gradient fidelity, the run's metrics.json, checkpoints that
+follow a moved run dir and one on SIGTERM, and fault injection for tests."""
 
+from .checkpoint import RunDirCheckpoint
 from .faults import FaultInjector
 from .grad_fidelity import GradFidelityMonitor
+from .interrupt import CheckpointOnSigterm
 from .memory import PeakMemoryMonitor
 from .metrics_file import METRICS_KEYS, MetricsFile, write_json_atomic
 
 __all__ = [
     "METRICS_KEYS",
+    "CheckpointOnSigterm",
     "FaultInjector",
     "GradFidelityMonitor",
     "MetricsFile",
     "PeakMemoryMonitor",
+    "RunDirCheckpoint",
     "write_json_atomic",
 ]

@@ -15,6 +15,9 @@ class FaultInjector(Callback):
 
     kill_at_step: when training batch `kill_at_step` starts (that many optimizer steps done), the process
         kills itself with SIGKILL, as the OOM killer or a preempting scheduler would: no handler, no cleanup.
+    term_at_step: when that batch starts, the process sends itself SIGTERM, as a scheduler stopping a job
+        (SLURM preemption, `timeout`, `docker stop`) would.
+    kill_at_test: SIGKILL when the test split starts (training and checkpoint selection done).
     nan_at_step: the images of that batch become NaN, so its loss is NaN.
     nan_on_rank: with several processes, only this rank's batch becomes NaN; None: every rank's.
     Added to a run with `+callbacks.fault._target_=vitcrs.callbacks.FaultInjector`
@@ -22,9 +25,16 @@ class FaultInjector(Callback):
     """
 
     def __init__(
-        self, kill_at_step: int | None = None, nan_at_step: int | None = None, nan_on_rank: int | None = None
+        self,
+        kill_at_step: int | None = None,
+        nan_at_step: int | None = None,
+        nan_on_rank: int | None = None,
+        term_at_step: int | None = None,
+        kill_at_test: bool = False,
     ) -> None:
+        self.kill_at_test = kill_at_test
         self.kill_at_step = kill_at_step
+        self.term_at_step = term_at_step
         self.nan_at_step = nan_at_step
         self.nan_on_rank = nan_on_rank
 
@@ -33,5 +43,11 @@ class FaultInjector(Callback):
     ) -> None:
         if trainer.global_step == self.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
+        if trainer.global_step == self.term_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
         if trainer.global_step == self.nan_at_step and self.nan_on_rank in (None, trainer.global_rank):
             batch[0].fill_(math.nan)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.kill_at_test:
+            os.kill(os.getpid(), signal.SIGKILL)

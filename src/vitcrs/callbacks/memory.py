@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from vitcrs.crs import SavedTensorsMeter, uninjected
-from vitcrs.distributed import gather_objects
+from vitcrs.distributed import gather_objects, sync_logged_metrics
 
 GIB = 1024**3
 
@@ -94,6 +94,9 @@ class PeakMemoryMonitor(Callback):
             self.peak_allocated_gib = state["peak_allocated_gib"]
             self.peak_reserved_gib = state["peak_reserved_gib"]
             self._images, self._seconds = state["images"], state["seconds"]
+            # measured on the run's first batch: a resumed segment with no training batch left keeps them
+            self.saved_bytes_per_step = state.get("saved_bytes_per_step")
+            self.saved_bytes_per_step_exact = state.get("saved_bytes_per_step_exact")
             rows, rank = state.get("per_rank"), trainer.global_rank
             if rows is not None and len(rows) == trainer.world_size:  # this rank's own figures
                 self._per_rank = rows
@@ -173,6 +176,7 @@ class PeakMemoryMonitor(Callback):
             rate = self._epoch_images / self._epoch_seconds
             pl_module.log("perf/images_per_s", rate, sync_dist=True, reduce_fx="sum")
         if trainer is not None and trainer.world_size > 1:  # a collective: all ranks come here each epoch
+            sync_logged_metrics(trainer)  # first, as rank 0's progress bar may have done already
             self._per_rank = gather_objects(self._mine())
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -192,6 +196,8 @@ class PeakMemoryMonitor(Callback):
             "images": self._images,
             "seconds": self._seconds,
             "per_rank": self._per_rank,
+            "saved_bytes_per_step": self.saved_bytes_per_step,
+            "saved_bytes_per_step_exact": self.saved_bytes_per_step_exact,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .grad_fidelity import GradFidelityMonitor
 from .memory import PeakMemoryMonitor
@@ -46,7 +47,7 @@ METRICS_KEYS = (
     "settings",
     "run_dir",
 )
-STATUSES = ("incomplete", "complete", "failed")
+STATUSES = ("incomplete", "complete", "failed", "interrupted")
 _UMASK = os.umask(0o022)  # read the process umask (and put it back): written files get the usual mode
 os.umask(_UMASK)
 
@@ -80,7 +81,8 @@ class MetricsFile(Callback):
 
     record: the fields known before training (dataset, ratio, settings, ...; see METRICS_KEYS); the rest
         start as null. Written with status "incomplete" at fit start and after every validation, "complete"
-        by `finish(test_acc)`, "failed" with "error" on an exception (`fail`, also called by Lightning).
+        by `finish(test_acc)`, "failed" with "error" on an exception (`fail`, also called by Lightning), or
+        "interrupted" with "error" saying how to resume when the exception is Lightning's SIGTERMException.
     val_acc is the best `monitor` value seen in validation (the one checkpoint selection uses); the memory
     and speed fields come from a `PeakMemoryMonitor` among the trainer's callbacks, if any, and the
     gradient-fidelity means from a `GradFidelityMonitor`; wall_time_s runs
@@ -123,8 +125,17 @@ class MetricsFile(Callback):
         self.write("complete", **fields)
 
     def fail(self, error: BaseException) -> None:
-        """Mark the run failed, naming the error (a run already marked failed keeps its first error)."""
-        if self.data.get("status") == "failed":
+        """Mark the run failed, naming the error, or interrupted (SIGTERM), saying how to resume; a run
+        already marked keeps its first mark."""
+        if self.data.get("status") in ("failed", "interrupted"):
+            return
+        if isinstance(error, SIGTERMException):
+            trainer, last = self._trainer, self.path.parent / "checkpoints" / "last.ckpt"
+            where = f" at epoch {trainer.current_epoch}, step {trainer.global_step}" if trainer else ""
+            self.write(
+                "interrupted",
+                error=f"stopped by SIGTERM{where}. Resume with the same command and ckpt_path={last}",
+            )
             return
         self.write("failed", error=f"{type(error).__name__}: {error}")
 
@@ -162,9 +173,12 @@ class MetricsFile(Callback):
         epochs, trainer = self.data["epochs"], self._trainer
         if trainer is not None:
             # Epochs whose training batches are all done: at the end of validation (before on_train_epoch_end
-            # counts the epoch) the current one is; at a mid-epoch checkpoint it is not.
+            # counts the epoch) the current one is; at a mid-epoch checkpoint it is not; once Lightning has
+            # counted it (a checkpoint at fit end), current_epoch already includes it.
             ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            epochs = trainer.current_epoch + int(ready >= trainer.num_training_batches)
+            epoch = trainer.fit_loop.epoch_progress.current
+            uncounted = epoch.ready > epoch.completed and ready >= trainer.num_training_batches
+            epochs = trainer.current_epoch + int(uncounted)
         return {
             "val_acc": self.data["val_acc"],
             "epochs": epochs,

@@ -40,6 +40,10 @@ LABEL_TYPES = ("fine", "coarse")
 DEFAULT_SYNTHETIC_CLASSES = 10
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _float_list(value: Any) -> Any:
     """A list of floats when ``value`` is a sequence of numbers (Hydra's ListConfig included), else as is."""
     if isinstance(value, str | bytes):
@@ -55,7 +59,8 @@ class VisionDataModule(L.LightningDataModule):
 
     Args:
         source: ``cifar10`` | ``cifar100`` | ``imagefolder`` | ``synthetic``.
-        name: display name written to metrics and tables (``cifar10``, ``cifar100_coarse``, ...).
+        name: display name written to metrics and tables (``cifar10``, ``cifar100_coarse``, ...); None with
+            source=imagefolder: the name of the ``root`` folder.
         label_type: ``fine`` | ``coarse`` (coarse: CIFAR-100's 20 superclasses, from the archive's
             ``coarse_labels``).
         root: folder holding ``cifar-10-batches-py/`` / ``cifar-100-python/`` (or their ``.tar.gz``), or for
@@ -79,7 +84,7 @@ class VisionDataModule(L.LightningDataModule):
     def __init__(
         self,
         source: str,
-        name: str,
+        name: str | None,
         label_type: str = "fine",
         root: str = "data",
         batch_size: int = 64,
@@ -103,6 +108,8 @@ class VisionDataModule(L.LightningDataModule):
         super().__init__()
         # Nothing here raises: Hydra would wrap the error; check() reports bad settings as ConfigError.
         self.source = source
+        if name is None and source == "imagefolder" and isinstance(root, str | os.PathLike):
+            name = Path(root).resolve().name  # a folder tree is recorded under its own name
         self.name = name
         self.label_type = label_type
         self.root = root
@@ -201,9 +208,12 @@ class VisionDataModule(L.LightningDataModule):
         need_int("image_size", self.image_size, 1)
         for key in ("mean", "std"):
             v = getattr(self, key)
-            if not isinstance(v, list) or len(v) != 3:
+            if not isinstance(v, list) or len(v) != 3 or not all(_finite(x) for x in v):
                 raise bad(
-                    key, v, "a list of 3 numbers (one per RGB channel)", f"set e.g. data.{key}=[0.5,0.5,0.5]"
+                    key,
+                    v,
+                    "a list of 3 finite numbers (one per RGB channel)",
+                    f"set e.g. data.{key}=[0.5,0.5,0.5]",
                 )
         if any(s <= 0 for s in self.std):
             raise bad("std", self.std, "3 numbers > 0", "set e.g. data.std=[0.5,0.5,0.5]")

@@ -51,7 +51,7 @@ def _hint(root: Path) -> str:
 
 
 def class_names(root: Path) -> list[str]:
-    """Sorted class folders of ``root/train``; raises ConfigError when there are none (no image decoding)."""
+    """Sorted class folders of ``root/train``; ConfigError when there are fewer than 2 (no image decoding)."""
     train = root / "train"
     if not train.is_dir():
         raise ConfigError(
@@ -64,6 +64,11 @@ def class_names(root: Path) -> list[str]:
             f"data.root={str(root)!r}: {train}/ has no class sub-folders; source=imagefolder expects "
             f"{LAYOUT}. "
             f"Fix: put each class's images in its own folder, e.g. {train}/cat/0001.jpg."
+        )
+    if len(classes) < 2:
+        raise ConfigError(
+            f"data.root={str(root)!r}: {train}/ has a single class folder ({classes[0]!r}); a classifier "
+            f"needs at least 2 classes. Fix: put each class's images in its own folder under {train}/."
         )
     return classes
 

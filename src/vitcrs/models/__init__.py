@@ -6,7 +6,9 @@ from .vit import (
     ModelInputs,
     build_vit,
     check_attn_implementation,
+    load_vit_config,
     model_inputs,
+    parameter_shapes,
     vit_logits,
 )
 
@@ -16,6 +18,8 @@ __all__ = [
     "ViTClassifier",
     "build_vit",
     "check_attn_implementation",
+    "load_vit_config",
     "model_inputs",
+    "parameter_shapes",
     "vit_logits",
 ]

@@ -93,7 +93,8 @@ class ViTClassifier(LightningModule):
     (top-1). Checkpoints also hold, for every rank, the CRS running gradient-norm estimates, the CRS random
     stream and torch's RNG state (dropout), so a resumed run samples as an unbroken one.
     A non-finite training loss, or non-finite gradients, raise FloatingPointError on every rank before the
-    optimizer step: the weights (and so any later checkpoint) never take a non-finite update.
+    optimizer step: the weights (and so any later checkpoint) never take a non-finite update. Weights made
+    non-finite by a step all the same raise it right after the step, before any checkpoint is written.
     """
 
     def __init__(
@@ -259,11 +260,22 @@ class ViTClassifier(LightningModule):
                 value = "non-finite on another rank"
             else:  # the last micro-batch's value, or one before it (gradient accumulation)
                 value = f"{last}" if not math.isfinite(last) else "non-finite in an accumulated batch"
+            if self.global_step == 0:  # no update yet: the input or the network is broken, not the step size
+                advice = (
+                    "The weights have not been updated yet, so the cause is the input or the network, not "
+                    "the learning rate (optim.lr): check the images and data.mean/data.std, and the "
+                    "checkpoint (model.name_or_path); trainer.precision=32-true rules out a half-precision "
+                    "overflow."
+                )
+            else:
+                advice = (
+                    "Lower optim.lr, train in trainer.precision=32-true, set trainer.gradient_clip_val, or "
+                    "sample less (a higher crs.ratio or crs.min_k)."
+                )
             raise FloatingPointError(
                 f"training loss became {value} at epoch {self.current_epoch}, step {self.global_step} "
                 f"(lr {self._lr():.3g}): stopping before this step, so the weights and checkpoints keep the "
-                "last good state. Lower optim.lr, train in trainer.precision=32-true, set "
-                "trainer.gradient_clip_val, or sample less (a higher crs.ratio or crs.min_k)."
+                f"last good state. {advice}"
             )
         if len(bad) > 1 and bad[1]:
             raise FloatingPointError(
@@ -272,6 +284,25 @@ class ViTClassifier(LightningModule):
                 "step, so the weights and checkpoints keep the last good state. Sample less (a higher "
                 "crs.ratio or crs.min_k, crs.prob=norm), lower optim.lr, or train in "
                 "trainer.precision=32-true."
+            )
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Finite loss and gradients can still give non-finite weights (an overflowing update): checked right
+        # after the step, before any callback (a step checkpoint) sees them; one all-reduce, all ranks agree.
+        weights = [p.detach() for p in self.parameters()]
+        if not weights:
+            return
+        if hasattr(torch.nn.utils, "get_total_norm"):
+            total = torch.nn.utils.get_total_norm(weights)
+        else:
+            total = torch.stack([torch.linalg.vector_norm(w, dtype=torch.float32) for w in weights]).sum()
+        if self._any_rank(~torch.isfinite(total).reshape(1))[0]:
+            raise FloatingPointError(
+                f"weights became non-finite (inf/nan) in the optimizer step at epoch {self.current_epoch}, "
+                f"step {self.global_step} (lr {self._lr():.3g}) from a finite loss and finite gradients: "
+                "stopping before any checkpoint is written from them, so the checkpoints keep the last good "
+                "state. Lower optim.lr, or train in trainer.precision=32-true."
             )
 
     def _crs_state(self) -> dict[str, Any]:

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification
+from transformers.utils import is_flash_attn_2_available
 from transformers.utils import logging as hf_logging
 
 from vitcrs.errors import ConfigError
@@ -49,12 +51,18 @@ def _side(size: Any) -> int:
 
 
 def check_attn_implementation(attn_implementation: Any) -> None:
-    """ConfigError unless `attn_implementation` is one of ATTN_IMPLEMENTATIONS."""
+    """ConfigError unless `attn_implementation` is one of ATTN_IMPLEMENTATIONS and usable here."""
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ConfigError(
             f"model.attn_implementation={attn_implementation!r} is unknown: choose one of "
             f"{', '.join(ATTN_IMPLEMENTATIONS)}, e.g. model.attn_implementation=eager (needed to sample the "
             "attention matmuls)."
+        )
+    if attn_implementation == "flash_attention_2" and not is_flash_attn_2_available():
+        raise ConfigError(
+            "model.attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA GPU, "
+            "which this environment lacks: pip install flash-attn on a CUDA machine, or choose "
+            "model.attn_implementation=sdpa (or eager, needed to sample the attention matmuls)."
         )
 
 
@@ -128,6 +136,26 @@ def model_inputs(name_or_path: str | None, config: dict | None = None) -> ModelI
     mean = tuple(float(m) for m in processor.get("image_mean", DEFAULT_MEAN_STD))
     std = tuple(float(s) for s in processor.get("image_std", DEFAULT_MEAN_STD))
     return ModelInputs(_side(size), mean, std, _side(patch))
+
+
+def load_vit_config(name_or_path: str | None, num_labels: int, config: dict | None = None) -> ViTConfig:
+    """The ViTConfig `build_vit` would build (the checkpoint's config.json with `config` on top), read without
+    loading weights. Raises ConfigError as `model_inputs` does."""
+    config = {**(config or {}), "num_labels": num_labels}
+    if name_or_path is None:
+        return ViTConfig(**config)
+    local = _local_dir(name_or_path)
+    try:
+        return ViTConfig.from_pretrained(str(local) if local is not None else name_or_path, **config)
+    except OSError as err:
+        raise _hub_error(name_or_path, err) from err
+
+
+def parameter_shapes(vit: ViTConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of each weight of `ViTForImageClassification(vit)` (built on the meta device)."""
+    with torch.device("meta"):
+        net = ViTForImageClassification(vit)
+    return {name: tuple(t.shape) for name, t in net.state_dict().items()}
 
 
 def build_vit(

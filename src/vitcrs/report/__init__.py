@@ -81,10 +81,15 @@ def collect(paths: Sequence[Path]) -> tuple[dict[str, int], list[Run], list[Prob
 def build_report(paths: Sequence[Path], out: Path | None = None, command: str | None = None) -> Path:
     """Write the report of every metrics.json under `paths` into `out` (created if needed; default a new
     reports/<timestamp> under the current directory) and return that folder. `command` is recorded in
-    index.md. Raises ConfigError for a missing path or when no metrics.json is found."""
+    index.md. Each metrics.json that cannot be read, or lacks what a run needs, is named on stderr with
+    the reason. Raises ConfigError for a missing path, an `out` that is a file, or no metrics.json at all."""
     from vitcrs.report.plots import PLOT_FILES, write_plots  # matplotlib is imported only when plotting
 
+    if out is not None and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out={str(out)!r} is a file: give a folder (created if missing) for the report.")
     inputs, runs, problems = collect(paths)
+    for problem in problems:  # also listed in the report; said here so that no file is left out unseen
+        print(f"skipped {problem.path}: {problem.reason}", file=sys.stderr)
     groups: list[Group] = group_runs(runs)
     now = datetime.now()
     if out is None:

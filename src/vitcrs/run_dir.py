@@ -1,0 +1,119 @@
+"""The run dir: one run at a time (a lock the kernel drops when its process ends), and what an existing run
+dir must hold before a launch may write into it (its files of the right kinds, no complete record)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import IO
+
+from vitcrs.errors import ConfigError
+
+LOCK_NAME = ".vitcrs.lock"  # <run_dir>/.vitcrs.lock: flock-ed by the run writing there; holds its pid
+
+
+class RunDirInUse(ConfigError):
+    """Another live process holds the run dir's lock."""
+
+
+class RunAlreadyComplete(ConfigError):
+    """The run dir records a complete run that the launch would overwrite (`val_acc`: its recorded score)."""
+
+    def __init__(self, message: str, val_acc: float | None) -> None:
+        super().__init__(message)
+        self.val_acc = val_acc
+
+
+class RunDirLock:
+    """An exclusive `flock` on <run_dir>/.vitcrs.lock, held until `release()` or the process ends.
+
+    The kernel drops the lock when the process dies, however it dies (SIGKILL, OOM, a lost node), so a killed
+    run never leaves its dir locked; the file itself stays and is re-used. Raises RunDirInUse naming the
+    holder's pid when another process holds it.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file: IO[str] = open(self.path, "a+")  # noqa: SIM115 (held open while the lock lasts)
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+            raise RunDirInUse(
+                f"run dir {str(self.path.parent)!r} is in use by another vitcrs run (pid {holder} holds "
+                f"{self.path}): two runs must not write one metrics.json, one set of checkpoints and one CSV "
+                "log. Wait for that run to end, or give this one its own dir with hydra.run.dir=<new dir> "
+                "(runs started in the same second share the default outputs/<date>/<time>)."
+            ) from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        self._file: IO[str] | None = file
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file drops the flock
+            self._file = None
+
+
+def check_run_dir(run_dir: str | os.PathLike, epochs_done: int | None, max_epochs: int) -> None:
+    """ConfigError unless a launch may write into `run_dir`: `checkpoints` a directory and `metrics.json` a
+    file where they exist, and no record of a complete run that the launch would overwrite: a complete run is
+    only resumed to train on (its checkpoint has `epochs_done` < `max_epochs`; None: a fresh start), and then
+    `keep_complete_record` keeps its record."""
+    run_dir = Path(run_dir)
+    checkpoints, record = run_dir / "checkpoints", run_dir / "metrics.json"
+    if checkpoints.exists() and not checkpoints.is_dir():
+        raise ConfigError(
+            f"{checkpoints} exists and is not a directory: the run's checkpoints go there. Move it away, or "
+            "give the run another dir with hydra.run.dir=<new dir>."
+        )
+    if record.exists() and not record.is_file():
+        raise ConfigError(
+            f"{record} exists and is not a file: the run's record goes there. Move it away, or give the run "
+            "another dir with hydra.run.dir=<new dir>."
+        )
+    if not record.is_file():
+        return
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return  # an unreadable record is no finished result; the run rewrites it
+    if not isinstance(data, dict):
+        return
+    if data.get("status") == "complete" and (epochs_done is None or epochs_done >= max_epochs):
+        what = "start afresh over it" if epochs_done is None else "only test again and overwrite it"
+        val_acc = data.get("val_acc") if isinstance(data.get("val_acc"), int | float) else None
+        raise RunAlreadyComplete(
+            f"{record} records a complete run: this launch would {what}. To train on in place, resume with a "
+            f"higher trainer.max_epochs (now {max_epochs}; the record is kept as metrics.segment-N.json); to "
+            "train on elsewhere, give the new run its own dir (ckpt_path=<its checkpoint> hydra.run.dir=<new "
+            "dir>); to repeat the run, launch it without ckpt_path and hydra.run.dir (a new dir).",
+            val_acc,
+        )
+
+
+def keep_complete_record(run_dir: str | os.PathLike) -> Path | None:
+    """Copy a complete <run_dir>/metrics.json to metrics.segment-N.json (after the highest N) before a resumed
+    run rewrites it; returns the copy, None when there is no complete record."""
+    record = Path(run_dir) / "metrics.json"
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("status") != "complete":
+        return None
+    taken = [
+        p.name[len("metrics.segment-") : -len(".json")] for p in record.parent.glob("metrics.segment-*.json")
+    ]
+    n = 1 + max((int(i) for i in taken if i.isdigit()), default=0)
+    copy = record.with_name(f"metrics.segment-{n}.json")
+    shutil.copyfile(record, copy)
+    return copy
