@@ -15,6 +15,7 @@ Returns the best validation accuracy, for Hydra sweepers.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -212,6 +213,9 @@ def crs_changes(cfg: DictConfig, saved: dict[str, Any] | None) -> dict[str, Any]
     before = (saved or {}).get("crs")
     if not isinstance(before, dict) or not before:  # not saved: nothing to compare with
         return {}
+    # A key the checkpoint's run did not have yet (a newer option) took its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(CRSConfig)}
+    before = {**{k: v for k, v in defaults.items() if k not in before}, **before}
     now = _container(cfg.crs)
     return {k: before.get(k) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)}
 
