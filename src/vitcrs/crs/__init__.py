@@ -7,11 +7,13 @@ model = inject(model, cfg, targets=["query", "key", "value", "scores", "context"
 """
 
 from . import random
+from .block import lean_vit_block
 from .config import METHODS, PROBS, CRSConfig
 from .functional import crs_linear, crs_linear_shared, crs_matmul, crs_mlp
 from .grad_norm import GradNormEMA
 from .inject import (
     ALL_TARGETS,
+    BLOCK_TARGETS,
     DEFAULT_TARGETS,
     KNOWN_TARGETS,
     LEAN_TARGETS,
@@ -21,6 +23,7 @@ from .inject import (
     CRSViTAttention,
     CRSViTLayer,
     CRSViTMLP,
+    LeanViTLayer,
     crs_state_dict,
     inject,
     load_crs_state_dict,
@@ -31,6 +34,7 @@ from .memory import SavedTensorsMeter, vit_block_saved_bytes
 
 __all__ = [
     "ALL_TARGETS",
+    "BLOCK_TARGETS",
     "DEFAULT_TARGETS",
     "KNOWN_TARGETS",
     "LEAN_TARGETS",
@@ -44,6 +48,7 @@ __all__ = [
     "CRSViTLayer",
     "CRSViTMLP",
     "GradNormEMA",
+    "LeanViTLayer",
     "SavedTensorsMeter",
     "crs_linear",
     "crs_linear_shared",
@@ -51,6 +56,7 @@ __all__ = [
     "crs_mlp",
     "crs_state_dict",
     "inject",
+    "lean_vit_block",
     "load_crs_state_dict",
     "random",
     "uninjected",
