@@ -50,8 +50,8 @@ def test_block_saved_bytes_are_within_5_percent_of_the_analytic_ideal(attn, prec
         assert measured == pytest.approx(ideal, rel=0.05), targets
         assert measured < exact
         checked.append(targets)
-    eager = ["default", "linears", "all", "lean", "lean_all"]
-    assert checked == (eager if attn == "eager" else ["linears", "lean"])
+    eager = ["default", "linears", "all", "lean", "lean_all", "lean_block"]
+    assert checked == (eager if attn == "eager" else ["linears", "lean", "lean_block"])
 
 
 def test_sdpa_model_differs_from_eager_by_the_attention_internals():

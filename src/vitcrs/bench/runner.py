@@ -126,7 +126,9 @@ def _cpu_peak(
 
 def _analytic(row: dict, cfg: BenchConfig, shape: BlockShape) -> None:
     row["block_exact_bytes"] = block_saved_bytes(shape, cfg.attn, cfg.autocast)
-    row["block_bytes"] = block_saved_bytes(shape, cfg.attn, cfg.autocast, cfg.crs_config, cfg.target_names)
+    row["block_bytes"] = block_saved_bytes(
+        shape, cfg.attn, cfg.autocast, cfg.crs_config, cfg.target_names, cfg.checkpointing and cfg.modelled
+    )
 
 
 def _max_batch(
@@ -193,15 +195,21 @@ def fill_ratios(rows: list[dict], configs: Sequence[BenchConfig]) -> None:
         ok_ref = ref is not None and ref["status"] == "ok"
         row["reference"] = cfg.reference.name if ok_ref else None
         saved = row["saved_bytes"]
-        if not cfg.checkpointing:
+        if cfg.modelled:
             row["block_ideal_reduction"] = row["block_exact_bytes"] / row["block_bytes"]
         if not ok_ref:
             continue
         row["saved_reduction"] = ref["saved_bytes"] / saved
-        if not cfg.checkpointing:
+        if cfg.modelled:
             shape = BlockShape(**row["block_shape"])
             ideal = ideal_model_saved_bytes(
-                ref["saved_bytes"], shape, cfg.attn, cfg.autocast, cfg.crs_config, cfg.target_names
+                ref["saved_bytes"],
+                shape,
+                cfg.attn,
+                cfg.autocast,
+                cfg.crs_config,
+                cfg.target_names,
+                cfg.checkpointing,
             )
             row["ideal_saved_bytes"] = ideal
             row["ideal_reduction"] = ref["saved_bytes"] / ideal
