@@ -17,6 +17,7 @@ from vitcrs.crs import (
     CRSConfig,
     LeanViTLayer,
     SavedTensorsMeter,
+    crs_mlp,
     inject,
     lean_vit_block,
     uninjected,
@@ -214,3 +215,18 @@ def test_lean_block_saved_bytes_equal_the_analytic_model(attn, autocast):
             exact = block_saved_bytes(shape, attn, autocast)
             assert exact / measured > (8 if checkpointing else 4)
         model.activation_checkpointing_disable()
+
+
+@pytest.mark.parametrize("act", [torch.nn.functional.gelu, torch.nn.functional.silu], ids=["gelu", "silu"])
+def test_shared_mlp_backward_is_exact_at_ratio_one_for_any_activation(act):
+    """`mlp_backward` (lean block, lean MLP): GELU's own kernel in place, autograd for other activations."""
+    x = torch.randn(3, 8, 6, requires_grad=True)
+    fc1, fc2 = torch.nn.Linear(6, 12), torch.nn.Linear(12, 6)
+    g = torch.randn(3, 8, 6)
+    params = (x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    y = crs_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act, CRSConfig(ratio=1.0))
+    assert torch.equal(y, fc2(act(fc1(x))))
+    got = torch.autograd.grad((y * g).sum(), params)
+    want = torch.autograd.grad((fc2(act(fc1(x))) * g).sum(), params)
+    for u, v in zip(got, want, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)

@@ -228,14 +228,15 @@ def _scaled_rows(t: Tensor, idx: Tensor, scale: Tensor) -> Tensor:
 MLP_CHUNKS = 4
 
 
-def _act_backward(act, h: Tensor, grad: Tensor) -> Tensor:
-    """grad ⊙ act'(h): GELU's own backward kernel for `F.gelu` (or a module calling it, as transformers'
-    `GELUActivation` does), else autograd through a recomputed act(h)."""
+def _act_backward_(act, h: Tensor, grad: Tensor) -> None:
+    """Overwrite h with grad ⊙ act'(h): GELU's own backward kernel, in place, for `F.gelu` (or a module
+    calling it, as transformers' `GELUActivation` does), else autograd through a recomputed act(h)."""
     if getattr(act, "act", act) is F.gelu:
-        return torch.ops.aten.gelu_backward(grad, h)
+        torch.ops.aten.gelu_backward.grad_input(grad, h, grad_input=h)
+        return
     leaf = h.detach().requires_grad_()
     with torch.enable_grad():
-        return torch.autograd.grad(act(leaf), leaf, grad)[0]
+        h.copy_(torch.autograd.grad(act(leaf), leaf, grad)[0])
 
 
 def mlp_backward(
@@ -263,7 +264,7 @@ def mlp_backward(
 
     # grad_h = act'(h) ⊙ (g W2), written over h chunk by chunk
     for r in rows:
-        h[r] = _act_backward(act, h[r], g2[r] @ w2)
+        _act_backward_(act, h[r], g2[r] @ w2)
     grad_h, h = h, None
 
     grad_w1 = sampled_weight_grad(grad_h, x2, cfg)
