@@ -50,8 +50,8 @@ def test_block_saved_bytes_are_within_5_percent_of_the_analytic_ideal(attn, prec
         assert measured == pytest.approx(ideal, rel=0.05), targets
         assert measured < exact
         checked.append(targets)
-    eager = ["default", "linears", "all", "lean", "lean_all"]
-    assert checked == (eager if attn == "eager" else ["linears", "lean"])
+    eager = ["default", "linears", "all", "lean", "lean_all", "lean_block"]
+    assert checked == (eager if attn == "eager" else ["linears", "lean", "lean_block"])
 
 
 def test_sdpa_model_differs_from_eager_by_the_attention_internals():
@@ -133,6 +133,8 @@ def test_cli_on_cpu_writes_one_row_per_configuration(tmp_path, capsys):
             assert r["saved_reduction"] > 1.0
             assert r["realised_over_ideal"] == pytest.approx(1.0, rel=0.05)
             assert r["ideal_reduction"] > 1.0 and r["block_ideal_reduction"] > 1.0
+        elif r["targets"] == "lean_block":  # not wrapped by checkpointing: it keeps only its input, modelled
+            assert r["realised_over_ideal"] == pytest.approx(1.0, rel=0.05)
         else:  # checkpointing keeps only the blocks' inputs (and what is outside the blocks)
             assert r["saved_reduction"] > 1.0 and r.get("ideal_saved_bytes") is None
 
@@ -162,6 +164,28 @@ def test_cli_on_cpu_times_steps_and_estimates_the_max_batch(tmp_path):
         assert r["throughput_ratio"] > 0
     assert rows["eager/fp32/crs@0.3/all"]["max_batch"] > rows["eager/fp32/exact"]["max_batch"]
     assert "CPU estimate" in md and "max batch @ 0.25 GiB" in md
+
+
+def test_cli_timing_rounds_interleave_the_configurations(tmp_path):
+    """--rounds 2: each row's steps are timed twice (two rounds); the lean block under checkpointing is
+    modelled (realised saved bytes = its analytic ideal)."""
+    result, md = _run(
+        tmp_path,
+        *("--attn", "eager", "--precision", "fp32", "--targets", "lean_block", "--ratios", "0.3"),
+        *("--checkpointing", "off,on", "--time-on-cpu", "--warmup", "0", "--steps", "1", "--rounds", "2"),
+    )
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == [
+        "eager/fp32/exact",
+        "eager/fp32/wta_crs@0.3/lean_block",
+        "eager/fp32/exact/ckpt",
+        "eager/fp32/wta_crs@0.3/lean_block/ckpt",
+    ]
+    assert all(len(r["step_times_s"]) == 2 and r["images_per_s"] > 0 for r in rows.values())
+    for name in ("eager/fp32/wta_crs@0.3/lean_block", "eager/fp32/wta_crs@0.3/lean_block/ckpt"):
+        assert rows[name]["realised_over_ideal"] == 1.0  # the eager fp32 block model is exact to the byte
+    assert result["meta"]["rounds"] == 2 and "in 2 round(s)" in md
+    assert bench.main([*TINY, "--rounds", "0", "--out", str(tmp_path)]) == 2
 
 
 def test_cpu_peak_bytes_counts_live_tensors_and_the_highest_net_allocation():

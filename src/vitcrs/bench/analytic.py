@@ -7,6 +7,7 @@ output and a float32 logsumexp instead of the scores' inputs, the softmax output
     sdpa = eager − P (fp32) − P's autocast copy + logsumexp (fp32, [batch, heads, tokens])
            + the attention output when "attn_output" is sampled
 
+The lean block ("lean_block") keeps only the residual stream with either attention, so its two models agree.
 The last term: sdpa returns its output already in the [batch, tokens, heads, head_dim] layout, so the
 attention-output linear's input *is* sdpa's saved output; sampling that linear cannot free it and only adds
 the sampled rows. The CUDA memory-efficient kernel (fp32) pads the logsumexp to a multiple of 32 tokens, a
@@ -52,6 +53,7 @@ def sdpa_block_saved_bytes(
     cfg: CRSConfig | None = None,
     targets: Iterable[str] = (),
     autocast: bool = False,
+    checkpointing: bool = False,
 ) -> int:
     """Analytic bytes one HF ViT encoder block with sdpa attention saves for backward (no dropout).
 
@@ -60,7 +62,11 @@ def sdpa_block_saved_bytes(
     targets = tuple(targets)
     if _sampled(cfg) and set(targets) & set(MATMUL_TARGETS):
         raise ValueError(f"targets {sorted(set(targets) & set(MATMUL_TARGETS))} need eager attention")
-    eager = vit_block_saved_bytes(batch, tokens, hidden, heads, intermediate, cfg, targets, autocast)
+    eager = vit_block_saved_bytes(
+        batch, tokens, hidden, heads, intermediate, cfg, targets, autocast, checkpointing
+    )
+    if cfg is not None and "lean_block" in targets:  # keeps only the residual stream, whatever the attention
+        return eager
     c = 2 if autocast else 4
     slices = batch * heads
     probs = slices * tokens * tokens * 4
@@ -76,8 +82,10 @@ def block_saved_bytes(
     autocast: bool,
     cfg: CRSConfig | None = None,
     targets: Iterable[str] = (),
+    checkpointing: bool = False,
 ) -> int:
-    """Analytic bytes one block of `shape` saves, for attention "eager" or "sdpa", exact or sampled."""
+    """Analytic bytes one block of `shape` saves, for attention "eager" or "sdpa", exact or sampled
+    (`checkpointing`: modelled for the "lean_block" target only, see `vit_block_saved_bytes`)."""
     fn: Callable[..., int]
     if attn == "eager":
         fn = vit_block_saved_bytes
@@ -86,7 +94,9 @@ def block_saved_bytes(
     else:
         raise ValueError(f"no analytic model for attention {attn!r}: only eager and sdpa")
     s = shape
-    return fn(s.batch, s.tokens, s.hidden, s.heads, s.intermediate, cfg, tuple(targets), autocast)
+    return fn(
+        s.batch, s.tokens, s.hidden, s.heads, s.intermediate, cfg, tuple(targets), autocast, checkpointing
+    )
 
 
 def ideal_model_saved_bytes(
@@ -96,13 +106,14 @@ def ideal_model_saved_bytes(
     autocast: bool,
     cfg: CRSConfig | None,
     targets: Iterable[str],
+    checkpointing: bool = False,
 ) -> int:
     """Whole-model ideal: measured exact bytes minus, per block, what the analytic model says sampling saves.
 
     Everything outside the blocks (patch embedding, final LayerNorm, classifier, loss) is taken as measured.
     """
     exact_block = block_saved_bytes(shape, attn, autocast)
-    sampled_block = block_saved_bytes(shape, attn, autocast, cfg, targets)
+    sampled_block = block_saved_bytes(shape, attn, autocast, cfg, targets, checkpointing)
     return measured_exact - shape.layers * (exact_block - sampled_block)
 
 

@@ -86,6 +86,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--time-on-cpu", action="store_true", help="on CPU, run and time the training steps too")
     r.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="timing rounds: after the first pass, every configuration's warm-up + timed steps run again "
+        "N-1 times, configurations interleaved round by round, so that drift on a shared machine hits all "
+        "alike; images/s is taken over all rounds' steps (default 1)",
+    )
+    r.add_argument(
         "--cpu-peak",
         action="store_true",
         help="on CPU, measure the peak bytes of live tensors in one training step (profiler memory events)",
@@ -97,7 +105,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "steps"):
+    for name in ("batch_size", "steps", "rounds"):
         v = getattr(args, name)
         if v < 1:
             raise ConfigError(f"--{name.replace('_', '-')}={v} is invalid: it must be >= 1.")
@@ -162,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=args.steps,
         seed=args.seed,
         time_on_cpu=args.time_on_cpu,
+        rounds=args.rounds,
         cpu_peak=args.cpu_peak,
         find_max_batch=args.find_max_batch,
         memory_budget_gib=args.memory_budget_gib,

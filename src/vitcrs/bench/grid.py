@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 from vitcrs.crs import (
     ALL_TARGETS,
+    BLOCK_TARGETS,
     DEFAULT_TARGETS,
     LEAN_TARGETS,
     LINEAR_TARGETS,
@@ -24,6 +25,9 @@ TARGET_SETS: dict[str, tuple[str, ...]] = {
     "lean": (*(t for t in LINEAR_TARGETS if t not in ("fc1", "fc2")), *LEAN_TARGETS),
     # "lean" + the attention matmuls (eager only): the least memory
     "lean_all": (*(t for t in LINEAR_TARGETS if t not in ("fc1", "fc2")), *LEAN_TARGETS, *MATMUL_TARGETS),
+    # the lean block (`lean_vit_block`): each block keeps only the residual stream, recomputes the rest in
+    # backward and samples all six linears with p ∝ ‖g‖·‖x‖; eager or sdpa; with checkpointing, CRS + ckpt
+    "lean_block": BLOCK_TARGETS,
 }
 ATTNS = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16-mixed")
@@ -73,6 +77,12 @@ class BenchConfig:
     @property
     def target_names(self) -> tuple[str, ...]:
         return () if self.exact else TARGET_SETS[self.targets]
+
+    @property
+    def modelled(self) -> bool:
+        """Whether the analytic block model covers this row: no checkpointing, or the lean block (which
+        checkpointing does not wrap; it then keeps only its input)."""
+        return not self.checkpointing or "lean_block" in self.target_names
 
     @property
     def crs_config(self) -> CRSConfig | None:

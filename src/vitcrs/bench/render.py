@@ -115,7 +115,13 @@ def _notes(meta: dict) -> list[str]:
         "precision without checkpointing; realised/ideal = saved red. / ideal red.",
     ]
     if meta["device_type"] != "cuda":
-        timed = "images/s measured on CPU (--time-on-cpu), not a GPU figure" if meta["timed"] else "images/s"
+        rounds = meta.get("rounds") or 1
+        timed = (
+            f"images/s measured on CPU (--time-on-cpu): batch / median of {meta['steps']} timed steps after "
+            f"{meta['warmup']} warm-up steps, in {rounds} round(s) over all configurations; not a GPU figure"
+            if meta["timed"]
+            else "images/s"
+        )
         peak = (
             "peak alloc: the most bytes of live CPU tensors during one steady-state training step (the torch "
             "profiler's allocation events; parameters, AdamW state and the batch included; no allocator "

@@ -42,6 +42,7 @@ class BenchOptions:
     seed: int = 0
     lr: float = 1e-4
     time_on_cpu: bool = False
+    rounds: int = 1
     cpu_peak: bool = False
     find_max_batch: bool = False
     memory_budget_gib: float | None = None
@@ -105,6 +106,19 @@ def run_config(
     return row
 
 
+def _timing_round(
+    cfg: BenchConfig, spec: ModelSpec, opts: BenchOptions, device: torch.device, batch: tuple
+) -> list[float]:
+    """One more round of `--warmup` + `--steps` timed steps of `cfg` on a fresh model (same seed)."""
+    model = build(spec, cfg, device, opts.seed)
+    opt = _adamw(model, opts.lr)
+    try:
+        return time_steps(make_step(model, opt, *batch, cfg.precision), opts.warmup, opts.steps, device)
+    finally:
+        del model, opt
+        free_memory(device)
+
+
 def _cpu_peak(
     model: torch.nn.Module, cfg: BenchConfig, opts: BenchOptions, x: torch.Tensor, y: torch.Tensor
 ) -> int:
@@ -126,7 +140,9 @@ def _cpu_peak(
 
 def _analytic(row: dict, cfg: BenchConfig, shape: BlockShape) -> None:
     row["block_exact_bytes"] = block_saved_bytes(shape, cfg.attn, cfg.autocast)
-    row["block_bytes"] = block_saved_bytes(shape, cfg.attn, cfg.autocast, cfg.crs_config, cfg.target_names)
+    row["block_bytes"] = block_saved_bytes(
+        shape, cfg.attn, cfg.autocast, cfg.crs_config, cfg.target_names, cfg.checkpointing and cfg.modelled
+    )
 
 
 def _max_batch(
@@ -193,15 +209,21 @@ def fill_ratios(rows: list[dict], configs: Sequence[BenchConfig]) -> None:
         ok_ref = ref is not None and ref["status"] == "ok"
         row["reference"] = cfg.reference.name if ok_ref else None
         saved = row["saved_bytes"]
-        if not cfg.checkpointing:
+        if cfg.modelled:
             row["block_ideal_reduction"] = row["block_exact_bytes"] / row["block_bytes"]
         if not ok_ref:
             continue
         row["saved_reduction"] = ref["saved_bytes"] / saved
-        if not cfg.checkpointing:
+        if cfg.modelled:
             shape = BlockShape(**row["block_shape"])
             ideal = ideal_model_saved_bytes(
-                ref["saved_bytes"], shape, cfg.attn, cfg.autocast, cfg.crs_config, cfg.target_names
+                ref["saved_bytes"],
+                shape,
+                cfg.attn,
+                cfg.autocast,
+                cfg.crs_config,
+                cfg.target_names,
+                cfg.checkpointing,
             )
             row["ideal_saved_bytes"] = ideal
             row["ideal_reduction"] = ref["saved_bytes"] / ideal
@@ -246,6 +268,13 @@ def run_bench(
             row["block_shape"] = shape.to_dict()
         rows.append(row)
         log(f"[{i}/{len(configs)}] {cfg.name}: {_summary(row)}")
+    timed = device.type == "cuda" or opts.time_on_cpu
+    for r in range(2, opts.rounds + 1 if timed else 1):
+        for cfg, row in zip(configs, rows, strict=True):
+            if row["status"] == "ok" and row.get("step_times_s"):
+                row["step_times_s"] += _timing_round(cfg, spec, opts, device, batch)
+                row["images_per_s"] = images_per_s(opts.batch_size, row["step_times_s"])
+        log(f"timing round {r}/{opts.rounds} done")
     fill_ratios(rows, configs)
     dropout = max(config.hidden_dropout_prob, config.attention_probs_dropout_prob)
     meta = {
@@ -272,7 +301,8 @@ def run_bench(
         "warmup": opts.warmup,
         "steps": opts.steps,
         "seed": opts.seed,
-        "timed": device.type == "cuda" or opts.time_on_cpu,
+        "timed": timed,
+        "rounds": opts.rounds if timed else None,
         "peak": "cuda" if device.type == "cuda" else "cpu" if opts.cpu_peak else None,
         "find_max_batch": opts.find_max_batch,
         "memory_budget_gib": opts.memory_budget_gib,

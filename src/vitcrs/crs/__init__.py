@@ -7,11 +7,13 @@ model = inject(model, cfg, targets=["query", "key", "value", "scores", "context"
 """
 
 from . import random
+from .block import lean_vit_block
 from .config import CACHE_FORMATS, CACHE_WARMUPS, METHODS, PROBS, CRSConfig
 from .functional import crs_linear, crs_linear_shared, crs_matmul, crs_mlp
 from .grad_norm import GradNormEMA
 from .inject import (
     ALL_TARGETS,
+    BLOCK_TARGETS,
     DEFAULT_TARGETS,
     KNOWN_TARGETS,
     LEAN_TARGETS,
@@ -21,6 +23,7 @@ from .inject import (
     CRSViTAttention,
     CRSViTLayer,
     CRSViTMLP,
+    LeanViTLayer,
     crs_state_dict,
     grad_norm_sources,
     inject,
@@ -41,6 +44,7 @@ from .sample_cache import (
 
 __all__ = [
     "ALL_TARGETS",
+    "BLOCK_TARGETS",
     "CACHE_FORMATS",
     "CACHE_WARMUPS",
     "DEFAULT_TARGETS",
@@ -56,6 +60,7 @@ __all__ = [
     "CRSViTLayer",
     "CRSViTMLP",
     "GradNormEMA",
+    "LeanViTLayer",
     "SampleGradCache",
     "SavedTensorsMeter",
     "attach_sample_cache",
@@ -66,6 +71,7 @@ __all__ = [
     "crs_state_dict",
     "grad_norm_sources",
     "inject",
+    "lean_vit_block",
     "load_crs_state_dict",
     "random",
     "sample_cache_bytes_per_image",

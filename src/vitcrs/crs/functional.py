@@ -232,6 +232,64 @@ def _scaled_rows(t: Tensor, idx: Tensor, scale: Tensor) -> Tensor:
 MLP_CHUNKS = 4
 
 
+def _act_backward_(act, h: Tensor, grad: Tensor) -> None:
+    """Overwrite h with grad ⊙ act'(h): GELU's own backward kernel, in place, for `F.gelu` (or a module
+    calling it, as transformers' `GELUActivation` does), else autograd through a recomputed act(h)."""
+    if getattr(act, "act", act) is F.gelu:
+        torch.ops.aten.gelu_backward.grad_input(grad, h, grad_input=h)
+        return
+    leaf = h.detach().requires_grad_()
+    with torch.enable_grad():
+        h.copy_(torch.autograd.grad(act(leaf), leaf, grad)[0])
+
+
+def mlp_backward(
+    x2: Tensor, g2: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, act, cfg: CRSConfig
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of `fc2(act(fc1(x2)))` from its input alone: recomputes the hidden activation, chunk by chunk.
+
+    x2: [n, d] MLP input, g2: [n, d] output gradient, w1/b1/w2 in the compute dtype (g2's). Returns
+    (grad_x2, grad_w1, grad_b1, grad_w2, grad_b2): the grads of x2 and of the biases (fp32 sums) exact, the
+    two weight grads from k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖input_i‖ (exact at ratio 1).
+    Memory: one [n, f] buffer (the pre-activation, overwritten by its gradient) plus one chunk's temporaries.
+    """
+    h = F.linear(x2, w1, b1)  # pre-activation [n, f]
+    step = -(-h.shape[0] // MLP_CHUNKS)
+    rows = [slice(i, i + step) for i in range(0, h.shape[0], step)]
+
+    # grad_w2 = gᵀ act(h): act(h) formed a chunk at a time (for its row norms), then at sampled rows only
+    a_norms = torch.cat([torch.linalg.vector_norm(act(h[r]), dim=-1, dtype=torch.float32) for r in rows])
+    pick = _row_sample(g2, a_norms, cfg)
+    if pick is None:
+        grad_w2 = sum(g2[r].t() @ act(h[r]) for r in rows)
+    else:
+        idx, scale = pick
+        grad_w2 = _scaled_rows(g2, idx, scale).t() @ act(h.index_select(0, idx))
+
+    # grad_h = act'(h) ⊙ (g W2), written over h chunk by chunk
+    for r in rows:
+        _act_backward_(act, h[r], g2[r] @ w2)
+    grad_h, h = h, None
+
+    grad_w1 = sampled_weight_grad(grad_h, x2, cfg)
+    grad_b1 = grad_h.sum(0, dtype=torch.float32)
+    grad_b2 = g2.sum(0, dtype=torch.float32)
+    grad_x2 = grad_h @ w1
+    return grad_x2, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def sampled_weight_grad(g: Tensor, x: Tensor, cfg: CRSConfig, x_norms: Tensor | None = None) -> Tensor:
+    """gᵀ x ([n, o] and [n, i] → [o, i]) from k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal
+    CRS probabilities for this product); exact gᵀ x at ratio 1. x_norms: ‖x_i‖ in fp32, if already known."""
+    if x_norms is None and cfg.num_samples(g.shape[0]) < g.shape[0]:
+        x_norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+    pick = None if x_norms is None else _row_sample(g, x_norms, cfg)
+    if pick is None:
+        return g.t() @ x
+    idx, scale = pick
+    return _scaled_rows(g, idx, scale).t() @ x.index_select(0, idx)
+
+
 class _RecomputedMLP(torch.autograd.Function):
     """fc2(act(fc1(norm(x)))) saving only x; norm (an optional LayerNorm) and the hidden activation are
     recomputed in backward, the hidden one chunk by chunk."""
@@ -261,37 +319,12 @@ class _RecomputedMLP(torch.autograd.Function):
         else:
             x2 = x.reshape(-1, x.shape[-1]).to(dt)
         w1c, w2c = w1.to(dt), w2.to(dt)  # compute-dtype copies; the grads go back in the weights' dtype
-        h = F.linear(x2, w1c, None if b1 is None else b1.to(dt))  # pre-activation [n, f]
-        step = -(-h.shape[0] // MLP_CHUNKS)
-        rows = [slice(i, i + step) for i in range(0, h.shape[0], step)]
-
-        # grad_w2 = gᵀ act(h): act(h) formed a chunk at a time (for its row norms), then at sampled rows only
-        a_norms = torch.cat([torch.linalg.vector_norm(act(h[r]), dim=-1, dtype=torch.float32) for r in rows])
-        pick = _row_sample(g2, a_norms, cfg)
-        if pick is None:
-            grad_w2 = sum(g2[r].t() @ act(h[r]) for r in rows)
-        else:
-            idx, scale = pick
-            grad_w2 = _scaled_rows(g2, idx, scale).t() @ act(h.index_select(0, idx))
-
-        # grad_h = act'(h) ⊙ (g W2), written over h chunk by chunk
-        for r in rows:
-            hr = h[r].detach().requires_grad_()
-            with torch.enable_grad():
-                (grad_hr,) = torch.autograd.grad(act(hr), hr, g2[r] @ w2c)
-            h[r] = grad_hr
-        grad_h, h = h, None
-
-        pick = _row_sample(grad_h, torch.linalg.vector_norm(x2, dim=-1, dtype=torch.float32), cfg)
-        if pick is None:
-            grad_w1 = grad_h.t() @ x2
-        else:
-            idx, scale = pick
-            grad_w1 = _scaled_rows(grad_h, idx, scale).t() @ x2.index_select(0, idx)
-        grad_b1 = None if b1 is None else grad_h.sum(0, dtype=torch.float32).to(b1.dtype)
-        grad_b2 = None if b2 is None else g2.sum(0, dtype=torch.float32).to(b2.dtype)
-        grad_x2 = (grad_h @ w1c).reshape(x.shape)
-        del grad_h
+        grad_x2, grad_w1, grad_b1, grad_w2, grad_b2 = mlp_backward(
+            x2, g2, w1c, None if b1 is None else b1.to(dt), w2c, act, cfg
+        )
+        grad_b1 = None if b1 is None else grad_b1.to(b1.dtype)
+        grad_b2 = None if b2 is None else grad_b2.to(b2.dtype)
+        grad_x2 = grad_x2.reshape(x.shape)
         grad_ln_w = grad_ln_b = None
         if normed:
             inputs = [t for t in (x_leaf, ln_w, ln_b) if t is not None]

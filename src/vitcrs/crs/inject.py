@@ -21,6 +21,7 @@ from transformers.models.vit.modeling_vit import (
     eager_attention_forward,
 )
 
+from .block import lean_vit_block
 from .config import CRSConfig
 from .functional import crs_linear, crs_linear_shared, crs_matmul, crs_mlp
 from .grad_norm import GradNormEMA
@@ -31,7 +32,9 @@ LINEAR_TARGETS = (*QKV_TARGETS, "attn_output", "fc1", "fc2")
 MATMUL_TARGETS = ("scores", "context")
 ALL_TARGETS = LINEAR_TARGETS + MATMUL_TARGETS
 LEAN_TARGETS = ("mlp",)  # LayerNorm + MLP storing only the norm's input (the rest recomputed in backward)
-KNOWN_TARGETS = ALL_TARGETS + LEAN_TARGETS
+# the whole block as one op keeping only the residual stream; it samples all six linears itself (stands alone)
+BLOCK_TARGETS = ("lean_block",)
+KNOWN_TARGETS = ALL_TARGETS + LEAN_TARGETS + BLOCK_TARGETS
 DEFAULT_TARGETS = ("query", "key", "value", "scores", "context")
 _QKV_ATTRS = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
 
@@ -55,6 +58,12 @@ def validate_targets(targets: Iterable[str], attn_implementation: str | None) ->
         raise ValueError(
             "crs.targets has 'mlp' together with 'fc1'/'fc2': 'mlp' already samples both MLP linears and "
             "recomputes their hidden activation; keep either 'mlp' or 'fc1'/'fc2'."
+        )
+    if "lean_block" in targets and len(set(targets)) > 1:
+        others = sorted(set(targets) - {"lean_block"})
+        raise ValueError(
+            f"crs.targets has 'lean_block' together with {others}: 'lean_block' already samples all six "
+            "linears of a block and recomputes its attention and MLP; use it alone."
         )
     return tuple(t for t in KNOWN_TARGETS if t in targets)
 
@@ -175,6 +184,36 @@ class CRSViTLayer(ViTLayer):
         return self.dropout(mlp_output) + hidden_states
 
 
+class LeanViTLayer(ViTLayer):
+    """ViT encoder block run as one op that keeps only the residual stream for backward (`lean_vit_block`).
+
+    Under Hugging Face gradient checkpointing (`gradient_checkpointing_enable()`) it is not wrapped in a
+    checkpoint, since it recomputes in backward itself; it then keeps only its input, as a checkpointed block
+    does, and its recomputation samples the weight gradients. Same math as `ViTLayer` without dropout.
+    """
+
+    crs_cfg: CRSConfig
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        keep_mid = not (self.gradient_checkpointing and self.training)
+        return lean_vit_block(self, hidden_states, self.crs_cfg, attention_mask, keep_mid)
+
+
+# transformers wraps each GradientCheckpointingLayer's forward in its checkpoint; the lean block replaces that
+LeanViTLayer.forward = LeanViTLayer.forward.__wrapped__  # type: ignore[attr-defined]
+
+
+def _check_no_dropout(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        p = getattr(config, key, 0.0) or 0.0
+        if p > 0:
+            raise ValueError(
+                f"crs.targets 'lean_block' recomputes each block in backward and needs no dropout, but the "
+                f"model config has {key}={p}. Set it to 0, or use the 'lean' target set instead."
+            )
+
+
 def _vit_layers(model: nn.Module) -> list[nn.Module]:
     """The encoder blocks of a ViT model, ViTModel or ViTForImageClassification."""
     layers = [m for m in model.modules() if isinstance(getattr(m, "attention", None), ViTAttention)]
@@ -189,11 +228,14 @@ def inject(model: nn.Module, cfg: CRSConfig, targets: Iterable[str] = DEFAULT_TA
     Targets: linear "query", "key", "value", "attn_output", "fc1", "fc2"; matmul "scores" (Q Kᵀ) and
     "context" (P V), which need eager attention; "mlp", the memory-lean MLP (`crs_mlp`: keeps only the input
     of the LayerNorm before the MLP, recomputes that norm and the hidden activation in backward; replaces
-    "fc1"/"fc2"). Parameters and state_dict keys are unchanged. Calling it again replaces the settings. With
-    ratio 1 the numerics equal the uninjected model's.
+    "fc1"/"fc2"); "lean_block", the whole block as one op keeping only the residual stream (`lean_vit_block`;
+    stands alone, needs no dropout). Parameters and state_dict keys are unchanged. Calling it again replaces
+    the settings. With ratio 1 the numerics equal the uninjected model's.
     """
     config = getattr(model, "config", None)
     targets = frozenset(validate_targets(targets, getattr(config, "_attn_implementation", None)))
+    if "lean_block" in targets:
+        _check_no_dropout(model)
     # prob="sample_cache": one cache per sampled op, all reading the batch indices from one TrainingBatch
     batch = TrainingBatch() if cfg.prob == "sample_cache" else None
 
@@ -212,14 +254,24 @@ def inject(model: nn.Module, cfg: CRSConfig, targets: Iterable[str] = DEFAULT_TA
             linear.crs_cfg, linear.crs_grad_norm = cfg, source()
         layer.mlp.__class__ = CRSViTMLP if "mlp" in targets else ViTMLP
         layer.mlp.crs_cfg = cfg
-        if type(layer) in (ViTLayer, CRSViTLayer):  # other block classes keep their forward (no fused norm)
-            layer.__class__ = CRSViTLayer if "mlp" in targets else ViTLayer
+        layer.crs_cfg = cfg
+        if type(layer) in (ViTLayer, CRSViTLayer, LeanViTLayer):  # other block classes keep their forward
+            lean = LeanViTLayer if "lean_block" in targets else None
+            layer.__class__ = lean or (CRSViTLayer if "mlp" in targets else ViTLayer)
+        elif "lean_block" in targets:
+            raise ValueError(f"crs.targets 'lean_block' needs ViTLayer blocks, not {type(layer).__name__}.")
     model.crs_config, model.crs_targets = cfg, tuple(t for t in KNOWN_TARGETS if t in targets)
     model.crs_training_batch = batch  # see vitcrs.crs.sample_cache.set_training_batch
     return model
 
 
-_PLAIN = {CRSLinear: nn.Linear, CRSViTAttention: ViTAttention, CRSViTMLP: ViTMLP, CRSViTLayer: ViTLayer}
+_PLAIN = {
+    CRSLinear: nn.Linear,
+    CRSViTAttention: ViTAttention,
+    CRSViTMLP: ViTMLP,
+    CRSViTLayer: ViTLayer,
+    LeanViTLayer: ViTLayer,
+}
 
 
 @contextmanager

@@ -1,0 +1,88 @@
+"""Interleaved CPU step times of exact / lean-block / checkpointing variants of one ViT-B/16-shaped model.
+
+Every variant is built from the same weights and kept alive; each round times one training step (forward,
+loss, backward) of every variant in turn, so drift on a shared machine hits all alike. Reports the median wall
+time and the median process CPU time per step (the latter is less sensitive to other processes when run
+with one thread), and their ratios against exact and against checkpointing alone.
+
+    python scripts/lean_block_speed.py --attn eager --precision fp32 --layers 2 --batch-size 8 --rounds 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import ViTConfig, ViTForImageClassification
+from transformers.utils import logging as hf_logging
+
+from vitcrs.crs import CRSConfig, inject
+
+VARIANTS = ("exact", "lean@0.3", "lean@0.5", "ckpt", "ckpt+lean@0.3")
+
+
+def build(base: ViTForImageClassification, name: str) -> ViTForImageClassification:
+    """`name`: "exact", "lean@R", "ckpt" or "ckpt+lean@R" (R the ratio)."""
+    model = copy.deepcopy(base)
+    for part in name.split("+"):
+        if part.startswith("lean@"):
+            inject(model, CRSConfig(ratio=float(part[5:])), ["lean_block"])
+        elif part == "ckpt":
+            model.activation_checkpointing_enable()
+    return model.train()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--attn", choices=("eager", "sdpa"), default="eager")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    args = p.parse_args()
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = ViTConfig(num_hidden_layers=args.layers, num_labels=10, attn_implementation=args.attn)
+    base = ViTForImageClassification(config)
+    x, y = torch.randn(args.batch_size, 3, 224, 224), torch.randint(0, 10, (args.batch_size,))
+    models = {name: build(base, name) for name in args.variants.split(",")}
+
+    def step(model: ViTForImageClassification) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = F.cross_entropy(model(x).logits.float(), y)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    wall: dict[str, list[float]] = {k: [] for k in models}
+    cpu: dict[str, list[float]] = {k: [] for k in models}
+    for model in models.values():  # warm-up
+        step(model)
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            t, c = time.perf_counter(), time.process_time()
+            step(model)
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    med = {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in models}
+    ref, ckpt = med[next(iter(models))], med.get("ckpt")
+    print(
+        f"{args.attn} {args.precision}, {args.layers} layers, batch {args.batch_size}, "
+        f"{args.threads} thread(s)"
+    )
+    for name, (c, w) in med.items():
+        vs_ckpt = f" | vs ckpt: cpu {ckpt[0] / c:.3f}x wall {ckpt[1] / w:.3f}x" if ckpt else ""
+        print(
+            f"{name:14s} cpu {c:.3f}s wall {w:.3f}s | "
+            f"vs exact: cpu {ref[0] / c:.3f}x wall {ref[1] / w:.3f}x{vs_ckpt}"
+        )
+
+
+if __name__ == "__main__":
+    main()

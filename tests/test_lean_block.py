@@ -1,0 +1,232 @@
+"""The lean block (`lean_block` target): exact forward, exact gradients at ratio 1, unbiased and
+lower-variance sampled weight gradients, and saved-for-backward bytes equal to the analytic model."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import ViTConfig, ViTForImageClassification
+from transformers.models.vit.modeling_vit import ViTLayer
+
+from vitcrs.bench import BlockShape, block_saved_bytes
+from vitcrs.crs import (
+    LINEAR_TARGETS,
+    CRSConfig,
+    LeanViTLayer,
+    SavedTensorsMeter,
+    crs_mlp,
+    inject,
+    lean_vit_block,
+    uninjected,
+    vit_block_saved_bytes,
+)
+
+pytestmark = pytest.mark.usefixtures("fresh_crs_stream", "one_thread")
+ATTNS = ["eager", "sdpa"]
+WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
+
+
+@pytest.fixture
+def one_thread():
+    """Run on one intra-op thread: these are many tiny ops, which thread wake-ups would dominate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_vit(attn: str, layers: int = 2) -> ViTForImageClassification:
+    cfg = ViTConfig(
+        hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64, image_size=16,
+        patch_size=4, num_labels=5, attn_implementation=attn,
+    )  # fmt: skip
+    return ViTForImageClassification(cfg)
+
+
+def tiny_block(attn: str, hidden: int = 8, heads: int = 2) -> ViTLayer:
+    cfg = ViTConfig(
+        hidden_size=hidden, num_attention_heads=heads, intermediate_size=2 * hidden, attn_implementation=attn
+    )
+    layer = ViTLayer(cfg)
+    with torch.no_grad():  # non-trivial LayerNorms, so their grads are checked too
+        for norm in (layer.layernorm_before, layer.layernorm_after):
+            norm.weight.normal_(1.0, 0.5), norm.bias.normal_()
+    return layer
+
+
+def skewed(*shape: int) -> torch.Tensor:
+    """Random rows whose norms span orders of magnitude (where the choice of probabilities matters)."""
+    return torch.randn(*shape) * torch.exp(1.5 * torch.randn(*shape[:-1], 1))
+
+
+def block_weights(layer: ViTLayer) -> list[torch.Tensor]:
+    mods = {
+        **{n: getattr(layer.attention, n) for n in WEIGHTS[:4]},
+        "fc1": layer.mlp.fc1,
+        "fc2": layer.mlp.fc2,
+    }
+    return [mods[n].weight for n in WEIGHTS]
+
+
+# ---------------------------------------------------------------- exact forward, exact grads at ratio 1
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "ckpt"])
+@pytest.mark.parametrize("attn", ATTNS)
+def test_lean_block_forward_is_exact_and_ratio_one_gives_exact_gradients(attn, checkpointing):
+    base = tiny_vit(attn).train()
+    x = torch.randn(4, 3, 16, 16)
+    for ratio in (1.0, 0.3):
+        model = inject(copy.deepcopy(base), CRSConfig(ratio=ratio), ["lean_block"])
+        if checkpointing:  # the lean block replaces HF's checkpoint (it recomputes itself) and keeps only x
+            model.activation_checkpointing_enable()
+        assert all(isinstance(layer, LeanViTLayer) for layer in model.vit.layers)
+        out, ref = model(x).logits, base(x).logits
+        assert torch.equal(out, ref)
+        if ratio < 1.0:
+            continue
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        for (name, p), q in zip(base.named_parameters(), model.parameters(), strict=True):
+            # recomputation sums in another order; k_proj's bias grad is zero up to rounding (softmax shift)
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        base.zero_grad()
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+def test_lean_block_under_bf16_autocast(attn):
+    base = tiny_vit(attn).train()
+    x = torch.randn(4, 3, 16, 16)
+    exact = copy.deepcopy(base)
+    model = inject(copy.deepcopy(base), CRSConfig(ratio=1.0), ["lean_block"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = model(x).logits, exact(x).logits
+    assert torch.equal(out, ref)
+    out.float().square().sum().backward()
+    ref.float().square().sum().backward()
+    for p, q in zip(exact.parameters(), model.parameters(), strict=True):
+        assert q.grad.dtype == torch.float32
+        scale = p.grad.abs().max().item() + 1e-3
+        assert (q.grad - p.grad).abs().max().item() <= 0.05 * scale  # bf16 GEMMs in another order
+    sampled = inject(copy.deepcopy(base), CRSConfig(ratio=0.3), ["lean_block"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sampled(x).logits.float().square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() and p.grad.dtype == torch.float32 for p in sampled.parameters())
+
+
+def test_lean_block_settings_are_checked():
+    with pytest.raises(ValueError, match=r"'lean_block' together with \['query'\]"):
+        inject(tiny_vit("eager"), CRSConfig(ratio=0.5), ["lean_block", "query"])
+    dropped = ViTForImageClassification(
+        ViTConfig(**{**tiny_vit("eager").config.to_dict(), "hidden_dropout_prob": 0.1})
+    )
+    with pytest.raises(ValueError, match=r"hidden_dropout_prob=0.1"):
+        inject(dropped, CRSConfig(ratio=0.5), ["lean_block"])
+    model = inject(tiny_vit("eager"), CRSConfig(ratio=0.5), ["lean_block"])
+    with uninjected(model):
+        assert not any(isinstance(m, LeanViTLayer) for m in model.modules())
+    assert isinstance(model.vit.layers[0], LeanViTLayer)
+
+
+# ---------------------------------------------------------------- unbiased, lower variance than p ∝ ‖x‖
+def _block_grads(layer: ViTLayer, x: torch.Tensor, g: torch.Tensor, cfg: CRSConfig | None):
+    params = [p for p in layer.parameters() if p.requires_grad]
+    y = layer(x) if cfg is None else lean_vit_block(layer, x, cfg)
+    return torch.autograd.grad((y * g).sum(), [x, *params])
+
+
+@pytest.mark.parametrize(("attn", "method"), [("eager", "crs"), ("sdpa", "wta_crs")])
+def test_lean_block_weight_gradients_are_unbiased(attn, method):
+    layer = tiny_block(attn)
+    x = skewed(3, 6, 8).requires_grad_()
+    g = skewed(3, 6, 8)
+    names = ["x", *(n for n, _ in layer.named_parameters())]
+    is_weight = [n.endswith(".weight") and ("proj" in n or "fc" in n) for n in names]
+    assert sum(is_weight) == 6
+    exact = _block_grads(layer, x, g, None)
+    cfg = CRSConfig(ratio=0.3, method=method)
+    sampled = _block_grads(layer, x, g, cfg)
+    for name, w, u, v in zip(names, is_weight, sampled, exact, strict=True):
+        if not w:  # grads of x, of the LayerNorms and of the biases are exact
+            torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5, msg=name)
+    draws = torch.stack(
+        [
+            torch.cat(
+                [t.flatten() for t, w in zip(_block_grads(layer, x, g, cfg), is_weight, strict=True) if w]
+            )
+            for _ in range(600)
+        ]
+    ).double()
+    target = torch.cat([t.flatten() for t, w in zip(exact, is_weight, strict=True) if w]).double()
+    se = draws.std(0) / math.sqrt(draws.shape[0])
+    worst = ((draws.mean(0) - target).abs() / (5.5 * se + 1e-6 * target.abs().max())).max().item()
+    assert worst <= 1.0, f"estimate off by {worst:.2f} x the 5.5-sigma tolerance"
+
+
+def test_lean_block_has_lower_weight_gradient_variance_than_norm_sampled_linears():
+    """Same block, same input and output gradient, ratio 0.3: p ∝ ‖g‖·‖x‖ (lean) against the linears'
+    p ∝ ‖x‖ (`prob="norm"`, q/k/v sharing one draw), summed over the six weight gradients."""
+    base = tiny_vit("eager", layers=1)
+    x = skewed(4, 17, 32).requires_grad_()
+    g = skewed(4, 17, 32)
+    cfg = CRSConfig(ratio=0.3, prob="norm")
+    models = {
+        "lean": inject(copy.deepcopy(base), cfg, ["lean_block"]),
+        "linears": inject(copy.deepcopy(base), cfg, LINEAR_TARGETS),
+    }
+    variance = {}
+    for name, model in models.items():
+        layer = model.vit.layers[0]
+        weights = block_weights(layer)
+
+        def draw(layer=layer, weights=weights):
+            return torch.cat([t.flatten() for t in torch.autograd.grad((layer(x) * g).sum(), weights)])
+
+        variance[name] = torch.stack([draw() for _ in range(150)]).double().var(0).sum().item()
+    assert variance["lean"] < 0.8 * variance["linears"], variance
+
+
+# ---------------------------------------------------------------- saved bytes = the analytic model
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("attn", ATTNS)
+def test_lean_block_saved_bytes_equal_the_analytic_model(attn, autocast):
+    """A ViT-B/16-shaped block (width 768, 12 heads, 3072, 197 tokens; batch 2), checkpointing off and on."""
+    model = ViTForImageClassification(ViTConfig(num_hidden_layers=1, num_labels=10, attn_implementation=attn))
+    shape = BlockShape(2, 197, 768, 12, 3072, 1)
+    h = torch.randn(2, 197, 768, requires_grad=True)
+    for ratio in (0.3, 1.0):
+        cfg = CRSConfig(ratio=ratio)
+        inject(model, cfg, ["lean_block"])
+        for checkpointing in (False, True):
+            if checkpointing:
+                model.activation_checkpointing_enable()
+            model.train()
+            amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+            with amp, SavedTensorsMeter(exclude=model.parameters()) as meter:
+                out = model.vit.layers[0](h)
+            measured = meter.bytes
+            del out
+            ideal = block_saved_bytes(shape, attn, autocast, cfg, ["lean_block"], checkpointing)
+            assert measured == ideal == 197 * 2 * 768 * 4 * (1 if checkpointing else 2)
+            assert ideal == vit_block_saved_bytes(
+                2, 197, 768, 12, 3072, cfg, ["lean_block"], autocast, checkpointing
+            )
+            exact = block_saved_bytes(shape, attn, autocast)
+            assert exact / measured > (8 if checkpointing else 4)
+        model.activation_checkpointing_disable()
+
+
+@pytest.mark.parametrize("act", [torch.nn.functional.gelu, torch.nn.functional.silu], ids=["gelu", "silu"])
+def test_shared_mlp_backward_is_exact_at_ratio_one_for_any_activation(act):
+    """`mlp_backward` (lean block, lean MLP): GELU's own kernel in place, autograd for other activations."""
+    x = torch.randn(3, 8, 6, requires_grad=True)
+    fc1, fc2 = torch.nn.Linear(6, 12), torch.nn.Linear(12, 6)
+    g = torch.randn(3, 8, 6)
+    params = (x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    y = crs_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act, CRSConfig(ratio=1.0))
+    assert torch.equal(y, fc2(act(fc1(x))))
+    got = torch.autograd.grad((y * g).sum(), params)
+    want = torch.autograd.grad((fc2(act(fc1(x))) * g).sum(), params)
+    for u, v in zip(got, want, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
