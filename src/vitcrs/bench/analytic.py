@@ -65,7 +65,9 @@ def sdpa_block_saved_bytes(
     eager = vit_block_saved_bytes(
         batch, tokens, hidden, heads, intermediate, cfg, targets, autocast, checkpointing
     )
-    if cfg is not None and "lean_block" in targets:  # keeps only the residual stream, whatever the attention
+    if _sampled(cfg) and "lean_block" in targets:  # keeps only the residual stream, whatever the attention
+        return eager
+    if checkpointing:  # a checkpointed plain block keeps only its input, whatever the attention
         return eager
     c = 2 if autocast else 4
     slices = batch * heads

@@ -5,7 +5,7 @@ need (both LayerNorms, q/k/v, the attention, fc1's pre-activation) from the kept
 every activation gradient (and those of the LayerNorms and biases) exactly, and estimates the six linears'
 weight gradients from k = ceil(ratio · n) token rows drawn with the optimal CRS probabilities
 p ∝ ‖g_i‖·‖x_i‖ (g, the output gradient, is known there); q, k and v share one draw of their common input.
-At ratio 1 it is activation recomputation with exact gradients.
+`LeanViTLayer` (the `lean_block` target) runs it at ratios below 1 only; at ratio 1 the block is plain.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -189,18 +190,26 @@ class LeanViTLayer(ViTLayer):
 
     Under Hugging Face gradient checkpointing (`gradient_checkpointing_enable()`) it is not wrapped in a
     checkpoint, since it recomputes in backward itself; it then keeps only its input, as a checkpointed block
-    does, and its recomputation samples the weight gradients. Same math as `ViTLayer` without dropout.
+    does, and its recomputation samples the weight gradients. Same math as `ViTLayer` without dropout. At
+    ratio 1 it is the plain `ViTLayer` (exact op, no recomputation).
     """
 
     crs_cfg: CRSConfig
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        if self.crs_cfg.exact:  # ratio 1: the plain block at its speed, checkpointed as HF does it
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                plain = partial(_PLAIN_LAYER_FORWARD, self, **kwargs)
+                return self._gradient_checkpointing_func(plain, hidden_states, attention_mask)
+            return _PLAIN_LAYER_FORWARD(self, hidden_states, attention_mask, **kwargs)
         keep_mid = not (self.gradient_checkpointing and self.training)
         return lean_vit_block(self, hidden_states, self.crs_cfg, attention_mask, keep_mid)
 
 
 # transformers wraps each GradientCheckpointingLayer's forward in its checkpoint; the lean block replaces that
+# (and checkpoints the plain block itself at ratio 1, since the wrapper only acts as the outermost forward)
 LeanViTLayer.forward = LeanViTLayer.forward.__wrapped__  # type: ignore[attr-defined]
+_PLAIN_LAYER_FORWARD = ViTLayer.forward.__wrapped__  # type: ignore[attr-defined]
 
 
 def _check_no_dropout(model: nn.Module) -> None:

@@ -62,19 +62,21 @@ def vit_block_saved_bytes(
     """Analytic bytes one HF ViT encoder block saves for backward (eager attention, no dropout).
 
     Exact when `cfg` is None; otherwise with `targets` injected as `inject` does it (at ratio 1 only the
-    "mlp" and "lean_block" targets change what is saved). `autocast`
+    "mlp" target changes what is saved). `autocast`
     means bf16/fp16 autocast (2-byte compute, fp32 LayerNorm and softmax, cached 2-byte weight casts).
     `checkpointing`: Hugging Face gradient checkpointing is on; modelled only for "lean_block", which then
     keeps its input alone. Parameters are not counted. This is the ideal that `SavedTensorsMeter`
     measurements are held against.
     """
-    # at ratio 1 nothing is sampled, but the lean MLP and the lean block still recompute
-    targets = set() if cfg is None else set(targets) & ({"mlp", "lean_block"} if cfg.exact else set(targets))
+    # at ratio 1 nothing is sampled (the lean block is the plain block), but the lean MLP still recomputes
+    targets = set() if cfg is None else set(targets) & ({"mlp"} if cfg.exact else set(targets))
     n, d, f, dh = batch * tokens, hidden, intermediate, hidden // heads
     if "lean_block" in targets:  # the fp32 residual stream: the block input, and (unless checkpointing) x1
         return n * d * 4 * (1 if checkpointing else 2)
-    if checkpointing:
+    if checkpointing and targets:
         raise ValueError("vit_block_saved_bytes models checkpointing only for the 'lean_block' target")
+    if checkpointing:  # a checkpointed plain block keeps its input alone (fp32 residual stream)
+        return n * d * 4
     c = 2 if autocast else 4  # bytes per element of what linears and matmuls save
     slices = batch * heads
 
