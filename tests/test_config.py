@@ -44,14 +44,19 @@ def test_every_group_option_composes(compose_cfg, group, option):
     assert {"trainer", "logger", "callbacks", "crs", "optim", "model", "seed", "ckpt_path"} <= set(cfg)
 
 
-def test_defaults_are_the_study(compose_cfg):
+def test_defaults_are_the_study_setup_with_the_sound_targets(compose_cfg):
+    """The study's model, data and schedule; the sampled ops are the lean block (activation gradients exact,
+    docs/fidelity.md), while experiment=study keeps the study's own targets and probabilities."""
     cfg = compose_cfg()
     assert cfg.model.name_or_path == "google/vit-base-patch16-224-in21k"
     assert cfg.model.attn_implementation == "eager"
     assert cfg.data.batch_size == 64 and cfg.data.name == "cifar10"
     assert cfg.trainer.max_epochs == 8 and cfg.optim.lr == pytest.approx(5e-5)
     assert cfg.crs.ratio == 1.0 and cfg.crs.method == "wta_crs"
-    assert list(cfg.crs.targets) == ["query", "key", "value", "scores", "context"]
+    assert list(cfg.crs.targets) == ["lean_block"]
+    study = compose_cfg("experiment=study")
+    assert list(study.crs.targets) == ["query", "key", "value", "scores", "context"]
+    assert study.crs.prob == "sample_cache"
 
 
 @pytest.mark.parametrize("path", COMMENTED, ids=lambda p: str(p.relative_to(CONF_DIR)))
@@ -116,7 +121,7 @@ BAD = [
     (["crs.method=random"], "crs.method"),
     (["+crs.typo=1"], "crs"),
     (["crs.targets=[query,nope]"], "crs.targets"),
-    (["model.attn_implementation=sdpa"], "eager"),  # default targets sample the attention matmuls
+    (["model.attn_implementation=sdpa", "crs.targets=[query,key,value,scores,context]"], "eager"),  # matmuls
     (["model.attn_implementation=magic"], "model.attn_implementation"),
     (["model=vit_tiny"], "model.name_or_path"),
     (["model.name_or_path=/no/such/checkpoint"], "model.name_or_path"),

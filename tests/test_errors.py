@@ -98,7 +98,7 @@ BAD_INPUTS = {
     "unknown method": (["crs.method=topk"], None, ["crs.method='topk'", "crs, wta_crs"]),
     "unknown target": (["crs.targets=[query,keys]"], None, ["crs.targets", "['keys']", "'context'"]),
     "matmuls with sdpa": (
-        ["model.attn_implementation=sdpa"],
+        ["model.attn_implementation=sdpa", "crs.targets=[query,key,value,scores,context]"],
         None,
         ["['scores', 'context']", "model.attn_implementation='sdpa'", "model.attn_implementation=eager"],
     ),
