@@ -21,6 +21,9 @@ CONF_DIR = REPO / "conf"
 # A few batches of the offline demo: the end-to-end runs of the tests.
 QUICK = [
     "experiment=demo",
+    # the study's targets: sampled ops with running gradient-norm estimates and the attention matmuls, so
+    # these runs exercise every piece of CRS state (the demo's default, the lean block, keeps none)
+    "crs.targets=[query,key,value,scores,context]",
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=3",
     "trainer.limit_val_batches=2",

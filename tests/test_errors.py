@@ -83,7 +83,7 @@ def _truncated_folder(root: Path) -> Path:
 CRS_OF_DEMO = {
     "ratio": 0.3,
     "method": "wta_crs",
-    "targets": ["query", "key", "value", "scores", "context"],
+    "targets": ["lean_block"],
     "min_k": 1,
     "prob": "norm",
     "grad_ema": 0.9,

@@ -114,7 +114,7 @@ def test_study_tiny_on_the_cifar10_jpeg_folder(compose_cfg, tmp_path):
 
 def test_targets_ablation_grid_has_only_valid_jobs(compose_cfg):
     jobs = sweep_jobs("targets_ablation")
-    assert len(jobs) == 20
+    assert len(jobs) == 24
     seen = set()
     for job in jobs:
         cfg = compose_cfg(*job)
@@ -124,15 +124,17 @@ def test_targets_ablation_grid_has_only_valid_jobs(compose_cfg):
         assert cfg.data.batch_size == 64 and cfg.trainer.max_epochs == 8 and cfg.optim.lr == 5e-5
         assert cfg.crs.method == job_value(job, "crs.method")
         seen.add((job_value(job, "ablation"), targets, attn, cfg.crs.method, cfg.crs.ratio))
-    assert len(seen) == 20
+    assert len(seen) == 24
     options = {path.stem for path in (CONF_DIR / "ablation").glob("*.yaml")}
-    assert {s[0] for s in seen} == options == {"qkv", "study", "linears", "linears_sdpa", "lean", "lean_block"}
+    names = {"qkv", "study", "linears", "linears_sdpa", "lean", "lean_block"}
+    assert {s[0] for s in seen} == options == names
     assert {s[1:3] for s in seen} == {
         (("query", "key", "value"), "eager"),
         (tuple(STUDY_TARGETS), "eager"),
         (tuple(LINEARS), "eager"),
         (tuple(LINEARS), "sdpa"),
         (("query", "key", "value", "attn_output", "mlp", "scores", "context"), "eager"),
+        (("lean_block",), "sdpa"),
     }
     assert {(s[3], s[4]) for s in seen} == {(m, r) for m in ("crs", "wta_crs") for r in (0.5, 0.3)}
     # narrowed on the command line, and with an exact row per section

@@ -32,6 +32,7 @@ RUN = [
     "callbacks.progress_bar=null",
     "callbacks.step_checkpoint.every_n_train_steps=1",
     "crs.prob=norm_grad",
+    "crs.targets=[query,key,value,scores,context]",  # sampled ops with running estimates, dropout allowed
     "model.config.hidden_dropout_prob=0.1",
 ]
 KILL_AT = 6  # the 3rd step of the 2nd epoch

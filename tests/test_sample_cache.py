@@ -176,7 +176,7 @@ def _run(compose_cfg, tmp_path, *overrides: str) -> dict:
         "experiment=demo", "data.limit_train=48", "data.batch_size=16", "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0", "callbacks.progress_bar=null",
         "trainer.max_epochs=2", "callbacks.step_checkpoint.every_n_train_steps=1", "crs.prob=sample_cache",
-        "crs.cache_in_checkpoint=true", *overrides,
+        "crs.cache_in_checkpoint=true", "crs.targets=[query,key,value,scores,context]", *overrides,
     )  # fmt: skip
     train(cfg)
     return json.loads((Path(cfg.run_dir) / "metrics.json").read_text())

@@ -243,7 +243,7 @@ def inject(model: nn.Module, cfg: CRSConfig, targets: Iterable[str] = DEFAULT_TA
     """
     config = getattr(model, "config", None)
     targets = frozenset(validate_targets(targets, getattr(config, "_attn_implementation", None)))
-    if "lean_block" in targets:
+    if "lean_block" in targets and not cfg.exact:  # at ratio 1 the block is the plain one
         _check_no_dropout(model)
     # prob="sample_cache": one cache per sampled op, all reading the batch indices from one TrainingBatch
     batch = TrainingBatch() if cfg.prob == "sample_cache" else None
