@@ -185,6 +185,15 @@ def _check_sampling(cfg: DictConfig, targets: list[str], vit: ViTConfig) -> None
     ratio = float(cfg.crs.ratio)
     if ratio >= 1:
         return
+    keys = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+    dropout = {k: getattr(vit, k, 0.0) or 0.0 for k in keys}
+    if "lean_block" in targets and any(p > 0 for p in dropout.values()):
+        key, p = next((k, p) for k, p in dropout.items() if p > 0)
+        raise ConfigError(
+            f"crs.targets=[lean_block] recomputes each block in backward and needs a model without dropout, "
+            f"but its config has {key}={p}. Set model.config.{key}=0.0, or sample other targets (e.g. "
+            "crs.targets=[query,key,value,attn_output,mlp])."
+        )
     if not targets:
         raise ConfigError(
             f"crs.targets=[] samples nothing, so a crs.ratio={ratio} run would be exact yet recorded as "
