@@ -28,15 +28,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
-if [ -z "${SHARED:-}" ]; then
-  for candidate in shared ../shared; do
-    if [ -d "$candidate" ]; then SHARED=$candidate; break; fi
-  done
-fi
-SHARED=${SHARED:-shared}
-DATA_ROOT=${DATA_ROOT:-data/cifar10-jpeg}
-MODEL=${MODEL:-$SHARED/models/vit-tiny-patch16-224}
+source scripts/shared_inputs.sh  # PYTHON, SHARED, DATA_ROOT, MODEL (checked; the tree extracted)
 OUT=${OUT:-outputs/fidelity_tiny}
 RATIOS=${RATIOS:-0.5 0.3 0.1}
 TARGET_SETS=${TARGET_SETS:-study matmuls qkv linears lean}
@@ -46,21 +38,6 @@ DRAWS=${DRAWS:-8}
 NOISE_BATCHES=${NOISE_BATCHES:-4}
 PRIME_PASSES=${PRIME_PASSES:-3}
 WARMUP_STEPS=${WARMUP_STEPS:-50}
-
-if [ ! -d "$DATA_ROOT/train" ]; then
-  archive=$SHARED/data/cifar10-jpeg.tar.xz
-  if [ "$DATA_ROOT" != data/cifar10-jpeg ] || [ ! -f "$archive" ]; then
-    echo "error: no CIFAR-10 JPEG tree at $DATA_ROOT (and no $archive to extract); set DATA_ROOT" >&2
-    exit 2
-  fi
-  echo "extracting $archive into data/" >&2
-  mkdir -p data
-  tar -xJf "$archive" -C data
-fi
-if [ ! -f "$MODEL/config.json" ]; then
-  echo "error: no checkpoint at $MODEL (config.json missing); set MODEL" >&2
-  exit 2
-fi
 
 targets_of() {
   case "$1" in
