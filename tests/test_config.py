@@ -10,8 +10,9 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from vitcrs.callbacks import describe_run
 from vitcrs.errors import ConfigError
-from vitcrs.train import describe_run, validate
+from vitcrs.train import validate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -88,7 +89,7 @@ def test_synthetic_datamodule_from_config(compose_cfg):
     # image size and normalisation come from the model: vit_micro is 32 px, random init -> 0.5
     assert cfg.data.image_size == 32 and list(cfg.data.mean) == [0.5, 0.5, 0.5]
     record = describe_run(cfg, dm)
-    assert record["settings"]["model"] == "random-init" and record["ratio"] == 0.3
+    assert record.settings["model"] == "random-init" and record.ratio == 0.3
 
 
 def test_checkpoint_normalisation_reaches_the_data(compose_cfg, vit_checkpoint):

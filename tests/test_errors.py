@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import vitcrs.train as app
 from conftest import CONF_DIR, quiet_env
 from conftest import QUICK as DEMO_BATCHES
+from vitcrs.callbacks import describe_run
 from vitcrs.data import cifar
 from vitcrs.errors import ConfigError
 from vitcrs.models import ViTClassifier
@@ -324,8 +325,8 @@ def test_resuming_with_other_crs_settings_when_allowed_is_recorded(compose_cfg, 
     datamodule = validate(cfg)
     changed = app.crs_changes(cfg, torch.load(ckpt, weights_only=False)["hyper_parameters"])
     assert changed == {"ratio": 0.5}
-    record = app.describe_run(cfg, datamodule, changed)
-    assert record["ratio"] == 0.3 and record["settings"]["crs_before_resume"] == {"ratio": 0.5}
+    record = describe_run(cfg, datamodule, changed)
+    assert record.ratio == 0.3 and record.settings["crs_before_resume"] == {"ratio": 0.5}
 
 
 def test_an_image_folder_is_recorded_under_its_own_name_unless_named(compose_cfg, tmp_path):
@@ -335,9 +336,9 @@ def test_an_image_folder_is_recorded_under_its_own_name_unless_named(compose_cfg
             (root / split / name).mkdir(parents=True)
     sized = ["data.image_size=32", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]
     cfg = compose_cfg("experiment=demo", "dataset=imagefolder", f"data.root={root}", *sized)
-    assert app.describe_run(cfg, instantiate(cfg.data))["dataset"] == "flowers"
+    assert describe_run(cfg, instantiate(cfg.data)).dataset == "flowers"
     cfg = compose_cfg("experiment=demo", "dataset=imagefolder", f"data.root={root}", *sized, "data.name=mine")
-    assert app.describe_run(cfg, instantiate(cfg.data))["dataset"] == "mine"
+    assert describe_run(cfg, instantiate(cfg.data)).dataset == "mine"
 
 
 RUN_DIR_CONFLICTS = {

@@ -23,6 +23,7 @@ from vitcrs.fidelity import grad_fidelity, parameter_block, parameter_kind
 from vitcrs.fidelity.cli import configurations
 from vitcrs.fidelity.meter import Configuration, Groups, compare_draws, measure
 from vitcrs.models import build_vit
+from vitcrs.record import RunRecord
 from vitcrs.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning")
@@ -236,7 +237,9 @@ def test_callback_logs_fidelity_under_gradient_accumulation(compose_cfg, tmp_pat
 
 
 def test_callback_off_reports_null():
-    assert GradFidelityMonitor().summary() == {"fidelity_rel_err": None, "fidelity_cos": None}
+    record = RunRecord(fidelity_rel_err=1.0, fidelity_cos=1.0)
+    GradFidelityMonitor().fill(record)
+    assert (record.fidelity_rel_err, record.fidelity_cos) == (None, None)
     with pytest.raises(ValueError, match="every_n_steps"):
         GradFidelityMonitor(every_n_steps=-1)
 

@@ -12,9 +12,10 @@ from lightning.pytorch.loggers import CSVLogger
 
 import vitcrs.train as app
 from conftest import QUICK
-from vitcrs.callbacks import METRICS_KEYS, MetricsFile, PeakMemoryMonitor, write_json_atomic
+from vitcrs.callbacks import MetricsFile, PeakMemoryMonitor, write_json_atomic
 from vitcrs.errors import ConfigError
 from vitcrs.models import ViTClassifier
+from vitcrs.record import METRICS_KEYS, RunRecord
 from vitcrs.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning")
@@ -161,7 +162,7 @@ def test_resumed_csv_logs_never_overwrite_a_kept_segment(tmp_path):
     csv.mkdir(parents=True)
     for name in ("metrics.csv", "metrics.segment-1.csv", "metrics.segment-3.csv"):  # segment 2 was removed
         (csv / name).write_text(name)
-    app._keep_csv_logs([logger])
+    MetricsFile(tmp_path / "metrics.json", RunRecord()).keep_earlier_segment([logger])
     assert (csv / "metrics.segment-3.csv").read_text() == "metrics.segment-3.csv"
     assert (csv / "metrics.segment-4.csv").read_text() == "metrics.csv" and not (csv / "metrics.csv").exists()
 
@@ -171,7 +172,7 @@ def test_resumed_csv_logs_never_overwrite_a_kept_segment(tmp_path):
 
 def test_metrics_file_statuses_and_atomic_writes(tmp_path):
     path = tmp_path / "out" / "metrics.json"
-    record = MetricsFile(path, {"dataset": "cifar10", "ratio": 0.5})
+    record = MetricsFile(path, RunRecord(dataset="cifar10", ratio=0.5))
     record.write("incomplete")
     m = json.loads(path.read_text())
     assert list(m) == list(METRICS_KEYS) and m["status"] == "incomplete" and m["epochs"] == 0
@@ -231,28 +232,34 @@ def test_peak_memory_monitor_cuda_bookkeeping(monkeypatch):
         assert module.logged["mem/peak_allocated_gib"] == [3.0, 2.0][epoch]
 
     assert calls.count(("reset", "cuda:0")) == 3 and calls.count(("sync", "cuda:0")) == 12
-    summary = monitor.summary()
-    assert summary["peak_mem_allocated_gib"] == 3.0 and summary["peak_mem_reserved_gib"] == 5.0
-    assert summary["peak_mem_allocated_gib_per_rank"] == [3.0]
-    assert summary["peak_mem_reserved_gib_per_rank"] == [5.0]
-    assert summary["saved_bytes_per_step"] == 2 * 4 * 8 * 4  # x and the relu output, float32; not the weight
-    assert summary["images_per_s"] > 0 and monitor.state_dict()["images"] == 5 * 4  # 6 batches, 1 warm-up
+    summary = RunRecord()
+    monitor.fill(summary)
+    assert summary.peak_mem_allocated_gib == 3.0 and summary.peak_mem_reserved_gib == 5.0
+    assert summary.peak_mem_allocated_gib_per_rank == [3.0]
+    assert summary.peak_mem_reserved_gib_per_rank == [5.0]
+    assert summary.saved_bytes_per_step == 2 * 4 * 8 * 4  # x and the relu output, float32; not the weight
+    assert summary.images_per_s > 0 and monitor.state_dict()["images"] == 5 * 4  # 6 batches, 1 warm-up
 
 
 def test_peak_memory_monitor_summary_on_cpu():
     monitor = PeakMemoryMonitor(warmup_batches=1)
-    assert monitor.summary() == {
-        "peak_mem_allocated_gib": None,
-        "peak_mem_reserved_gib": None,
-        "peak_mem_allocated_gib_per_rank": None,
-        "peak_mem_reserved_gib_per_rank": None,
-        "saved_bytes_per_step": None,
-        "saved_bytes_per_step_exact": None,
-        "images_per_s": None,
+    measured = {  # what fill sets: every figure, each None here (nothing measured)
+        "peak_mem_allocated_gib": 1.0,
+        "peak_mem_reserved_gib": 1.0,
+        "peak_mem_allocated_gib_per_rank": [1.0],
+        "peak_mem_reserved_gib_per_rank": [1.0],
+        "saved_bytes_per_step": 1,
+        "saved_bytes_per_step_exact": 1,
+        "images_per_s": 1.0,
     }
+    summary = RunRecord(**measured)
+    monitor.fill(summary)
+    assert all(getattr(summary, key) is None for key in measured)
     state = {"peak_allocated_gib": 1.5, "peak_reserved_gib": 2.0, "images": 640, "seconds": 2.0}
     monitor.load_state_dict(state)
-    assert monitor.summary()["images_per_s"] is None  # applied only when a fit resumes, not on test loads
+    summary.images_per_s = 1.0
+    monitor.fill(summary)
+    assert summary.images_per_s is None  # applied only when a fit resumes, not on test loads
     assert monitor.state_dict()["images"] == 0
 
 

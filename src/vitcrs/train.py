@@ -25,9 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning
-import torch
-import transformers
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
@@ -38,15 +35,14 @@ from lightning.fabric.strategies.launchers.subprocess_script import (
 )
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 from transformers import ViTConfig
 
-import vitcrs
-from vitcrs.callbacks import METRICS_KEYS, CheckpointOnSigterm, MetricsFile, write_json_atomic
+from vitcrs.callbacks import CheckpointOnSigterm, MetricsFile, describe_run, record_config_failure
 from vitcrs.crs import MATMUL_TARGETS, CRSConfig, validate_targets
 from vitcrs.errors import ConfigError
 from vitcrs.models import (
@@ -72,7 +68,6 @@ from vitcrs.run_dir import (
     RunDirInUse,
     RunDirLock,
     check_run_dir,
-    keep_complete_record,
 )
 
 log = logging.getLogger(__name__)
@@ -366,67 +361,6 @@ def quiet_known_warnings() -> None:
         logging.getLogger(name).addFilter(_DROP_LITLOGGER_TIP)
 
 
-def _choice(group: str) -> str | None:
-    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
-
-
-def describe_run(
-    cfg: DictConfig, datamodule: Any, crs_before_resume: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The fields of metrics.json known before training; `crs_before_resume`: the crs settings a resumed
-    checkpoint had where they differ (allow_crs_change=true), recorded under settings."""
-    crs = cfg.crs
-    record = {
-        "dataset": datamodule.name,
-        "label_type": datamodule.label_type,
-        "num_classes": datamodule.num_classes,
-        "ratio": float(crs.ratio),
-        "method": crs.method,
-        "targets": list(crs.targets),
-        "seed": cfg.seed,
-        "versions": {
-            "vitcrs": vitcrs.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "lightning": lightning.__version__,
-        },
-        "settings": {
-            "model": cfg.model.name_or_path or _choice("model") or "random-init",
-            "attn_implementation": cfg.model.attn_implementation,
-            "precision": str(cfg.trainer.precision),
-            "batch_size": cfg.data.batch_size,
-            "max_epochs": cfg.trainer.max_epochs,
-            "lr": cfg.optim.lr,
-            "image_size": cfg.data.image_size,
-            "method": crs.method,
-            "targets": list(crs.targets),
-            "prob": crs.prob,
-            "limit_train": cfg.data.get("limit_train"),
-        },
-        "run_dir": str(Path(cfg.run_dir).resolve()),
-    }
-    if crs_before_resume:
-        record["settings"]["crs_before_resume"] = crs_before_resume
-    return record
-
-
-def _keep_csv_logs(loggers: list[Logger]) -> None:
-    """On resume, move each CSVLogger's metrics.csv aside (to metrics.segment-N.csv) before it is deleted."""
-    for logger in loggers:
-        if not isinstance(logger, CSVLogger):
-            continue
-        current = Path(logger.log_dir) / "metrics.csv"
-        if current.is_file():
-            # After the highest segment, not the count: with one removed, the count names a kept one.
-            taken = [
-                p.name[len("metrics.segment-") : -len(".csv")]
-                for p in current.parent.glob("metrics.segment-*.csv")
-            ]
-            n = 1 + max((int(i) for i in taken if i.isdigit()), default=0)
-            current.rename(current.with_name(f"metrics.segment-{n}.csv"))
-    warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted.*")
-
-
 def _instantiate_all(node: DictConfig | None) -> list[Any]:
     """Instantiate each non-null entry of a name -> config mapping, in order."""
     return [instantiate(c) for c in (node or {}).values() if c is not None]
@@ -488,9 +422,6 @@ def train(cfg: DictConfig) -> float | None:
     trainer, loggers = _build_trainer(cfg, metrics)
     _check_processes(trainer)
     metrics.attach(trainer)
-    metrics.data["world_size"] = trainer.world_size
-    if trainer.world_size > 1:  # a different global batch: runs compare only with the same world size
-        metrics.data["settings"]["world_size"] = trainer.world_size
     if trainer.local_rank == 0:
         # Download or extract now (Lightning would do it inside fit), then check what was extracted: a
         # corrupt archive stops the run here, before anything is written.
@@ -514,8 +445,7 @@ def train(cfg: DictConfig) -> float | None:
                 run_dir,
             )
         if trainer.is_global_zero:
-            _keep_csv_logs(loggers)
-            keep_complete_record(run_dir)  # a complete run trained on: its record is kept beside
+            metrics.keep_earlier_segment(loggers)  # a complete run trained on: its record is kept beside
         # Resuming in place: the checkpoint dir is expected to hold the earlier checkpoints.
         warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
     try:
@@ -538,10 +468,10 @@ def train(cfg: DictConfig) -> float | None:
         results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         # val_acc is the score of the checkpoint just tested, when checkpoint selection ran.
         score = selector.best_model_score if best else None
-        metrics.data["sample_cache"] = model.sample_cache_summary()
         metrics.finish(
             test_acc=float(results[0]["test/acc"]),
             val_acc=float(score) if score is not None else None,
+            sample_cache=model.sample_cache_summary(),
         )
     except BaseException as err:
         metrics.fail(err)
@@ -550,51 +480,11 @@ def train(cfg: DictConfig) -> float | None:
         if lock is not None:
             lock.release()
     if trainer.is_global_zero:
-        data = metrics.data
-        val = f"{data['val_acc']:.4f}" if data["val_acc"] is not None else "n/a"
-        log.info("val_acc %s, test_acc %.4f; metrics in %s", val, data["test_acc"], metrics.path)
-        log.info("memory: %s", memory_summary(data))
-    return metrics.data["val_acc"]
-
-
-def memory_summary(data: dict[str, Any]) -> str:
-    """One line of the run's memory and speed figures, with the reduction vs the exact baseline."""
-    parts = []
-    saved, exact = data.get("saved_bytes_per_step"), data.get("saved_bytes_per_step_exact")
-    if saved is not None:
-        part = f"saved for backward {saved / 2**20:.1f} MiB/step"
-        if exact is not None and saved > 0:
-            part += f" (exact: {exact / 2**20:.1f} MiB, {exact / saved:.2f}x less)"
-        parts.append(part)
-    if data.get("peak_mem_allocated_gib") is not None:
-        parts.append(f"peak GPU {data['peak_mem_allocated_gib']:.2f} GiB allocated")
-        parts.append(f"{data['peak_mem_reserved_gib']:.2f} GiB reserved")
-    if data.get("images_per_s") is not None:
-        parts.append(f"{data['images_per_s']:.0f} images/s")
-    return ", ".join(parts) or "not measured"
-
-
-def record_config_failure(cfg: DictConfig, err: ConfigError) -> None:
-    """A multirun job refused before training: a "failed" metrics.json naming the error, unless one exists."""
-    try:
-        path = Path(cfg.run_dir) / "metrics.json"
-    except Exception:  # no run dir to write to
-        return
-    if path.exists():
-        return  # an earlier run's record in this dir is left as it is
-    data: dict[str, Any] = {key: None for key in METRICS_KEYS}
-
-    def select(key: str) -> Any:
-        try:
-            return _container(OmegaConf.select(cfg, key, throw_on_missing=False))
-        except Exception:
-            return None
-
-    for field, key in (("dataset", "data.name"), ("ratio", "crs.ratio"), ("method", "crs.method"),
-                       ("targets", "crs.targets"), ("seed", "seed")):  # fmt: skip
-        data[field] = select(key)
-    data.update(status="failed", error=f"ConfigError: {err}", run_dir=str(path.parent.resolve()), epochs=0)
-    write_json_atomic(path, data)
+        record = metrics.record
+        val = f"{record.val_acc:.4f}" if record.val_acc is not None else "n/a"
+        log.info("val_acc %s, test_acc %.4f; metrics in %s", val, record.test_acc, metrics.path)
+        log.info("memory: %s", record.memory_summary())
+    return metrics.record.val_acc
 
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (editable install)
