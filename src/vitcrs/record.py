@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, get_type_hints
 
+METRICS_FILE = "metrics.json"  # <run_dir>/metrics.json
 STATUSES = ("incomplete", "complete", "failed", "interrupted")
 
 
@@ -135,7 +136,9 @@ class RunRecord:
     settings: Annotated[
         dict[str, Any] | None,
         "`model`, `attn_implementation`, `precision`, `batch_size`, `max_epochs`, `lr`, `image_size`, "
-        "`method`, `targets`, `prob`, `limit_train`: runs are compared only when these match",
+        "`method`, `targets`, `prob`, `limit_train` (and `world_size` above 1; `crs_before_resume`, the crs "
+        "settings of a checkpoint resumed with `allow_crs_change=true`): runs are compared only when these "
+        "match",
     ] = None
     run_dir: Annotated[
         str | None,

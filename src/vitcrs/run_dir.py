@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import IO
 
 from vitcrs.errors import ConfigError
-from vitcrs.record import RunRecord
+from vitcrs.record import METRICS_FILE, RunRecord
 
 LOCK_NAME = ".vitcrs.lock"  # <run_dir>/.vitcrs.lock: flock-ed by the run writing there; holds its pid
 
@@ -68,7 +68,7 @@ def check_run_dir(run_dir: str | os.PathLike, epochs_done: int | None, max_epoch
     only resumed to train on (its checkpoint has `epochs_done` < `max_epochs`; None: a fresh start), and then
     `MetricsFile.keep_earlier_segment` keeps its record."""
     run_dir = Path(run_dir)
-    checkpoints, record = run_dir / "checkpoints", run_dir / "metrics.json"
+    checkpoints, record = run_dir / "checkpoints", run_dir / METRICS_FILE
     if checkpoints.exists() and not checkpoints.is_dir():
         raise ConfigError(
             f"{checkpoints} exists and is not a directory: the run's checkpoints go there. Move it away, or "

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import vitcrs
 from vitcrs.errors import ConfigError
-from vitcrs.record import STATUSES, RunRecord
+from vitcrs.record import METRICS_FILE, STATUSES, RunRecord
 
 from .grad_fidelity import GradFidelityMonitor
 from .memory import PeakMemoryMonitor
@@ -101,7 +101,7 @@ def describe_run(
 def record_config_failure(cfg: DictConfig, err: ConfigError) -> None:
     """A multirun job refused before training: a "failed" metrics.json naming the error, unless one exists."""
     try:
-        path = Path(cfg.run_dir) / "metrics.json"
+        path = Path(cfg.run_dir) / METRICS_FILE
     except Exception:  # no run dir to write to
         return
     if path.exists():
