@@ -16,9 +16,7 @@ from typing import Annotated, Any, get_type_hints
 
 METRICS_FILE = "metrics.json"  # <run_dir>/metrics.json
 STATUSES = ("incomplete", "complete", "failed", "interrupted")
-
-
-OMIT_NULL = "omit while null"  # a field marked so is left out of the file while it is None
+OMIT_NULL = "omit while null"  # a field annotated with it is left out of the file while it is None
 
 
 @dataclass

@@ -182,8 +182,8 @@ class MetricsFile(Callback):
     ) -> None:
         """Mark the run complete with its test accuracy (and, if given, the tested checkpoint's val_acc) and
         the model's sample-cache figures (`ViTClassifier.sample_cache_summary`)."""
-        tested = {} if val_acc is None else {"val_acc": val_acc}
-        self.write("complete", test_acc=test_acc, sample_cache=sample_cache, **tested)
+        val_acc = self.record.val_acc if val_acc is None else val_acc
+        self.write("complete", test_acc=test_acc, val_acc=val_acc, sample_cache=sample_cache)
 
     def fail(self, error: BaseException) -> None:
         """Mark the run failed, naming the error, or interrupted (SIGTERM), saying how to resume; a run
