@@ -32,30 +32,15 @@ class RunRecord:
         str | None,
         "the data: `cifar10`, `cifar100`, `synthetic` or an image folder's name",
     ] = None
-    label_type: Annotated[
-        str | None,
-        "`fine`, or `coarse` (CIFAR-100's 20 superclasses)",
-    ] = None
+    label_type: Annotated[str | None, "`fine`, or `coarse` (CIFAR-100's 20 superclasses)"] = None
     num_classes: Annotated[
         int | None,
         "classes of the task, e.g. 10, 100, or 20 for `cifar100`, `coarse`",
     ] = None
-    ratio: Annotated[
-        float | None,
-        "`crs.ratio`, the sampling ratio (1.0: exact)",
-    ] = None
-    method: Annotated[
-        str | None,
-        "`crs.method`: `crs` or `wta_crs`",
-    ] = None
-    targets: Annotated[
-        list[str] | None,
-        "`crs.targets`: the sampled ops",
-    ] = None
-    seed: Annotated[
-        int | None,
-        "`seed`",
-    ] = None
+    ratio: Annotated[float | None, "`crs.ratio`, the sampling ratio (1.0: exact)"] = None
+    method: Annotated[str | None, "`crs.method`: `crs` or `wta_crs`"] = None
+    targets: Annotated[list[str] | None, "`crs.targets`: the sampled ops"] = None
+    seed: Annotated[int | None, "`seed`"] = None
     val_acc: Annotated[
         float | None,
         "best validation accuracy (top-1, fraction): the score of the checkpoint selected; null before the "
@@ -69,10 +54,7 @@ class RunRecord:
         float | None,
         "CUDA peak allocated memory over the run (GiB = 2³⁰ bytes), the largest of any rank; null on CPU",
     ] = None
-    peak_mem_reserved_gib: Annotated[
-        float | None,
-        "the same for reserved memory; null on CPU",
-    ] = None
+    peak_mem_reserved_gib: Annotated[float | None, "the same for reserved memory; null on CPU"] = None
     peak_mem_allocated_gib_per_rank: Annotated[
         list[float | None] | None,
         "each rank's peak allocated GiB, in rank order; null on CPU",
@@ -111,26 +93,17 @@ class RunRecord:
         "run mean of `fidelity/cos` (cosine of the same two gradients); null unless "
         "`callbacks.grad_fidelity.every_n_steps` > 0",
     ] = None
-    epochs: Annotated[
-        int,
-        "epochs completed",
-    ] = 0
+    epochs: Annotated[int, "epochs completed"] = 0
     wall_time_s: Annotated[
         float | None,
         "seconds from the start of training to the end of testing (summed over resumed segments)",
     ] = None
-    device: Annotated[
-        str | None,
-        "e.g. `cuda:0 (NVIDIA H100 80GB HBM3)` or `cpu`",
-    ] = None
+    device: Annotated[str | None, "e.g. `cuda:0 (NVIDIA H100 80GB HBM3)` or `cpu`"] = None
     world_size: Annotated[
         int | None,
         "data-parallel processes; a value above 1 also goes into `settings`",
     ] = None
-    versions: Annotated[
-        dict[str, str] | None,
-        "`vitcrs`, `torch`, `transformers`, `lightning`",
-    ] = None
+    versions: Annotated[dict[str, str] | None, "`vitcrs`, `torch`, `transformers`, `lightning`"] = None
     settings: Annotated[
         dict[str, Any] | None,
         "`model`, `attn_implementation`, `precision`, `batch_size`, `max_epochs`, `lr`, `image_size`, "
@@ -138,10 +111,7 @@ class RunRecord:
         "settings of a checkpoint resumed with `allow_crs_change=true`): runs are compared only when these "
         "match",
     ] = None
-    run_dir: Annotated[
-        str | None,
-        "absolute path of the run directory",
-    ] = None
+    run_dir: Annotated[str | None, "absolute path of the run directory"] = None
     error: Annotated[
         str | None,
         "`failed`: the exception (`Type: message`); `interrupted`: where it stopped and how to resume; "
