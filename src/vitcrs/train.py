@@ -65,7 +65,6 @@ from vitcrs.resume import (
     hydra_output_subdir,
     last_checkpoint,
     resolve_ckpt_path,
-    resumable_train_data,
 )
 from vitcrs.run_dir import (
     RunAlreadyComplete,
@@ -247,11 +246,12 @@ def _check_image_size(size: Any, inputs: ModelInputs) -> None:
         )
 
 
-def build_datamodule(cfg: DictConfig) -> Any:
+def build_datamodule(cfg: DictConfig, batch_indices: bool = False) -> Any:
     """The checked (unprepared) datamodule of `cfg.data` for `cfg.model`; raises ConfigError.
 
     Fills data.image_size / data.mean / data.std from the model where they are null (reads only small files)
-    and checks a given data.image_size against the model's patch size.
+    and checks a given data.image_size against the model's patch size. batch_indices: training batches carry
+    the images' dataset indices (crs.prob=sample_cache).
     """
     inputs = _model_inputs(cfg)
     with open_dict(cfg):
@@ -263,7 +263,7 @@ def build_datamodule(cfg: DictConfig) -> Any:
             cfg.data.mean = list(inputs.mean)
         if cfg.data.get("std") is None:
             cfg.data.std = list(inputs.std)
-    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule = instantiate(cfg.data, _convert_="all", batch_indices=batch_indices)
     datamodule.check()
     return datamodule
 
@@ -320,7 +320,7 @@ def validate(cfg: DictConfig) -> Any:
             "hydra.run.dir=<the run dir>), or ckpt_path=null to start afresh."
         )
 
-    datamodule = build_datamodule(cfg)
+    datamodule = build_datamodule(cfg, batch_indices=cfg.crs.prob == "sample_cache")
     vit = load_vit_config(cfg.model.name_or_path, datamodule.num_classes, _container(cfg.model.config))
     _check_sampling(cfg, targets, vit)
     if cfg.ckpt_path is not None:
@@ -491,12 +491,6 @@ def train(cfg: DictConfig) -> float | None:
     metrics.data["world_size"] = trainer.world_size
     if trainer.world_size > 1:  # a different global batch: runs compare only with the same world size
         metrics.data["settings"]["world_size"] = trainer.world_size
-    if trainer.local_rank == 0:
-        # Download or extract now (Lightning would do it inside fit), then check what was extracted: a
-        # corrupt archive stops the run here, before anything is written.
-        datamodule.prepare_data()
-        datamodule.check()
-    resumable_train_data(datamodule, cfg.seed, indices=cfg.crs.prob == "sample_cache")
     # One run per run dir, from its first write on: rank 0 holds the lock until it returns (the other ranks
     # write nothing themselves).
     lock = RunDirLock(run_dir) if trainer.global_rank == 0 else None
