@@ -132,6 +132,7 @@ class TrainLoader(DataLoader):
             num_workers=num_workers,
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
+            generator=torch.Generator().manual_seed(mix_seed(sampler.seed, 1)),  # leaves the global RNG alone
         )
         self._yielded = 0  # batches handed out in this pass over the epoch
         self._resume: dict[str, Any] | None = None
