@@ -110,18 +110,23 @@ BAD_INPUTS = {
         ["model.name_or_path='/no/such/vit'", "no such checkpoint directory", "Hub id"],
     ),
     "cifar missing offline": (
-        ["dataset=cifar10", "data.download=false"],
+        ["dataset=cifar10", "data.source.download=false"],
         None,
-        ["CIFAR-10 not found", "cifar-10-batches-py", "cifar-10-python.tar.gz", "data.download=true"],
+        ["CIFAR-10 not found", "cifar-10-batches-py", "cifar-10-python.tar.gz", "data.source.download=true"],
     ),
     "imagefolder empty": (["dataset=imagefolder"], None, ["data.root=", "train/"]),
     "corrupt archive": (
         ["dataset=cifar10"],
         lambda tmp: _corrupt_tarball(tmp / "data") and [],
-        ["data.verify_checksum=true", "cifar-10-python.tar.gz", "md5", "data.verify_checksum=false"],
+        [
+            "data.source.verify_checksum=true",
+            "cifar-10-python.tar.gz",
+            "md5",
+            "data.source.verify_checksum=false",
+        ],
     ),
     "truncated archive files": (
-        ["dataset=cifar10", "data.verify_checksum=false"],
+        ["dataset=cifar10", "data.source.verify_checksum=false"],
         lambda tmp: _truncated_folder(tmp / "data") and [],
         ["data_batch_1", "corrupt or truncated"],
     ),
@@ -247,7 +252,7 @@ def test_keys_added_where_their_reader_checks_them_are_let_through(compose_cfg):
         "+trainer.accumulate_grad_batches=2",
         "+callbacks.fault.kill_at_step=3",
         "+model.config.qkv_bias=false",
-        "+data.load_size=32",  # a VisionDataModule argument (source=imagefolder reads it)
+        "+data.batch_indices=true",  # a VisionDataModule argument
     ]
     check_added_keys(compose_cfg("experiment=demo", *added), added)
 
@@ -263,7 +268,7 @@ def test_offline_download_says_where_to_put_the_files(compose_cfg, tmp_path, mon
 def test_corrupt_archive_without_checksum_stops_before_training(compose_cfg, tmp_path, one_thread):
     """An archive that is only extracted (verify_checksum=false) is checked before anything is written."""
     _corrupt_tarball(tmp_path / "data")
-    cfg = compose_cfg(*QUICK, "dataset=cifar10", "data.verify_checksum=false")
+    cfg = compose_cfg(*QUICK, "dataset=cifar10", "data.source.verify_checksum=false")
     with pytest.raises(ConfigError, match=r"cannot be extracted.*Fix: delete it"):
         train(cfg)
     assert not (tmp_path / "run").exists()

@@ -70,7 +70,7 @@ def test_study_is_three_datasets_by_three_ratios(compose_cfg):
         assert cfg.crs.method == "wta_crs" and list(cfg.crs.targets) == STUDY_TARGETS
         assert cfg.trainer.precision == "32-true" and cfg.seed == 0
         assert cfg.crs.ratio == float(job_value(job, "crs.ratio"))
-        labels[cfg.data.name] = (cfg.data.source, cfg.data.label_type)
+        labels[cfg.data.name] = (cfg.data.source.variant, cfg.data.source.label_type)
     assert labels == {
         "cifar10": ("cifar10", "fine"),
         "cifar100": ("cifar100", "fine"),
@@ -101,7 +101,7 @@ def test_study_tiny_on_the_cifar10_jpeg_folder(compose_cfg, tmp_path):
     for job in jobs:
         cfg = compose_cfg(*job)
         assert cfg.model.name_or_path == "/models/vit-tiny-patch16-224" and cfg.data.root == "/d/cifar10-jpeg"
-        assert cfg.data.source == "imagefolder" and cfg.data.name == "cifar10"  # reported as CIFAR-10
+        assert cfg.data.source._target_ == "vitcrs.data.ImageFolderSource" and cfg.data.name == "cifar10"
         assert cfg.model.attn_implementation == "eager" and list(cfg.crs.targets) == STUDY_TARGETS
         assert cfg.crs.method == "wta_crs" and cfg.data.batch_size == 64 and cfg.trainer.max_epochs == 3
         validate_targets(cfg.crs.targets, cfg.model.attn_implementation)
@@ -184,7 +184,8 @@ def test_study_sweep_runs_cifar10_and_cifar100_fine_and_coarse(run_train, tmp_pa
     write_cifar10(data)
     write_cifar100(data)
     sweep = tmp_path / "sweep"
-    local = [f"data.root={data}", "data.download=false", "data.verify_checksum=false", "data.num_workers=0"]
+    local = [f"data.root={data}", "data.source.download=false", "data.source.verify_checksum=false",
+             "data.num_workers=0"]  # fmt: skip
     tiny = ["model=vit_micro", "trainer=cpu", "crs.ratio=0.3", *local, *FEW_BATCHES]
     run_train("-m", "experiment=study", *tiny, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     records = [json.loads((sweep / str(n) / "metrics.json").read_text()) for n in range(3)]
