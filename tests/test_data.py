@@ -233,6 +233,18 @@ def test_corrupt_pickle(tmp_path, damage):
         dm.check()
 
 
+def test_a_damaged_unverified_tarball_is_caught_before_anything_is_extracted(tmp_path):
+    """check() is the app's pre-flight: it reads an unverified archive's pickles without writing a file."""
+    folder = write_cifar10(tmp_path / "src", n_train_per_batch=4, n_test=5)
+    (folder / "data_batch_3").write_bytes(b"not a pickle" * 10)
+    root = tmp_path / "root"
+    root.mkdir()
+    tar_archive(folder, root / "cifar-10-python.tar.gz")
+    with pytest.raises(ConfigError, match=r"data_batch_3.*corrupt or truncated"):
+        make_dm(source="cifar10", root=str(root)).check()
+    assert os.listdir(root) == ["cifar-10-python.tar.gz"]
+
+
 @pytest.mark.parametrize(
     ("kw", "key"),
     [

@@ -226,19 +226,20 @@ def extract(spec: CifarSpec, root: Path) -> None:
         raise _unreadable(spec, path, e) from e
 
 
-def _load_pickle(f: IO[bytes], path: Path, spec: CifarSpec) -> dict:
+def _load_pickle(f: IO[bytes], path: Path, spec: CifarSpec, root: Path, damaged: Path) -> dict:
+    """The dict pickled in `f` (read from `path`); a ConfigError says to delete `damaged` when it is not."""
     try:
         entry = pickle.load(f, encoding="latin1")
     except Exception as e:  # UnpicklingError, EOFError (truncated), ValueError, ...
         raise ConfigError(
             f"data.root: {path} is not a readable {spec.title} pickle ({type(e).__name__}: {e}); "
-            f"the archive is corrupt or truncated. Fix: delete {path.parent}/ and "
-            f"{_where_to_put(spec, path.parent.parent)}, or run again with data.source.download=true."
+            f"the archive is corrupt or truncated. Fix: delete {damaged} and "
+            f"{_where_to_put(spec, root)}, or run again with data.source.download=true."
         ) from e
     if not isinstance(entry, dict):
         raise ConfigError(
             f"data.root: {path} holds a {type(entry).__name__}, not the {spec.title} dict of data/labels. "
-            f"Fix: {_where_to_put(spec, path.parent.parent)}."
+            f"Fix: {_where_to_put(spec, root)}."
         )
     return entry
 
@@ -253,7 +254,7 @@ def _tarball_pickles(spec: CifarSpec, root: Path) -> Iterator[tuple[str, dict]]:
                 name = wanted.pop(member.name, None)
                 f = tar.extractfile(member) if name is not None else None
                 if f is not None:
-                    yield name, _load_pickle(f, path / member.name, spec)
+                    yield name, _load_pickle(f, path / member.name, spec, root, path)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise _unreadable(spec, path, e) from e
     if wanted:
@@ -268,7 +269,7 @@ def read_pickles(spec: CifarSpec, root: Path, where: str) -> dict[str, dict]:
     for name, _ in (*spec.train_files, *spec.test_files):
         path = root / spec.folder / name
         with open(path, "rb") as f:
-            entries[name] = _load_pickle(f, path, spec)
+            entries[name] = _load_pickle(f, path, spec, root, path.parent)
     return entries
 
 
