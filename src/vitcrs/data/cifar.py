@@ -325,16 +325,12 @@ class CifarSource(DataSource):
     def __init__(
         self, variant: str, label_type: str = "fine", download: bool = True, verify_checksum: bool = True
     ) -> None:
-        self.variant = variant
+        self.variant = self.kind = variant
         self.label_type = label_type
         self.download = download
         self.verify_checksum = verify_checksum
         self._verified = False  # the md5 of what `check` found already compared: `prepare`/`load` trust it
         self._pickles: dict[str, dict] = {}  # read by `check` (unverified files), reused once by `load`
-
-    @property
-    def kind(self) -> str:  # type: ignore[override]
-        return self.variant
 
     def default_name(self, root: Path) -> str:
         return self.variant if self.label_type == "fine" else f"{self.variant}_{self.label_type}"

@@ -125,13 +125,8 @@ class VisionDataModule(L.LightningDataModule):
 
     @property
     def name(self) -> str:
-        if (
-            self._name is None
-            and isinstance(self.root, str | os.PathLike)
-            and isinstance(self.source, DataSource)
-        ):
-            return self.source.default_name(self.root_path)
-        return self._name  # type: ignore[return-value]
+        """`name`, else the source's name for the data root (an image folder: the folder's name)."""
+        return self._name if self._name is not None else self.source.default_name(self.root_path)
 
     @property
     def label_type(self) -> str:

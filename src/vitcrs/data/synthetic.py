@@ -88,7 +88,7 @@ class SyntheticSource(DataSource):
         self.native_size = native_size
         self.seed = seed
 
-    def _validate(self) -> None:
+    def check(self, root: Path) -> None:
         need_int("data.source.num_classes", self.num_classes, 2)
         need_int("data.source.num_train", self.num_train, 1)
         need_int("data.source.num_test", self.num_test, 1)
@@ -96,12 +96,9 @@ class SyntheticSource(DataSource):
         need_int("data.source.seed", self.seed, 0)
 
     def class_names(self, root: Path) -> list[str]:
-        self._validate()
+        self.check(root)
         return class_names(self.num_classes)
 
-    def check(self, root: Path) -> None:
-        self._validate()
-
     def load(self, root: Path) -> Splits:
-        self._validate()
+        self.check(root)
         return generate(self.num_classes, self.num_train, self.num_test, self.native_size, self.seed)
