@@ -373,9 +373,7 @@ class CifarSource(DataSource):
             if not self._verified:
                 verify_checksums(spec, root, where)
                 self._verified = True
-        elif (
-            not self._pickles
-        ):  # unverified files: read the pickles (no decoding, no writing) to catch damage
+        elif not self._pickles:  # unverified: read the pickles (no decoding, no writing) to catch damage
             self._pickles = read_pickles(spec, root, where)
 
     def prepare(self, root: Path) -> None:
