@@ -341,7 +341,7 @@ class CifarSource(DataSource):
                 "data.source.variant",
                 self.variant,
                 " | ".join(SPECS),
-                "choose a dataset config (dataset=cifar10|cifar100|cifar100_coarse|imagefolder|synthetic)",
+                "choose a CIFAR dataset config (dataset=cifar10|cifar100|cifar100_coarse)",
             )
         spec = SPECS[self.variant]
         if self.label_type not in spec.label_keys:

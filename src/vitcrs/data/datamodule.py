@@ -137,8 +137,8 @@ class VisionDataModule(L.LightningDataModule):
             raise bad_setting(
                 "data.source",
                 self.source,
-                "a data source (vitcrs.data.CifarSource, ImageFolderSource, SyntheticSource)",
-                "choose a dataset config: dataset=cifar10|cifar100|cifar100_coarse|imagefolder|synthetic",
+                "a vitcrs.data.DataSource (the dataset group's data.source node)",
+                "choose a dataset config, dataset=<a file of conf/dataset/>, e.g. dataset=cifar10",
             )
         if not isinstance(self.root, str | os.PathLike) or not str(self.root):
             raise bad_setting("data.root", self.root, "a folder path", "set data.root=/path/to/data")
