@@ -14,8 +14,8 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from vitcrs.crs import (
     ALL_TARGETS,
-    DEFAULT_TARGETS,
     LINEAR_TARGETS,
+    TARGET_SETS,
     CRSConfig,
     CRSLinear,
     CRSViTAttention,
@@ -260,7 +260,7 @@ def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match=r"crs\.targets.*unknown.*'attention'"):
         inject(tiny_vit(), CRSConfig(ratio=0.5), ["query", "attention"])
     with pytest.raises(ValueError, match=r"model\.attn_implementation=eager"):
-        inject(tiny_vit(attn="sdpa"), CRSConfig(ratio=0.5), DEFAULT_TARGETS)
+        inject(tiny_vit(attn="sdpa"), CRSConfig(ratio=0.5), TARGET_SETS["study"])
     with pytest.raises(ValueError, match=r"'mlp' together with 'fc1'"):
         inject(tiny_vit(), CRSConfig(ratio=0.5), ["mlp", "fc1"])
     inject(tiny_vit(attn="sdpa"), CRSConfig(ratio=0.5), LINEAR_TARGETS)  # linears are fine with sdpa
@@ -342,7 +342,7 @@ def test_injected_block_saved_bytes_match_the_analytic_ideal(autocast):
     assert exact == vit_block_saved_bytes(*shape, autocast=autocast)
     for ratio in (0.5, 0.3):
         cfg = CRSConfig(ratio=ratio)
-        for targets in (DEFAULT_TARGETS, LINEAR_TARGETS, ALL_TARGETS, LEAN_ALL):
+        for targets in (TARGET_SETS["study"], LINEAR_TARGETS, ALL_TARGETS, LEAN_ALL):
             model = inject(copy.deepcopy(base), cfg, targets)
             measured = _block_saved(model, 4, 197, autocast)
             assert measured == vit_block_saved_bytes(*shape, cfg, targets, autocast)
@@ -363,7 +363,7 @@ def test_injected_block_memory_reduction_factors():
 @pytest.mark.parametrize(
     "targets",
     [
-        DEFAULT_TARGETS,
+        TARGET_SETS["study"],
         LINEAR_TARGETS,
         ALL_TARGETS,
         LEAN_ALL,

@@ -126,7 +126,7 @@ def test_targets_ablation_grid_has_only_valid_jobs(compose_cfg):
         seen.add((job_value(job, "ablation"), targets, attn, cfg.crs.method, cfg.crs.ratio))
     assert len(seen) == 24
     options = {path.stem for path in (CONF_DIR / "ablation").glob("*.yaml")}
-    names = {"qkv", "study", "linears", "linears_sdpa", "lean", "lean_block"}
+    names = {"qkv", "study", "linears", "linears_sdpa", "lean_all", "lean_block"}
     assert {s[0] for s in seen} == options == names
     assert {s[1:3] for s in seen} == {
         (("query", "key", "value"), "eager"),
@@ -138,7 +138,7 @@ def test_targets_ablation_grid_has_only_valid_jobs(compose_cfg):
     }
     assert {(s[3], s[4]) for s in seen} == {(m, r) for m in ("crs", "wta_crs") for r in (0.5, 0.3)}
     # narrowed on the command line, and with an exact row per section
-    assert len(sweep_jobs("targets_ablation", "ablation=lean,study", "crs.method=crs")) == 4
+    assert len(sweep_jobs("targets_ablation", "ablation=lean_all,study", "crs.method=crs")) == 4
     assert len(sweep_jobs("targets_ablation", "crs.ratio=1.0,0.5,0.3")) == 36
 
 

@@ -11,7 +11,7 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.models.vit.modeling_vit import ViTLayer
 
-from vitcrs.bench import BlockShape, block_saved_bytes
+from vitcrs.bench import BlockShape, analytic_block_saved_bytes
 from vitcrs.crs import (
     LINEAR_TARGETS,
     CRSConfig,
@@ -215,8 +215,8 @@ def test_lean_block_saved_bytes_equal_the_analytic_model(attn, autocast):
                 out = model.vit.layers[0](h)
             measured = meter.bytes
             del out
-            ideal = block_saved_bytes(shape, attn, autocast, cfg, ["lean_block"], checkpointing)
-            exact = block_saved_bytes(shape, attn, autocast)
+            ideal = analytic_block_saved_bytes(shape, attn, autocast, cfg, ["lean_block"], checkpointing)
+            exact = analytic_block_saved_bytes(shape, attn, autocast)
             if ratio == 1.0:  # the plain block (checkpointed: its input alone), no recomputation of its own
                 assert measured == ideal == (197 * 2 * 768 * 4 if checkpointing else exact)
                 continue

@@ -41,13 +41,13 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 from transformers import ViTConfig
 
 import vitcrs
 from vitcrs.callbacks import METRICS_KEYS, CheckpointOnSigterm, MetricsFile, write_json_atomic
-from vitcrs.crs import MATMUL_TARGETS, CRSConfig, validate_targets
+from vitcrs.crs import MATMUL_TARGETS, CRSConfig, target_set, validate_targets
 from vitcrs.errors import ConfigError
 from vitcrs.models import (
     ModelInputs,
@@ -80,6 +80,9 @@ log = logging.getLogger(__name__)
 # conf/config.yaml: hydra.run.dir follows ckpt_path into its run dir; a re-used run dir keeps its .hydra/.
 OmegaConf.register_new_resolver("vitcrs.run_dir", checkpoint_run_dir, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("vitcrs.hydra_subdir", hydra_output_subdir, use_cache=True, replace=True)
+# conf/ablation, conf/experiment: `crs.targets: ${vitcrs.targets:study}` names a set of vitcrs.crs.TARGET_SETS
+# (a ListConfig, so that OmegaConf.resolve, e.g. `--cfg job --resolve`, can put the list in place)
+OmegaConf.register_new_resolver("vitcrs.targets", lambda name: ListConfig(target_set(name)), replace=True)
 
 
 def _container(node: Any) -> Any:

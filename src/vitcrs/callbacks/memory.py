@@ -12,8 +12,7 @@ from torch import Tensor
 
 from vitcrs.crs import SavedTensorsMeter, uninjected
 from vitcrs.distributed import gather_objects, sync_logged_metrics
-
-GIB = 1024**3
+from vitcrs.units import GIB
 
 
 class PeakMemoryMonitor(Callback):

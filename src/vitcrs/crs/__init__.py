@@ -3,7 +3,7 @@
 cfg = CRSConfig(ratio=0.3, method="wta_crs")
 y = crs_linear(x, weight, bias, cfg)     # == F.linear(x, weight, bias); grad of weight sampled
 z = crs_matmul(a, b, cfg)                # == a @ b; both input grads sampled
-model = inject(model, cfg, targets=["query", "key", "value", "scores", "context"])
+model = inject(model, cfg, targets=TARGET_SETS["study"])  # a named set (vitcrs.crs.targets) or any names
 """
 
 from . import random
@@ -12,13 +12,6 @@ from .config import CACHE_FORMATS, CACHE_WARMUPS, METHODS, PROBS, CRSConfig
 from .functional import crs_linear, crs_linear_shared, crs_matmul, crs_mlp
 from .grad_norm import GradNormEMA
 from .inject import (
-    ALL_TARGETS,
-    BLOCK_TARGETS,
-    DEFAULT_TARGETS,
-    KNOWN_TARGETS,
-    LEAN_TARGETS,
-    LINEAR_TARGETS,
-    MATMUL_TARGETS,
     CRSLinear,
     CRSViTAttention,
     CRSViTLayer,
@@ -29,7 +22,6 @@ from .inject import (
     inject,
     load_crs_state_dict,
     uninjected,
-    validate_targets,
 )
 from .memory import SavedTensorsMeter, vit_block_saved_bytes
 from .sample_cache import (
@@ -41,19 +33,32 @@ from .sample_cache import (
     set_training_batch,
     training_batch,
 )
+from .targets import (
+    ALL_TARGETS,
+    BLOCK_TARGETS,
+    KNOWN_TARGETS,
+    LEAN_TARGETS,
+    LINEAR_TARGETS,
+    MATMUL_TARGETS,
+    QKV_TARGETS,
+    TARGET_SETS,
+    target_set,
+    validate_targets,
+)
 
 __all__ = [
     "ALL_TARGETS",
     "BLOCK_TARGETS",
     "CACHE_FORMATS",
     "CACHE_WARMUPS",
-    "DEFAULT_TARGETS",
     "KNOWN_TARGETS",
     "LEAN_TARGETS",
     "LINEAR_TARGETS",
     "MATMUL_TARGETS",
     "METHODS",
     "PROBS",
+    "QKV_TARGETS",
+    "TARGET_SETS",
     "CRSConfig",
     "CRSLinear",
     "CRSViTAttention",
@@ -78,6 +83,7 @@ __all__ = [
     "sample_cache_nbytes",
     "sample_caches",
     "set_training_batch",
+    "target_set",
     "training_batch",
     "uninjected",
     "validate_targets",

@@ -27,46 +27,9 @@ from .config import CRSConfig
 from .functional import crs_linear, crs_linear_shared, crs_matmul, crs_mlp
 from .grad_norm import GradNormEMA
 from .sample_cache import GradNormSource, SampleGradCache, TrainingBatch
+from .targets import KNOWN_TARGETS, MATMUL_TARGETS, QKV_TARGETS, TARGET_SETS, validate_targets
 
-QKV_TARGETS = ("query", "key", "value")
-LINEAR_TARGETS = (*QKV_TARGETS, "attn_output", "fc1", "fc2")
-MATMUL_TARGETS = ("scores", "context")
-ALL_TARGETS = LINEAR_TARGETS + MATMUL_TARGETS
-LEAN_TARGETS = ("mlp",)  # LayerNorm + MLP storing only the norm's input (the rest recomputed in backward)
-# the whole block as one op keeping only the residual stream; it samples all six linears itself (stands alone)
-BLOCK_TARGETS = ("lean_block",)
-KNOWN_TARGETS = ALL_TARGETS + LEAN_TARGETS + BLOCK_TARGETS
-DEFAULT_TARGETS = ("query", "key", "value", "scores", "context")
 _QKV_ATTRS = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
-
-
-def validate_targets(targets: Iterable[str], attn_implementation: str | None) -> tuple[str, ...]:
-    """Check target names (and that matmul targets have eager attention); return them in canonical order."""
-    if isinstance(targets, str):
-        targets = [targets]
-    targets = list(targets)
-    unknown = [t for t in targets if t not in KNOWN_TARGETS]
-    if unknown:
-        raise ValueError(f"crs.targets has unknown names {unknown}: allowed are {list(KNOWN_TARGETS)}.")
-    matmuls = [t for t in targets if t in MATMUL_TARGETS]
-    if matmuls and (attn_implementation or "eager") != "eager":
-        raise ValueError(
-            f"crs.targets {matmuls} sample the attention matmuls, which only exist with eager attention, but "
-            f"model.attn_implementation={attn_implementation!r}. Set model.attn_implementation=eager, or "
-            f"drop {matmuls} from crs.targets."
-        )
-    if "mlp" in targets and {"fc1", "fc2"} & set(targets):
-        raise ValueError(
-            "crs.targets has 'mlp' together with 'fc1'/'fc2': 'mlp' already samples both MLP linears and "
-            "recomputes their hidden activation; keep either 'mlp' or 'fc1'/'fc2'."
-        )
-    if "lean_block" in targets and len(set(targets)) > 1:
-        others = sorted(set(targets) - {"lean_block"})
-        raise ValueError(
-            f"crs.targets has 'lean_block' together with {others}: 'lean_block' already samples all six "
-            "linears of a block and recomputes its attention and MLP; use it alone."
-        )
-    return tuple(t for t in KNOWN_TARGETS if t in targets)
 
 
 class CRSLinear(nn.Linear):
@@ -231,7 +194,7 @@ def _vit_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def inject(model: nn.Module, cfg: CRSConfig, targets: Iterable[str] = DEFAULT_TARGETS) -> nn.Module:
+def inject(model: nn.Module, cfg: CRSConfig, targets: Iterable[str] = TARGET_SETS["study"]) -> nn.Module:
     """Sample the backward pass of the `targets` ops in every encoder block of a HF ViT; returns `model`.
 
     Targets: linear "query", "key", "value", "attn_output", "fc1", "fc2"; matmul "scores" (Q Kᵀ) and

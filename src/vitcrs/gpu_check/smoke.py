@@ -2,9 +2,9 @@
 
     python -m vitcrs.gpu_check.smoke --device cuda --out smoke.json
 
-For each target set of `vitcrs.bench.grid.TARGET_SETS` (as it is at run time), each attention implementation
-it works with (eager; sdpa too when it samples no attention matmul) and each precision, on a small random-init
-ViT and one random batch, against the same network without CRS:
+For each target set the bench runs (`vitcrs.bench.grid.BENCH_TARGET_SETS`, as it is at run time), each
+attention implementation it works with (eager; sdpa too when it samples no attention matmul) and each
+precision, on a small random-init ViT and one random batch, against the same network without CRS:
 
 - forward: the logits at ratio 0.3 equal the exact ones (relative error ≤ `FORWARD_TOL`);
 - ratio 1: every gradient equals the exact one (relative error over all parameters ≤ `GRAD_TOL`);
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification
 
-from vitcrs.bench.grid import TARGET_SETS
-from vitcrs.crs import MATMUL_TARGETS, CRSConfig, inject
+from vitcrs.bench.grid import BENCH_TARGET_SETS
+from vitcrs.crs import MATMUL_TARGETS, TARGET_SETS, CRSConfig, inject
 from vitcrs.crs import random as crs_random
 
 PRECISIONS = ("fp32", "bf16-mixed")
@@ -158,7 +158,7 @@ def check_case(
 
 def run(device: torch.device, draws: int, out: Path, target_sets: Sequence[str] | None = None) -> list[dict]:
     """Every case, each record written to `out` (JSON) as soon as it is done; returns the records."""
-    names = {k: v for k, v in TARGET_SETS.items() if target_sets is None or k in target_sets}
+    names = {k: TARGET_SETS[k] for k in BENCH_TARGET_SETS if target_sets is None or k in target_sets}
     shape = SHAPES["cuda" if device.type == "cuda" else "cpu"]
     meta = {"device": str(device), "torch": torch.__version__, "shape": shape, "draws": draws}
     if device.type == "cuda":
@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vitcrs.gpu_check.smoke", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
     p.add_argument("--draws", type=int, default=128, help="sampled gradients per case (default 128)")
-    p.add_argument("--targets", help="comma-separated target sets (default: all of TARGET_SETS)")
+    p.add_argument("--targets", help="comma-separated target sets (default: all of BENCH_TARGET_SETS)")
     p.add_argument("--out", type=Path, required=True, help="the JSON file to write")
     args = p.parse_args(argv)
     device = torch.device(args.device)

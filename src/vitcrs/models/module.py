@@ -17,8 +17,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from transformers import get_linear_schedule_with_warmup
 
 from vitcrs.crs import (
-    DEFAULT_TARGETS,
     MATMUL_TARGETS,
+    TARGET_SETS,
     CRSConfig,
     attach_sample_cache,
     crs_state_dict,
@@ -110,7 +110,7 @@ class ViTClassifier(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         crs = dict(crs)
-        targets = tuple(crs.pop("targets", DEFAULT_TARGETS))
+        targets = tuple(crs.pop("targets", TARGET_SETS["study"]))
         self.crs_config = CRSConfig(**crs)
         self.net = build_vit(
             model.get("name_or_path"),
