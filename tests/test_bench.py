@@ -13,7 +13,7 @@ import torch
 
 from vitcrs import bench
 from vitcrs.bench import BenchConfig, ModelSpec, expand, measure
-from vitcrs.crs import CRSConfig
+from vitcrs.crs import TARGET_SETS, CRSConfig
 
 PRECISIONS = ["fp32", "bf16-mixed"]
 TINY = ["--model", "vit_tiny", "--layers", "1", "--image-size", "64", "--batch-size", "2", "--device", "cpu"]
@@ -246,6 +246,17 @@ def test_cli_rejects_bad_settings(tmp_path, capsys):
         bench.main([*TINY, "--ratios", "1.5"])
     with pytest.raises(SystemExit):
         bench.main([*TINY, "--targets", "everything"])
+
+
+def test_targets_are_the_catalogues_sets(capsys):
+    """--targets takes any set of vitcrs.crs.TARGET_SETS, beyond the presets' BENCH_TARGET_SETS."""
+    assert bench.parser().parse_args(["--targets", "qkv,study"]).targets == ("qkv", "study")
+    matmuls = BenchConfig("wta_crs", 0.3, "matmuls", "eager", "fp32", False)
+    assert matmuls.target_names == ("scores", "context")
+    assert set(bench.BENCH_TARGET_SETS) < set(TARGET_SETS)
+    with pytest.raises(SystemExit):
+        bench.parser().parse_args(["--targets", "default"])  # the study's set is named "study"
+    assert "study" in capsys.readouterr().err
 
 
 def test_cli_refuses_an_out_file_before_measuring(tmp_path, capsys, monkeypatch):

@@ -14,10 +14,11 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from cifar_archives import write_cifar10, write_cifar100
 from conftest import CONF_DIR, quiet_env
-from vitcrs.crs import validate_targets
+from vitcrs.crs import TARGET_SETS, validate_targets
 from vitcrs.errors import ConfigError
 from vitcrs.train import validate
 
@@ -140,6 +141,25 @@ def test_targets_ablation_grid_has_only_valid_jobs(compose_cfg):
     # narrowed on the command line, and with an exact row per section
     assert len(sweep_jobs("targets_ablation", "ablation=lean_all,study", "crs.method=crs")) == 4
     assert len(sweep_jobs("targets_ablation", "crs.ratio=1.0,0.5,0.3")) == 36
+
+
+def test_conf_names_target_sets_from_the_catalogue(compose_cfg):
+    """conf names sets of vitcrs.crs.TARGET_SETS (`${vitcrs.targets:NAME}`): a list on the command line still
+    replaces one, a set can be named there too, and OmegaConf.resolve (`--cfg job --resolve`) works."""
+    for path in [*(CONF_DIR / "ablation").glob("*.yaml"), *(CONF_DIR / "experiment").glob("*.yaml")]:
+        spelled = re.findall(r"^\s*targets:\s*\[", path.read_text(), flags=re.MULTILINE)
+        assert not spelled, f"{path.name} spells out a target set: name one of {list(TARGET_SETS)}"
+    study = compose_cfg("experiment=study")
+    assert list(study.crs.targets) == STUDY_TARGETS == list(TARGET_SETS["study"])
+    OmegaConf.resolve(study)  # the list takes the interpolation's place
+    assert OmegaConf.to_container(study.crs)["targets"] == STUDY_TARGETS
+    assert list(compose_cfg("experiment=study", "crs.targets=[query,key]").crs.targets) == ["query", "key"]
+    lean = compose_cfg("experiment=study", "crs.targets=${vitcrs.targets:lean}")
+    assert list(lean.crs.targets) == ["query", "key", "value", "attn_output", "mlp"]
+    validate(compose_cfg("experiment=demo", "crs.targets=${vitcrs.targets:lean}"))
+    bad = compose_cfg("crs.targets=${vitcrs.targets:lean_mlp}")
+    with pytest.raises(InterpolationResolutionError, match=r"no target set named 'lean_mlp'.*study, qkv"):
+        list(bad.crs.targets)
 
 
 # --- real CPU multiruns and their report ------------------------------------------------------------------

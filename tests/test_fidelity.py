@@ -183,6 +183,7 @@ def _compose_fidelity(*overrides: str):
         ),
         ("fidelity.configs=[{targets: [query], ratio: 0.5, probb: norm}]", r"fidelity\.configs\[0\].*probb"),
         ("fidelity.configs=[{targets: [nope], ratio: 0.5}]", r"fidelity\.configs\[0\].*unknown names"),
+        ("fidelity.configs=[{targets: nope, ratio: 0.5}]", r"fidelity\.configs\[0\]: no target set named"),
         ("fidelity.configs=[]", r"fidelity\.configs"),
     ],
 )
@@ -197,6 +198,16 @@ def test_configurations_from_the_command_line():
     )
     (config,) = configurations(cfg)
     assert config == Configuration("wta_crs", ("query", "value"), 0.3, "norm_grad")
+    # a named set of vitcrs.crs.TARGET_SETS, as conf/fidelity.yaml and scripts/run_fidelity.sh give them
+    cfg = _compose_fidelity("model=vit_micro", "fidelity.configs=[{targets: lean, ratio: 0.3}]")
+    (config,) = configurations(cfg)
+    assert config.targets == ("query", "key", "value", "attn_output", "mlp")
+    study, linears, lean = configurations(_compose_fidelity())  # conf/fidelity.yaml's three
+    assert [c.targets for c in (study, linears, lean)] == [
+        ("query", "key", "value", "scores", "context"),
+        ("query", "key", "value", "attn_output", "fc1", "fc2"),
+        ("query", "key", "value", "attn_output", "mlp"),
+    ]
 
 
 # --- the training callback --------------------------------------------------------------------------------
