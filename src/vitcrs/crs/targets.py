@@ -28,7 +28,7 @@ TARGET_SETS: dict[str, tuple[str, ...]] = {
     # q/k/v, attention output and the memory-lean MLP (`crs_mlp`: keeps only the input of the LayerNorm
     # before it, recomputes that norm and the hidden activation in backward) in place of fc1/fc2
     "lean": _LEAN,
-    "lean_all": (*_LEAN, *MATMUL_TARGETS),  # "lean" + both attention matmuls (eager only): the least memory
+    "lean_all": (*_LEAN, *MATMUL_TARGETS),  # "lean" + both attention matmuls (eager attention only)
     # the lean block (`lean_vit_block`, conf's default): each block keeps only its residual stream, every
     # activation gradient exact, the six linears' weight gradients sampled with p ∝ ‖g‖·‖x‖
     "lean_block": BLOCK_TARGETS,
