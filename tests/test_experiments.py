@@ -106,6 +106,10 @@ def test_study_tiny_on_the_cifar10_jpeg_folder(compose_cfg, tmp_path):
         assert cfg.model.attn_implementation == "eager" and list(cfg.crs.targets) == STUDY_TARGETS
         assert cfg.crs.method == "wta_crs" and cfg.data.batch_size == 64 and cfg.trainer.max_epochs == 3
         validate_targets(cfg.crs.targets, cfg.model.attn_implementation)
+    # everything else is the study's (study_tiny inherits it): the same config but for the model and length
+    tiny, study = (OmegaConf.to_container(compose_cfg(f"experiment={e}")) for e in ("study_tiny", "study"))
+    assert tiny.pop("model") != study.pop("model") and tiny["trainer"].pop("max_epochs") == 3
+    assert study["trainer"].pop("max_epochs") == 8 and tiny == study
     # the checkpoint is mandatory: a clean error naming the key, before anything is loaded
     cfg = compose_cfg("experiment=study_tiny")
     assert OmegaConf.is_missing(cfg.model, "name_or_path")
