@@ -17,7 +17,6 @@ from hydra import compose, initialize_config_dir
 from conftest import CONF_DIR, QUICK, TINY_VIT, quiet_env
 from vitcrs.callbacks import GradFidelityMonitor
 from vitcrs.crs import CRSConfig, crs_linear
-from vitcrs.crs import random as crs_random
 from vitcrs.errors import ConfigError
 from vitcrs.fidelity import grad_fidelity, parameter_block, parameter_kind
 from vitcrs.fidelity.cli import configurations
@@ -129,7 +128,6 @@ def _measure_tiny_vit(configs: list[Configuration]) -> dict:
                        lr=1e-3)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
-        crs_random.set_rng_state({"seed": None})
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,8 @@ def block_weights(layer: ViTLayer) -> list[torch.Tensor]:
 def _recompute_even_at_ratio_one(self, hidden_states, attention_mask=None, **kwargs):
     """LeanViTLayer.forward without its ratio-1 shortcut to the plain block: the lean op at every ratio."""
     keep_mid = not (self.gradient_checkpointing and self.training)
-    return lean_vit_block(self, hidden_states, self.crs_cfg, attention_mask, keep_mid)
+    generator = self.crs_generator.for_device(hidden_states.device)
+    return lean_vit_block(self, hidden_states, self.crs_config, attention_mask, keep_mid, generator)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "ckpt"])

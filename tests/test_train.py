@@ -106,13 +106,13 @@ def test_bad_setting_fails_before_writing_anything(compose_cfg, tmp_path):
 
 
 def test_failed_run_is_marked_failed(compose_cfg, tmp_path, monkeypatch, one_thread):
-    real = ViTClassifier._loss
+    real = ViTClassifier.loss
 
     def nan_loss(self, batch):
         loss, logits, y = real(self, batch)
         return loss * float("nan"), logits, y
 
-    monkeypatch.setattr(ViTClassifier, "_loss", nan_loss)
+    monkeypatch.setattr(ViTClassifier, "loss", nan_loss)
     cfg = compose_cfg(*QUICK, "callbacks.progress_bar=null", "trainer.num_sanity_val_steps=0")
     with pytest.raises(FloatingPointError):
         train(cfg)
@@ -128,7 +128,7 @@ def test_resume_continues_the_run(compose_cfg, tmp_path, one_thread):
     before = json.loads((tmp_path / "run" / "metrics.json").read_text())
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=False)
-    assert saved["crs"]["grad_norms"] and saved["crs"]["rng"]["seed"] == 0
+    assert saved["crs"][0]["grad_norm"] and saved["crs"][0]["generator"]["seed"] == 0
 
     # Resumed in place (as with hydra.run.dir=<the run dir>), so checkpoint selection spans both segments.
     second = compose_cfg(*QUICK, "callbacks.progress_bar=null", "crs.prob=norm_grad", "trainer.max_epochs=2",

@@ -115,7 +115,7 @@ class GradFidelityMonitor(Callback):
                 if "cuda" in rng:
                     torch.cuda.set_rng_state(rng["cuda"], device)
                 with trainer.precision_plugin.forward_context():
-                    loss = pl_module._loss(batch)[0] / trainer.accumulate_grad_batches
+                    loss = pl_module.loss(batch)[0] / trainer.accumulate_grad_batches
                 grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
                 for t, g in zip(total, grads, strict=True):
                     if g is not None:

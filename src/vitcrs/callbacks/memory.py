@@ -134,7 +134,7 @@ class PeakMemoryMonitor(Callback):
             trainer.precision_plugin.forward_context(),
             SavedTensorsMeter(exclude=pl_module.parameters()) as meter,
         ):
-            loss = pl_module._loss(batch)[0]
+            loss = pl_module.loss(batch)[0]
         del loss
         self.saved_bytes_per_step_exact = meter.bytes
         if dev is not None:  # the extra forward must not count in this epoch's peak

@@ -4,12 +4,13 @@ cfg = CRSConfig(ratio=0.3, method="wta_crs")
 y = crs_linear(x, weight, bias, cfg)     # == F.linear(x, weight, bias); grad of weight sampled
 z = crs_matmul(a, b, cfg)                # == a @ b; both input grads sampled
 model = inject(model, cfg, targets=["query", "key", "value", "scores", "context"])
+model.crs_generator.manual_seed(0)      # the model's own sampling stream (unseeded: torch's global RNG)
 """
 
-from . import random
 from .block import lean_vit_block
 from .config import CACHE_FORMATS, CACHE_WARMUPS, METHODS, PROBS, CRSConfig
 from .functional import crs_linear, crs_linear_shared, crs_matmul, crs_mlp
+from .generator import SamplingGenerator
 from .grad_norm import GradNormEMA
 from .inject import (
     ALL_TARGETS,
@@ -24,10 +25,8 @@ from .inject import (
     CRSViTLayer,
     CRSViTMLP,
     LeanViTLayer,
-    crs_state_dict,
     grad_norm_sources,
     inject,
-    load_crs_state_dict,
     uninjected,
     validate_targets,
 )
@@ -62,18 +61,16 @@ __all__ = [
     "GradNormEMA",
     "LeanViTLayer",
     "SampleGradCache",
+    "SamplingGenerator",
     "SavedTensorsMeter",
     "attach_sample_cache",
     "crs_linear",
     "crs_linear_shared",
     "crs_matmul",
     "crs_mlp",
-    "crs_state_dict",
     "grad_norm_sources",
     "inject",
     "lean_vit_block",
-    "load_crs_state_dict",
-    "random",
     "sample_cache_bytes_per_image",
     "sample_cache_nbytes",
     "sample_caches",

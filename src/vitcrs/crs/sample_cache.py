@@ -73,22 +73,25 @@ class TrainingBatch:
         self.exact = False
 
 
-class SampleGradCache:
+class SampleGradCache(nn.Module):
     """The per-image ‖output gradient‖ rows of one sampled op: a gradient-norm source (see `grad_norm`).
 
     entries: [dataset_size, *row] in host memory (`fmt`), allocated at the first write (row: [T] for a linear,
-    [heads, n] for a matmul side); a new row shape (another image size) starts it afresh. standin: running
-    mean over written batches of the per-position entries (momentum), for images without an entry.
+    [heads, n] for a matmul side); a new row shape (another image size) starts it afresh. A plain attribute,
+    not a buffer: `.to()` leaves it in host memory. estimate: the stand-in for images without an entry, the
+    running mean over written batches of the per-position entries (momentum); a non-persistent buffer (it
+    moves with `.to()`), empty before the first write.
     """
 
     exact = False
 
     def __init__(self, batch: TrainingBatch, fmt: str = "bfloat16", momentum: float = 0.9) -> None:
+        super().__init__()
         if fmt not in CACHE_FORMATS:
             raise ValueError(f"crs.cache_format={fmt!r} is unknown: choose one of {', '.join(CACHE_FORMATS)}")
         self.batch, self.fmt, self.momentum = batch, fmt, momentum
         self.entries: Tensor | None = None
-        self.standin: Tensor | None = None
+        self.register_buffer("estimate", torch.empty(0), persistent=False)
         self._pending: list[tuple[Tensor, Tensor, torch.cuda.Event]] = []
 
     # -- the gradient-norm source protocol ------------------------------------------------------------------
@@ -107,10 +110,7 @@ class SampleGradCache:
             cached = decode(self.entries.index_select(0, indices).to(device, non_blocking=True), self.fmt)
         else:
             cached = torch.full(tuple(shape), float("nan"), device=device)
-        if self.standin is not None and tuple(self.standin.shape) == row:
-            standin = self.standin.to(device)
-        else:
-            standin = torch.ones(row, device=device)
+        standin = self.estimate if tuple(self.estimate.shape) == row else torch.ones(row, device=device)
         return torch.where(cached.isnan(), standin, cached)
 
     @torch.no_grad()
@@ -120,12 +120,11 @@ class SampleGradCache:
         norms = norms.detach().float()
         norms = torch.where(norms.isfinite(), norms, torch.full_like(norms, float("nan")))
         mean = norms.nanmean(0)
-        if self.standin is None or self.standin.shape != mean.shape:
-            self.standin = torch.where(mean.isnan(), torch.ones_like(mean), mean)
+        if self.estimate.shape != mean.shape:
+            self.estimate = torch.where(mean.isnan(), torch.ones_like(mean), mean)
         else:  # positions no image of this batch had a finite norm at keep their stand-in
-            standin = self.standin.to(mean.device)
-            update = standin * self.momentum + mean * (1 - self.momentum)
-            self.standin = torch.where(mean.isnan(), standin, update)
+            update = self.estimate * self.momentum + mean * (1 - self.momentum)
+            self.estimate = torch.where(mean.isnan(), self.estimate, update)
         size = self.batch.dataset_size
         if size == 0:
             return
@@ -163,14 +162,6 @@ class SampleGradCache:
         self.entries = None
 
     # -- checkpoints ----------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """The stand-in only (as `GradNormEMA.state_dict`); the entries: `entries_state`."""
-        return {"momentum": self.momentum, "value": self.standin}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.momentum = state["momentum"]
-        self.standin = state["value"]
-
     def entries_state(self) -> Tensor | None:
         self.flush()
         return self.entries
