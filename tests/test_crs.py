@@ -157,15 +157,15 @@ def test_crs_linear_weight_gradient_is_unbiased(method, prob):
     w = torch.randn(5, 6, requires_grad=True)
     g = torch.randn(4, 10, 5)
     cfg = CRSConfig(ratio=0.3, method=method, prob=prob)
-    tracker = GradNormEMA(0.5)
+    grad_norm = GradNormEMA(0.5)
     exact = torch.autograd.grad((F.linear(x, w) * g).sum(), w)[0].flatten().double()
 
     def draw():
-        return torch.autograd.grad((crs_linear(x, w, None, cfg, tracker) * g).sum(), w)
+        return torch.autograd.grad((crs_linear(x, w, None, cfg, grad_norm) * g).sum(), w)
 
     samples = _estimates(draw, 3000)
     _assert_unbiased(samples, exact)
-    assert tracker.estimate.numel() > 0 or prob == "norm"
+    assert grad_norm.estimate.numel() > 0 or prob == "norm"
 
 
 @pytest.mark.parametrize("normed", [False, True], ids=["mlp", "norm+mlp"])
