@@ -80,6 +80,8 @@ def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """compose_cfg(*overrides) -> the composed config, with run_dir and data.root in tmp_path."""
 
     def _compose(*overrides: str) -> DictConfig:
+        import vitcrs.models  # noqa: F401  (stores the crs defaults node, crs/crs_config)
+
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(
                 "config",

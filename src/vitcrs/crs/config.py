@@ -14,7 +14,7 @@ CACHE_WARMUPS = ("norm", "exact")
 
 @dataclass(frozen=True)
 class CRSConfig:
-    """Settings of the column-row sampled backward pass.
+    """Settings of the column-row sampled backward pass; the defaults of the `crs.*` config keys.
 
     ratio: fraction of column-row pairs kept for backward, in (0, 1]; 1 is the exact op, with no sampling.
     method: "crs" (i.i.d. draws, p ∝ norm) or "wta_crs" (top-c rows kept deterministically, the rest drawn).
@@ -24,7 +24,8 @@ class CRSConfig:
         "sample_cache" (the study's: ‖row‖ times the same image's output-gradient norm at that row, per token,
         or per head and position for the attention matmuls, cached in host memory from the image's previous
         training visit; `vitcrs.crs.sample_cache`). Until a gradient estimate exists, p ∝ ‖row‖ with its
-        proper 1/(k·p) scale: every choice is unbiased from the first step.
+        proper 1/(k·p) scale: every choice is unbiased from the first step. The "mlp" and "lean_block" targets
+        draw with p ∝ ‖g‖·‖x‖ (the output gradient is known in their backward) whatever this says.
     grad_ema: momentum of the running estimate (norm_grad; sample_cache's stand-in for images without an
         entry), in [0, 1).
     cache_format: sample_cache's entries: "bfloat16" or "uint8" (a log-scale code in ±9 % steps: half the

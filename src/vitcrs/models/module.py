@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from hydra.core.config_store import ConfigStore
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
@@ -32,6 +34,10 @@ from vitcrs.crs import (
 from vitcrs.distributed import gather_objects
 
 from .vit import build_vit, vit_logits
+
+# conf/crs/default.yaml extends this node (crs/crs_config): CRSConfig's fields are the one home of the crs.*
+# defaults. A plain node, not a structured config: bad values reach CRSConfig, whose error names the key.
+ConfigStore.instance().store(group="crs", name="crs_config", node=asdict(CRSConfig()))
 
 Batch = tuple[Tensor, ...]  # (images, labels); training with prob=sample_cache: (images, labels, indices)
 log = logging.getLogger(__name__)
