@@ -220,7 +220,9 @@ def test_a_state_from_another_epoch_is_ignored():
 
 def test_a_gpu_checkpoint_loads_on_a_cpu_only_machine(tiny_vit_config, tmp_path):
     """The CRS stream of a CUDA generator is not used where there is no GPU, not a crash; this checkpoint
-    (written by the previous version, with one stream per device) also has the CPU stream, which resumes."""
+    (written by the previous version, with one stream per device) also has the CPU stream, which resumes,
+    and its running gradient-norm estimates are restored."""
+    from vitcrs.crs import grad_norm_sources
     from vitcrs.models import ViTClassifier
 
     module = ViTClassifier(
@@ -231,7 +233,12 @@ def test_a_gpu_checkpoint_loads_on_a_cpu_only_machine(tiny_vit_config, tmp_path)
     )
     cpu_state = torch.Generator().manual_seed(4).get_state()
     rng = {"seed": 4, "states": {"cpu": cpu_state, "cuda:7": cpu_state.clone()}}
-    checkpoint = {"crs": {"grad_norms": {}, "rng": rng, "per_rank": [{"grad_norms": {}, "rng": rng}]}}
+    qkv = next(name for name in grad_norm_sources(module.net) if name.endswith(".qkv"))
+    grad_norms = {qkv: {"momentum": 0.9, "value": torch.tensor([1.0, 2.0])}}
+    checkpoint = {
+        "crs": {"grad_norms": grad_norms, "rng": rng, "per_rank": [{"grad_norms": grad_norms, "rng": rng}]}
+    }
     module.on_load_checkpoint(checkpoint)
     stream = module.net.crs_generator
     assert stream.seed == 4 and torch.equal(stream.for_device(torch.device("cpu")).get_state(), cpu_state)
+    assert torch.equal(grad_norm_sources(module.net)[qkv].estimate, torch.tensor([1.0, 2.0]))
