@@ -93,8 +93,7 @@ class _LeanBlock(torch.autograd.Function):
         mlp = layer.mlp
         y = mlp.fc2(mlp.activation_fn(mlp.fc1(layer.layernorm_after(x1)))) + x1
         ctx.save_for_backward(x, x1 if keep_mid else None, *params)
-        ctx.layer, ctx.cfg, ctx.mask, ctx.dt = layer, cfg, mask, _compute_dtype(x)
-        ctx.generator = generator
+        ctx.layer, ctx.cfg, ctx.mask, ctx.dt, ctx.generator = layer, cfg, mask, _compute_dtype(x), generator
         return y
 
     @staticmethod
@@ -138,13 +137,11 @@ class _LeanBlock(torch.autograd.Function):
         # attention half: x1 = x + o_proj(attention(qkv(norm1(x))))
         att = att or attention()
         go = grad_x1.reshape(-1, d).to(dt)
-        gwo = sampled_weight_grad(go, att.context, cfg, generator=generator)
+        gwo = sampled_weight_grad(go, att.context, cfg, generator)
         gbo = go.sum(0, dtype=torch.float32)
         (g_qkv,) = torch.autograd.grad(att.out, att.qkv, (go @ wo_c).view_as(att.out))
         del go
-        gw_qkv = sampled_weight_grad(
-            g_qkv, att.norm_rows, cfg, generator=generator
-        )  # one draw for q, k and v
+        gw_qkv = sampled_weight_grad(g_qkv, att.norm_rows, cfg, generator)  # one draw for q, k and v
         gb_qkv = g_qkv.sum(0, dtype=torch.float32)
         grad_norm1 = g_qkv @ w_qkv
         del g_qkv

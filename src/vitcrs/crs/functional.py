@@ -283,7 +283,7 @@ def mlp_backward(
         _act_backward_(act, h[r], g2[r] @ w2)
     grad_h, h = h, None
 
-    grad_w1 = sampled_weight_grad(grad_h, x2, cfg, generator=generator)
+    grad_w1 = sampled_weight_grad(grad_h, x2, cfg, generator)
     grad_b1 = grad_h.sum(0, dtype=torch.float32)
     grad_b2 = g2.sum(0, dtype=torch.float32)
     grad_x2 = grad_h @ w1
@@ -291,20 +291,13 @@ def mlp_backward(
 
 
 def sampled_weight_grad(
-    g: Tensor,
-    x: Tensor,
-    cfg: CRSConfig,
-    x_norms: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    g: Tensor, x: Tensor, cfg: CRSConfig, generator: torch.Generator | None = None
 ) -> Tensor:
     """gᵀ x ([n, o] and [n, i] → [o, i]) from k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal
-    CRS probabilities for this product); exact gᵀ x at ratio 1. x_norms: ‖x_i‖ in fp32, if already known."""
-    if x_norms is None and cfg.num_samples(g.shape[0]) < g.shape[0]:
-        x_norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
-    pick = None if x_norms is None else _row_sample(g, x_norms, cfg, generator)
-    if pick is None:
+    CRS probabilities for this product); exact gᵀ x at ratio 1. generator: None: torch's global RNG."""
+    if cfg.num_samples(g.shape[0]) >= g.shape[0]:
         return g.t() @ x
-    idx, scale = pick
+    idx, scale = _row_sample(g, torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32), cfg, generator)
     return _scaled_rows(g, idx, scale).t() @ x.index_select(0, idx)
 
 

@@ -21,8 +21,6 @@ from vitcrs.crs import (
     DEFAULT_TARGETS,
     MATMUL_TARGETS,
     CRSConfig,
-    GradNormEMA,
-    SampleGradCache,
     attach_sample_cache,
     grad_norm_sources,
     inject,
@@ -44,23 +42,16 @@ log = logging.getLogger(__name__)
 
 
 def _crs_ranks(state: dict | list | None) -> list[dict[str, Any]]:
-    """`checkpoint["crs"]` as the list of per-rank states `on_save_checkpoint` writes; a checkpoint of the
-    previous version ({"grad_norms", "rng", "per_rank"}; estimates as {"momentum", "value"}) is read into
-    it."""
-    if state is None or isinstance(state, list):
+    """`checkpoint["crs"]`: the per-rank states `on_save_checkpoint` writes, or read from a checkpoint of the
+    previous version ({"grad_norms", "rng", "per_rank"}; estimates as {"momentum", "value"})."""
+    if not isinstance(state, dict):
         return state or []
-
-    def estimates(saved: dict[str, dict]) -> dict[str, Tensor]:
-        return {n: torch.empty(0) if s["value"] is None else s["value"] for n, s in saved.items()}
-
-    return [
-        {
-            "grad_norm": estimates(r["grad_norms"]),
-            "generator": r["rng"],
-            **{k: r[k] for k in ("torch_rng", "sample_cache") if k in r},
-        }
-        for r in state.get("per_rank") or [state]
+    old = state.get("per_rank") or [state]
+    none = torch.empty(0)  # (an estimate before its first update)
+    estimates = [
+        {n: none if s["value"] is None else s["value"] for n, s in r["grad_norms"].items()} for r in old
     ]
+    return [{**r, "grad_norm": e, "generator": r["rng"]} for r, e in zip(old, estimates, strict=True)]
 
 
 def warn_if_activation_gradients_sampled(cfg: CRSConfig, targets: tuple[str, ...]) -> None:
@@ -146,14 +137,9 @@ class ViTClassifier(LightningModule):
         # Runs once the rank is known and before a checkpoint is restored (which then replaces the stream).
         if stage == TrainerFn.FITTING and self.hparams.get("seed") is not None:
             self.net.crs_generator.manual_seed(int(self.hparams.seed) + self.global_rank)
-        # each rank keeps its own gradient-norm estimates: DDP must not broadcast rank 0's (they are buffers)
-        sources = (GradNormEMA, SampleGradCache)
-        self._ddp_params_and_buffers_to_ignore = [
-            f"{name}.{buffer}"
-            for name, mod in self.named_modules()
-            if isinstance(mod, sources)
-            for buffer, _ in mod.named_buffers(recurse=False)
-        ]
+        # each rank keeps its own gradient-norm estimates (the buffers of the `grad_norm` submodules `inject`
+        # adds): DDP must not broadcast rank 0's
+        self._ddp_params_and_buffers_to_ignore = [n for n, _ in self.named_buffers() if ".grad_norm." in n]
 
     def sample_cache_summary(self) -> dict[str, Any] | None:
         """The per-image gradient-norm cache (prob=sample_cache) of this process: format, training images,
