@@ -217,9 +217,7 @@ def crs_matmul(
     return _SampledMatmul.apply(a, b, cfg, keep_a, grad_norms, generator)
 
 
-def _row_sample(
-    g: Tensor, x_norms: Tensor, cfg: CRSConfig, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor] | None:
+def _row_sample(g: Tensor, x_norms: Tensor, cfg: CRSConfig, generator) -> tuple[Tensor, Tensor] | None:
     """k of g's n rows drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal CRS p for gᵀ x), or None when k = n."""
     k = cfg.num_samples(g.shape[0])
     if k >= g.shape[0]:

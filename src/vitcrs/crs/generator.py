@@ -11,12 +11,11 @@ from torch import Tensor, nn
 class SamplingGenerator(nn.Module):
     """The random stream of one injected model, shared by its sampled ops (`inject` makes it).
 
-    Unseeded (seed None), draws use torch's global RNG. `manual_seed(seed)` starts its own stream: one
-    `torch.Generator` per device type, made where the model first samples on that type and seeded with `seed`
-    (a CUDA generator's state does not depend on the GPU's index). It holds no tensors, so it adds nothing to
-    `state_dict`; `get_state` / `set_state` carry it through checkpoints: a restored state resumes the same
-    draws on the same device type, and a state saved for another device type only (a GPU checkpoint on a CPU
-    machine) gives a fresh stream from the seed, with one warning.
+    Unseeded (seed None), draws use torch's global RNG; `manual_seed(seed)`: one `torch.Generator` per device
+    type, seeded where the model first samples on it (a CUDA generator's state does not depend on the GPU's
+    index). No tensors, so nothing in `state_dict`; checkpoints carry `get_state()`. A restored state resumes
+    the same draws on its device type; one saved for another type only (a GPU checkpoint on a CPU machine)
+    gives a fresh stream from the seed, with one warning.
     """
 
     def __init__(self, seed: int | None = None) -> None:

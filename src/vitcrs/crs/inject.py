@@ -70,10 +70,6 @@ def validate_targets(targets: Iterable[str], attn_implementation: str | None) ->
     return tuple(t for t in KNOWN_TARGETS if t in targets)
 
 
-# Every injected module holds the model's one `crs_config` and `crs_generator` (a `SamplingGenerator`); the
-# sampled ops' gradient-norm sources (`grad_norm`) are submodules of the modules that use them.
-
-
 class CRSLinear(nn.Linear):
     """An `nn.Linear` whose weight gradient is column-row sampled (`crs_linear`)."""
 
@@ -258,10 +254,11 @@ def inject(
     "context" (P V), which need eager attention; "mlp", the memory-lean MLP (`crs_mlp`: keeps only the input
     of the LayerNorm before the MLP, recomputes that norm and the hidden activation in backward; replaces
     "fc1"/"fc2"); "lean_block", the whole block as one op keeping only the residual stream (`lean_vit_block`;
-    stands alone, needs no dropout). Parameters and state_dict keys are unchanged: the gradient-norm sources'
-    estimates are non-persistent buffers. Every sampled op draws from one `SamplingGenerator`, `generator` or
-    else the model's `crs_generator` (kept when injecting again, made unseeded the first time). Calling it
-    again replaces the settings. With ratio 1 the numerics equal the uninjected model's.
+    stands alone, needs no dropout). Every injected module holds `crs_config` and the one `crs_generator`
+    (`generator`, else the model's from an earlier call, else a new unseeded one; also `model.crs_generator`);
+    the gradient-norm sources are `grad_norm` submodules of the modules that use them, their estimates
+    non-persistent buffers, so parameters and state_dict keys are unchanged. Calling it again replaces the
+    settings. With ratio 1 the numerics equal the uninjected model's.
     """
     config = getattr(model, "config", None)
     targets = frozenset(validate_targets(targets, getattr(config, "_attn_implementation", None)))
