@@ -15,23 +15,11 @@ import torch
 import transformers
 from transformers import ViTConfig, ViTForImageClassification
 
-from vitcrs.crs import (
-    ALL_TARGETS,
-    DEFAULT_TARGETS,
-    LINEAR_TARGETS,
-    CRSConfig,
-    SavedTensorsMeter,
-    inject,
-    vit_block_saved_bytes,
-)
+from vitcrs.crs import TARGET_SETS, CRSConfig, SavedTensorsMeter, inject, vit_block_saved_bytes
+from vitcrs.units import MIB
 
 SHAPE = (64, 197, 768, 12, 3072)  # batch, tokens, hidden, heads, mlp
-TARGET_SETS = {
-    "study (q,k,v,scores,context)": DEFAULT_TARGETS,
-    "all linears": LINEAR_TARGETS,
-    "all linears + matmuls": ALL_TARGETS,
-    "all + lean MLP (mlp recomputed)": ("query", "key", "value", "attn_output", "mlp", "scores", "context"),
-}
+MEASURED_SETS = ("study", "linears", "all", "lean_all")  # names in vitcrs.crs.TARGET_SETS
 
 
 def measure(model: ViTForImageClassification, autocast: bool) -> int:
@@ -58,13 +46,14 @@ def main() -> None:
         precision = "bf16 autocast" if autocast else "fp32"
         exact = measure(base, autocast)
         ideal = vit_block_saved_bytes(*SHAPE, autocast=autocast)
-        print(f"| {precision} | exact | 1 | {exact / 2**20:.1f} | 1.000x | 1.000x | {exact / ideal:.4f} |")
-        for name, targets in TARGET_SETS.items():
+        print(f"| {precision} | exact | 1 | {exact / MIB:.1f} | 1.000x | 1.000x | {exact / ideal:.4f} |")
+        for name in MEASURED_SETS:
+            targets = TARGET_SETS[name]
             for ratio in (0.5, 0.3):
                 cfg = CRSConfig(ratio=ratio)
                 saved = measure(inject(copy.deepcopy(base), cfg, targets), autocast)
                 ideal = vit_block_saved_bytes(*SHAPE, cfg, targets, autocast)
-                print(f"| {precision} | {name} | {ratio} | {saved / 2**20:.1f} | {exact / saved:.3f}x | "
+                print(f"| {precision} | {name} | {ratio} | {saved / MIB:.1f} | {exact / saved:.3f}x | "
                       f"{exact / ideal:.3f}x | {saved / ideal:.4f} |")  # fmt: skip
 
 

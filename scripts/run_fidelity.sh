@@ -17,8 +17,8 @@
 #   MODEL          the checkpoint directory (default: $SHARED/models/vit-tiny-patch16-224)
 #   OUT            the output folder (default: outputs/fidelity_tiny)
 #   RATIOS         default "0.5 0.3 0.1"
-#   TARGET_SETS    names from: study (q,k,v + both matmuls), matmuls (scores,context), qkv, linears (all six),
-#                  lean (q,k,v, attn_output, mlp); default all five
+#   TARGET_SETS    sets of vitcrs.crs.TARGET_SETS (study, qkv, matmuls, linears, all, lean, lean_all,
+#                  lean_block); default "study matmuls qkv linears lean"
 #   PROBS          default "norm norm_grad"
 #   METHODS        default "wta_crs" (add crs to compare)
 #   DRAWS          sampled gradients per configuration (default 8)
@@ -39,24 +39,12 @@ NOISE_BATCHES=${NOISE_BATCHES:-4}
 PRIME_PASSES=${PRIME_PASSES:-3}
 WARMUP_STEPS=${WARMUP_STEPS:-50}
 
-targets_of() {
-  case "$1" in
-    study) echo "query, key, value, scores, context" ;;
-    matmuls) echo "scores, context" ;;
-    qkv) echo "query, key, value" ;;
-    linears) echo "query, key, value, attn_output, fc1, fc2" ;;
-    lean) echo "query, key, value, attn_output, mlp" ;;
-    *) echo "error: unknown target set '$1' in TARGET_SETS (study matmuls qkv linears lean)" >&2; return 2 ;;
-  esac
-}
-
 configs=""
 for set in $TARGET_SETS; do
-  targets=$(targets_of "$set")
   for ratio in $RATIOS; do
     for prob in $PROBS; do
       for method in $METHODS; do
-        configs+="{method: $method, targets: [$targets], ratio: $ratio, prob: $prob}, "
+        configs+="{method: $method, targets: $set, ratio: $ratio, prob: $prob}, "
       done
     done
   done

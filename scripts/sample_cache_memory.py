@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification
 
 from vitcrs.crs import (
-    DEFAULT_TARGETS,
+    TARGET_SETS,
     CRSConfig,
     attach_sample_cache,
     inject,
@@ -22,6 +22,7 @@ from vitcrs.crs import (
     sample_cache_nbytes,
     training_batch,
 )
+from vitcrs.units import GIB
 
 MODELS = {  # hidden, layers, heads, mlp
     "ViT-B/16": (768, 12, 12, 3072),
@@ -30,6 +31,7 @@ MODELS = {  # hidden, layers, heads, mlp
 SIZES = (112, 224, 384)
 FORMATS = ("bfloat16", "uint8")
 ROWS, CIFAR_TRAIN = 8, 45_000  # cache rows allocated here; CIFAR's training images (val_fraction 0.1)
+TARGETS = TARGET_SETS["study"]  # the study's set
 
 
 def measured_per_image(shape: tuple[int, int, int, int], size: int, fmt: str) -> int:
@@ -38,7 +40,8 @@ def measured_per_image(shape: tuple[int, int, int, int], size: int, fmt: str) ->
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp,
         image_size=size, patch_size=16, num_labels=10, attn_implementation="eager",
     )  # fmt: skip
-    model = inject(ViTForImageClassification(config), CRSConfig(0.3, prob="sample_cache", cache_format=fmt))
+    cfg = CRSConfig(0.3, prob="sample_cache", cache_format=fmt)
+    model = inject(ViTForImageClassification(config), cfg, TARGETS)
     attach_sample_cache(model, ROWS)
     with training_batch(model, torch.tensor([1, 5])):
         F.cross_entropy(model(torch.randn(2, 3, size, size)).logits, torch.tensor([0, 1])).backward()
@@ -55,13 +58,13 @@ def main() -> None:
             tokens = (size // 16) ** 2 + 1
             for fmt in FORMATS:
                 got = measured_per_image(shape, size, fmt)
-                want = sample_cache_bytes_per_image(tokens, hidden, heads, layers, DEFAULT_TARGETS, fmt)
+                want = sample_cache_bytes_per_image(tokens, hidden, heads, layers, TARGETS, fmt)
                 print(
                     f"| {name} | {size} | {tokens} | {fmt} | {got:,} | {want:,} | {want / 1024:.1f} | "
-                    f"{want * CIFAR_TRAIN / 2**30:.2f} |"
+                    f"{want * CIFAR_TRAIN / GIB:.2f} |"
                 )
     print()
-    print(f"torch {torch.__version__}; targets: {', '.join(DEFAULT_TARGETS)}; per process (each")
+    print(f"torch {torch.__version__}; targets: {', '.join(TARGETS)}; per process (each")
     print("data-parallel rank keeps its own cache).")
 
 

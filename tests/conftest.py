@@ -55,13 +55,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def fresh_crs_stream():
-    """Seed torch and the CRS stream with 0 for the test, and leave the CRS stream unseeded after it."""
-    from vitcrs.crs import random as crs_random
-
+    """Seed torch with 0 for the test: unseeded injected models (and the functional ops) draw from it."""
     torch.manual_seed(0)
-    crs_random.manual_seed(0)
     yield
-    crs_random.set_rng_state({"seed": None})
 
 
 @pytest.fixture
@@ -84,6 +80,8 @@ def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """compose_cfg(*overrides) -> the composed config, with run_dir and data.root in tmp_path."""
 
     def _compose(*overrides: str) -> DictConfig:
+        import vitcrs.conf  # noqa: F401  (stores the crs defaults node, crs/crs_config)
+
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(
                 "config",

@@ -13,7 +13,7 @@ import torch
 
 from vitcrs import bench
 from vitcrs.bench import BenchConfig, ModelSpec, expand, measure
-from vitcrs.crs import CRSConfig
+from vitcrs.crs import TARGET_SETS, CRSConfig
 
 PRECISIONS = ["fp32", "bf16-mixed"]
 TINY = ["--model", "vit_tiny", "--layers", "1", "--image-size", "64", "--batch-size", "2", "--device", "cpu"]
@@ -35,22 +35,24 @@ def test_block_saved_bytes_are_within_5_percent_of_the_analytic_ideal(attn, prec
     assert (shape.tokens, shape.hidden, shape.heads, shape.intermediate) == (197, 768, 12, 3072)
     autocast = precision == "bf16-mixed"
     exact = bench.measured_block_saved_bytes(model, batch, precision)
-    exact_ideal = bench.block_saved_bytes(shape, attn, autocast)
+    exact_ideal = bench.analytic_block_saved_bytes(shape, attn, autocast)
     assert exact == pytest.approx(exact_ideal, rel=0.05)
 
     checked = []
-    for targets in bench.TARGET_SETS:
+    for targets in bench.BENCH_TARGET_SETS:
         cfg = BenchConfig("wta_crs", 0.3, targets, attn, precision, False)
         if cfg.skip_reason():  # the attention matmuls exist only with eager attention
-            assert attn == "sdpa" and targets in ("default", "all", "lean_all")
+            assert attn == "sdpa" and targets in ("study", "all", "lean_all")
             continue
         model = bench.build(spec, cfg, torch.device("cpu"), seed=0)
         measured = bench.measured_block_saved_bytes(model, batch, precision)
-        ideal = bench.block_saved_bytes(shape, attn, autocast, CRSConfig(ratio=0.3), cfg.target_names)
+        ideal = bench.analytic_block_saved_bytes(
+            shape, attn, autocast, CRSConfig(ratio=0.3), cfg.target_names
+        )
         assert measured == pytest.approx(ideal, rel=0.05), targets
         assert measured < exact
         checked.append(targets)
-    eager = ["default", "linears", "all", "lean", "lean_all", "lean_block"]
+    eager = ["study", "linears", "all", "lean", "lean_all", "lean_block"]
     assert checked == (eager if attn == "eager" else ["linears", "lean", "lean_block"])
 
 
@@ -58,12 +60,12 @@ def test_sdpa_model_differs_from_eager_by_the_attention_internals():
     shape = bench.BlockShape(64, 197, 768, 12, 3072, 12)
     probs = 64 * 12 * 197 * 197
     lse = 64 * 12 * 197 * 4
-    eager32, sdpa32 = (bench.block_saved_bytes(shape, a, False) for a in ("eager", "sdpa"))
-    eager16, sdpa16 = (bench.block_saved_bytes(shape, a, True) for a in ("eager", "sdpa"))
+    eager32, sdpa32 = (bench.analytic_block_saved_bytes(shape, a, False) for a in ("eager", "sdpa"))
+    eager16, sdpa16 = (bench.analytic_block_saved_bytes(shape, a, True) for a in ("eager", "sdpa"))
     assert eager32 - sdpa32 == probs * 4 - lse  # the fp32 softmax output
     assert eager16 - sdpa16 == probs * (4 + 2) - lse  # and its bf16 copy for the context matmul
     with pytest.raises(ValueError, match="eager"):
-        bench.block_saved_bytes(shape, "sdpa", False, CRSConfig(ratio=0.3), ("scores",))
+        bench.analytic_block_saved_bytes(shape, "sdpa", False, CRSConfig(ratio=0.3), ("scores",))
 
 
 def test_measuring_frees_the_graph():
@@ -107,7 +109,7 @@ def _run(tmp_path, *args: str) -> tuple[dict, str]:
 
 def test_cli_on_cpu_writes_one_row_per_configuration(tmp_path, capsys):
     result, md = _run(tmp_path, "--grid", "quick", "--ratios", "0.3", "--checkpointing", "off,on")
-    configs = expand(("wta_crs",), (0.3,), tuple(bench.TARGET_SETS), ("eager", "sdpa"),
+    configs = expand(("wta_crs",), (0.3,), tuple(bench.BENCH_TARGET_SETS), ("eager", "sdpa"),
                      ("fp32", "bf16-mixed"), (False, True))  # fmt: skip
     rows = result["rows"]
     assert [r["name"] for r in rows] == [c.name for c in configs]
@@ -117,7 +119,7 @@ def test_cli_on_cpu_writes_one_row_per_configuration(tmp_path, capsys):
 
     skipped = [r for r in rows if r["status"] == "skipped"]
     assert {(r["attn"], r["targets"]) for r in skipped} == {
-        ("sdpa", "default"),
+        ("sdpa", "study"),
         ("sdpa", "all"),
         ("sdpa", "lean_all"),
     }
@@ -244,6 +246,17 @@ def test_cli_rejects_bad_settings(tmp_path, capsys):
         bench.main([*TINY, "--ratios", "1.5"])
     with pytest.raises(SystemExit):
         bench.main([*TINY, "--targets", "everything"])
+
+
+def test_targets_are_the_catalogues_sets(capsys):
+    """--targets takes any set of vitcrs.crs.TARGET_SETS, beyond the presets' BENCH_TARGET_SETS."""
+    assert bench.parser().parse_args(["--targets", "qkv,study"]).targets == ("qkv", "study")
+    matmuls = BenchConfig("wta_crs", 0.3, "matmuls", "eager", "fp32", False)
+    assert matmuls.target_names == ("scores", "context")
+    assert set(bench.BENCH_TARGET_SETS) < set(TARGET_SETS)
+    with pytest.raises(SystemExit):
+        bench.parser().parse_args(["--targets", "default"])  # the study's set is named "study"
+    assert "study" in capsys.readouterr().err
 
 
 def test_cli_refuses_an_out_file_before_measuring(tmp_path, capsys, monkeypatch):

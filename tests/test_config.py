@@ -10,8 +10,9 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from vitcrs.callbacks import describe_run
 from vitcrs.errors import ConfigError
-from vitcrs.train import describe_run, validate
+from vitcrs.train import validate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -83,19 +84,19 @@ def test_every_key_has_a_comment(path: Path):
 
 def test_synthetic_datamodule_from_config(compose_cfg):
     cfg = compose_cfg("experiment=demo")
-    dm = validate(cfg)
+    dm = validate(cfg).datamodule
     assert dm.num_classes == 10 and len(dm.class_names) == 10 and dm.name == "synthetic"
     # image size and normalisation come from the model: vit_micro is 32 px, random init -> 0.5
-    assert cfg.data.image_size == 32 and list(cfg.data.mean) == [0.5, 0.5, 0.5]
+    assert dm.image_size == 32 and list(dm.mean) == [0.5, 0.5, 0.5]
     record = describe_run(cfg, dm)
-    assert record["settings"]["model"] == "random-init" and record["ratio"] == 0.3
+    assert record.settings["model"] == "random-init" and record.ratio == 0.3
 
 
 def test_checkpoint_normalisation_reaches_the_data(compose_cfg, vit_checkpoint):
     cfg = compose_cfg("dataset=synthetic", f"model.name_or_path={vit_checkpoint}")
-    validate(cfg)
-    assert cfg.data.image_size == 32
-    assert list(cfg.data.mean) == pytest.approx([0.4] * 3) and list(cfg.data.std) == pytest.approx([0.3] * 3)
+    dm = validate(cfg).datamodule
+    assert dm.image_size == 32
+    assert list(dm.mean) == pytest.approx([0.4] * 3) and list(dm.std) == pytest.approx([0.3] * 3)
 
 
 def test_multirun_overrides_expand_to_composable_jobs(compose_cfg):

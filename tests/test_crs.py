@@ -14,25 +14,28 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from vitcrs.crs import (
     ALL_TARGETS,
-    DEFAULT_TARGETS,
     LINEAR_TARGETS,
+    TARGET_SETS,
     CRSConfig,
     CRSLinear,
     CRSViTAttention,
     CRSViTLayer,
     CRSViTMLP,
     GradNormEMA,
+    SampleGradCache,
+    SamplingGenerator,
     SavedTensorsMeter,
+    attach_sample_cache,
     crs_linear,
     crs_matmul,
     crs_mlp,
-    crs_state_dict,
+    grad_norm_sources,
     inject,
-    load_crs_state_dict,
+    sample_caches,
+    training_batch,
     uninjected,
     vit_block_saved_bytes,
 )
-from vitcrs.crs import random as crs_random
 
 LEAN_ALL = ("query", "key", "value", "attn_output", "mlp", "scores", "context")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -154,15 +157,15 @@ def test_crs_linear_weight_gradient_is_unbiased(method, prob):
     w = torch.randn(5, 6, requires_grad=True)
     g = torch.randn(4, 10, 5)
     cfg = CRSConfig(ratio=0.3, method=method, prob=prob)
-    tracker = GradNormEMA(0.5)
+    grad_norm = GradNormEMA(0.5)
     exact = torch.autograd.grad((F.linear(x, w) * g).sum(), w)[0].flatten().double()
 
     def draw():
-        return torch.autograd.grad((crs_linear(x, w, None, cfg, tracker) * g).sum(), w)
+        return torch.autograd.grad((crs_linear(x, w, None, cfg, grad_norm) * g).sum(), w)
 
     samples = _estimates(draw, 3000)
     _assert_unbiased(samples, exact)
-    assert tracker.value is not None or prob == "norm"
+    assert grad_norm.estimate.numel() > 0 or prob == "norm"
 
 
 @pytest.mark.parametrize("normed", [False, True], ids=["mlp", "norm+mlp"])
@@ -260,7 +263,7 @@ def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match=r"crs\.targets.*unknown.*'attention'"):
         inject(tiny_vit(), CRSConfig(ratio=0.5), ["query", "attention"])
     with pytest.raises(ValueError, match=r"model\.attn_implementation=eager"):
-        inject(tiny_vit(attn="sdpa"), CRSConfig(ratio=0.5), DEFAULT_TARGETS)
+        inject(tiny_vit(attn="sdpa"), CRSConfig(ratio=0.5), TARGET_SETS["study"])
     with pytest.raises(ValueError, match=r"'mlp' together with 'fc1'"):
         inject(tiny_vit(), CRSConfig(ratio=0.5), ["mlp", "fc1"])
     inject(tiny_vit(attn="sdpa"), CRSConfig(ratio=0.5), LINEAR_TARGETS)  # linears are fine with sdpa
@@ -271,19 +274,26 @@ def test_seeded_stream_is_reproducible_and_restorable():
     w = torch.randn(5, 6, requires_grad=True)
     cfg = CRSConfig(ratio=0.3)
 
-    def grad() -> torch.Tensor:
-        return torch.autograd.grad(crs_linear(x, w, None, cfg).square().sum(), w)[0]
+    stream = SamplingGenerator()
 
-    crs_random.manual_seed(7)
+    def grad() -> torch.Tensor:
+        y = crs_linear(x, w, None, cfg, generator=stream.for_device(x.device))
+        return torch.autograd.grad(y.square().sum(), w)[0]
+
+    stream.manual_seed(7)
     first = grad()
-    state = crs_random.get_rng_state()
+    state = stream.get_state()
     second = grad()
-    crs_random.manual_seed(7)
+    stream.manual_seed(7)
     assert torch.equal(grad(), first)
-    crs_random.set_rng_state(state)
+    stream.set_state(state)
     assert torch.equal(grad(), second)
-    crs_random.manual_seed(8)
+    stream.manual_seed(8)
     assert not torch.equal(grad(), first)
+    # a state saved on another device type only (a GPU checkpoint on a CPU machine): a fresh stream, warned
+    stream.set_state({"seed": 7, "states": {"cuda:3": state["states"]["cpu"]}})
+    with pytest.warns(UserWarning, match="saved on cuda, not cpu: .* fresh stream from seed 7"):
+        assert torch.equal(grad(), first)
 
 
 # ---------------------------------------------------------------- memory
@@ -342,7 +352,7 @@ def test_injected_block_saved_bytes_match_the_analytic_ideal(autocast):
     assert exact == vit_block_saved_bytes(*shape, autocast=autocast)
     for ratio in (0.5, 0.3):
         cfg = CRSConfig(ratio=ratio)
-        for targets in (DEFAULT_TARGETS, LINEAR_TARGETS, ALL_TARGETS, LEAN_ALL):
+        for targets in (TARGET_SETS["study"], LINEAR_TARGETS, ALL_TARGETS, LEAN_ALL):
             model = inject(copy.deepcopy(base), cfg, targets)
             measured = _block_saved(model, 4, 197, autocast)
             assert measured == vit_block_saved_bytes(*shape, cfg, targets, autocast)
@@ -363,7 +373,7 @@ def test_injected_block_memory_reduction_factors():
 @pytest.mark.parametrize(
     "targets",
     [
-        DEFAULT_TARGETS,
+        TARGET_SETS["study"],
         LINEAR_TARGETS,
         ALL_TARGETS,
         LEAN_ALL,
@@ -421,9 +431,30 @@ def test_low_precision_model_trains_with_every_target(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
 def test_grad_norm_estimate_survives_a_device_change():
     ema = GradNormEMA(0.5)
-    ema.update(torch.tensor([2.0, 4.0]))  # restored from a CPU checkpoint, then trained on the GPU
+    ema.update(torch.tensor([2.0, 4.0]))  # restored from a CPU checkpoint, then moved with its model
+    ema.cuda()
     ema.update(torch.tensor([4.0, 8.0], device="cuda"))
-    assert torch.equal(ema.value.cpu(), torch.tensor([3.0, 6.0]))  # moved and averaged, not reset
+    assert torch.equal(ema.estimate.cpu(), torch.tensor([3.0, 6.0]))  # moved and averaged, not reset
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_estimates_move_with_the_model_and_the_cache_stays_in_host_memory(device):
+    """The estimates are non-persistent buffers: `.to()` moves them (a dtype stands in for a device on a
+    CPU machine), `state_dict` keeps the HF keys; the sample cache's entries stay in host memory."""
+    for prob in ("norm_grad", "sample_cache"):
+        model = inject(tiny_vit(layers=1), CRSConfig(ratio=0.5, prob=prob), ALL_TARGETS)
+        attach_sample_cache(model, 2)
+        with training_batch(model, torch.arange(2)):
+            model(torch.randn(2, 3, 16, 16)).logits.sum().backward()
+        sources = grad_norm_sources(model)
+        assert len(sources) == 7 and all(s.estimate.numel() > 0 for s in sources.values())
+        assert list(model.state_dict()) == list(tiny_vit(layers=1).state_dict())
+        model.to(device, torch.float64)
+        assert all(s.estimate.device.type == device for s in sources.values())
+        assert all(s.estimate.dtype == torch.float64 for s in sources.values())
+        for cache in sample_caches(model).values():
+            assert isinstance(cache, SampleGradCache) and cache.entries.device.type == "cpu"
+        assert len(sample_caches(model)) == (7 if prob == "sample_cache" else 0)
 
 
 def test_injected_checkpoint_loads_into_plain_model(tmp_path):
@@ -448,11 +479,10 @@ def test_training_step_of_injected_vit_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
-    state = crs_state_dict(model)
-    assert state and all(s["value"] is not None for s in state.values() if s["value"] is not None)
+    sources = grad_norm_sources(model)
+    assert len(sources) == 2 * 7 and all(s.estimate.numel() > 0 for s in sources.values())
     fresh = inject(tiny_vit(layers=2, labels=3), CRSConfig(ratio=0.3, prob="norm_grad"), ALL_TARGETS)
-    load_crs_state_dict(fresh, state)
-    assert crs_state_dict(fresh).keys() == state.keys()
+    assert grad_norm_sources(fresh).keys() == sources.keys()
 
 
 def test_gradient_checkpointing_with_crs_trains():

@@ -1,8 +1,10 @@
 """vitcrs.data: CIFAR-10/100 (fine/coarse) from official-format archives, splits, errors, image folders,
-the synthetic task, batch augmentation and the on-device resize + normalisation."""
+the synthetic task, batch augmentation and the on-device resize + normalisation; each source behind the one
+data module."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 import re
@@ -19,7 +21,15 @@ from PIL import Image
 from torch.utils.data import RandomSampler
 
 from cifar_archives import image_index, read_pickle, tar_archive, write_cifar10, write_cifar100
-from vitcrs.data import VisionDataModule, random_crop_flip, to_model_input
+from vitcrs.data import (
+    CifarSource,
+    EpochSampler,
+    ImageFolderSource,
+    SyntheticSource,
+    VisionDataModule,
+    random_crop_flip,
+    to_model_input,
+)
 from vitcrs.data import cifar as cifar_mod
 from vitcrs.data.cifar import CIFAR100_COARSE_CLASSES, CIFAR100_FINE_CLASSES, CIFAR100_FINE_TO_COARSE
 from vitcrs.errors import ConfigError
@@ -27,10 +37,19 @@ from vitcrs.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_dm(**kw) -> VisionDataModule:
-    args = {"num_workers": 0, "batch_size": 16, "image_size": 32, "download": False, "verify_checksum": False}
-    args.update(kw)
-    return VisionDataModule(**args)
+SOURCES = {"imagefolder": ImageFolderSource, "synthetic": SyntheticSource}
+
+
+def make_dm(source: str, **kw) -> VisionDataModule:
+    """A data module of `source` (cifar10 | cifar100 | imagefolder | synthetic; else a CIFAR variant): the
+    settings its source class takes go to the source (synthetic_seed: SyntheticSource's seed), the rest to
+    the data module."""
+    cls = SOURCES.get(source, CifarSource)
+    own: dict = {"variant": source, "download": False, "verify_checksum": False} if cls is CifarSource else {}
+    if "synthetic_seed" in kw:
+        own["seed"] = kw.pop("synthetic_seed")
+    own |= {k: kw.pop(k) for k in list(kw) if k in inspect.signature(cls).parameters}
+    return VisionDataModule(cls(**own), **{"num_workers": 0, "batch_size": 16, "image_size": 32, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +145,9 @@ def test_limit_train_keeps_val_and_test(c10_root):
 
 def test_checksum_rejects_local_archive_unless_opted_out(c10_root):
     dm = make_dm(source="cifar10", name="cifar10", root=str(c10_root), verify_checksum=True)
-    with pytest.raises(ConfigError, match=r"data\.verify_checksum=false"):
+    with pytest.raises(ConfigError, match=r"data\.source\.verify_checksum=false"):
         dm.check()
-    with pytest.raises(ConfigError, match=r"data\.verify_checksum"):
+    with pytest.raises(ConfigError, match=r"data\.source\.verify_checksum"):
         dm.setup()  # loading without check() is refused the same way
     make_dm(source="cifar10", name="cifar10", root=str(c10_root), verify_checksum=False).check().setup()
 
@@ -140,7 +159,7 @@ def test_missing_root_without_download(tmp_path):
     with pytest.raises(ConfigError) as err:
         dm.check()
     msg = str(err.value)
-    assert str(missing) in msg and "cifar-100-python" in msg and "data.download=true" in msg
+    assert str(missing) in msg and "cifar-100-python" in msg and "data.source.download=true" in msg
     with pytest.raises(ConfigError, match="cifar-100-python"):
         dm.prepare_data()
 
@@ -159,7 +178,7 @@ def test_offline_download_fails_with_config_error(tmp_path, monkeypatch):
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
     with pytest.raises(ConfigError) as err:
         dm.prepare_data()
-    assert "data.download" in str(err.value) and str(tmp_path) in str(err.value)
+    assert "data.source.download" in str(err.value) and str(tmp_path) in str(err.value)
 
 
 def test_tarball_is_extracted(tmp_path):
@@ -214,18 +233,31 @@ def test_corrupt_pickle(tmp_path, damage):
         dm.check()
 
 
+def test_a_damaged_unverified_tarball_is_caught_before_anything_is_extracted(tmp_path):
+    """check() is the app's pre-flight: it reads an unverified archive's pickles without writing a file."""
+    folder = write_cifar10(tmp_path / "src", n_train_per_batch=4, n_test=5)
+    (folder / "data_batch_3").write_bytes(b"not a pickle" * 10)
+    root = tmp_path / "root"
+    root.mkdir()
+    tar_archive(folder, root / "cifar-10-python.tar.gz")
+    with pytest.raises(ConfigError, match=r"data_batch_3.*corrupt or truncated"):
+        make_dm(source="cifar10", root=str(root)).check()
+    assert os.listdir(root) == ["cifar-10-python.tar.gz"]
+
+
 @pytest.mark.parametrize(
     ("kw", "key"),
     [
-        ({"source": "cifar1000"}, "data.source"),
-        ({"label_type": "medium"}, "data.label_type"),
-        ({"source": "cifar10", "label_type": "coarse"}, "data.label_type"),
+        ({"source": "cifar1000"}, "data.source.variant"),
+        ({"label_type": "medium"}, "data.source.label_type"),
+        ({"source": "cifar10", "label_type": "coarse"}, "data.source.label_type"),
         ({"batch_size": 0}, "data.batch_size"),
         ({"val_fraction": 1.0}, "data.val_fraction"),
         ({"val_fraction": -0.1}, "data.val_fraction"),
         ({"mean": [0.5, 0.5]}, "data.mean"),
         ({"std": [0.5, 0.0, 0.5]}, "data.std"),
-        ({"num_classes": 7}, "data.num_classes"),
+        ({"num_classes": 1, "source": "synthetic"}, "data.source.num_classes"),
+        ({"load_size": 4, "source": "imagefolder"}, "data.source.load_size"),
         ({"limit_train": 0}, "data.limit_train"),
     ],
 )
@@ -238,6 +270,14 @@ def test_bad_settings_name_the_key(c10_root, kw, key):
     assert key in msg and "allowed" in msg and "Fix" in msg
     bad = next(iter(kw.values()))
     assert repr(bad) in msg or str(bad) in msg
+
+
+def test_a_source_takes_only_its_own_settings():
+    """Settings of another source cannot be given at all (Hydra: `+data.source.num_classes` is refused)."""
+    with pytest.raises(TypeError, match="num_classes"):
+        CifarSource(variant="cifar10", num_classes=7)
+    with pytest.raises(TypeError, match="load_size"):
+        VisionDataModule(SyntheticSource(), load_size=32)
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -282,7 +322,9 @@ def test_loaders(c10_root):
     dm = make_dm(source="cifar10", name="cifar10", root=str(c10_root), batch_size=64)
     dm.setup()
     train = dm.train_dataloader()
-    assert isinstance(train.sampler, RandomSampler) and not train.drop_last
+    assert isinstance(train.sampler, EpochSampler) and not train.drop_last
+    order = train.sampler.order().tolist()  # shuffled: a permutation other than the archive's order
+    assert sorted(order) == list(range(180)) and order != list(range(180))
     batches = list(train)
     assert sum(len(b[1]) for b in batches) == 180  # last partial batch kept
     images, labels = batches[0]
@@ -419,23 +461,12 @@ def test_dataset_configs_instantiate(name, source, label_type, classes, tmp_path
     path = REPO / "conf" / "dataset" / f"{name}.yaml"
     assert path.read_text().splitlines()[0] == "# @package data"
     node = OmegaConf.load(path)
-    assert node._target_ == "vitcrs.data.VisionDataModule" and node.source == source
-    common = {
-        "root": str(tmp_path),
-        "batch_size": 64,
-        "num_workers": 0,
-        "val_fraction": 0.1,
-        "split_seed": 0,
-        "download": False,
-        "verify_checksum": True,
-        "augment": True,
-        "image_size": 32,
-        "mean": [0.5] * 3,
-        "std": [0.5] * 3,
-        "limit_train": None,
-    }
-    dm = instantiate(OmegaConf.merge(common, node))
-    assert isinstance(dm, VisionDataModule) and dm.label_type == label_type
+    assert node.source._target_ == f"vitcrs.data.{SOURCES.get(source, CifarSource).__name__}"
+    common = OmegaConf.load(REPO / "conf" / "data" / "default.yaml")
+    assert common._target_ == "vitcrs.data.VisionDataModule"
+    local = {"root": str(tmp_path), "num_workers": 0, "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    dm = instantiate(OmegaConf.merge(common, node, local, {"seed": 0}))
+    assert isinstance(dm, VisionDataModule) and dm.label_type == label_type and dm.source.kind == source
     assert dm.name == (tmp_path.name if name == "imagefolder" else name)  # a folder tree: the folder's name
     if classes is not None:
         assert dm.num_classes == classes

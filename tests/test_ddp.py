@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from vitcrs.crs import random as crs_random
+from vitcrs.crs import SamplingGenerator
 from vitcrs.crs.sampling import sample
 from vitcrs.models import ViTClassifier
 
@@ -98,14 +98,14 @@ def test_ranks_draw_from_their_own_crs_streams(run_train, tmp_path):
               "callbacks.step_checkpoint.every_n_train_steps=1", "callbacks.grad_fidelity.every_n_steps=1",
               f"hydra.run.dir={run_dir}", cwd=tmp_path,
               timeout=DDP_TIMEOUT_S)  # fmt: skip
-    per_rank = _ckpt(run_dir)["crs"]["per_rank"]
-    assert [r["rng"]["seed"] for r in per_rank] == [0, 1]  # seed + rank
-    states = [r["rng"]["states"]["cpu"] for r in per_rank]
+    per_rank = _ckpt(run_dir)["crs"]
+    assert [r["generator"]["seed"] for r in per_rank] == [0, 1]  # seed + rank
+    states = [r["generator"]["states"]["cpu"] for r in per_rank]
     fresh = [torch.Generator().manual_seed(s).get_state() for s in (0, 1)]
     assert not torch.equal(states[0], states[1])
     assert all(not torch.equal(s, f) for s, f in zip(states, fresh, strict=True))  # both ranks sampled
     # The per-rank running gradient-norm estimates are kept too (each rank sees its own output gradients).
-    assert per_rank[0]["grad_norms"].keys() == per_rank[1]["grad_norms"].keys()
+    assert per_rank[0]["grad_norm"].keys() == per_rank[1]["grad_norm"].keys()
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["status"] == "complete" and m["ratio"] == 0.3
     assert 0.0 < m["fidelity_rel_err"] < 1.0 and 0.0 < m["fidelity_cos"] < 1.0  # sampled, measured on 2 ranks
@@ -136,8 +136,7 @@ def test_rank_seeds_give_different_rows_and_the_module_seeds_by_rank(tiny_vit_co
     weights = torch.rand(4, 64)
     drawn = []
     for rank in range(2):
-        crs_random.manual_seed(7 + rank)
-        drawn.append(sample(weights, 8, "crs", crs_random.generator(weights.device))[0])
+        drawn.append(sample(weights, 8, "crs", SamplingGenerator(7 + rank).for_device(weights.device))[0])
     assert not torch.equal(drawn[0], drawn[1])
 
     module = ViTClassifier(
@@ -150,10 +149,12 @@ def test_rank_seeds_give_different_rows_and_the_module_seeds_by_rank(tiny_vit_co
     module._trainer = SimpleNamespace(global_rank=1)  # what Lightning sets before calling setup
     try:
         module.setup("fit")
-        assert crs_random.get_rng_state()["seed"] == 8
-        crs_random.manual_seed(0)
+        assert module.net.crs_generator.seed == 8
+        # each rank keeps its own gradient-norm estimates: DDP is told not to broadcast rank 0's buffers
+        estimates = {name for name, _ in module.named_buffers() if ".grad_norm." in name}
+        assert len(estimates) == 4 * 2 and set(module._ddp_params_and_buffers_to_ignore) == estimates
+        module.net.crs_generator.manual_seed(0)
         module.setup("test")  # evaluation leaves the stream alone
-        assert crs_random.get_rng_state()["seed"] == 0
+        assert module.net.crs_generator.seed == 0
     finally:
         module._trainer = None
-        crs_random.set_rng_state({"seed": None})

@@ -21,13 +21,17 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 import vitcrs.train as app
+import vitcrs.trainer
 from conftest import CONF_DIR, quiet_env
 from conftest import QUICK as DEMO_BATCHES
+from vitcrs.callbacks import describe_run
+from vitcrs.conf import check_added_keys, container
 from vitcrs.data import cifar
 from vitcrs.errors import ConfigError
 from vitcrs.models import ViTClassifier
+from vitcrs.resume import crs_changes
 from vitcrs.run_dir import RunDirLock
-from vitcrs.train import check_added_keys, train, validate
+from vitcrs.train import train, validate
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning")
 
@@ -110,18 +114,23 @@ BAD_INPUTS = {
         ["model.name_or_path='/no/such/vit'", "no such checkpoint directory", "Hub id"],
     ),
     "cifar missing offline": (
-        ["dataset=cifar10", "data.download=false"],
+        ["dataset=cifar10", "data.source.download=false"],
         None,
-        ["CIFAR-10 not found", "cifar-10-batches-py", "cifar-10-python.tar.gz", "data.download=true"],
+        ["CIFAR-10 not found", "cifar-10-batches-py", "cifar-10-python.tar.gz", "data.source.download=true"],
     ),
     "imagefolder empty": (["dataset=imagefolder"], None, ["data.root=", "train/"]),
     "corrupt archive": (
         ["dataset=cifar10"],
         lambda tmp: _corrupt_tarball(tmp / "data") and [],
-        ["data.verify_checksum=true", "cifar-10-python.tar.gz", "md5", "data.verify_checksum=false"],
+        [
+            "data.source.verify_checksum=true",
+            "cifar-10-python.tar.gz",
+            "md5",
+            "data.source.verify_checksum=false",
+        ],
     ),
     "truncated archive files": (
-        ["dataset=cifar10", "data.verify_checksum=false"],
+        ["dataset=cifar10", "data.source.verify_checksum=false"],
         lambda tmp: _truncated_folder(tmp / "data") and [],
         ["data_batch_1", "corrupt or truncated"],
     ),
@@ -247,7 +256,7 @@ def test_keys_added_where_their_reader_checks_them_are_let_through(compose_cfg):
         "+trainer.accumulate_grad_batches=2",
         "+callbacks.fault.kill_at_step=3",
         "+model.config.qkv_bias=false",
-        "+data.load_size=32",  # a VisionDataModule argument (source=imagefolder reads it)
+        "+data.batch_indices=true",  # a VisionDataModule argument
     ]
     check_added_keys(compose_cfg("experiment=demo", *added), added)
 
@@ -263,7 +272,7 @@ def test_offline_download_says_where_to_put_the_files(compose_cfg, tmp_path, mon
 def test_corrupt_archive_without_checksum_stops_before_training(compose_cfg, tmp_path, one_thread):
     """An archive that is only extracted (verify_checksum=false) is checked before anything is written."""
     _corrupt_tarball(tmp_path / "data")
-    cfg = compose_cfg(*QUICK, "dataset=cifar10", "data.verify_checksum=false")
+    cfg = compose_cfg(*QUICK, "dataset=cifar10", "data.source.verify_checksum=false")
     with pytest.raises(ConfigError, match=r"cannot be extracted.*Fix: delete it"):
         train(cfg)
     assert not (tmp_path / "run").exists()
@@ -278,7 +287,7 @@ def test_trainer_settings_lightning_refuses_are_config_errors(compose_cfg, tmp_p
 
 def test_data_parallel_in_a_sweep_is_refused(compose_cfg, tmp_path, monkeypatch):
     """Lightning would start rank 1 by re-running the whole `-m` command: refused, before anything runs."""
-    monkeypatch.setattr(app, "_multirun", lambda: True)
+    monkeypatch.setattr(vitcrs.trainer, "multirun", lambda: True)
     cfg = compose_cfg(*QUICK, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
     with pytest.raises(ConfigError, match=r"2 processes in a -m sweep.*hydra/launcher=slurm"):
         train(cfg)
@@ -321,11 +330,11 @@ def test_bad_resume_leaves_the_existing_run_untouched(run_train, tmp_path, extra
 def test_resuming_with_other_crs_settings_when_allowed_is_recorded(compose_cfg, tmp_path):
     ckpt = _vit_checkpoint(tmp_path / "old" / "checkpoints" / "last.ckpt", _vit_micro(), CRS_OF_DEMO_AT_HALF)
     cfg = compose_cfg("experiment=demo", f"ckpt_path={ckpt}", "allow_crs_change=true")
-    datamodule = validate(cfg)
-    changed = app.crs_changes(cfg, torch.load(ckpt, weights_only=False)["hyper_parameters"])
+    datamodule = validate(cfg).datamodule
+    changed = crs_changes(torch.load(ckpt, weights_only=False)["hyper_parameters"], container(cfg.crs))
     assert changed == {"ratio": 0.5}
-    record = app.describe_run(cfg, datamodule, changed)
-    assert record["ratio"] == 0.3 and record["settings"]["crs_before_resume"] == {"ratio": 0.5}
+    record = describe_run(cfg, datamodule, changed)
+    assert record.ratio == 0.3 and record.settings["crs_before_resume"] == {"ratio": 0.5}
 
 
 def test_an_image_folder_is_recorded_under_its_own_name_unless_named(compose_cfg, tmp_path):
@@ -335,9 +344,9 @@ def test_an_image_folder_is_recorded_under_its_own_name_unless_named(compose_cfg
             (root / split / name).mkdir(parents=True)
     sized = ["data.image_size=32", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]
     cfg = compose_cfg("experiment=demo", "dataset=imagefolder", f"data.root={root}", *sized)
-    assert app.describe_run(cfg, instantiate(cfg.data))["dataset"] == "flowers"
+    assert describe_run(cfg, instantiate(cfg.data)).dataset == "flowers"
     cfg = compose_cfg("experiment=demo", "dataset=imagefolder", f"data.root={root}", *sized, "data.name=mine")
-    assert app.describe_run(cfg, instantiate(cfg.data))["dataset"] == "mine"
+    assert describe_run(cfg, instantiate(cfg.data)).dataset == "mine"
 
 
 RUN_DIR_CONFLICTS = {
@@ -381,9 +390,9 @@ def test_a_complete_job_of_a_resumed_sweep_is_left_as_it_is(compose_cfg, tmp_pat
     _vit_checkpoint(run / "checkpoints" / "last.ckpt", _vit_micro(), CRS_OF_DEMO, epochs=3)
     (run / "metrics.json").write_text(json.dumps({"status": "complete", "val_acc": 0.75}))
     before = _snapshot(run)
-    monkeypatch.setattr(app, "_multirun", lambda: True)  # `-m ... ckpt_path=last` over a finished sweep
+    monkeypatch.setattr(app, "multirun", lambda: True)  # `-m ... ckpt_path=last` over a finished sweep
     assert app.main(compose_cfg("experiment=demo", "ckpt_path=last")) == 0.75  # its score, no failure
-    monkeypatch.setattr(app, "_multirun", lambda: False)  # a single run: refused (exit status 2)
+    monkeypatch.setattr(app, "multirun", lambda: False)  # a single run: refused (exit status 2)
     with pytest.raises(SystemExit) as exited:
         app.main(compose_cfg("experiment=demo", "ckpt_path=last"))
     assert exited.value.code == 2 and _snapshot(run) == before

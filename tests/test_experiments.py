@@ -14,10 +14,11 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from cifar_archives import write_cifar10, write_cifar100
 from conftest import CONF_DIR, quiet_env
-from vitcrs.crs import validate_targets
+from vitcrs.crs import TARGET_SETS, validate_targets
 from vitcrs.errors import ConfigError
 from vitcrs.train import validate
 
@@ -70,7 +71,7 @@ def test_study_is_three_datasets_by_three_ratios(compose_cfg):
         assert cfg.crs.method == "wta_crs" and list(cfg.crs.targets) == STUDY_TARGETS
         assert cfg.trainer.precision == "32-true" and cfg.seed == 0
         assert cfg.crs.ratio == float(job_value(job, "crs.ratio"))
-        labels[cfg.data.name] = (cfg.data.source, cfg.data.label_type)
+        labels[cfg.data.name] = (cfg.data.source.variant, cfg.data.source.label_type)
     assert labels == {
         "cifar10": ("cifar10", "fine"),
         "cifar100": ("cifar100", "fine"),
@@ -101,10 +102,14 @@ def test_study_tiny_on_the_cifar10_jpeg_folder(compose_cfg, tmp_path):
     for job in jobs:
         cfg = compose_cfg(*job)
         assert cfg.model.name_or_path == "/models/vit-tiny-patch16-224" and cfg.data.root == "/d/cifar10-jpeg"
-        assert cfg.data.source == "imagefolder" and cfg.data.name == "cifar10"  # reported as CIFAR-10
+        assert cfg.data.source._target_ == "vitcrs.data.ImageFolderSource" and cfg.data.name == "cifar10"
         assert cfg.model.attn_implementation == "eager" and list(cfg.crs.targets) == STUDY_TARGETS
         assert cfg.crs.method == "wta_crs" and cfg.data.batch_size == 64 and cfg.trainer.max_epochs == 3
         validate_targets(cfg.crs.targets, cfg.model.attn_implementation)
+    # everything else is the study's (study_tiny inherits it): the same config but for the model and length
+    tiny, study = (OmegaConf.to_container(compose_cfg(f"experiment={e}")) for e in ("study_tiny", "study"))
+    assert tiny.pop("model") != study.pop("model") and tiny["trainer"].pop("max_epochs") == 3
+    assert study["trainer"].pop("max_epochs") == 8 and tiny == study
     # the checkpoint is mandatory: a clean error naming the key, before anything is loaded
     cfg = compose_cfg("experiment=study_tiny")
     assert OmegaConf.is_missing(cfg.model, "name_or_path")
@@ -126,7 +131,7 @@ def test_targets_ablation_grid_has_only_valid_jobs(compose_cfg):
         seen.add((job_value(job, "ablation"), targets, attn, cfg.crs.method, cfg.crs.ratio))
     assert len(seen) == 24
     options = {path.stem for path in (CONF_DIR / "ablation").glob("*.yaml")}
-    names = {"qkv", "study", "linears", "linears_sdpa", "lean", "lean_block"}
+    names = {"qkv", "study", "linears", "linears_sdpa", "lean_all", "lean_block"}
     assert {s[0] for s in seen} == options == names
     assert {s[1:3] for s in seen} == {
         (("query", "key", "value"), "eager"),
@@ -138,8 +143,27 @@ def test_targets_ablation_grid_has_only_valid_jobs(compose_cfg):
     }
     assert {(s[3], s[4]) for s in seen} == {(m, r) for m in ("crs", "wta_crs") for r in (0.5, 0.3)}
     # narrowed on the command line, and with an exact row per section
-    assert len(sweep_jobs("targets_ablation", "ablation=lean,study", "crs.method=crs")) == 4
+    assert len(sweep_jobs("targets_ablation", "ablation=lean_all,study", "crs.method=crs")) == 4
     assert len(sweep_jobs("targets_ablation", "crs.ratio=1.0,0.5,0.3")) == 36
+
+
+def test_conf_names_target_sets_from_the_catalogue(compose_cfg):
+    """conf names sets of vitcrs.crs.TARGET_SETS (`${vitcrs.targets:NAME}`): a list on the command line still
+    replaces one, a set can be named there too, and OmegaConf.resolve (`--cfg job --resolve`) works."""
+    for path in [*(CONF_DIR / "ablation").glob("*.yaml"), *(CONF_DIR / "experiment").glob("*.yaml")]:
+        spelled = re.findall(r"^\s*targets:\s*\[", path.read_text(), flags=re.MULTILINE)
+        assert not spelled, f"{path.name} spells out a target set: name one of {list(TARGET_SETS)}"
+    study = compose_cfg("experiment=study")
+    assert list(study.crs.targets) == STUDY_TARGETS == list(TARGET_SETS["study"])
+    OmegaConf.resolve(study)  # the list takes the interpolation's place
+    assert OmegaConf.to_container(study.crs)["targets"] == STUDY_TARGETS
+    assert list(compose_cfg("experiment=study", "crs.targets=[query,key]").crs.targets) == ["query", "key"]
+    lean = compose_cfg("experiment=study", "crs.targets=${vitcrs.targets:lean}")
+    assert list(lean.crs.targets) == ["query", "key", "value", "attn_output", "mlp"]
+    validate(compose_cfg("experiment=demo", "crs.targets=${vitcrs.targets:lean}"))
+    bad = compose_cfg("crs.targets=${vitcrs.targets:lean_mlp}")
+    with pytest.raises(InterpolationResolutionError, match=r"no target set named 'lean_mlp'.*study, qkv"):
+        list(bad.crs.targets)
 
 
 # --- real CPU multiruns and their report ------------------------------------------------------------------
@@ -184,7 +208,8 @@ def test_study_sweep_runs_cifar10_and_cifar100_fine_and_coarse(run_train, tmp_pa
     write_cifar10(data)
     write_cifar100(data)
     sweep = tmp_path / "sweep"
-    local = [f"data.root={data}", "data.download=false", "data.verify_checksum=false", "data.num_workers=0"]
+    local = [f"data.root={data}", "data.source.download=false", "data.source.verify_checksum=false",
+             "data.num_workers=0"]  # fmt: skip
     tiny = ["model=vit_micro", "trainer=cpu", "crs.ratio=0.3", *local, *FEW_BATCHES]
     run_train("-m", "experiment=study", *tiny, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     records = [json.loads((sweep / str(n) / "metrics.json").read_text()) for n in range(3)]

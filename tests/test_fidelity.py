@@ -17,12 +17,12 @@ from hydra import compose, initialize_config_dir
 from conftest import CONF_DIR, QUICK, TINY_VIT, quiet_env
 from vitcrs.callbacks import GradFidelityMonitor
 from vitcrs.crs import CRSConfig, crs_linear
-from vitcrs.crs import random as crs_random
 from vitcrs.errors import ConfigError
 from vitcrs.fidelity import grad_fidelity, parameter_block, parameter_kind
 from vitcrs.fidelity.cli import configurations
 from vitcrs.fidelity.meter import Configuration, Groups, compare_draws, measure
 from vitcrs.models import build_vit
+from vitcrs.record import RunRecord
 from vitcrs.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning")
@@ -129,7 +129,6 @@ def _measure_tiny_vit(configs: list[Configuration]) -> dict:
                        lr=1e-3)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
-        crs_random.set_rng_state({"seed": None})
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +182,7 @@ def _compose_fidelity(*overrides: str):
         ),
         ("fidelity.configs=[{targets: [query], ratio: 0.5, probb: norm}]", r"fidelity\.configs\[0\].*probb"),
         ("fidelity.configs=[{targets: [nope], ratio: 0.5}]", r"fidelity\.configs\[0\].*unknown names"),
+        ("fidelity.configs=[{targets: nope, ratio: 0.5}]", r"fidelity\.configs\[0\]: no target set named"),
         ("fidelity.configs=[]", r"fidelity\.configs"),
     ],
 )
@@ -197,6 +197,16 @@ def test_configurations_from_the_command_line():
     )
     (config,) = configurations(cfg)
     assert config == Configuration("wta_crs", ("query", "value"), 0.3, "norm_grad")
+    # a named set of vitcrs.crs.TARGET_SETS, as conf/fidelity.yaml and scripts/run_fidelity.sh give them
+    cfg = _compose_fidelity("model=vit_micro", "fidelity.configs=[{targets: lean, ratio: 0.3}]")
+    (config,) = configurations(cfg)
+    assert config.targets == ("query", "key", "value", "attn_output", "mlp")
+    study, linears, lean = configurations(_compose_fidelity())  # conf/fidelity.yaml's three
+    assert [c.targets for c in (study, linears, lean)] == [
+        ("query", "key", "value", "scores", "context"),
+        ("query", "key", "value", "attn_output", "fc1", "fc2"),
+        ("query", "key", "value", "attn_output", "mlp"),
+    ]
 
 
 # --- the training callback --------------------------------------------------------------------------------
@@ -236,7 +246,9 @@ def test_callback_logs_fidelity_under_gradient_accumulation(compose_cfg, tmp_pat
 
 
 def test_callback_off_reports_null():
-    assert GradFidelityMonitor().summary() == {"fidelity_rel_err": None, "fidelity_cos": None}
+    record = RunRecord(fidelity_rel_err=1.0, fidelity_cos=1.0)
+    GradFidelityMonitor().fill(record)
+    assert (record.fidelity_rel_err, record.fidelity_cos) == (None, None)
     with pytest.raises(ValueError, match="every_n_steps"):
         GradFidelityMonitor(every_n_steps=-1)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import CONF_DIR, REPO, quiet_env
-from vitcrs.bench.grid import TARGET_SETS
+from vitcrs.bench.grid import BENCH_TARGET_SETS
 from vitcrs.gpu_check import cli
 from vitcrs.gpu_check.plan import make_plan, override_value, train_runs
 from vitcrs.gpu_check.smoke import BIAS_LIMIT, bias_ratio
@@ -39,7 +39,7 @@ def test_dry_run_writes_every_step_result_and_the_summary(tmp_path):
     assert status["fidelity"] in ("ok", "skipped", "failed")  # optional: exists only with issue 10's meter
 
     smoke = json.loads((out / "smoke/smoke.json").read_text())["cases"]
-    assert {c["target_set"] for c in smoke} == set(TARGET_SETS)
+    assert {c["target_set"] for c in smoke} == set(BENCH_TARGET_SETS)
     assert all(c["ok"] and c["finite"] for c in smoke)
     assert {(c["attn"], c["precision"]) for c in smoke} == {
         (a, p) for a in ("eager", "sdpa") for p in ("fp32", "bf16-mixed")

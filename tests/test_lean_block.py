@@ -11,7 +11,7 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.models.vit.modeling_vit import ViTLayer
 
-from vitcrs.bench import BlockShape, block_saved_bytes
+from vitcrs.bench import BlockShape, analytic_block_saved_bytes
 from vitcrs.crs import (
     LINEAR_TARGETS,
     CRSConfig,
@@ -75,7 +75,8 @@ def block_weights(layer: ViTLayer) -> list[torch.Tensor]:
 def _recompute_even_at_ratio_one(self, hidden_states, attention_mask=None, **kwargs):
     """LeanViTLayer.forward without its ratio-1 shortcut to the plain block: the lean op at every ratio."""
     keep_mid = not (self.gradient_checkpointing and self.training)
-    return lean_vit_block(self, hidden_states, self.crs_cfg, attention_mask, keep_mid)
+    generator = self.crs_generator.for_device(hidden_states.device)
+    return lean_vit_block(self, hidden_states, self.crs_config, attention_mask, keep_mid, generator)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "ckpt"])
@@ -215,8 +216,8 @@ def test_lean_block_saved_bytes_equal_the_analytic_model(attn, autocast):
                 out = model.vit.layers[0](h)
             measured = meter.bytes
             del out
-            ideal = block_saved_bytes(shape, attn, autocast, cfg, ["lean_block"], checkpointing)
-            exact = block_saved_bytes(shape, attn, autocast)
+            ideal = analytic_block_saved_bytes(shape, attn, autocast, cfg, ["lean_block"], checkpointing)
+            exact = analytic_block_saved_bytes(shape, attn, autocast)
             if ratio == 1.0:  # the plain block (checkpointed: its input alone), no recomputation of its own
                 assert measured == ideal == (197 * 2 * 768 * 4 if checkpointing else exact)
                 continue

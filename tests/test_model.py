@@ -10,8 +10,7 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import ViTForImageClassification
 
-from vitcrs.crs import CRSLinear, CRSViTAttention, crs_state_dict
-from vitcrs.crs import random as crs_random
+from vitcrs.crs import CRSLinear, CRSViTAttention, grad_norm_sources
 from vitcrs.errors import ConfigError
 from vitcrs.models import ViTClassifier, build_vit, model_inputs
 
@@ -143,38 +142,45 @@ def test_module_from_a_checkpoint_is_in_train_mode(vit_checkpoint):
 
 
 def test_module_trains_schedules_and_checkpoints_crs_state(tiny_vit_config, tmp_path):
-    crs_random.manual_seed(3)
     module = _module(tiny_vit_config)
+    module.net.crs_generator.manual_seed(3)
     trainer = _trainer(tmp_path, max_steps=4, enable_checkpointing=False)
     trainer.fit(module, _loader(), _loader(8))
     optimizer = trainer.optimizers[0]
     decays = sorted(g["weight_decay"] for g in optimizer.param_groups)
     assert decays == [0.0, 0.01]  # biases and norm weights are not decayed
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # linear decay to 0 at the last step
-    state = crs_state_dict(module.net)
-    assert any(s["value"] is not None for s in state.values())  # norm_grad estimates were updated
+    state = {name: s.estimate.clone() for name, s in grad_norm_sources(module.net).items()}
+    assert any(e.numel() > 0 for e in state.values())  # norm_grad estimates were updated
 
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
-    rng = crs_random.get_rng_state()
-    crs_random.manual_seed(99)
+    rng = module.net.crs_generator.get_state()
     restored = ViTClassifier.load_from_checkpoint(path)
-    for name, s in crs_state_dict(restored.net).items():
-        saved = state[name]["value"]
-        assert (s["value"] is None) == (saved is None) and (saved is None or torch.equal(s["value"], saved))
-    assert crs_random.get_rng_state()["seed"] == rng["seed"] == 3
-    assert torch.equal(crs_random.get_rng_state()["states"]["cpu"], rng["states"]["cpu"])
+    for name, s in grad_norm_sources(restored.net).items():
+        assert torch.equal(s.estimate, state[name])
+    assert restored.net.crs_generator.get_state()["seed"] == rng["seed"] == 3
+    assert torch.equal(restored.net.crs_generator.get_state()["states"]["cpu"], rng["states"]["cpu"])
+    assert restored.net.crs_generator is not module.net.crs_generator
+
+    # The checkpoint's weights are the Hugging Face model's: they load, strictly, into a plain one.
+    weights = torch.load(path, weights_only=False)["state_dict"]
+    plain = ViTForImageClassification(restored.net.config)
+    plain.load_state_dict({k.removeprefix("net."): v for k, v in weights.items()}, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    restored.eval()
+    assert torch.equal(plain.eval()(x).logits, restored(x))
 
 
 def test_non_finite_loss_stops_training(tiny_vit_config, tmp_path, monkeypatch):
     module = _module(tiny_vit_config)
-    real = module._loss
+    real = module.loss
 
     def nan_loss(batch):
         loss, logits, y = real(batch)
         return loss * math.nan, logits, y
 
-    monkeypatch.setattr(module, "_loss", nan_loss)
+    monkeypatch.setattr(module, "loss", nan_loss)
     trainer = _trainer(tmp_path, max_steps=2, enable_checkpointing=False, num_sanity_val_steps=0)
     with pytest.raises(FloatingPointError, match=r"training loss became nan.*optim\.lr"):
         trainer.fit(module, _loader(), _loader(4))
@@ -187,14 +193,14 @@ def test_non_finite_loss_in_an_accumulated_batch_stops_before_the_step(
     # The loss is checked once per optimizer step: a NaN in the first of two accumulated micro-batches,
     # followed by a finite one, must still stop the run before that step, with the weights untouched.
     module = _module(tiny_vit_config)
-    real, calls = module._loss, []
+    real, calls = module.loss, []
 
     def nan_in_third(batch):
         loss, logits, y = real(batch)
         calls.append(len(calls))
         return (loss * math.nan if len(calls) == 3 else loss), logits, y
 
-    monkeypatch.setattr(module, "_loss", nan_in_third)
+    monkeypatch.setattr(module, "loss", nan_in_third)
     trainer = _trainer(
         tmp_path, max_steps=3, accumulate_grad_batches=2, enable_checkpointing=False, num_sanity_val_steps=0
     )

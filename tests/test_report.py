@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from vitcrs.errors import ConfigError
+from vitcrs.record import METRICS_KEYS, RunRecord, markdown_table
 from vitcrs.report import build_report, main
-from vitcrs.report.data import Column, Group, config_diff, differing_keys, read_run
+from vitcrs.report.data import Column, Group, config_diff, differing_keys, find_metrics, read_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SETTINGS = {
@@ -372,6 +373,39 @@ def test_cli_prints_the_report_folder(tmp_path: Path) -> None:
     )
     assert done.returncode == 0 and done.stdout == f"{explicit}\n"
     assert {p.name for p in explicit.iterdir()} >= {"accuracy.md", "memory.tex", "accuracy_vs_memory.png"}
+
+
+def test_readme_metrics_table_is_generated_from_the_record(capsys: pytest.CaptureFixture[str]) -> None:
+    """README's metrics.json table is `python -m vitcrs.report --schema`: one row per RunRecord field."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("| key | meaning |\n")
+    assert readme[start : readme.index("\n\n", start) + 1] == markdown_table()
+    assert main(["--schema"]) == 0 and capsys.readouterr().out == markdown_table()
+    rows = markdown_table().splitlines()[2:]
+    assert [row.split("`")[1] for row in rows] == [*METRICS_KEYS, "error"]
+    assert all(row.split(" | ")[1].strip(" |") for row in rows)  # every key has its meaning
+    with pytest.raises(SystemExit):
+        main([])  # neither paths nor --schema
+
+
+def test_record_round_trip_and_files_of_older_versions(tmp_path: Path) -> None:
+    record = RunRecord(status="complete", dataset="cifar10", ratio=0.5, settings={"method": "crs"})
+    data = record.to_json()
+    assert list(data) == list(METRICS_KEYS) and data["epochs"] == 0  # error only once set
+    assert RunRecord.from_json(data) == record
+    failed = RunRecord(status="failed", error="ValueError: x").to_json()
+    assert list(failed) == [*METRICS_KEYS, "error"]
+    # an older file: no sample_cache or fidelity keys, and a key this version no longer writes
+    old = {k: v for k, v in data.items() if k not in ("sample_cache", "fidelity_rel_err", "fidelity_cos")}
+    assert RunRecord.from_json({**old, "retired_key": 1}) == record
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(old), encoding="utf-8")
+    assert RunRecord.read(path) == record and RunRecord.read(tmp_path / "missing.json") is None
+    path.write_text("[1]", encoding="utf-8")
+    assert RunRecord.read(path) is None
+    # the records kept in docs/results, written by earlier versions, read as complete runs
+    kept = find_metrics(Path(__file__).resolve().parents[1] / "docs" / "results")
+    assert kept and all(getattr(read_run(p), "status", None) == "complete" for p in kept)
 
 
 def test_report_of_only_unreadable_files_is_still_written(tmp_path: Path) -> None:

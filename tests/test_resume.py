@@ -8,11 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
-from vitcrs.data import BatchCollate, ImageTensorDataset
+from vitcrs.data import (
+    BatchCollate,
+    EpochSampler,
+    ImageTensorDataset,
+    SyntheticSource,
+    TrainLoader,
+    VisionDataModule,
+)
 from vitcrs.resume import (
-    ResumableLoader,
     checkpoint_run_dir,
     hydra_output_subdir,
     resolve_ckpt_path,
@@ -136,27 +141,33 @@ def test_a_reused_run_dir_keeps_its_hydra_config(tmp_path, monkeypatch):
     assert hydra_output_subdir(tmp_path, "T") is None
 
 
-# --- ResumableLoader ----------------------------------------------------------------------------------
+# --- the training loader (vitcrs.data.train_loader) -----------------------------------------------------
 
 
 def _loader(
-    n: int = 50, batch_size: int = 8, shuffle: bool = True, augment: bool = True, workers: int = 0
-) -> DataLoader:
+    seed: int,
+    n: int = 50,
+    batch_size: int = 8,
+    augment: bool = True,
+    workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    indices: bool = False,
+) -> TrainLoader:
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 8, 8).contiguous()
     images = images + torch.arange(8, dtype=torch.uint8).view(1, 1, 1, 8)  # crops and flips show
     dataset = ImageTensorDataset(images, torch.arange(n))
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=BatchCollate(augment), num_workers=workers
-    )
+    sampler = EpochSampler(dataset, batch_size, seed, rank, world_size)
+    return TrainLoader(dataset, sampler, BatchCollate(augment), indices=indices, num_workers=workers)
 
 
-def _epoch(loader: ResumableLoader, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _epoch(loader: TrainLoader, epoch: int) -> list[tuple[torch.Tensor, ...]]:
     loader.sampler.set_epoch(epoch)
     return list(loader)
 
 
 def test_loader_order_is_a_function_of_seed_and_epoch_and_spares_the_global_rng():
-    a, b = ResumableLoader(_loader(), seed=3), ResumableLoader(_loader(), seed=3)
+    a, b = _loader(seed=3), _loader(seed=3)
     torch.manual_seed(0)
     before = torch.get_rng_state()
     first = _epoch(a, 0)
@@ -170,21 +181,18 @@ def test_loader_order_is_a_function_of_seed_and_epoch_and_spares_the_global_rng(
 
 
 def test_loader_batches_do_not_depend_on_worker_processes():
-    main = _epoch(ResumableLoader(_loader(), seed=2), 1)
-    workers = _epoch(ResumableLoader(_loader(workers=2), seed=2), 1)
+    main = _epoch(_loader(seed=2), 1)
+    workers = _epoch(_loader(seed=2, workers=2), 1)
     assert all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(main, workers, strict=True))
-    plain = _epoch(ResumableLoader(_loader(augment=False), seed=2), 1)  # same order, no crop/flip
+    plain = _epoch(_loader(seed=2, augment=False), 1)  # same order, no crop/flip
     assert all(torch.equal(u, v) for (_, u), (_, v) in zip(main, plain, strict=True))
     assert not all(torch.equal(x, y) for (x, _), (y, _) in zip(main, plain, strict=True))
 
 
 def test_ranks_split_each_step_of_the_single_process_order():
     """Step j of a W-rank run with batch b sees the images of step j of a 1-rank run with batch W*b."""
-    single = _epoch(ResumableLoader(_loader(batch_size=8, augment=False), seed=1), 0)
-    ranks = [
-        _epoch(ResumableLoader(_loader(batch_size=4, augment=False), seed=1, rank=r, world_size=2), 0)
-        for r in range(2)
-    ]
+    single = _epoch(_loader(seed=1, batch_size=8, augment=False), 0)
+    ranks = [_epoch(_loader(seed=1, batch_size=4, augment=False, rank=r, world_size=2), 0) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 7  # 50 images: 25 per rank
     for step, (_, labels) in enumerate(single[:-1]):  # the last step is padded on the ranks
         together = torch.cat([ranks[r][step][1] for r in range(2)])
@@ -194,8 +202,8 @@ def test_ranks_split_each_step_of_the_single_process_order():
 
 
 def test_loader_resumes_after_the_consumed_images():
-    full = _epoch(ResumableLoader(_loader(), seed=5), 2)
-    partial = ResumableLoader(_loader(), seed=5)
+    full = _epoch(_loader(seed=5), 2)
+    partial = _loader(seed=5)
     partial.sampler.set_epoch(2)
     it = iter(partial)
     for _ in range(3):
@@ -203,7 +211,7 @@ def test_loader_resumes_after_the_consumed_images():
     state = partial.state_dict()
     assert state == {"epoch": 2, "consumed": 24, "seed": 5}
 
-    resumed = ResumableLoader(_loader(), seed=5)
+    resumed = _loader(seed=5)
     resumed.load_state_dict(state)
     rest = _epoch(resumed, 2)
     assert len(rest) == len(full) - 3
@@ -213,16 +221,56 @@ def test_loader_resumes_after_the_consumed_images():
 
 
 def test_a_state_from_another_epoch_is_ignored():
-    loader = ResumableLoader(_loader(), seed=5)
+    loader = _loader(seed=5)
     loader.load_state_dict({"epoch": 0, "consumed": 50, "seed": 5})  # saved at the end of epoch 0
     assert len(_epoch(loader, 1)) == 7
 
 
+def test_batches_carry_their_dataset_indices_when_asked():
+    """crs.prob=sample_cache keys its cache by the third element; the images and labels stay the same."""
+    plain = _epoch(_loader(seed=4), 0)
+    keyed = _epoch(_loader(seed=4, indices=True), 0)
+    for (x, y), (u, v, index) in zip(plain, keyed, strict=True):
+        assert torch.equal(x, u) and torch.equal(y, v)
+        assert index.dtype == torch.int64 and index.tolist() == y.tolist()  # the labels are the indices here
+
+
+def test_the_data_module_state_resumes_its_training_loader():
+    """Lightning keeps the data module's state_dict in checkpoints and restores it before the training loader
+    is built (or after, when configure_optimizers built it first): either way the epoch goes on exactly."""
+
+    def datamodule() -> VisionDataModule:
+        source = SyntheticSource(num_classes=3, num_train=40, num_test=4, native_size=8)
+        return VisionDataModule(source, batch_size=4, num_workers=0, val_fraction=0, image_size=8, seed=7)
+
+    run = datamodule()
+    full = _epoch(run.train_dataloader(), 1)
+    partial = run.train_dataloader()
+    partial.sampler.set_epoch(1)
+    batches = iter(partial)
+    for _ in range(4):
+        next(batches)
+    state = run.state_dict()
+    assert state == {"train_loader": {"epoch": 1, "consumed": 16, "seed": 7}}
+
+    restored_first = datamodule()
+    restored_first.load_state_dict(state)
+    built_first = datamodule()
+    loader = built_first.train_dataloader()
+    built_first.load_state_dict(state)
+    for rest in (_epoch(restored_first.train_dataloader(), 1), _epoch(loader, 1)):
+        assert len(rest) == len(full) - 4
+        assert all(
+            torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(rest, full[4:], strict=True)
+        )
+
+
 def test_a_gpu_checkpoint_loads_on_a_cpu_only_machine(tiny_vit_config, tmp_path):
-    """The CRS stream of a CUDA generator is dropped where there is no such GPU, not a crash."""
-    from vitcrs.crs import random as crs_random
+    """The CRS stream of a CUDA generator is not used where there is no GPU, not a crash; this checkpoint
+    (written by the previous version, with one stream per device) also has the CPU stream, which resumes,
+    and its running gradient-norm estimates are restored."""
+    from vitcrs.crs import grad_norm_sources
     from vitcrs.models import ViTClassifier
-    from vitcrs.models.module import _rng_for
 
     module = ViTClassifier(
         model={"name_or_path": None, "attn_implementation": "eager", "config": tiny_vit_config},
@@ -232,12 +280,12 @@ def test_a_gpu_checkpoint_loads_on_a_cpu_only_machine(tiny_vit_config, tmp_path)
     )
     cpu_state = torch.Generator().manual_seed(4).get_state()
     rng = {"seed": 4, "states": {"cpu": cpu_state, "cuda:7": cpu_state.clone()}}
-    checkpoint = {"crs": {"grad_norms": {}, "rng": rng, "per_rank": [{"grad_norms": {}, "rng": rng}]}}
-    try:
-        module.on_load_checkpoint(checkpoint)
-        restored = crs_random.get_rng_state()
-        assert restored["seed"] == 4 and set(restored["states"]) == {"cpu"}
-    finally:
-        crs_random.set_rng_state({"seed": None})
-    moved = _rng_for({"seed": 1, "states": {"cuda:3": cpu_state}}, torch.device("cuda:0"))
-    assert set(moved["states"]) <= {"cuda:0"}  # a rank's GPU stream follows it to its new device number
+    qkv = next(name for name in grad_norm_sources(module.net) if name.endswith(".qkv"))
+    grad_norms = {qkv: {"momentum": 0.9, "value": torch.tensor([1.0, 2.0])}}
+    checkpoint = {
+        "crs": {"grad_norms": grad_norms, "rng": rng, "per_rank": [{"grad_norms": grad_norms, "rng": rng}]}
+    }
+    module.on_load_checkpoint(checkpoint)
+    stream = module.net.crs_generator
+    assert stream.seed == 4 and torch.equal(stream.for_device(torch.device("cpu")).get_state(), cpu_state)
+    assert torch.equal(grad_norm_sources(module.net)[qkv].estimate, torch.tensor([1.0, 2.0]))

@@ -64,9 +64,9 @@ def test_cached_probabilities_are_unbiased_from_the_first_step(method):
 
     def draw():
         lin.entries, mat_n.entries = lin_state.clone(), mat_state.clone()  # the same cache every draw
-        lin.standin = mat_m.standin = mat_n.standin = None
+        lin.estimate = mat_m.estimate = mat_n.estimate = torch.empty(0)
         gw = torch.autograd.grad((crs_linear(x, w, None, cfg, lin) * g).sum(), w)
-        ga = torch.autograd.grad((crs_matmul(a, b, cfg, trackers=(mat_m, mat_n)) * gm).sum(), (a, b))
+        ga = torch.autograd.grad((crs_matmul(a, b, cfg, grad_norms=(mat_m, mat_n)) * gm).sum(), (a, b))
         return (*gw, *ga)
 
     _assert_unbiased(_estimates(draw, 2000), exact.double())
@@ -104,7 +104,7 @@ def test_eval_and_unindexed_forwards_never_touch_the_cache():
     with torch.no_grad(), training_batch(model, torch.tensor([0, 1])):
         model(x)  # an evaluation batch: no sampled op runs
     model(x).logits.sum().backward()  # a forward outside any training batch: p ∝ ‖x‖, nothing written
-    assert all(c.entries is None and c.standin is None for c in sample_caches(model).values())
+    assert all(c.entries is None and c.estimate.numel() == 0 for c in sample_caches(model).values())
     with training_batch(model, torch.tensor([3, 2])):
         model(x).logits.sum().backward()
     written = [c for c in sample_caches(model).values() if c.entries is not None]
@@ -202,7 +202,7 @@ def test_a_run_with_the_cache_reports_its_memory_and_resumes_exactly(compose_cfg
     last = broken / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=False)
     assert saved["global_step"] == 4
-    entries = saved["crs"]["per_rank"][0]["sample_cache"]
+    entries = saved["crs"][0]["sample_cache"]
     assert entries and not any(e.float().isnan().all(-1).any() for e in entries.values() if e.dim() == 2)
     _run(compose_cfg, tmp_path, f"run_dir={broken}", f"ckpt_path={last}")
     wa, wb = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
@@ -233,13 +233,13 @@ def test_an_overflowing_step_leaves_the_estimates_as_they_were():
     ema = GradNormEMA(0.5)
     ema.update(torch.tensor([[2.0, 4.0]]))
     ema.update(torch.tensor([[float("inf"), 1.0]]))
-    assert torch.equal(ema.value, torch.tensor([2.0, 4.0]))
+    assert torch.equal(ema.estimate, torch.tensor([2.0, 4.0]))
     _, cache = _cache(3)
     cache.write(torch.tensor([0, 1]), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
     cache.write(torch.tensor([2, 1]), torch.tensor([[float("nan"), 8.0], [float("inf"), 8.0]]))
     entries = decode(cache.entries, "bfloat16")
     assert entries[1:, 0].isnan().all() and torch.equal(entries[1:, 1], torch.tensor([8.0, 8.0]))
-    torch.testing.assert_close(cache.standin, torch.tensor([2.0, 0.9 * 3.0 + 0.1 * 8.0]))
+    torch.testing.assert_close(cache.estimate, torch.tensor([2.0, 0.9 * 3.0 + 0.1 * 8.0]))
 
 
 def test_the_fidelity_meter_primes_the_cache_with_earlier_visits_of_the_measured_batch(monkeypatch):

@@ -10,12 +10,13 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-import vitcrs.train as app
 from conftest import QUICK
-from vitcrs.callbacks import METRICS_KEYS, MetricsFile, PeakMemoryMonitor, write_json_atomic
+from vitcrs.callbacks import MetricsFile, PeakMemoryMonitor, write_json_atomic
 from vitcrs.errors import ConfigError
 from vitcrs.models import ViTClassifier
+from vitcrs.record import METRICS_KEYS, RunRecord
 from vitcrs.train import train
+from vitcrs.trainer import quiet_known_warnings
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning")
 
@@ -106,13 +107,13 @@ def test_bad_setting_fails_before_writing_anything(compose_cfg, tmp_path):
 
 
 def test_failed_run_is_marked_failed(compose_cfg, tmp_path, monkeypatch, one_thread):
-    real = ViTClassifier._loss
+    real = ViTClassifier.loss
 
     def nan_loss(self, batch):
         loss, logits, y = real(self, batch)
         return loss * float("nan"), logits, y
 
-    monkeypatch.setattr(ViTClassifier, "_loss", nan_loss)
+    monkeypatch.setattr(ViTClassifier, "loss", nan_loss)
     cfg = compose_cfg(*QUICK, "callbacks.progress_bar=null", "trainer.num_sanity_val_steps=0")
     with pytest.raises(FloatingPointError):
         train(cfg)
@@ -128,7 +129,7 @@ def test_resume_continues_the_run(compose_cfg, tmp_path, one_thread):
     before = json.loads((tmp_path / "run" / "metrics.json").read_text())
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=False)
-    assert saved["crs"]["grad_norms"] and saved["crs"]["rng"]["seed"] == 0
+    assert saved["crs"][0]["grad_norm"] and saved["crs"][0]["generator"]["seed"] == 0
 
     # Resumed in place (as with hydra.run.dir=<the run dir>), so checkpoint selection spans both segments.
     second = compose_cfg(*QUICK, "callbacks.progress_bar=null", "crs.prob=norm_grad", "trainer.max_epochs=2",
@@ -148,10 +149,10 @@ def test_resume_continues_the_run(compose_cfg, tmp_path, one_thread):
 def test_quieting_twice_adds_no_second_log_filter():
     import logging
 
-    app.quiet_known_warnings()
+    quiet_known_warnings()
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     before = list(logger.filters)
-    app.quiet_known_warnings()  # each job of an in-process sweep calls it again
+    quiet_known_warnings()  # each job of an in-process sweep calls it again
     assert logger.filters == before
 
 
@@ -161,7 +162,7 @@ def test_resumed_csv_logs_never_overwrite_a_kept_segment(tmp_path):
     csv.mkdir(parents=True)
     for name in ("metrics.csv", "metrics.segment-1.csv", "metrics.segment-3.csv"):  # segment 2 was removed
         (csv / name).write_text(name)
-    app._keep_csv_logs([logger])
+    MetricsFile(tmp_path / "metrics.json", RunRecord()).keep_earlier_segment([logger])
     assert (csv / "metrics.segment-3.csv").read_text() == "metrics.segment-3.csv"
     assert (csv / "metrics.segment-4.csv").read_text() == "metrics.csv" and not (csv / "metrics.csv").exists()
 
@@ -171,7 +172,7 @@ def test_resumed_csv_logs_never_overwrite_a_kept_segment(tmp_path):
 
 def test_metrics_file_statuses_and_atomic_writes(tmp_path):
     path = tmp_path / "out" / "metrics.json"
-    record = MetricsFile(path, {"dataset": "cifar10", "ratio": 0.5})
+    record = MetricsFile(path, RunRecord(dataset="cifar10", ratio=0.5))
     record.write("incomplete")
     m = json.loads(path.read_text())
     assert list(m) == list(METRICS_KEYS) and m["status"] == "incomplete" and m["epochs"] == 0
@@ -231,28 +232,34 @@ def test_peak_memory_monitor_cuda_bookkeeping(monkeypatch):
         assert module.logged["mem/peak_allocated_gib"] == [3.0, 2.0][epoch]
 
     assert calls.count(("reset", "cuda:0")) == 3 and calls.count(("sync", "cuda:0")) == 12
-    summary = monitor.summary()
-    assert summary["peak_mem_allocated_gib"] == 3.0 and summary["peak_mem_reserved_gib"] == 5.0
-    assert summary["peak_mem_allocated_gib_per_rank"] == [3.0]
-    assert summary["peak_mem_reserved_gib_per_rank"] == [5.0]
-    assert summary["saved_bytes_per_step"] == 2 * 4 * 8 * 4  # x and the relu output, float32; not the weight
-    assert summary["images_per_s"] > 0 and monitor.state_dict()["images"] == 5 * 4  # 6 batches, 1 warm-up
+    summary = RunRecord()
+    monitor.fill(summary)
+    assert summary.peak_mem_allocated_gib == 3.0 and summary.peak_mem_reserved_gib == 5.0
+    assert summary.peak_mem_allocated_gib_per_rank == [3.0]
+    assert summary.peak_mem_reserved_gib_per_rank == [5.0]
+    assert summary.saved_bytes_per_step == 2 * 4 * 8 * 4  # x and the relu output, float32; not the weight
+    assert summary.images_per_s > 0 and monitor.state_dict()["images"] == 5 * 4  # 6 batches, 1 warm-up
 
 
 def test_peak_memory_monitor_summary_on_cpu():
     monitor = PeakMemoryMonitor(warmup_batches=1)
-    assert monitor.summary() == {
-        "peak_mem_allocated_gib": None,
-        "peak_mem_reserved_gib": None,
-        "peak_mem_allocated_gib_per_rank": None,
-        "peak_mem_reserved_gib_per_rank": None,
-        "saved_bytes_per_step": None,
-        "saved_bytes_per_step_exact": None,
-        "images_per_s": None,
+    measured = {  # what fill sets: every figure, each None here (nothing measured)
+        "peak_mem_allocated_gib": 1.0,
+        "peak_mem_reserved_gib": 1.0,
+        "peak_mem_allocated_gib_per_rank": [1.0],
+        "peak_mem_reserved_gib_per_rank": [1.0],
+        "saved_bytes_per_step": 1,
+        "saved_bytes_per_step_exact": 1,
+        "images_per_s": 1.0,
     }
+    summary = RunRecord(**measured)
+    monitor.fill(summary)
+    assert all(getattr(summary, key) is None for key in measured)
     state = {"peak_allocated_gib": 1.5, "peak_reserved_gib": 2.0, "images": 640, "seconds": 2.0}
     monitor.load_state_dict(state)
-    assert monitor.summary()["images_per_s"] is None  # applied only when a fit resumes, not on test loads
+    summary.images_per_s = 1.0
+    monitor.fill(summary)
+    assert summary.images_per_s is None  # applied only when a fit resumes, not on test loads
     assert monitor.state_dict()["images"] == 0
 
 

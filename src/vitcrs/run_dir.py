@@ -4,13 +4,12 @@ dir must hold before a launch may write into it (its files of the right kinds, n
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import IO
 
 from vitcrs.errors import ConfigError
+from vitcrs.record import METRICS_FILE, RunRecord
 
 LOCK_NAME = ".vitcrs.lock"  # <run_dir>/.vitcrs.lock: flock-ed by the run writing there; holds its pid
 
@@ -67,9 +66,9 @@ def check_run_dir(run_dir: str | os.PathLike, epochs_done: int | None, max_epoch
     """ConfigError unless a launch may write into `run_dir`: `checkpoints` a directory and `metrics.json` a
     file where they exist, and no record of a complete run that the launch would overwrite: a complete run is
     only resumed to train on (its checkpoint has `epochs_done` < `max_epochs`; None: a fresh start), and then
-    `keep_complete_record` keeps its record."""
+    `MetricsFile.keep_earlier_segment` keeps its record."""
     run_dir = Path(run_dir)
-    checkpoints, record = run_dir / "checkpoints", run_dir / "metrics.json"
+    checkpoints, record = run_dir / "checkpoints", run_dir / METRICS_FILE
     if checkpoints.exists() and not checkpoints.is_dir():
         raise ConfigError(
             f"{checkpoints} exists and is not a directory: the run's checkpoints go there. Move it away, or "
@@ -80,17 +79,10 @@ def check_run_dir(run_dir: str | os.PathLike, epochs_done: int | None, max_epoch
             f"{record} exists and is not a file: the run's record goes there. Move it away, or give the run "
             "another dir with hydra.run.dir=<new dir>."
         )
-    if not record.is_file():
-        return
-    try:
-        data = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return  # an unreadable record is no finished result; the run rewrites it
-    if not isinstance(data, dict):
-        return
-    if data.get("status") == "complete" and (epochs_done is None or epochs_done >= max_epochs):
+    data = RunRecord.read(record)
+    if data is not None and data.status == "complete" and (epochs_done is None or epochs_done >= max_epochs):
         what = "start afresh over it" if epochs_done is None else "only test again and overwrite it"
-        val_acc = data.get("val_acc") if isinstance(data.get("val_acc"), int | float) else None
+        val_acc = data.val_acc if isinstance(data.val_acc, int | float) else None
         raise RunAlreadyComplete(
             f"{record} records a complete run: this launch would {what}. To train on in place, resume with a "
             f"higher trainer.max_epochs (now {max_epochs}; the record is kept as metrics.segment-N.json); to "
@@ -98,22 +90,3 @@ def check_run_dir(run_dir: str | os.PathLike, epochs_done: int | None, max_epoch
             "dir>); to repeat the run, launch it without ckpt_path and hydra.run.dir (a new dir).",
             val_acc,
         )
-
-
-def keep_complete_record(run_dir: str | os.PathLike) -> Path | None:
-    """Copy a complete <run_dir>/metrics.json to metrics.segment-N.json (after the highest N) before a resumed
-    run rewrites it; returns the copy, None when there is no complete record."""
-    record = Path(run_dir) / "metrics.json"
-    try:
-        data = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("status") != "complete":
-        return None
-    taken = [
-        p.name[len("metrics.segment-") : -len(".json")] for p in record.parent.glob("metrics.segment-*.json")
-    ]
-    n = 1 + max((int(i) for i in taken if i.isdigit()), default=0)
-    copy = record.with_name(f"metrics.segment-{n}.json")
-    shutil.copyfile(record, copy)
-    return copy

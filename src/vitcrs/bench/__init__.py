@@ -12,13 +12,13 @@ precision. Writes bench.json and bench.md. See docs/benchmarks.md.
 
 from .analytic import (
     BlockShape,
-    block_saved_bytes,
+    analytic_block_saved_bytes,
     ideal_model_saved_bytes,
     max_batch_from_estimate,
     sdpa_block_saved_bytes,
 )
 from .cli import main, parser
-from .grid import GRIDS, TARGET_SETS, BenchConfig, expand
+from .grid import BENCH_TARGET_SETS, GRIDS, BenchConfig, expand
 from .measure import (
     MODELS,
     ModelSpec,
@@ -26,21 +26,21 @@ from .measure import (
     build,
     enable_checkpointing,
     measure_saved_bytes,
+    measured_block_saved_bytes,
     model_saved_bytes,
 )
-from .measure import block_saved_bytes as measured_block_saved_bytes
 from .render import markdown
 from .runner import BenchOptions, fill_ratios, run_bench, run_config
 
 __all__ = [
+    "BENCH_TARGET_SETS",
     "GRIDS",
     "MODELS",
-    "TARGET_SETS",
     "BenchConfig",
     "BenchOptions",
     "BlockShape",
     "ModelSpec",
-    "block_saved_bytes",
+    "analytic_block_saved_bytes",
     "block_shape",
     "build",
     "enable_checkpointing",

@@ -78,7 +78,7 @@ def sdpa_block_saved_bytes(
     return eager - probs - probs_cast + logsumexp + kept_output
 
 
-def block_saved_bytes(
+def analytic_block_saved_bytes(
     shape: BlockShape,
     attn: str,
     autocast: bool,
@@ -114,8 +114,8 @@ def ideal_model_saved_bytes(
 
     Everything outside the blocks (patch embedding, final LayerNorm, classifier, loss) is taken as measured.
     """
-    exact_block = block_saved_bytes(shape, attn, autocast)
-    sampled_block = block_saved_bytes(shape, attn, autocast, cfg, targets, checkpointing)
+    exact_block = analytic_block_saved_bytes(shape, attn, autocast)
+    sampled_block = analytic_block_saved_bytes(shape, attn, autocast, cfg, targets, checkpointing)
     return measured_exact - shape.layers * (exact_block - sampled_block)
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from vitcrs.crs import METHODS
+from vitcrs.crs import METHODS, TARGET_SETS
 from vitcrs.errors import ConfigError
 
-from .grid import ATTNS, GRIDS, PRECISIONS, TARGET_SETS, expand
+from .grid import ATTNS, GRIDS, PRECISIONS, expand
 from .measure import MODELS, ModelSpec
 from .render import markdown
 from .runner import BenchOptions, run_bench

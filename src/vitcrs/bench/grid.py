@@ -5,30 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from vitcrs.crs import (
-    ALL_TARGETS,
-    BLOCK_TARGETS,
-    DEFAULT_TARGETS,
-    LEAN_TARGETS,
-    LINEAR_TARGETS,
-    MATMUL_TARGETS,
-    METHODS,
-    CRSConfig,
-)
+from vitcrs.crs import MATMUL_TARGETS, METHODS, TARGET_SETS, CRSConfig
 
-TARGET_SETS: dict[str, tuple[str, ...]] = {
-    "default": DEFAULT_TARGETS,  # the study's: q/k/v projections and the two attention matmuls
-    "linears": LINEAR_TARGETS,  # every linear of a block
-    "all": ALL_TARGETS,  # linears + attention matmuls
-    # q/k/v and attention output as in "linears", and in place of fc1/fc2 the memory-lean MLP (`crs_mlp`:
-    # keeps only the input of the LayerNorm before it, recomputes that norm and the hidden activation)
-    "lean": (*(t for t in LINEAR_TARGETS if t not in ("fc1", "fc2")), *LEAN_TARGETS),
-    # "lean" + the attention matmuls (eager only): the least memory
-    "lean_all": (*(t for t in LINEAR_TARGETS if t not in ("fc1", "fc2")), *LEAN_TARGETS, *MATMUL_TARGETS),
-    # the lean block (`lean_vit_block`): each block keeps only the residual stream, recomputes the rest in
-    # backward and samples all six linears with p ∝ ‖g‖·‖x‖; eager or sdpa; with checkpointing, CRS + ckpt
-    "lean_block": BLOCK_TARGETS,
-}
+# the target sets (names in vitcrs.crs.TARGET_SETS) the presets run; --targets takes any set of the catalogue
+BENCH_TARGET_SETS = ("study", "linears", "all", "lean", "lean_all", "lean_block")
 ATTNS = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16-mixed")
 RATIOS = (0.5, 0.3, 0.1)
@@ -38,7 +18,7 @@ GRIDS: dict[str, dict[str, tuple]] = {
     "quick": {
         "methods": ("wta_crs",),
         "ratios": RATIOS,
-        "targets": tuple(TARGET_SETS),
+        "targets": BENCH_TARGET_SETS,
         "attn": ATTNS,
         "precision": PRECISIONS,
         "checkpointing": (False,),
@@ -47,7 +27,7 @@ GRIDS: dict[str, dict[str, tuple]] = {
     "full": {
         "methods": METHODS,
         "ratios": RATIOS,
-        "targets": tuple(TARGET_SETS),
+        "targets": BENCH_TARGET_SETS,
         "attn": ATTNS,
         "precision": PRECISIONS,
         "checkpointing": (False, True),
@@ -61,7 +41,7 @@ class BenchConfig:
 
     method: str
     ratio: float
-    targets: str  # a TARGET_SETS key, or "-" for exact
+    targets: str  # a vitcrs.crs.TARGET_SETS name, or "-" for exact
     attn: str
     precision: str
     checkpointing: bool

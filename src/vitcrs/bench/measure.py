@@ -151,7 +151,9 @@ def measure_saved_bytes(
     return saved
 
 
-def block_saved_bytes(model: ViTForImageClassification, batch: int, precision: str, layer: int = 0) -> int:
+def measured_block_saved_bytes(
+    model: ViTForImageClassification, batch: int, precision: str, layer: int = 0
+) -> int:
     """Measured bytes one encoder block of `model` saves for backward, for a random input of `batch`."""
     device = next(model.parameters()).device
     shape = block_shape(model.config, batch)

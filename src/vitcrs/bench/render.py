@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-GIB, MIB = 1 << 30, 1 << 20
+from vitcrs.units import GIB, MIB
 
 
 def _unit(rows: list[dict]) -> tuple[str, int]:

@@ -14,7 +14,14 @@ from datetime import datetime
 import torch
 import transformers
 
-from .analytic import BlockShape, block_saved_bytes, ideal_model_saved_bytes, max_batch_from_estimate
+from vitcrs.units import GIB
+
+from .analytic import (
+    BlockShape,
+    analytic_block_saved_bytes,
+    ideal_model_saved_bytes,
+    max_batch_from_estimate,
+)
 from .grid import BenchConfig
 from .measure import (
     ModelSpec,
@@ -30,8 +37,6 @@ from .measure import (
     synthetic_batch,
     time_steps,
 )
-
-GIB = 1 << 30
 
 
 @dataclass
@@ -139,8 +144,8 @@ def _cpu_peak(
 
 
 def _analytic(row: dict, cfg: BenchConfig, shape: BlockShape) -> None:
-    row["block_exact_bytes"] = block_saved_bytes(shape, cfg.attn, cfg.autocast)
-    row["block_bytes"] = block_saved_bytes(
+    row["block_exact_bytes"] = analytic_block_saved_bytes(shape, cfg.attn, cfg.autocast)
+    row["block_bytes"] = analytic_block_saved_bytes(
         shape, cfg.attn, cfg.autocast, cfg.crs_config, cfg.target_names, cfg.checkpointing and cfg.modelled
     )
 
@@ -192,7 +197,9 @@ def _max_batch(
     def estimate(b: int) -> int:
         est = static + saved1 + (b - 1) * (saved2 - saved1)
         if cfg.checkpointing:
-            est += block_saved_bytes(shape.with_batch(b), cfg.attn, cfg.autocast, crs, cfg.target_names)
+            est += analytic_block_saved_bytes(
+                shape.with_batch(b), cfg.attn, cfg.autocast, crs, cfg.target_names
+            )
         return est
 
     row["max_batch"] = max_batch_from_estimate(estimate, budget)

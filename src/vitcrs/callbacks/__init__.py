@@ -6,15 +6,16 @@ from .faults import FaultInjector
 from .grad_fidelity import GradFidelityMonitor
 from .interrupt import CheckpointOnSigterm
 from .memory import PeakMemoryMonitor
-from .metrics_file import METRICS_KEYS, MetricsFile, write_json_atomic
+from .metrics_file import MetricsFile, describe_run, record_config_failure, write_json_atomic
 
 __all__ = [
-    "METRICS_KEYS",
     "CheckpointOnSigterm",
     "FaultInjector",
     "GradFidelityMonitor",
     "MetricsFile",
     "PeakMemoryMonitor",
     "RunDirCheckpoint",
+    "describe_run",
+    "record_config_failure",
     "write_json_atomic",
 ]

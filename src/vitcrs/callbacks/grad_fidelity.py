@@ -13,6 +13,7 @@ from torch import Tensor
 from vitcrs.crs import uninjected
 from vitcrs.errors import ConfigError
 from vitcrs.fidelity.metric import grad_fidelity, measured_parameters
+from vitcrs.record import RunRecord
 
 REL_ERR, COS = "fidelity/rel_err", "fidelity/cos"
 
@@ -52,10 +53,10 @@ class GradFidelityMonitor(Callback):
     def _due(self, trainer: Trainer) -> bool:
         return self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0
 
-    def summary(self) -> dict[str, float | None]:
-        """The run means under their metrics.json keys (None when nothing was measured)."""
+    def fill(self, record: RunRecord) -> None:
+        """Set the run means of `record` (None when nothing was measured)."""
         mean = {k: v / self._count if self._count else None for k, v in self._sums.items()}
-        return {"fidelity_rel_err": mean[REL_ERR], "fidelity_cos": mean[COS]}
+        record.fidelity_rel_err, record.fidelity_cos = mean[REL_ERR], mean[COS]
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         strategy = trainer.strategy
@@ -115,7 +116,7 @@ class GradFidelityMonitor(Callback):
                 if "cuda" in rng:
                     torch.cuda.set_rng_state(rng["cuda"], device)
                 with trainer.precision_plugin.forward_context():
-                    loss = pl_module._loss(batch)[0] / trainer.accumulate_grad_batches
+                    loss = pl_module.loss(batch)[0] / trainer.accumulate_grad_batches
                 grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
                 for t, g in zip(total, grads, strict=True):
                     if g is not None:

@@ -12,8 +12,8 @@ from torch import Tensor
 
 from vitcrs.crs import SavedTensorsMeter, uninjected
 from vitcrs.distributed import gather_objects, sync_logged_metrics
-
-GIB = 1024**3
+from vitcrs.record import RunRecord
+from vitcrs.units import GIB
 
 
 class PeakMemoryMonitor(Callback):
@@ -36,7 +36,7 @@ class PeakMemoryMonitor(Callback):
       gathered, so the summary has the largest peak, the per-rank peaks (`*_per_rank`, in rank order) and the
       throughput of all ranks together (their images over the slowest rank's time).
 
-    `summary()` gives the run figures under the metrics.json key names (None where not measured).
+    `fill(record)` sets the run figures of a metrics.json `RunRecord` (None where not measured).
     """
 
     def __init__(self, warmup_batches: int = 2) -> None:
@@ -69,7 +69,8 @@ class PeakMemoryMonitor(Callback):
         """The per-rank figures: gathered ones when there are several ranks, else this process's."""
         return self._per_rank if self._per_rank is not None else [self._mine()]
 
-    def summary(self) -> dict[str, Any]:
+    def fill(self, record: RunRecord) -> None:
+        """Set the run figures of `record` (None where not measured)."""
         rows = self._rows()
 
         def peaks(i: int) -> list[float | None] | None:
@@ -78,15 +79,13 @@ class PeakMemoryMonitor(Callback):
 
         alloc, reserved = peaks(0), peaks(1)
         images, seconds = sum(r[2] for r in rows), max(r[3] for r in rows)
-        return {
-            "peak_mem_allocated_gib": max(v for v in alloc if v is not None) if alloc else None,
-            "peak_mem_reserved_gib": max(v for v in reserved if v is not None) if reserved else None,
-            "peak_mem_allocated_gib_per_rank": alloc,
-            "peak_mem_reserved_gib_per_rank": reserved,
-            "saved_bytes_per_step": self.saved_bytes_per_step,
-            "saved_bytes_per_step_exact": self.saved_bytes_per_step_exact,
-            "images_per_s": images / seconds if seconds > 0 else None,
-        }
+        record.peak_mem_allocated_gib = max(v for v in alloc if v is not None) if alloc else None
+        record.peak_mem_reserved_gib = max(v for v in reserved if v is not None) if reserved else None
+        record.peak_mem_allocated_gib_per_rank = alloc
+        record.peak_mem_reserved_gib_per_rank = reserved
+        record.saved_bytes_per_step = self.saved_bytes_per_step
+        record.saved_bytes_per_step_exact = self.saved_bytes_per_step_exact
+        record.images_per_s = images / seconds if seconds > 0 else None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._restored is not None:  # resuming: carry the earlier segments' figures on
@@ -134,7 +133,7 @@ class PeakMemoryMonitor(Callback):
             trainer.precision_plugin.forward_context(),
             SavedTensorsMeter(exclude=pl_module.parameters()) as meter,
         ):
-            loss = pl_module._loss(batch)[0]
+            loss = pl_module.loss(batch)[0]
         del loss
         self.saved_bytes_per_step_exact = meter.bytes
         if dev is not None:  # the extra forward must not count in this epoch's peak

@@ -2,52 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+import lightning
 import torch
+import transformers
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+
+import vitcrs
+from vitcrs.errors import ConfigError
+from vitcrs.record import METRICS_FILE, STATUSES, RunRecord
 
 from .grad_fidelity import GradFidelityMonitor
 from .memory import PeakMemoryMonitor
 
-# The keys of metrics.json, in file order; vitcrs.report reads exactly these.
-METRICS_KEYS = (
-    "status",
-    "dataset",
-    "label_type",
-    "num_classes",
-    "ratio",
-    "method",
-    "targets",
-    "seed",
-    "val_acc",
-    "test_acc",
-    "peak_mem_allocated_gib",
-    "peak_mem_reserved_gib",
-    "peak_mem_allocated_gib_per_rank",
-    "peak_mem_reserved_gib_per_rank",
-    "saved_bytes_per_step",
-    "saved_bytes_per_step_exact",
-    "sample_cache",
-    "images_per_s",
-    "fidelity_rel_err",
-    "fidelity_cos",
-    "epochs",
-    "wall_time_s",
-    "device",
-    "world_size",
-    "versions",
-    "settings",
-    "run_dir",
-)
-STATUSES = ("incomplete", "complete", "failed", "interrupted")
 _UMASK = os.umask(0o022)  # read the process umask (and put it back): written files get the usual mode
 os.umask(_UMASK)
 
@@ -76,13 +57,92 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
+def describe_run(
+    cfg: DictConfig, datamodule: Any, crs_before_resume: dict[str, Any] | None = None
+) -> RunRecord:
+    """The fields of metrics.json known before training; `crs_before_resume`: the crs settings a resumed
+    checkpoint had where they differ (allow_crs_change=true), recorded under settings."""
+    crs = cfg.crs
+    model_choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
+    settings = {
+        "model": cfg.model.name_or_path or model_choice or "random-init",
+        "attn_implementation": cfg.model.attn_implementation,
+        "precision": str(cfg.trainer.precision),
+        "batch_size": datamodule.batch_size,
+        "max_epochs": cfg.trainer.max_epochs,
+        "lr": cfg.optim.lr,
+        "image_size": datamodule.image_size,
+        "method": crs.method,
+        "targets": list(crs.targets),
+        "prob": crs.prob,
+        "limit_train": datamodule.limit_train,
+    }
+    if crs_before_resume:
+        settings["crs_before_resume"] = crs_before_resume
+    return RunRecord(
+        dataset=datamodule.name,
+        label_type=datamodule.label_type,
+        num_classes=datamodule.num_classes,
+        ratio=float(crs.ratio),
+        method=crs.method,
+        targets=list(crs.targets),
+        seed=cfg.seed,
+        versions={
+            "vitcrs": vitcrs.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "lightning": lightning.__version__,
+        },
+        settings=settings,
+        run_dir=str(Path(cfg.run_dir).resolve()),
+    )
+
+
+def record_config_failure(cfg: DictConfig, err: ConfigError) -> None:
+    """A multirun job refused before training: a "failed" metrics.json naming the error, unless one exists."""
+    try:
+        path = Path(cfg.run_dir) / METRICS_FILE
+    except Exception:  # no run dir to write to
+        return
+    if path.exists():
+        return  # an earlier run's record in this dir is left as it is
+
+    def select(key: str) -> Any:
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=False)
+            return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except Exception:
+            return None
+
+    record = RunRecord(
+        status="failed",
+        dataset=select("data.name"),
+        ratio=select("crs.ratio"),
+        method=select("crs.method"),
+        targets=select("crs.targets"),
+        seed=select("seed"),
+        run_dir=str(path.parent.resolve()),
+        error=f"ConfigError: {err}",
+    )
+    write_json_atomic(path, record.to_json())
+
+
+def next_segment(path: Path) -> Path:
+    """`<stem>.segment-N<suffix>` beside `path`, N after the highest taken (with one removed, a count of the
+    kept ones would name a kept one)."""
+    prefix = f"{path.stem}.segment-"
+    taken = [p.name[len(prefix) : -len(path.suffix)] for p in path.parent.glob(f"{prefix}*{path.suffix}")]
+    n = 1 + max((int(i) for i in taken if i.isdigit()), default=0)
+    return path.with_name(f"{prefix}{n}{path.suffix}")
+
+
 class MetricsFile(Callback):
     """Keeps `path` (metrics.json) current through a run.
 
-    record: the fields known before training (dataset, ratio, settings, ...; see METRICS_KEYS); the rest
-        start as null. Written with status "incomplete" at fit start and after every validation, "complete"
-        by `finish(test_acc)`, "failed" with "error" on an exception (`fail`, also called by Lightning), or
-        "interrupted" with "error" saying how to resume when the exception is Lightning's SIGTERMException.
+    record: the fields known before training (`describe_run`); the rest start as null. Written with status
+        "incomplete" at fit start and after every validation, "complete" by `finish(test_acc)`, "failed" with
+        error on an exception (`fail`, also called by Lightning), or "interrupted" with error saying how to
+        resume when the exception is Lightning's SIGTERMException.
     val_acc is the best `monitor` value seen in validation (the one checkpoint selection uses); the memory
     and speed fields come from a `PeakMemoryMonitor` among the trainer's callbacks, if any, and the
     gradient-fidelity means from a `GradFidelityMonitor`; wall_time_s runs
@@ -90,12 +150,10 @@ class MetricsFile(Callback):
     processes. Only global rank 0 writes (once a trainer is known: `attach` or fit start).
     """
 
-    def __init__(self, path: str | os.PathLike, record: dict[str, Any], monitor: str = "val/acc") -> None:
+    def __init__(self, path: str | os.PathLike, record: RunRecord, monitor: str = "val/acc") -> None:
         self.path = Path(path)
         self.monitor = monitor
-        self.data: dict[str, Any] = {key: None for key in METRICS_KEYS}
-        self.data.update(record)
-        self.data["epochs"] = self.data["epochs"] or 0
+        self.record = record
         self._trainer: Trainer | None = None
         self._start: float | None = None
         self._earlier_s = 0.0
@@ -103,7 +161,8 @@ class MetricsFile(Callback):
 
     # -- writing ---------------------------------------------------------------------------------------
     def write(self, status: str, **fields: Any) -> None:
-        """Merge `fields` and the monitor's figures, set `status`, and rewrite the file atomically."""
+        """Set `fields` (RunRecord attributes), the monitors' figures and `status`; rewrite the file
+        atomically."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
         trainer = self._trainer
@@ -112,22 +171,24 @@ class MetricsFile(Callback):
         if trainer is not None:
             for cb in trainer.callbacks:
                 if isinstance(cb, (PeakMemoryMonitor, GradFidelityMonitor)):
-                    self.data.update(cb.summary())
-        self.data.update(fields)
-        self.data["status"] = status
+                    cb.fill(self.record)
+        self.record = dataclasses.replace(self.record, **fields, status=status)
         if self._start is not None:
-            self.data["wall_time_s"] = self._earlier_s + time.perf_counter() - self._start
-        write_json_atomic(self.path, self.data)
+            self.record.wall_time_s = self._earlier_s + time.perf_counter() - self._start
+        write_json_atomic(self.path, self.record.to_json())
 
-    def finish(self, test_acc: float | None, val_acc: float | None = None) -> None:
-        """Mark the run complete with its test accuracy (and, if given, the tested checkpoint's val_acc)."""
-        fields = {"test_acc": test_acc} if val_acc is None else {"test_acc": test_acc, "val_acc": val_acc}
-        self.write("complete", **fields)
+    def finish(
+        self, test_acc: float | None, val_acc: float | None = None, sample_cache: dict[str, Any] | None = None
+    ) -> None:
+        """Mark the run complete with its test accuracy (and, if given, the tested checkpoint's val_acc) and
+        the model's sample-cache figures (`ViTClassifier.sample_cache_summary`)."""
+        val_acc = self.record.val_acc if val_acc is None else val_acc
+        self.write("complete", test_acc=test_acc, val_acc=val_acc, sample_cache=sample_cache)
 
     def fail(self, error: BaseException) -> None:
         """Mark the run failed, naming the error, or interrupted (SIGTERM), saying how to resume; a run
         already marked keeps its first mark."""
-        if self.data.get("status") in ("failed", "interrupted"):
+        if self.record.status in ("failed", "interrupted"):
             return
         if isinstance(error, SIGTERMException):
             trainer, last = self._trainer, self.path.parent / "checkpoints" / "last.ckpt"
@@ -140,15 +201,33 @@ class MetricsFile(Callback):
         self.write("failed", error=f"{type(error).__name__}: {error}")
 
     def attach(self, trainer: Trainer) -> None:
-        """Know the trainer before fitting, so that only global rank 0 writes even an early failure."""
+        """Know the trainer before fitting, so that only global rank 0 writes even an early failure; records
+        its world size (also under settings when above 1: a different global batch, so runs compare only
+        with the same world size)."""
         self._trainer = trainer
+        self.record.world_size = trainer.world_size
+        if trainer.world_size > 1 and self.record.settings is not None:
+            self.record.settings["world_size"] = trainer.world_size
+
+    def keep_earlier_segment(self, loggers: list[Logger]) -> None:
+        """Before a resumed run rewrites them: move each CSVLogger's metrics.csv aside to
+        metrics.segment-N.csv (Lightning would delete it), and copy a complete metrics.json to
+        metrics.segment-N.json (a complete run trained on keeps its record beside)."""
+        for logger in loggers:
+            current = Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
+            if current is not None and current.is_file():
+                current.rename(next_segment(current))
+        warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted.*")
+        earlier = RunRecord.read(self.path)
+        if earlier is not None and earlier.status == "complete":
+            shutil.copyfile(self.path, next_segment(self.path))
 
     # -- Lightning hooks -------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._trainer = trainer
         if self._restored is not None:  # resuming a run
             state, self._restored = self._restored, None
-            self.data["val_acc"], self.data["epochs"] = state["val_acc"], state["epochs"]
+            self.record.val_acc, self.record.epochs = state["val_acc"], state["epochs"]
             self._earlier_s = state["wall_time_s"]
         self._start = time.perf_counter()
         self.write("incomplete", device=describe_device(pl_module.device), world_size=trainer.world_size)
@@ -158,8 +237,8 @@ class MetricsFile(Callback):
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is not None and math.isfinite(float(value)):
-            best = self.data["val_acc"]
-            self.data["val_acc"] = float(value) if best is None else max(best, float(value))
+            best = self.record.val_acc
+            self.record.val_acc = float(value) if best is None else max(best, float(value))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.write("incomplete", epochs=trainer.current_epoch + 1)
@@ -170,7 +249,7 @@ class MetricsFile(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         elapsed = time.perf_counter() - self._start if self._start is not None else 0.0
-        epochs, trainer = self.data["epochs"], self._trainer
+        epochs, trainer = self.record.epochs, self._trainer
         if trainer is not None:
             # Epochs whose training batches are all done: at the end of validation (before on_train_epoch_end
             # counts the epoch) the current one is; at a mid-epoch checkpoint it is not; once Lightning has
@@ -180,7 +259,7 @@ class MetricsFile(Callback):
             uncounted = epoch.ready > epoch.completed and ready >= trainer.num_training_batches
             epochs = trainer.current_epoch + int(uncounted)
         return {
-            "val_acc": self.data["val_acc"],
+            "val_acc": self.record.val_acc,
             "epochs": epochs,
             "wall_time_s": self._earlier_s + elapsed,
         }

@@ -3,33 +3,24 @@
 cfg = CRSConfig(ratio=0.3, method="wta_crs")
 y = crs_linear(x, weight, bias, cfg)     # == F.linear(x, weight, bias); grad of weight sampled
 z = crs_matmul(a, b, cfg)                # == a @ b; both input grads sampled
-model = inject(model, cfg, targets=["query", "key", "value", "scores", "context"])
+model = inject(model, CRSConfig(ratio=0.3, targets=TARGET_SETS["study"]))  # a named set, or any names
+model.crs_generator.manual_seed(0)      # the model's own sampling stream (unseeded: torch's global RNG)
 """
 
-from . import random
 from .block import lean_vit_block
 from .config import CACHE_FORMATS, CACHE_WARMUPS, METHODS, PROBS, CRSConfig
 from .functional import crs_linear, crs_linear_shared, crs_matmul, crs_mlp
+from .generator import SamplingGenerator
 from .grad_norm import GradNormEMA
 from .inject import (
-    ALL_TARGETS,
-    BLOCK_TARGETS,
-    DEFAULT_TARGETS,
-    KNOWN_TARGETS,
-    LEAN_TARGETS,
-    LINEAR_TARGETS,
-    MATMUL_TARGETS,
     CRSLinear,
     CRSViTAttention,
     CRSViTLayer,
     CRSViTMLP,
     LeanViTLayer,
-    crs_state_dict,
     grad_norm_sources,
     inject,
-    load_crs_state_dict,
     uninjected,
-    validate_targets,
 )
 from .memory import SavedTensorsMeter, vit_block_saved_bytes
 from .sample_cache import (
@@ -41,19 +32,32 @@ from .sample_cache import (
     set_training_batch,
     training_batch,
 )
+from .targets import (
+    ALL_TARGETS,
+    BLOCK_TARGETS,
+    KNOWN_TARGETS,
+    LEAN_TARGETS,
+    LINEAR_TARGETS,
+    MATMUL_TARGETS,
+    QKV_TARGETS,
+    TARGET_SETS,
+    target_set,
+    validate_targets,
+)
 
 __all__ = [
     "ALL_TARGETS",
     "BLOCK_TARGETS",
     "CACHE_FORMATS",
     "CACHE_WARMUPS",
-    "DEFAULT_TARGETS",
     "KNOWN_TARGETS",
     "LEAN_TARGETS",
     "LINEAR_TARGETS",
     "MATMUL_TARGETS",
     "METHODS",
     "PROBS",
+    "QKV_TARGETS",
+    "TARGET_SETS",
     "CRSConfig",
     "CRSLinear",
     "CRSViTAttention",
@@ -62,22 +66,21 @@ __all__ = [
     "GradNormEMA",
     "LeanViTLayer",
     "SampleGradCache",
+    "SamplingGenerator",
     "SavedTensorsMeter",
     "attach_sample_cache",
     "crs_linear",
     "crs_linear_shared",
     "crs_matmul",
     "crs_mlp",
-    "crs_state_dict",
     "grad_norm_sources",
     "inject",
     "lean_vit_block",
-    "load_crs_state_dict",
-    "random",
     "sample_cache_bytes_per_image",
     "sample_cache_nbytes",
     "sample_caches",
     "set_training_batch",
+    "target_set",
     "training_batch",
     "uninjected",
     "validate_targets",

@@ -87,20 +87,20 @@ class _LeanBlock(torch.autograd.Function):
     """y = ViTLayer(x), saving x and, with `keep_mid`, the residual stream x1 between the two halves."""
 
     @staticmethod
-    def forward(ctx, x, layer: ViTLayer, cfg: CRSConfig, keep_mid: bool, mask, *params):
+    def forward(ctx, x, layer: ViTLayer, cfg: CRSConfig, keep_mid: bool, mask, generator, *params):
         hidden, _ = ViTAttention.forward(layer.attention, layer.layernorm_before(x), mask)
         x1 = hidden + x
         mlp = layer.mlp
         y = mlp.fc2(mlp.activation_fn(mlp.fc1(layer.layernorm_after(x1)))) + x1
         ctx.save_for_backward(x, x1 if keep_mid else None, *params)
-        ctx.layer, ctx.cfg, ctx.mask, ctx.dt = layer, cfg, mask, _compute_dtype(x)
+        ctx.layer, ctx.cfg, ctx.mask, ctx.dt, ctx.generator = layer, cfg, mask, _compute_dtype(x), generator
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, x1, *params = ctx.saved_tensors
         ln1_w, ln1_b, wq, bq, wk, bk, wv, bv, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2 = params
-        layer, cfg, dt = ctx.layer, ctx.cfg, ctx.dt
+        layer, cfg, dt, generator = ctx.layer, ctx.cfg, ctx.dt, ctx.generator
         d = x.shape[-1]
         w_qkv = torch.cat([wq, wk, wv]).to(dt)
         b_qkv = None if bq is None else torch.cat([bq, bk, bv]).to(dt)
@@ -127,6 +127,7 @@ class _LeanBlock(torch.autograd.Function):
             w2.to(dt),
             layer.mlp.activation_fn,
             cfg,
+            generator,
         )
         del g2
         grad_x1, g_ln2_w, g_ln2_b = _norm_backward(norm2, leaves2, grad_norm2)
@@ -136,11 +137,11 @@ class _LeanBlock(torch.autograd.Function):
         # attention half: x1 = x + o_proj(attention(qkv(norm1(x))))
         att = att or attention()
         go = grad_x1.reshape(-1, d).to(dt)
-        gwo = sampled_weight_grad(go, att.context, cfg)
+        gwo = sampled_weight_grad(go, att.context, cfg, generator)
         gbo = go.sum(0, dtype=torch.float32)
         (g_qkv,) = torch.autograd.grad(att.out, att.qkv, (go @ wo_c).view_as(att.out))
         del go
-        gw_qkv = sampled_weight_grad(g_qkv, att.norm_rows, cfg)  # one draw for q, k and v
+        gw_qkv = sampled_weight_grad(g_qkv, att.norm_rows, cfg, generator)  # one draw for q, k and v
         gb_qkv = g_qkv.sum(0, dtype=torch.float32)
         grad_norm1 = g_qkv @ w_qkv
         del g_qkv
@@ -167,11 +168,16 @@ class _LeanBlock(torch.autograd.Function):
             like(gw2, w2),
             like(gb2, b2),
         ]
-        return grad_x, None, None, None, None, *grads
+        return grad_x, None, None, None, None, None, *grads
 
 
 def lean_vit_block(
-    layer: ViTLayer, x: Tensor, cfg: CRSConfig, mask: Tensor | None = None, keep_mid: bool = True
+    layer: ViTLayer,
+    x: Tensor,
+    cfg: CRSConfig,
+    mask: Tensor | None = None,
+    keep_mid: bool = True,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """`ViTLayer.forward(x)` (no dropout) keeping only the residual stream for backward (the lean block).
 
@@ -180,8 +186,9 @@ def lean_vit_block(
     Grads of x, of the LayerNorms and of the biases are exact; the six weight grads are unbiased estimates
     from k = ceil(ratio · n) of the n = batch · tokens rows, drawn with p ∝ ‖g_i‖·‖x_i‖ (q/k/v: one shared
     draw with p ∝ ‖[g_q g_k g_v]_i‖·‖x_i‖); exact at ratio 1 (up to floating-point summation order).
+    generator: on x's device, or None (torch's global RNG).
     """
     params = _params(layer)
     if not torch.is_grad_enabled() or not any(p is not None and p.requires_grad for p in (x, *params)):
         return ViTLayer.forward(layer, x, mask)
-    return _LeanBlock.apply(x, layer, cfg, keep_mid, mask, *params)
+    return _LeanBlock.apply(x, layer, cfg, keep_mid, mask, generator, *params)

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from vitcrs.errors import ConfigError
+
+from .targets import MATMUL_TARGETS, validate_targets
 
 METHODS = ("crs", "wta_crs")
 PROBS = ("norm", "norm_grad", "sample_cache")
@@ -14,7 +20,7 @@ CACHE_WARMUPS = ("norm", "exact")
 
 @dataclass(frozen=True)
 class CRSConfig:
-    """Settings of the column-row sampled backward pass.
+    """Settings of the column-row sampled backward pass; the defaults of the `crs.*` config keys.
 
     ratio: fraction of column-row pairs kept for backward, in (0, 1]; 1 is the exact op, with no sampling.
     method: "crs" (i.i.d. draws, p ∝ norm) or "wta_crs" (top-c rows kept deterministically, the rest drawn).
@@ -24,7 +30,8 @@ class CRSConfig:
         "sample_cache" (the study's: ‖row‖ times the same image's output-gradient norm at that row, per token,
         or per head and position for the attention matmuls, cached in host memory from the image's previous
         training visit; `vitcrs.crs.sample_cache`). Until a gradient estimate exists, p ∝ ‖row‖ with its
-        proper 1/(k·p) scale: every choice is unbiased from the first step.
+        proper 1/(k·p) scale: every choice is unbiased from the first step. The "mlp" and "lean_block" targets
+        draw with p ∝ ‖g‖·‖x‖ (the output gradient is known in their backward) whatever this says.
     grad_ema: momentum of the running estimate (norm_grad; sample_cache's stand-in for images without an
         entry), in [0, 1).
     cache_format: sample_cache's entries: "bfloat16" or "uint8" (a log-scale code in ±9 % steps: half the
@@ -35,6 +42,9 @@ class CRSConfig:
     cache_in_checkpoint: checkpoints also hold every rank's cache entries (GBs for a large training set), so
         a resumed run samples exactly as an unbroken one; False: a resumed run starts with an empty cache
         (its stand-in is kept), unbiased, but drawing other rows than the unbroken run.
+    targets: the ops sampled in every block: names of `vitcrs.crs.targets.KNOWN_TARGETS` (checked by
+        `validate_targets`), e.g. a named set of `TARGET_SETS`; default "lean_block" alone (the whole block as
+        one op keeping only its residual stream; every activation gradient exact).
     """
 
     ratio: float = 1.0
@@ -45,8 +55,16 @@ class CRSConfig:
     cache_format: str = "bfloat16"
     cache_warmup: str = "norm"
     cache_in_checkpoint: bool = False
+    targets: tuple[str, ...] = ("lean_block",)
 
     def __post_init__(self) -> None:
+        targets = self.targets
+        if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+            raise ValueError(
+                f"crs.targets={targets!r} is invalid: it must be a list of names, e.g. [query,key]."
+            )
+        object.__setattr__(self, "targets", tuple(targets))
+        validate_targets(self.targets, None)
         r = self.ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 < float(r) <= 1.0):
             raise ValueError(
@@ -79,4 +97,60 @@ class CRSConfig:
         return min(n, max(self.min_k, math.ceil(float(self.ratio) * n - 1e-9)))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The `crs` config node of these settings (targets as a list)."""
+        return {**asdict(self), "targets": list(self.targets)}
+
+    @classmethod
+    def from_settings(
+        cls, settings: CRSConfig | Mapping[str, Any], attn_implementation: str | None
+    ) -> CRSConfig:
+        """The checked settings of the `crs` config node for a model with `attn_implementation` (the attention
+        matmul targets need eager attention); ConfigError naming the key. A CRSConfig is checked as it is."""
+        if not isinstance(settings, CRSConfig):
+            unknown = sorted(set(settings) - {f.name for f in fields(cls)})
+            if unknown:
+                allowed = ", ".join(f.name for f in fields(cls))
+                raise ConfigError(f"crs has unknown keys {unknown}: allowed are {allowed}.")
+            try:
+                settings = cls(**settings)
+            except ValueError as err:
+                raise ConfigError(f"{err} (see vitcrs.crs.CRSConfig)") from err
+        try:
+            validate_targets(settings.targets, attn_implementation)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        return settings
+
+    def check_sampled(self, vit: Any, image_size: int, batch_size: int) -> None:
+        """ConfigError when ratio < 1 would sample nothing for `vit` (a ViTConfig) fed `batch_size` images of
+        side `image_size` (no targets, or min_k >= every contraction): the run would be exact but recorded
+        as sampled; and when the lean block would meet dropout (it recomputes each block in backward)."""
+        if self.exact:
+            return
+        targets, ratio = self.targets, float(self.ratio)
+        keys = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+        dropout = {k: p for k in keys if (p := getattr(vit, k, 0.0) or 0.0) > 0}
+        if "lean_block" in targets and dropout:
+            key, p = next(iter(dropout.items()))
+            raise ConfigError(
+                "crs.targets=[lean_block] recomputes each block in backward and needs a model without "
+                f"dropout, but its config has {key}={p}. Set model.config.{key}=0.0, or sample other "
+                "targets (e.g. crs.targets='${vitcrs.targets:lean}')."
+            )
+        if not targets:
+            raise ConfigError(
+                f"crs.targets=[] samples nothing, so a crs.ratio={ratio} run would be exact yet recorded as "
+                "sampled. Give the ops to sample (e.g. crs.targets=[lean_block]) or crs.ratio=1.0 for an "
+                "exact run."
+            )
+        tokens = (int(image_size) // int(vit.patch_size)) ** 2 + 1
+        # The longest contraction a target samples: tokens of the batch for linears, tokens or the head width
+        # for the attention matmuls.
+        head = int(vit.hidden_size) // int(vit.num_attention_heads)
+        longest = max(max(tokens, head) if t in MATMUL_TARGETS else int(batch_size) * tokens for t in targets)
+        if self.min_k >= longest:
+            raise ConfigError(
+                f"crs.min_k={self.min_k} keeps every pair of every sampled op (the longest contraction has "
+                f"{longest}), so a crs.ratio={ratio} run would be exact yet recorded as sampled. Lower "
+                "crs.min_k (default 1) or set crs.ratio=1.0 for an exact run."
+            )

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import random as crs_random
 from .config import GRAD_PROBS, CRSConfig
 from .grad_norm import floored
 from .sample_cache import GradNormSource
@@ -45,18 +44,18 @@ class _SampledLinear(torch.autograd.Function):
     """Y_j = X W_jᵀ + b_j for one input X and several (W_j, b_j), sharing one row sample of X."""
 
     @staticmethod
-    def forward(ctx, x, cfg: CRSConfig, tracker: GradNormSource | None, *params):
+    def forward(ctx, x, cfg: CRSConfig, grad_norm: GradNormSource | None, generator, *params):
         weights, biases = params[0::2], params[1::2]
         outs = tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
         dtype = _compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])
         n = x2.shape[0]
-        visit = _visit(tracker, cfg) if x.dim() >= 3 else None  # positions: the tokens (dim -2)
+        visit = _visit(grad_norm, cfg) if x.dim() >= 3 else None  # positions: the tokens (dim -2)
         k = n if visit is not None and visit.exact else cfg.num_samples(n)
         if k < n:
             norms = torch.linalg.vector_norm(x2, dim=-1, dtype=torch.float32)
             norms = _times_estimate(norms.view(x.shape[:-1]), visit, joint=True).reshape(-1)
-            idx, scale = sample(norms, k, cfg.method, crs_random.generator(x.device))
+            idx, scale = sample(norms, k, cfg.method, generator)
             rows = (x2.index_select(0, idx) * scale.unsqueeze(-1)).to(dtype)
             ctx.save_for_backward(rows, idx.to(torch.int32), *weights)
         else:
@@ -78,14 +77,14 @@ class _SampledLinear(torch.autograd.Function):
         for j, (g, w) in enumerate(zip(g2, weights, strict=True)):
             gs = g if idx is None else g.index_select(0, idx.long())
             out.append(
-                None if not ctx.needs_input_grad[3 + 2 * j] else (gs.t() @ rows.to(g.dtype)).to(w.dtype)
+                None if not ctx.needs_input_grad[4 + 2 * j] else (gs.t() @ rows.to(g.dtype)).to(w.dtype)
             )
-            needs_b = ctx.has_bias[j] and ctx.needs_input_grad[4 + 2 * j]
+            needs_b = ctx.has_bias[j] and ctx.needs_input_grad[5 + 2 * j]
             out.append(g.sum(0, dtype=torch.float32).to(w.dtype) if needs_b else None)
         if ctx.visit is not None:  # ‖g_i‖ of the shared row: over all the outputs that share the sample
             sq = sum(torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32) ** 2 for g in g2)
             ctx.visit.update(sq.sqrt().view(ctx.x_shape[:-1]))
-        return grad_x, None, None, *out
+        return grad_x, None, None, None, *out
 
 
 def _sampling_needed(cfg: CRSConfig, weights: Sequence[Tensor]) -> bool:
@@ -93,19 +92,24 @@ def _sampling_needed(cfg: CRSConfig, weights: Sequence[Tensor]) -> bool:
 
 
 def crs_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, cfg: CRSConfig, tracker: GradNormSource | None = None
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    cfg: CRSConfig,
+    grad_norm: GradNormSource | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """`F.linear(x, weight, bias)` with a column-row sampled weight gradient.
 
     x: [..., d_in]; weight: [d_out, d_in]; bias: [d_out] or None. Forward, grad of x and grad of bias are
     exact; grad of weight is an unbiased estimate from k = ceil(ratio · n) of the n rows of x flattened.
-    tracker: the source of ‖output gradient‖ estimates per position (dim -2 of x) for prob="norm_grad" /
-    "sample_cache" (`GradNormEMA`, `SampleGradCache`). With ratio 1 (or no grad needed) this is exactly
-    `F.linear`.
+    grad_norm: the source of ‖output gradient‖ estimates per position (dim -2 of x) for prob="norm_grad" /
+    "sample_cache" (`GradNormEMA`, `SampleGradCache`). generator: on x's device; None: torch's global RNG
+    (`SamplingGenerator.for_device`). With ratio 1 (or no grad needed) this is exactly `F.linear`.
     """
     if not _sampling_needed(cfg, [weight]):
         return F.linear(x, weight, bias)
-    return _SampledLinear.apply(x, cfg, tracker, weight, bias)[0]
+    return _SampledLinear.apply(x, cfg, grad_norm, generator, weight, bias)[0]
 
 
 def crs_linear_shared(
@@ -113,7 +117,8 @@ def crs_linear_shared(
     weights: Sequence[Tensor],
     biases: Sequence[Tensor | None],
     cfg: CRSConfig,
-    tracker: GradNormSource | None = None,
+    grad_norm: GradNormSource | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, ...]:
     """Several linears of one input (e.g. q, k, v) that share a single row sample of x.
 
@@ -122,7 +127,7 @@ def crs_linear_shared(
     if not _sampling_needed(cfg, weights):
         return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
     params = [t for pair in zip(weights, biases, strict=True) for t in pair]
-    return _SampledLinear.apply(x, cfg, tracker, *params)
+    return _SampledLinear.apply(x, cfg, grad_norm, generator, *params)
 
 
 def _gather_cols(t: Tensor, idx: Tensor) -> Tensor:
@@ -135,26 +140,22 @@ def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
     return t.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, t.shape[-1]))
 
 
-def _sample_slices(norms: Tensor, k: int, cfg: CRSConfig, visit, device: torch.device) -> tuple[Tensor, ...]:
-    return sample(_times_estimate(norms, visit), k, cfg.method, crs_random.generator(device))
-
-
 class _SampledMatmul(torch.autograd.Function):
     """Z = A B per leading slice; grad_A from sampled columns of B, grad_B from sampled rows of A."""
 
     @staticmethod
-    def forward(ctx, a, b, cfg: CRSConfig, keep_a: bool, trackers):
+    def forward(ctx, a, b, cfg: CRSConfig, keep_a: bool, grad_norms, generator):
         z = torch.matmul(a, b)
         dtype = _compute_dtype(a)
         m, n = a.shape[-2], b.shape[-1]
         b_s = idx_n = a_s = idx_m = None
-        visits = tuple(_visit(t, cfg) for t in trackers)
+        visits = tuple(_visit(t, cfg) for t in grad_norms)
         exact = any(v is not None and v.exact for v in visits)
         if a.requires_grad:  # grad_A = G Bᵀ contracts over n: keep k of B's n columns
             k = n if exact else cfg.num_samples(n)
             if k < n:
                 norms = torch.linalg.vector_norm(b, dim=-2, dtype=torch.float32)
-                idx, scale = _sample_slices(norms, k, cfg, visits[1], b.device)
+                idx, scale = sample(_times_estimate(norms, visits[1]), k, cfg.method, generator)
                 b_s = (_gather_cols(b, idx) * scale.unsqueeze(-2)).to(dtype)
                 idx_n = idx.to(torch.int32)
             else:
@@ -165,7 +166,7 @@ class _SampledMatmul(torch.autograd.Function):
                 a_s = a if keep_a else a.to(dtype)
             else:
                 norms = torch.linalg.vector_norm(a, dim=-1, dtype=torch.float32)
-                idx, scale = _sample_slices(norms, k, cfg, visits[0], a.device)
+                idx, scale = sample(_times_estimate(norms, visits[0]), k, cfg.method, generator)
                 a_s = (_gather_rows(a, idx) * scale.unsqueeze(-1)).to(dtype)
                 idx_m = idx.to(torch.int32)
         ctx.save_for_backward(a_s, idx_m, b_s, idx_n)
@@ -186,7 +187,7 @@ class _SampledMatmul(torch.autograd.Function):
             ctx.visits[0].update(torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32))
         if ctx.visits[1] is not None:  # ‖G‖ per column of B (over m): [..., n]
             ctx.visits[1].update(torch.linalg.vector_norm(g, dim=-2, dtype=torch.float32))
-        return grad_a, grad_b, None, None, None
+        return grad_a, grad_b, None, None, None, None
 
 
 def crs_matmul(
@@ -194,7 +195,8 @@ def crs_matmul(
     b: Tensor,
     cfg: CRSConfig,
     keep_a: bool = False,
-    trackers: tuple[GradNormSource | None, GradNormSource | None] = (None, None),
+    grad_norms: tuple[GradNormSource | None, GradNormSource | None] = (None, None),
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """`a @ b` with column-row sampled input gradients, sampled independently per leading slice.
 
@@ -202,8 +204,9 @@ def crs_matmul(
     k = ceil(ratio · n) sampled columns of b (and of G); grad_b = aᵀ G from k = ceil(ratio · m) sampled
     rows of a (and of G).
     keep_a: `a` is saved by another op anyway (e.g. it is a softmax output): save it by reference, at no extra
-    memory, and compute grad_b exactly. trackers: sources of gradient-norm estimates over m and over n, used
-    with prob="norm_grad" / "sample_cache". With ratio 1 (or no grad needed) this is exactly `torch.matmul`.
+    memory, and compute grad_b exactly. grad_norms: sources of gradient-norm estimates over m and over n, used
+    with prob="norm_grad" / "sample_cache". generator: on a's device, or None (torch's global RNG). With
+    ratio 1 (or no grad needed) this is exactly `torch.matmul`.
     """
     if not _sampling_needed(cfg, [a, b]):
         return torch.matmul(a, b)
@@ -211,16 +214,16 @@ def crs_matmul(
         raise ValueError(
             f"crs_matmul needs equal leading dims, got a {tuple(a.shape)} and b {tuple(b.shape)}"
         )
-    return _SampledMatmul.apply(a, b, cfg, keep_a, trackers)
+    return _SampledMatmul.apply(a, b, cfg, keep_a, grad_norms, generator)
 
 
-def _row_sample(g: Tensor, x_norms: Tensor, cfg: CRSConfig) -> tuple[Tensor, Tensor] | None:
+def _row_sample(g: Tensor, x_norms: Tensor, cfg: CRSConfig, generator) -> tuple[Tensor, Tensor] | None:
     """k of g's n rows drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal CRS p for gᵀ x), or None when k = n."""
     k = cfg.num_samples(g.shape[0])
     if k >= g.shape[0]:
         return None
     norms = torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32) * x_norms
-    return sample(norms, k, cfg.method, crs_random.generator(g.device))
+    return sample(norms, k, cfg.method, generator)
 
 
 def _scaled_rows(t: Tensor, idx: Tensor, scale: Tensor) -> Tensor:
@@ -244,7 +247,14 @@ def _act_backward_(act, h: Tensor, grad: Tensor) -> None:
 
 
 def mlp_backward(
-    x2: Tensor, g2: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, act, cfg: CRSConfig
+    x2: Tensor,
+    g2: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    act,
+    cfg: CRSConfig,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of `fc2(act(fc1(x2)))` from its input alone: recomputes the hidden activation, chunk by chunk.
 
@@ -259,7 +269,7 @@ def mlp_backward(
 
     # grad_w2 = gᵀ act(h): act(h) formed a chunk at a time (for its row norms), then at sampled rows only
     a_norms = torch.cat([torch.linalg.vector_norm(act(h[r]), dim=-1, dtype=torch.float32) for r in rows])
-    pick = _row_sample(g2, a_norms, cfg)
+    pick = _row_sample(g2, a_norms, cfg, generator)
     if pick is None:
         grad_w2 = sum(g2[r].t() @ act(h[r]) for r in rows)
     else:
@@ -271,22 +281,21 @@ def mlp_backward(
         _act_backward_(act, h[r], g2[r] @ w2)
     grad_h, h = h, None
 
-    grad_w1 = sampled_weight_grad(grad_h, x2, cfg)
+    grad_w1 = sampled_weight_grad(grad_h, x2, cfg, generator)
     grad_b1 = grad_h.sum(0, dtype=torch.float32)
     grad_b2 = g2.sum(0, dtype=torch.float32)
     grad_x2 = grad_h @ w1
     return grad_x2, grad_w1, grad_b1, grad_w2, grad_b2
 
 
-def sampled_weight_grad(g: Tensor, x: Tensor, cfg: CRSConfig, x_norms: Tensor | None = None) -> Tensor:
+def sampled_weight_grad(
+    g: Tensor, x: Tensor, cfg: CRSConfig, generator: torch.Generator | None = None
+) -> Tensor:
     """gᵀ x ([n, o] and [n, i] → [o, i]) from k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal
-    CRS probabilities for this product); exact gᵀ x at ratio 1. x_norms: ‖x_i‖ in fp32, if already known."""
-    if x_norms is None and cfg.num_samples(g.shape[0]) < g.shape[0]:
-        x_norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
-    pick = None if x_norms is None else _row_sample(g, x_norms, cfg)
-    if pick is None:
+    CRS probabilities for this product); exact gᵀ x at ratio 1. generator: None: torch's global RNG."""
+    if cfg.num_samples(g.shape[0]) >= g.shape[0]:
         return g.t() @ x
-    idx, scale = pick
+    idx, scale = _row_sample(g, torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32), cfg, generator)
     return _scaled_rows(g, idx, scale).t() @ x.index_select(0, idx)
 
 
@@ -295,13 +304,13 @@ class _RecomputedMLP(torch.autograd.Function):
     recomputed in backward, the hidden one chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, ln_w, ln_b, act, cfg: CRSConfig, eps: float | None):
+    def forward(ctx, x, w1, b1, w2, b2, ln_w, ln_b, act, cfg: CRSConfig, eps: float | None, generator):
         normed = eps is not None
         xn = F.layer_norm(x, x.shape[-1:], ln_w, ln_b, eps) if normed else x
         y = F.linear(act(F.linear(xn, w1, b1)), w2, b2)
         # with the norm, x (its input) is all that is kept; else the MLP input in the dtype fc1 computes in
         ctx.save_for_backward(x if normed else x.to(_compute_dtype(x)), w1, b1, w2, b2, ln_w, ln_b)
-        ctx.act, ctx.cfg, ctx.eps, ctx.x_dtype = act, cfg, eps, x.dtype
+        ctx.act, ctx.cfg, ctx.eps, ctx.x_dtype, ctx.generator = act, cfg, eps, x.dtype, generator
         return y
 
     @staticmethod
@@ -320,7 +329,7 @@ class _RecomputedMLP(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(dt)
         w1c, w2c = w1.to(dt), w2.to(dt)  # compute-dtype copies; the grads go back in the weights' dtype
         grad_x2, grad_w1, grad_b1, grad_w2, grad_b2 = mlp_backward(
-            x2, g2, w1c, None if b1 is None else b1.to(dt), w2c, act, cfg
+            x2, g2, w1c, None if b1 is None else b1.to(dt), w2c, act, cfg, ctx.generator
         )
         grad_b1 = None if b1 is None else grad_b1.to(b1.dtype)
         grad_b2 = None if b2 is None else grad_b2.to(b2.dtype)
@@ -334,7 +343,7 @@ class _RecomputedMLP(torch.autograd.Function):
         else:
             grad_x = grad_x2.to(ctx.x_dtype)
         grads = (grad_w1.to(w1.dtype), grad_b1, grad_w2.to(w2.dtype), grad_b2)
-        return grad_x, *grads, grad_ln_w, grad_ln_b, None, None, None
+        return grad_x, *grads, grad_ln_w, grad_ln_b, None, None, None, None
 
 
 def crs_mlp(
@@ -346,6 +355,7 @@ def crs_mlp(
     act,
     cfg: CRSConfig,
     norm: nn.LayerNorm | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """`fc2(act(fc1(norm(x))))` that keeps only x for backward (the memory-lean MLP); norm is optional.
 
@@ -355,11 +365,12 @@ def crs_mlp(
     grads of x, of the norm and of the biases are exact, the two weight grads are estimated from
     k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖input_i‖ (exact at ratio 1).
     Backward memory: one [n, f] buffer plus one chunk's temporaries (`MLP_CHUNKS`); its sums run chunk by
-    chunk, so exact gradients match autograd's up to floating-point summation order.
+    chunk, so exact gradients match autograd's up to floating-point summation order. generator: on x's
+    device, or None (torch's global RNG).
     """
     ln = (None, None, None) if norm is None else (norm.weight, norm.bias, norm.eps)
     params = (w1, b1, w2, b2, *ln[:2])
     if not torch.is_grad_enabled() or not any(p is not None and p.requires_grad for p in (x, *params)):
         xn = x if norm is None else norm(x)
         return F.linear(act(F.linear(xn, w1, b1)), w2, b2)
-    return _RecomputedMLP.apply(x, w1, b1, w2, b2, ln[0], ln[1], act, cfg, ln[2])
+    return _RecomputedMLP.apply(x, w1, b1, w2, b2, ln[0], ln[1], act, cfg, ln[2], generator)

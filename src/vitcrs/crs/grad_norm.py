@@ -12,7 +12,7 @@ A visit of None means: p ∝ ‖row‖, nothing recorded. `vitcrs.crs.sample_cac
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 # Estimates are floored to FLOOR x their mean over the rows sampled together (plus TINY), so every row with a
 # non-zero input keeps p > 0: a row whose gradient was 0 last time may not be 0 now, and unbiasedness needs
@@ -29,20 +29,22 @@ def floored(est: Tensor, joint: bool = False) -> Tensor:
     return est + FLOOR * mean + TINY
 
 
-class GradNormEMA:
+class GradNormEMA(nn.Module):
     """Per-position running mean of ‖output gradient‖, updated from each backward pass.
 
     Positions are token positions (the second-to-last dim of a linear's input) or contraction indices of a
-    matmul; the mean runs over the batch (and heads) and over steps (momentum). `weights` returns the
-    estimate [n] (the op floors it: `floored`), or None before the first update or when the length
-    changed: then p ∝ ‖row‖ with its proper 1/(k·p) scale, which is unbiased too.
+    matmul; the mean runs over the batch (and heads) and over steps (momentum). `estimate` [n] is a
+    non-persistent buffer (it moves with `.to()`, stays out of `state_dict`), empty before the first update.
+    `weights` returns it (the op floors it: `floored`), or None while it is empty or when the length changed:
+    then p ∝ ‖row‖ with its proper 1/(k·p) scale, which is unbiased too.
     """
 
     exact = False
 
     def __init__(self, momentum: float = 0.9) -> None:
+        super().__init__()
         self.momentum = momentum
-        self.value: Tensor | None = None
+        self.register_buffer("estimate", torch.empty(0), persistent=False)
 
     def visit(self) -> GradNormEMA:
         """The same estimate serves every batch."""
@@ -57,23 +59,12 @@ class GradNormEMA:
         if norms.dim() > 1:
             norms = norms.mean(tuple(range(norms.dim() - 1)))
         finite = torch.isfinite(norms).all()
-        if self.value is None or self.value.shape != norms.shape:  # first step, or new token count
-            self.value = torch.where(finite, norms, torch.zeros_like(norms))  # zeros: p ∝ ‖row‖ (floored)
+        if self.estimate.shape != norms.shape:  # first step, or new token count
+            self.estimate = torch.where(finite, norms, torch.zeros_like(norms))  # zeros: p ∝ ‖row‖ (floored)
             return
-        if self.value.device != norms.device:  # e.g. restored from a checkpoint on another device
-            self.value = self.value.to(norms.device)
-        update = self.value * self.momentum + norms * (1.0 - self.momentum)
-        self.value = torch.where(finite, update, self.value)
+        update = self.estimate * self.momentum + norms * (1.0 - self.momentum)
+        self.estimate = torch.where(finite, update, self.estimate)
 
     def weights(self, norms: Tensor) -> Tensor | None:
-        """The estimate [n] (on norms' device) for row norms `norms` [..., n], or None."""
-        if self.value is None or self.value.numel() != norms.shape[-1]:
-            return None
-        return self.value.to(norms.device)
-
-    def state_dict(self) -> dict:
-        return {"momentum": self.momentum, "value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.momentum = state["momentum"]
-        self.value = state["value"]
+        """The estimate [n] for row norms `norms` [..., n], or None."""
+        return self.estimate if self.estimate.numel() == norms.shape[-1] else None

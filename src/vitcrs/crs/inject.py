@@ -25,66 +25,36 @@ from transformers.models.vit.modeling_vit import (
 from .block import lean_vit_block
 from .config import CRSConfig
 from .functional import crs_linear, crs_linear_shared, crs_matmul, crs_mlp
+from .generator import SamplingGenerator
 from .grad_norm import GradNormEMA
 from .sample_cache import GradNormSource, SampleGradCache, TrainingBatch
+from .targets import KNOWN_TARGETS, MATMUL_TARGETS, QKV_TARGETS, validate_targets
 
-QKV_TARGETS = ("query", "key", "value")
-LINEAR_TARGETS = (*QKV_TARGETS, "attn_output", "fc1", "fc2")
-MATMUL_TARGETS = ("scores", "context")
-ALL_TARGETS = LINEAR_TARGETS + MATMUL_TARGETS
-LEAN_TARGETS = ("mlp",)  # LayerNorm + MLP storing only the norm's input (the rest recomputed in backward)
-# the whole block as one op keeping only the residual stream; it samples all six linears itself (stands alone)
-BLOCK_TARGETS = ("lean_block",)
-KNOWN_TARGETS = ALL_TARGETS + LEAN_TARGETS + BLOCK_TARGETS
-DEFAULT_TARGETS = ("query", "key", "value", "scores", "context")
 _QKV_ATTRS = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
-
-
-def validate_targets(targets: Iterable[str], attn_implementation: str | None) -> tuple[str, ...]:
-    """Check target names (and that matmul targets have eager attention); return them in canonical order."""
-    if isinstance(targets, str):
-        targets = [targets]
-    targets = list(targets)
-    unknown = [t for t in targets if t not in KNOWN_TARGETS]
-    if unknown:
-        raise ValueError(f"crs.targets has unknown names {unknown}: allowed are {list(KNOWN_TARGETS)}.")
-    matmuls = [t for t in targets if t in MATMUL_TARGETS]
-    if matmuls and (attn_implementation or "eager") != "eager":
-        raise ValueError(
-            f"crs.targets {matmuls} sample the attention matmuls, which only exist with eager attention, but "
-            f"model.attn_implementation={attn_implementation!r}. Set model.attn_implementation=eager, or "
-            f"drop {matmuls} from crs.targets."
-        )
-    if "mlp" in targets and {"fc1", "fc2"} & set(targets):
-        raise ValueError(
-            "crs.targets has 'mlp' together with 'fc1'/'fc2': 'mlp' already samples both MLP linears and "
-            "recomputes their hidden activation; keep either 'mlp' or 'fc1'/'fc2'."
-        )
-    if "lean_block" in targets and len(set(targets)) > 1:
-        others = sorted(set(targets) - {"lean_block"})
-        raise ValueError(
-            f"crs.targets has 'lean_block' together with {others}: 'lean_block' already samples all six "
-            "linears of a block and recomputes its attention and MLP; use it alone."
-        )
-    return tuple(t for t in KNOWN_TARGETS if t in targets)
 
 
 class CRSLinear(nn.Linear):
     """An `nn.Linear` whose weight gradient is column-row sampled (`crs_linear`)."""
 
-    crs_cfg: CRSConfig
-    crs_grad_norm: GradNormSource
+    crs_config: CRSConfig
+    crs_generator: SamplingGenerator
+    grad_norm: GradNormSource
 
     def forward(self, x: Tensor) -> Tensor:
-        return crs_linear(x, self.weight, self.bias, self.crs_cfg, self.crs_grad_norm)
+        generator = self.crs_generator.for_device(x.device)
+        return crs_linear(x, self.weight, self.bias, self.crs_config, self.grad_norm, generator)
 
 
 class CRSViTAttention(ViTAttention):
-    """ViT self-attention with sampled q/k/v projections (one shared sample) and/or attention matmuls."""
+    """ViT self-attention with sampled q/k/v projections (one shared sample) and/or attention matmuls.
 
-    crs_cfg: CRSConfig
+    grad_norm: the sources of the q/k/v projections ("qkv"), of both sides of the scores matmul ("scores_m",
+    "scores_n") and of the context matmul's V side ("context_n")."""
+
+    crs_config: CRSConfig
+    crs_generator: SamplingGenerator
     crs_targets: frozenset[str]
-    crs_grad_norms: dict[str, GradNormSource]
+    grad_norm: nn.ModuleDict
 
     def _project(self, x: Tensor) -> list[Tensor]:
         names = [t for t in QKV_TARGETS if t in self.crs_targets]
@@ -94,8 +64,9 @@ class CRSViTAttention(ViTAttention):
                 x,
                 [mods[t].weight for t in names],
                 [mods[t].bias for t in names],
-                self.crs_cfg,
-                self.crs_grad_norms["qkv"],
+                self.crs_config,
+                self.grad_norm["qkv"],
+                self.crs_generator.for_device(x.device),
             )
             if names
             else ()
@@ -107,10 +78,10 @@ class CRSViTAttention(ViTAttention):
         self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """Eager attention (as transformers' `eager_attention_forward`) with the targeted matmuls sampled."""
-        cfg, norms = self.crs_cfg, self.crs_grad_norms
+        cfg, norms, generator = self.crs_config, self.grad_norm, self.crs_generator.for_device(q.device)
         kt = k.transpose(2, 3)
         if "scores" in self.crs_targets:
-            scores = crs_matmul(q, kt, cfg, trackers=(norms["scores_m"], norms["scores_n"]))
+            scores = crs_matmul(q, kt, cfg, False, (norms["scores_m"], norms["scores_n"]), generator)
         else:
             scores = torch.matmul(q, kt)
         scores = scores * self.scaling
@@ -127,7 +98,7 @@ class CRSViTAttention(ViTAttention):
             p = probs if kept else probs.to(q.dtype)
             if dropout > 0.0:
                 p = F.dropout(p, p=dropout, training=True)
-            context = crs_matmul(p, v, cfg, keep_a=kept, trackers=(None, norms["context_n"]))
+            context = crs_matmul(p, v, cfg, kept, (None, norms["context_n"]), generator)
             probs = probs.to(q.dtype)
         else:
             probs = F.dropout(probs.to(q.dtype), p=dropout, training=self.training)
@@ -162,14 +133,15 @@ class CRSViTMLP(ViTMLP):
     """ViT MLP that stores only its input (given `norm`: that norm's input) for backward and recomputes the
     hidden activation there (`crs_mlp`)."""
 
-    crs_cfg: CRSConfig
+    crs_config: CRSConfig
+    crs_generator: SamplingGenerator
 
     def forward(self, hidden_states: Tensor, norm: nn.LayerNorm | None = None) -> Tensor:
         """`self(norm(hidden_states))`, keeping only `hidden_states` for backward (norm: None = none)."""
         fc1, fc2 = self.fc1, self.fc2
-        return crs_mlp(
-            hidden_states, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.activation_fn, self.crs_cfg, norm
-        )
+        generator = self.crs_generator.for_device(hidden_states.device)
+        params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        return crs_mlp(hidden_states, *params, self.activation_fn, self.crs_config, norm, generator)
 
 
 class CRSViTLayer(ViTLayer):
@@ -194,16 +166,18 @@ class LeanViTLayer(ViTLayer):
     ratio 1 it is the plain `ViTLayer` (exact op, no recomputation).
     """
 
-    crs_cfg: CRSConfig
+    crs_config: CRSConfig
+    crs_generator: SamplingGenerator
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
-        if self.crs_cfg.exact:  # ratio 1: the plain block at its speed, checkpointed as HF does it
+        if self.crs_config.exact:  # ratio 1: the plain block at its speed, checkpointed as HF does it
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 plain = partial(_PLAIN_LAYER_FORWARD, self, **kwargs)
                 return self._gradient_checkpointing_func(plain, hidden_states, attention_mask)
             return _PLAIN_LAYER_FORWARD(self, hidden_states, attention_mask, **kwargs)
         keep_mid = not (self.gradient_checkpointing and self.training)
-        return lean_vit_block(self, hidden_states, self.crs_cfg, attention_mask, keep_mid)
+        generator = self.crs_generator.for_device(hidden_states.device)
+        return lean_vit_block(self, hidden_states, self.crs_config, attention_mask, keep_mid, generator)
 
 
 # transformers wraps each GradientCheckpointingLayer's forward in its checkpoint; the lean block replaces that
@@ -231,45 +205,59 @@ def _vit_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def inject(model: nn.Module, cfg: CRSConfig, targets: Iterable[str] = DEFAULT_TARGETS) -> nn.Module:
-    """Sample the backward pass of the `targets` ops in every encoder block of a HF ViT; returns `model`.
+def inject(
+    model: nn.Module,
+    crs_config: CRSConfig,
+    targets: Iterable[str] | None = None,
+    generator: SamplingGenerator | None = None,
+) -> nn.Module:
+    """Sample the backward pass of the `targets` ops (None: `crs_config.targets`) in every encoder block of a
+    HF ViT; returns `model`.
 
     Targets: linear "query", "key", "value", "attn_output", "fc1", "fc2"; matmul "scores" (Q Kᵀ) and
     "context" (P V), which need eager attention; "mlp", the memory-lean MLP (`crs_mlp`: keeps only the input
     of the LayerNorm before the MLP, recomputes that norm and the hidden activation in backward; replaces
     "fc1"/"fc2"); "lean_block", the whole block as one op keeping only the residual stream (`lean_vit_block`;
-    stands alone, needs no dropout). Parameters and state_dict keys are unchanged. Calling it again replaces
-    the settings. With ratio 1 the numerics equal the uninjected model's.
+    stands alone, needs no dropout). Every injected module holds `crs_config` and the one `crs_generator`
+    (`generator`, else the model's from an earlier call, else a new unseeded one; also `model.crs_generator`);
+    the gradient-norm sources are `grad_norm` submodules of the modules that use them, their estimates
+    non-persistent buffers, so parameters and state_dict keys are unchanged. Calling it again replaces the
+    settings. With ratio 1 the numerics equal the uninjected model's.
     """
     config = getattr(model, "config", None)
+    targets = crs_config.targets if targets is None else targets
     targets = frozenset(validate_targets(targets, getattr(config, "_attn_implementation", None)))
-    if "lean_block" in targets and not cfg.exact:  # at ratio 1 the block is the plain one
+    if "lean_block" in targets and not crs_config.exact:  # at ratio 1 the block is the plain one
         _check_no_dropout(model)
+    generator = generator or getattr(model, "crs_generator", None) or SamplingGenerator()
     # prob="sample_cache": one cache per sampled op, all reading the batch indices from one TrainingBatch
-    batch = TrainingBatch() if cfg.prob == "sample_cache" else None
+    batch = TrainingBatch() if crs_config.prob == "sample_cache" else None
 
     def source() -> GradNormSource:
         if batch is not None:
-            return SampleGradCache(batch, cfg.cache_format, cfg.grad_ema)
-        return GradNormEMA(cfg.grad_ema)
+            return SampleGradCache(batch, crs_config.cache_format, crs_config.grad_ema)
+        return GradNormEMA(crs_config.grad_ema)
 
     for layer in _vit_layers(model):
         attn = layer.attention
-        attn.__class__ = CRSViTAttention if targets & {*QKV_TARGETS, *MATMUL_TARGETS} else ViTAttention
-        attn.crs_cfg, attn.crs_targets = cfg, targets
-        attn.crs_grad_norms = {k: source() for k in ("qkv", "scores_m", "scores_n", "context_n")}
+        sampled_attn = bool(targets & {*QKV_TARGETS, *MATMUL_TARGETS})
+        attn.__class__ = CRSViTAttention if sampled_attn else ViTAttention
+        attn.crs_targets = targets
+        keys = ("qkv", "scores_m", "scores_n", "context_n")
+        attn.grad_norm = nn.ModuleDict({k: source() for k in keys}) if sampled_attn else None
         for name, linear in (("attn_output", attn.o_proj), ("fc1", layer.mlp.fc1), ("fc2", layer.mlp.fc2)):
             linear.__class__ = CRSLinear if name in targets else nn.Linear
-            linear.crs_cfg, linear.crs_grad_norm = cfg, source()
+            linear.grad_norm = source() if name in targets else None
         layer.mlp.__class__ = CRSViTMLP if "mlp" in targets else ViTMLP
-        layer.mlp.crs_cfg = cfg
-        layer.crs_cfg = cfg
+        for mod in (layer, attn, attn.o_proj, layer.mlp, layer.mlp.fc1, layer.mlp.fc2):
+            mod.crs_config, mod.crs_generator = crs_config, generator
         if type(layer) in (ViTLayer, CRSViTLayer, LeanViTLayer):  # other block classes keep their forward
             lean = LeanViTLayer if "lean_block" in targets else None
             layer.__class__ = lean or (CRSViTLayer if "mlp" in targets else ViTLayer)
         elif "lean_block" in targets:
             raise ValueError(f"crs.targets 'lean_block' needs ViTLayer blocks, not {type(layer).__name__}.")
-    model.crs_config, model.crs_targets = cfg, tuple(t for t in KNOWN_TARGETS if t in targets)
+    model.crs_generator = generator
+    model.crs_targets = tuple(t for t in KNOWN_TARGETS if t in targets)
     model.crs_training_batch = batch  # see vitcrs.crs.sample_cache.set_training_batch
     return model
 
@@ -301,21 +289,7 @@ def grad_norm_sources(model: nn.Module) -> dict[str, GradNormSource]:
     found = {}
     for name, mod in model.named_modules():
         if isinstance(mod, CRSLinear):
-            found[name] = mod.crs_grad_norm
+            found[name] = mod.grad_norm
         elif isinstance(mod, CRSViTAttention):
-            found.update({f"{name}.{k}": t for k, t in mod.crs_grad_norms.items()})
+            found.update({f"{name}.{k}": source for k, source in mod.grad_norm.items()})
     return found
-
-
-def crs_state_dict(model: nn.Module) -> dict[str, dict]:
-    """The running gradient-norm estimates of an injected model (they are not in `model.state_dict()`);
-    for prob="sample_cache" the stand-ins, not the per-image entries (`SampleGradCache.entries_state`)."""
-    return {name: t.state_dict() for name, t in grad_norm_sources(model).items()}
-
-
-def load_crs_state_dict(model: nn.Module, state: dict[str, dict]) -> None:
-    """Restore `crs_state_dict` output into an injected model with the same targets."""
-    trackers = grad_norm_sources(model)
-    for name, s in state.items():
-        if name in trackers:
-            trackers[name].load_state_dict(s)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .config import CRSConfig
+from .targets import QKV_TARGETS
 
 
 class SavedTensorsMeter:
@@ -89,10 +90,10 @@ def vit_block_saved_bytes(
         return d_out * d_in * c if autocast and name not in targets else 0
 
     layer_norm = n * d * 4 + 2 * n * 4  # input + mean + rstd
-    qkv = [t for t in ("query", "key", "value") if t in targets]
+    qkv = [t for t in QKV_TARGETS if t in targets]
     full_qkv = (3 - len(qkv)) * n * d * c if autocast else (n * d * 4 if len(qkv) < 3 else 0)
     qkv_bytes = full_qkv + (rows(n, d) if qkv else 0)
-    qkv_bytes += sum(weight_cast(d, d, t) for t in ("query", "key", "value"))
+    qkv_bytes += sum(weight_cast(d, d, t) for t in QKV_TARGETS)
     probs = slices * tokens * tokens * 4  # softmax output (fp32), kept by softmax itself
     # scores: k of T rows of Q and k of T columns of Kᵀ per (batch, head), or all of Q and K
     scores = rows(tokens, dh, slices) * 2 if "scores" in targets else 2 * n * d * c

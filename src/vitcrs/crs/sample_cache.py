@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .config import CACHE_FORMATS
 from .grad_norm import GradNormEMA
+from .targets import QKV_TARGETS
 
 # uint8 code c in 1..254 stands for 2^(LOG2_MIN + (c - 1) · LOG2_STEP) (±9 % steps from 2^-56 to 2^7.25,
 # clamped); 0 stands for 0 and 255 for "no entry".
@@ -73,22 +74,25 @@ class TrainingBatch:
         self.exact = False
 
 
-class SampleGradCache:
+class SampleGradCache(nn.Module):
     """The per-image ‖output gradient‖ rows of one sampled op: a gradient-norm source (see `grad_norm`).
 
     entries: [dataset_size, *row] in host memory (`fmt`), allocated at the first write (row: [T] for a linear,
-    [heads, n] for a matmul side); a new row shape (another image size) starts it afresh. standin: running
-    mean over written batches of the per-position entries (momentum), for images without an entry.
+    [heads, n] for a matmul side); a new row shape (another image size) starts it afresh. A plain attribute,
+    not a buffer: `.to()` leaves it in host memory. estimate: the stand-in for images without an entry, the
+    running mean over written batches of the per-position entries (momentum); a non-persistent buffer (it
+    moves with `.to()`), empty before the first write.
     """
 
     exact = False
 
     def __init__(self, batch: TrainingBatch, fmt: str = "bfloat16", momentum: float = 0.9) -> None:
+        super().__init__()
         if fmt not in CACHE_FORMATS:
             raise ValueError(f"crs.cache_format={fmt!r} is unknown: choose one of {', '.join(CACHE_FORMATS)}")
         self.batch, self.fmt, self.momentum = batch, fmt, momentum
         self.entries: Tensor | None = None
-        self.standin: Tensor | None = None
+        self.register_buffer("estimate", torch.empty(0), persistent=False)
         self._pending: list[tuple[Tensor, Tensor, torch.cuda.Event]] = []
 
     # -- the gradient-norm source protocol ------------------------------------------------------------------
@@ -107,10 +111,7 @@ class SampleGradCache:
             cached = decode(self.entries.index_select(0, indices).to(device, non_blocking=True), self.fmt)
         else:
             cached = torch.full(tuple(shape), float("nan"), device=device)
-        if self.standin is not None and tuple(self.standin.shape) == row:
-            standin = self.standin.to(device)
-        else:
-            standin = torch.ones(row, device=device)
+        standin = self.estimate if tuple(self.estimate.shape) == row else torch.ones(row, device=device)
         return torch.where(cached.isnan(), standin, cached)
 
     @torch.no_grad()
@@ -120,12 +121,11 @@ class SampleGradCache:
         norms = norms.detach().float()
         norms = torch.where(norms.isfinite(), norms, torch.full_like(norms, float("nan")))
         mean = norms.nanmean(0)
-        if self.standin is None or self.standin.shape != mean.shape:
-            self.standin = torch.where(mean.isnan(), torch.ones_like(mean), mean)
+        if self.estimate.shape != mean.shape:
+            self.estimate = torch.where(mean.isnan(), torch.ones_like(mean), mean)
         else:  # positions no image of this batch had a finite norm at keep their stand-in
-            standin = self.standin.to(mean.device)
-            update = standin * self.momentum + mean * (1 - self.momentum)
-            self.standin = torch.where(mean.isnan(), standin, update)
+            update = self.estimate * self.momentum + mean * (1 - self.momentum)
+            self.estimate = torch.where(mean.isnan(), self.estimate, update)
         size = self.batch.dataset_size
         if size == 0:
             return
@@ -163,14 +163,6 @@ class SampleGradCache:
         self.entries = None
 
     # -- checkpoints ----------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """The stand-in only (as `GradNormEMA.state_dict`); the entries: `entries_state`."""
-        return {"momentum": self.momentum, "value": self.standin}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.momentum = state["momentum"]
-        self.standin = state["value"]
-
     def entries_state(self) -> Tensor | None:
         self.flush()
         return self.entries
@@ -269,7 +261,7 @@ def sample_cache_bytes_per_image(
     head_dim] for `context` (V's columns; P is reused, so its side is exact and needs none). The lean `mlp`
     samples with the exact gradient of the same step and needs none."""
     t = set(targets)
-    per_block = tokens if t & {"query", "key", "value"} else 0
+    per_block = tokens if t & set(QKV_TARGETS) else 0
     per_block += tokens * len(t & {"attn_output", "fc1", "fc2"})
     per_block += 2 * heads * tokens if "scores" in t else 0
     per_block += hidden if "context" in t else 0  # heads x head_dim

@@ -1,16 +1,27 @@
-"""Image data for vitcrs: CIFAR-10/100 (fine or coarse labels), image folders and a synthetic task.
+"""Image data for vitcrs: one source class per dataset, composed by the data module the app instantiates.
 
-``VisionDataModule`` is what the app instantiates from the ``data:`` config node; see its docstring.
+``VisionDataModule`` is built from the ``data:`` config node, its ``source`` from ``data.source`` (the
+``dataset`` config group): :class:`CifarSource` (CIFAR-10/100, fine or coarse labels),
+:class:`ImageFolderSource` (class folders) or :class:`SyntheticSource` (a generated task).
 """
 
-from vitcrs.data.datamodule import LABEL_TYPES, SOURCES, VisionDataModule
+from vitcrs.data.cifar import CifarSource
+from vitcrs.data.datamodule import VisionDataModule
+from vitcrs.data.imagefolder import ImageFolderSource
+from vitcrs.data.source import DataSource
+from vitcrs.data.synthetic import SyntheticSource
+from vitcrs.data.train_loader import EpochSampler, TrainLoader
 from vitcrs.data.transforms import BatchCollate, ImageTensorDataset, random_crop_flip, to_model_input
 
 __all__ = [
-    "LABEL_TYPES",
-    "SOURCES",
     "BatchCollate",
+    "CifarSource",
+    "DataSource",
+    "EpochSampler",
+    "ImageFolderSource",
     "ImageTensorDataset",
+    "SyntheticSource",
+    "TrainLoader",
     "VisionDataModule",
     "random_crop_flip",
     "to_model_input",

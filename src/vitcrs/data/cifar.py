@@ -3,7 +3,7 @@
 torchvision's ``CIFAR100`` exposes only the fine labels, so the pickles are read here: that gives the
 ``coarse_labels`` (20 superclasses) too, lets a locally built archive (which fails torchvision's md5 test) be
 loaded on an explicit opt-out, and turns every failure into a :class:`~vitcrs.errors.ConfigError` that says
-where the files must be.
+where the files must be. :class:`CifarSource` is the source of ``dataset=cifar10|cifar100|cifar100_coarse``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,16 @@ import pickle
 import socket
 import tarfile
 import urllib.parse
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
+import torch
 
+from vitcrs.data.source import DataSource, Splits, bad_setting, need_bool
 from vitcrs.errors import ConfigError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -147,7 +152,7 @@ def locate(spec: CifarSpec, root: Path) -> str:
 
 
 def verify_checksums(spec: CifarSpec, root: Path, where: str) -> None:
-    """Compare the files against torchvision's md5 table; a mismatch names ``data.verify_checksum``."""
+    """Compare the files against torchvision's md5 table; a mismatch names ``data.source.verify_checksum``."""
     items = (
         [(root / spec.folder / name, md5) for name, md5 in spec.all_files]
         if where == "folder"
@@ -157,18 +162,18 @@ def verify_checksums(spec: CifarSpec, root: Path, where: str) -> None:
         got = md5sum(path)
         if got != expected:
             raise ConfigError(
-                f"data.verify_checksum=true: {path} is not the official {spec.title} file "
+                f"data.source.verify_checksum=true: {path} is not the official {spec.title} file "
                 f"(md5 {got}, torchvision expects {expected}). If you built this archive locally "
-                f"(e.g. from the CIFAR JPEGs, or a generated test archive), set data.verify_checksum=false "
-                f"to load it anyway; otherwise the file is damaged: delete {path} and run again with "
-                f"data.download=true, or {_where_to_put(spec, root)}."
+                f"(e.g. from the CIFAR JPEGs, or a generated test archive), set "
+                f"data.source.verify_checksum=false to load it anyway; otherwise the file is damaged: delete "
+                f"{path} and run again with data.source.download=true, or {_where_to_put(spec, root)}."
             )
 
 
 def missing_error(spec: CifarSpec, root: Path, reason: str, download: bool) -> ConfigError:
     fix = _where_to_put(spec, root)
     if not download:
-        fix += ", or set data.download=true to fetch it"
+        fix += ", or set data.source.download=true to fetch it"
     return ConfigError(
         f"data.root={str(root)!r}: {spec.title} not found ({reason}). Expected {root / spec.folder}/ holding "
         f"{spec.file_list()}. Fix: {fix}; or point data.root at the folder that holds {spec.folder}/."
@@ -196,9 +201,17 @@ def download(spec: CifarSpec, root: Path, verify_checksum: bool) -> None:
         )
     except Exception as e:  # URLError, HTTPError, OSError, RuntimeError (md5) ...
         raise ConfigError(
-            f"data.download=true: downloading {spec.title} from {spec.url} into {root} failed "
-            f"({type(e).__name__}: {e}). Fix: {_where_to_put(spec, root)} (then data.download=false is fine)."
+            f"data.source.download=true: downloading {spec.title} from {spec.url} into {root} failed "
+            f"({type(e).__name__}: {e}). Fix: {_where_to_put(spec, root)} (then data.source.download=false "
+            "is fine)."
         ) from e
+
+
+def _unreadable(spec: CifarSpec, path: Path, err: BaseException) -> ConfigError:
+    return ConfigError(
+        f"data.root={str(path.parent)!r}: {path} cannot be extracted ({type(err).__name__}: {err}). "
+        f"Fix: delete it and {_where_to_put(spec, path.parent)}."
+    )
 
 
 def extract(spec: CifarSpec, root: Path) -> None:
@@ -209,39 +222,67 @@ def extract(spec: CifarSpec, root: Path) -> None:
                 tar.extractall(root, filter="data")
             else:  # pragma: no cover
                 tar.extractall(root)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ConfigError(
-            f"data.root={str(root)!r}: {path} cannot be extracted ({type(e).__name__}: {e}). "
-            f"Fix: delete it and {_where_to_put(spec, root)}."
-        ) from e
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise _unreadable(spec, path, e) from e
 
 
-def _load_pickle(path: Path, spec: CifarSpec) -> dict:
+def _load_pickle(f: IO[bytes], path: Path, spec: CifarSpec, root: Path, damaged: Path) -> dict:
+    """The dict pickled in `f` (read from `path`); a ConfigError says to delete `damaged` when it is not."""
     try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+        entry = pickle.load(f, encoding="latin1")
     except Exception as e:  # UnpicklingError, EOFError (truncated), ValueError, ...
         raise ConfigError(
             f"data.root: {path} is not a readable {spec.title} pickle ({type(e).__name__}: {e}); "
-            f"the archive is corrupt or truncated. Fix: delete {path.parent}/ and "
-            f"{_where_to_put(spec, path.parent.parent)}, or run again with data.download=true."
+            f"the archive is corrupt or truncated. Fix: delete {damaged} and "
+            f"{_where_to_put(spec, root)}, or run again with data.source.download=true."
         ) from e
     if not isinstance(entry, dict):
         raise ConfigError(
             f"data.root: {path} holds a {type(entry).__name__}, not the {spec.title} dict of data/labels. "
-            f"Fix: {_where_to_put(spec, path.parent.parent)}."
+            f"Fix: {_where_to_put(spec, root)}."
         )
     return entry
 
 
-def load_split(spec: CifarSpec, root: Path, split: str, label_type: str) -> tuple[np.ndarray, np.ndarray]:
+def _tarball_pickles(spec: CifarSpec, root: Path) -> Iterator[tuple[str, dict]]:
+    """(file name, unpickled dict) of each data file in the archive, read in one pass without extracting."""
+    path = root / spec.tarball
+    wanted = {f"{spec.folder}/{name}": name for name, _ in (*spec.train_files, *spec.test_files)}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:
+                name = wanted.pop(member.name, None)
+                f = tar.extractfile(member) if name is not None else None
+                if f is not None:
+                    yield name, _load_pickle(f, path / member.name, spec, root, path)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise _unreadable(spec, path, e) from e
+    if wanted:
+        raise _unreadable(spec, path, FileNotFoundError(f"no {', '.join(sorted(wanted))} in the archive"))
+
+
+def read_pickles(spec: CifarSpec, root: Path, where: str) -> dict[str, dict]:
+    """Each data file's dict, from the extracted folder (where='folder') or straight from the archive."""
+    if where == "tarball":
+        return dict(_tarball_pickles(spec, root))
+    entries = {}
+    for name, _ in (*spec.train_files, *spec.test_files):
+        path = root / spec.folder / name
+        with open(path, "rb") as f:
+            entries[name] = _load_pickle(f, path, spec, root, path.parent)
+    return entries
+
+
+def split_arrays(
+    spec: CifarSpec, entries: dict[str, dict], root: Path, split: str, label_type: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 [N, 3, 32, 32] and labels int64 [N]; the images are a view of the pickled array when
     the split is one file (CIFAR-100, CIFAR-10's test), else the batches concatenated."""
     key = spec.label_keys[label_type]
     images, labels = [], []
     for name, _ in spec.train_files if split == "train" else spec.test_files:
         path = root / spec.folder / name
-        entry = _load_pickle(path, spec)
+        entry = entries[name]
         data, lab = entry.get("data"), entry.get(key)
         ok = isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
         if not ok or data.shape[1] != 3072:
@@ -267,6 +308,100 @@ def load_split(spec: CifarSpec, root: Path, split: str, label_type: str) -> tupl
             f"(min {y.min()}, max {y.max()}); it is not {spec.title}. Fix: {_where_to_put(spec, root)}."
         )
     return x.reshape(-1, 3, 32, 32), y
+
+
+class CifarSource(DataSource):
+    """CIFAR-10 or CIFAR-100 (fine or coarse labels) from the official pickles under the data root.
+
+    Args:
+        variant: ``cifar10`` | ``cifar100``.
+        label_type: ``fine`` | ``coarse`` (coarse: CIFAR-100's 20 superclasses, the archive's
+            ``coarse_labels``).
+        download: fetch a missing archive into the data root with torchvision.
+        verify_checksum: compare the files with torchvision's md5 table; ``False`` loads locally built
+            archives (their pickles are then read by `check` to catch damage).
+    """
+
+    def __init__(
+        self, variant: str, label_type: str = "fine", download: bool = True, verify_checksum: bool = True
+    ) -> None:
+        self.variant = self.kind = variant
+        self.label_type = label_type
+        self.download = download
+        self.verify_checksum = verify_checksum
+        self._verified = False  # the md5 of what `check` found already compared: `prepare`/`load` trust it
+        self._pickles: dict[str, dict] = {}  # read by `check` (unverified files), reused once by `load`
+
+    def default_name(self, root: Path) -> str:
+        return self.variant if self.label_type == "fine" else f"{self.variant}_{self.label_type}"
+
+    def _spec(self) -> CifarSpec:
+        if self.variant not in SPECS:
+            raise bad_setting(
+                "data.source.variant",
+                self.variant,
+                " | ".join(SPECS),
+                "choose a CIFAR dataset config (dataset=cifar10|cifar100|cifar100_coarse)",
+            )
+        spec = SPECS[self.variant]
+        if self.label_type not in spec.label_keys:
+            raise bad_setting(
+                "data.source.label_type",
+                self.label_type,
+                f"{' | '.join(spec.label_keys)} for {spec.title} ('coarse' only with CIFAR-100)",
+                "set data.source.label_type=fine (dataset=cifar100_coarse: CIFAR-100's 20 superclasses)",
+            )
+        need_bool("data.source.download", self.download)
+        need_bool("data.source.verify_checksum", self.verify_checksum)
+        return spec
+
+    def class_names(self, root: Path) -> list[str]:
+        return class_names(self._spec().source, self.label_type)
+
+    def check(self, root: Path) -> None:
+        spec = self._spec()
+        where = locate(spec, root)
+        if where == "missing":
+            if not self.download:
+                raise missing_error(spec, root, "data.source.download=false", download=False)
+            reason = can_reach(spec.url)
+            if reason is not None:
+                raise missing_error(
+                    spec, root, f"and data.source.download=true cannot fetch it: {reason}", download=True
+                )
+        elif self.verify_checksum:
+            if not self._verified:
+                verify_checksums(spec, root, where)
+                self._verified = True
+        elif not self._pickles:  # unverified: read the pickles (no decoding, no writing) to catch damage
+            self._pickles = read_pickles(spec, root, where)
+
+    def prepare(self, root: Path) -> None:
+        """Download (torchvision) or extract a missing folder."""
+        spec = self._spec()
+        where = locate(spec, root)
+        if where == "missing":
+            if not self.download:
+                raise missing_error(spec, root, "data.source.download=false", download=False)
+            download(spec, root, self.verify_checksum)
+            self._verified = self.verify_checksum
+        elif where == "tarball":
+            if self.verify_checksum and not self._verified:
+                verify_checksums(spec, root, "tarball")
+            extract(spec, root)
+
+    def load(self, root: Path) -> Splits:
+        spec = self._spec()
+        if locate(spec, root) != "folder":
+            self.prepare(root)
+        if self.verify_checksum and not self._verified:
+            verify_checksums(spec, root, "folder")
+            self._verified = True
+        entries, self._pickles = self._pickles or read_pickles(spec, root, "folder"), {}
+        (trx, try_), (tex, tey) = (
+            split_arrays(spec, entries, root, s, self.label_type) for s in ("train", "test")
+        )
+        return torch.from_numpy(trx), torch.from_numpy(try_), torch.from_numpy(tex), torch.from_numpy(tey)
 
 
 def resolve_root(root: str | os.PathLike) -> Path:

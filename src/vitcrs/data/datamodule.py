@@ -1,17 +1,20 @@
-"""VisionDataModule: CIFAR-10/100 (fine or coarse labels), image folders or a synthetic task, uint8 batches.
+"""VisionDataModule: one data source (CIFAR-10/100, an image folder, the synthetic task) in uint8 batches.
 
 Life cycle (what the app does)::
 
     dm = hydra.utils.instantiate(cfg.data, image_size=..., mean=..., std=...)  # never raises, reads little
     dm.check()                       # every setting + the data's presence/integrity, ConfigError on a problem
     model = ...(num_labels=dm.num_classes)   # num_classes / class_names known without decoding images
-    trainer.fit(model, datamodule=dm)        # prepare_data (download) -> setup -> loaders
+    trainer.fit(model, datamodule=dm)        # prepare_data (download/extract) -> setup -> loaders
     metrics["data"] = dm.describe()
 
-Loaders yield ``(uint8 [B, 3, h, w], int64 [B])`` at native resolution (train batches randomly cropped and
-flipped); :meth:`VisionDataModule.on_after_batch_transfer` turns the images into normalised float
-``[B, 3, image_size, image_size]`` on the device. Lightning runs that hook only when the datamodule is passed
-to the Trainer (``datamodule=dm``); code that feeds loaders by hand calls
+Loaders yield ``(uint8 [B, 3, h, w], int64 [B])`` at native resolution (training batches randomly cropped and
+flipped, a function of (seed, epoch, step, rank): `vitcrs.data.train_loader`; with ``batch_indices`` they
+also carry the images' dataset indices, int64 [B]). The data module's ``state_dict`` is the training loader's
+position, so a checkpoint resumes mid-epoch at the next image.
+:meth:`VisionDataModule.on_after_batch_transfer` turns the images into normalised float
+``[B, 3, image_size, image_size]`` on the device. Lightning runs that hook only when the datamodule is
+passed to the Trainer (``datamodule=dm``); code that feeds loaders by hand calls
 ``dm.on_after_batch_transfer(batch, 0)`` itself.
 """
 
@@ -25,19 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vitcrs.data import cifar, imagefolder, synthetic
+from vitcrs.data.cifar import resolve_root
+from vitcrs.data.source import DataSource, bad_setting, need_bool, need_int
+from vitcrs.data.train_loader import EpochSampler, TrainLoader
 from vitcrs.data.transforms import BatchCollate, ImageTensorDataset, to_model_input
 from vitcrs.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-SOURCES = ("cifar10", "cifar100", "imagefolder", "synthetic")
-LABEL_TYPES = ("fine", "coarse")
-DEFAULT_SYNTHETIC_CLASSES = 10
 
 
 def _finite(value: Any) -> bool:
@@ -58,198 +58,129 @@ class VisionDataModule(L.LightningDataModule):
     """Image-classification data for ViT fine-tuning, kept small in memory (uint8, native resolution).
 
     Args:
-        source: ``cifar10`` | ``cifar100`` | ``imagefolder`` | ``synthetic``.
-        name: display name written to metrics and tables (``cifar10``, ``cifar100_coarse``, ...); None with
-            source=imagefolder: the name of the ``root`` folder.
-        label_type: ``fine`` | ``coarse`` (coarse: CIFAR-100's 20 superclasses, from the archive's
-            ``coarse_labels``).
-        root: folder holding ``cifar-10-batches-py/`` / ``cifar-100-python/`` (or their ``.tar.gz``), or for
-            imagefolder the tree with ``train/<class>/`` and ``test/<class>/``.
-        batch_size: images per batch (all loaders).
+        source: the dataset (a :class:`~vitcrs.data.source.DataSource`, the ``data.source`` node).
+        name: the name written to metrics and tables; None: the source's (an image folder: its folder's name).
+        root: the folder the source reads and downloads into (CIFAR: holding ``cifar-10-batches-py/`` /
+            ``cifar-100-python/`` or their ``.tar.gz``; imagefolder: the tree with ``train/`` and ``test/``).
+        batch_size: images per batch (all loaders; per process under data parallelism).
         num_workers: DataLoader worker processes (0: load in the main process).
         val_fraction: share of the train split held out for validation, in [0, 1), seeded by ``split_seed``.
         split_seed: seed of the train/validation split (and of which images ``limit_train`` keeps).
-        download: fetch a missing CIFAR archive into ``root`` with torchvision.
-        verify_checksum: compare CIFAR files with torchvision's md5 table; ``False`` loads locally built
-            archives.
         augment: random crop (4 px reflect padding) + horizontal flip of train images at native resolution.
         image_size: model input size; images are resized to it on the device.
         mean, std: per-channel normalisation of [0, 1] pixels, from the checkpoint's preprocessor config.
-        load_size: imagefolder only: images are decoded and resized once to this square size, kept as uint8.
-        num_classes, num_train, num_test, native_size, synthetic_seed: synthetic only
-            (``num_classes`` None = 10).
         limit_train: keep only the first N images of the (shuffled, seeded) train split; None = all.
+        seed: the run's seed: the training order and augmentation are a function of (seed, epoch, step, rank).
+        batch_indices: training batches also carry their images' dataset indices (``crs.prob=sample_cache``).
     """
 
     def __init__(
         self,
-        source: str,
-        name: str | None,
-        label_type: str = "fine",
+        source: DataSource,
+        name: str | None = None,
         root: str = "data",
         batch_size: int = 64,
         num_workers: int = 4,
         val_fraction: float = 0.1,
         split_seed: int = 0,
-        download: bool = True,
-        verify_checksum: bool = True,
         augment: bool = True,
         image_size: int = 224,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
-        load_size: int = 32,
-        num_classes: int | None = None,
-        num_train: int = 2048,
-        num_test: int = 512,
-        native_size: int = 32,
-        synthetic_seed: int = 0,
         limit_train: int | None = None,
+        seed: int = 0,
+        batch_indices: bool = False,
     ) -> None:
         super().__init__()
         # Nothing here raises: Hydra would wrap the error; check() reports bad settings as ConfigError.
         self.source = source
-        if name is None and source == "imagefolder" and isinstance(root, str | os.PathLike):
-            name = Path(root).resolve().name  # a folder tree is recorded under its own name
-        self.name = name
-        self.label_type = label_type
+        self._name = name
         self.root = root
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.split_seed = split_seed
-        self.download = download
-        self.verify_checksum = verify_checksum
         self.augment = augment
         self.image_size = image_size
         self.mean = _float_list(mean)
         self.std = _float_list(std)
-        self.load_size = load_size
-        self.synthetic_num_classes = num_classes
-        self.num_train = num_train
-        self.num_test = num_test
-        self.native_size = native_size
-        self.synthetic_seed = synthetic_seed
         self.limit_train = limit_train
+        self.seed = seed
+        self.batch_indices = batch_indices
 
         self.train_dataset: ImageTensorDataset | None = None
         self.val_dataset: ImageTensorDataset | None = None
         self.test_dataset: ImageTensorDataset | None = None
         self.train_indices: torch.Tensor | None = None  # positions in the source's train split
         self.val_indices: torch.Tensor | None = None
-        self._class_names: list[str] | None = None
-        self._verified = False  # md5 already compared (check() or setup())
-        # pickles read by check() (unverified archives), reused by setup()
-        self._cifar_arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._train_loader: TrainLoader | None = None
+        self._train_state: dict[str, Any] | None = None  # a checkpoint's loader position, for the next loader
         self._norm_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ settings
 
     @property
     def root_path(self) -> Path:
-        return cifar.resolve_root(self.root)
+        return resolve_root(self.root)
+
+    @property
+    def name(self) -> str:
+        """`name`, else the source's name for the data root (an image folder: the folder's name)."""
+        return self._name if self._name is not None else self.source.default_name(self.root_path)
+
+    @property
+    def label_type(self) -> str:
+        return self.source.label_type
 
     def _validate_settings(self) -> None:
-        def bad(key: str, value: Any, allowed: str, fix: str = "") -> ConfigError:
-            return ConfigError(
-                f"data.{key}={value!r} is invalid: allowed {allowed}. Fix: {fix or f'set data.{key}'}."
-            )
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int | np.integer) and not isinstance(v, bool)
-
-        def need_int(key: str, v: Any, lo: int) -> None:
-            if not is_int(v) or v < lo:
-                raise bad(key, v, f"an integer >= {lo}")
-
-        def need_bool(key: str, v: Any) -> None:
-            if not isinstance(v, bool):
-                raise bad(key, v, "true or false")
-
-        if self.source not in SOURCES:
-            raise bad(
-                "source",
+        if not isinstance(self.source, DataSource):
+            raise bad_setting(
+                "data.source",
                 self.source,
-                " | ".join(SOURCES),
-                "choose a dataset config (dataset=cifar10|cifar100|cifar100_coarse|imagefolder|"
-                "synthetic) or set data.source to one of those sources",
+                "a vitcrs.data.DataSource (the dataset group's data.source node)",
+                "choose a dataset config, dataset=<a file of conf/dataset/>, e.g. dataset=cifar10",
             )
-        if self.label_type not in LABEL_TYPES:
-            raise bad(
-                "label_type",
-                self.label_type,
-                " | ".join(LABEL_TYPES),
-                "set data.label_type=fine (or coarse for CIFAR-100's 20 superclasses)",
-            )
-        if self.label_type == "coarse" and self.source != "cifar100":
-            raise bad(
-                "label_type",
-                self.label_type,
-                f"'coarse' only with data.source=cifar100 (got data.source={self.source!r})",
-                "set data.label_type=fine, or use dataset=cifar100_coarse",
-            )
-        if not isinstance(self.name, str) or not self.name:
-            raise bad("name", self.name, "a non-empty string", "set data.name, e.g. data.name=cifar10")
         if not isinstance(self.root, str | os.PathLike) or not str(self.root):
-            raise bad("root", self.root, "a folder path", "set data.root=/path/to/data")
-        need_int("batch_size", self.batch_size, 1)
-        need_int("num_workers", self.num_workers, 0)
+            raise bad_setting("data.root", self.root, "a folder path", "set data.root=/path/to/data")
+        if not isinstance(self.name, str) or not self.name:
+            raise bad_setting(
+                "data.name", self.name, "a non-empty string", "set data.name, e.g. data.name=cifar10"
+            )
+        need_int("data.batch_size", self.batch_size, 1)
+        need_int("data.num_workers", self.num_workers, 0)
         vf = self.val_fraction
         if isinstance(vf, bool) or not isinstance(vf, int | float) or not (0 <= vf < 1) or math.isnan(vf):
-            raise bad(
-                "val_fraction",
+            raise bad_setting(
+                "data.val_fraction",
                 vf,
                 "a number in [0, 1) (0: no validation split)",
                 "set e.g. data.val_fraction=0.1",
             )
-        need_int("split_seed", self.split_seed, 0)
-        need_bool("download", self.download)
-        need_bool("verify_checksum", self.verify_checksum)
-        need_bool("augment", self.augment)
-        need_int("image_size", self.image_size, 1)
+        need_int("data.split_seed", self.split_seed, 0)
+        need_bool("data.augment", self.augment)
+        need_int("data.image_size", self.image_size, 1)
         for key in ("mean", "std"):
             v = getattr(self, key)
             if not isinstance(v, list) or len(v) != 3 or not all(_finite(x) for x in v):
-                raise bad(
-                    key,
+                raise bad_setting(
+                    f"data.{key}",
                     v,
                     "a list of 3 finite numbers (one per RGB channel)",
                     f"set e.g. data.{key}=[0.5,0.5,0.5]",
                 )
         if any(s <= 0 for s in self.std):
-            raise bad("std", self.std, "3 numbers > 0", "set e.g. data.std=[0.5,0.5,0.5]")
+            raise bad_setting("data.std", self.std, "3 numbers > 0", "set e.g. data.std=[0.5,0.5,0.5]")
         if self.limit_train is not None:
-            need_int("limit_train", self.limit_train, 1)
-        if self.source == "imagefolder":
-            need_int("load_size", self.load_size, 8)
-        if self.source == "synthetic":
-            if self.synthetic_num_classes is not None:
-                need_int("num_classes", self.synthetic_num_classes, 2)
-            need_int("num_train", self.num_train, 1)
-            need_int("num_test", self.num_test, 1)
-            need_int("native_size", self.native_size, 8)
-            need_int("synthetic_seed", self.synthetic_seed, 0)
-        elif self.synthetic_num_classes is not None:
-            raise bad(
-                "num_classes",
-                self.synthetic_num_classes,
-                f"null unless data.source=synthetic (data.source={self.source!r} fixes the classes)",
-                "remove data.num_classes (the model head follows the dataset)",
-            )
+            need_int("data.limit_train", self.limit_train, 1)
+        need_int("data.seed", self.seed, 0)
+        need_bool("batch_indices", self.batch_indices)
 
     # ------------------------------------------------------------------ classes (no image decoding)
 
     @property
     def class_names(self) -> list[str]:
-        if self._class_names is None:
-            self._validate_settings()
-            if self.source in cifar.SPECS:
-                self._class_names = cifar.class_names(self.source, self.label_type)
-            elif self.source == "imagefolder":
-                self._class_names = imagefolder.class_names(self.root_path)
-            else:
-                n = self.synthetic_num_classes or DEFAULT_SYNTHETIC_CLASSES
-                self._class_names = synthetic.class_names(n)
-        return list(self._class_names)
+        self._validate_settings()
+        return self.source.class_names(self.root_path)
 
     @property
     def num_classes(self) -> int:
@@ -258,84 +189,24 @@ class VisionDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ check / prepare / setup
 
     def check(self) -> VisionDataModule:
-        """Validate every setting and that the data is there (or downloadable), without decoding images.
-
-        Raises ConfigError naming the setting, the bad value, what is allowed and the fix. Returns self.
-        """
+        """Validate every setting and that the data is there (or downloadable), without decoding images or
+        writing anything: the app's pre-flight check. Raises ConfigError naming the setting, the bad value,
+        what is allowed and the fix. Returns self."""
         self._validate_settings()
-        root = self.root_path
-        if self.source in cifar.SPECS:
-            spec = cifar.SPECS[self.source]
-            where = cifar.locate(spec, root)
-            if where == "missing":
-                if not self.download:
-                    raise cifar.missing_error(spec, root, "data.download=false", download=False)
-                reason = cifar.can_reach(spec.url)
-                if reason is not None:
-                    raise cifar.missing_error(
-                        spec, root, f"and data.download=true cannot fetch it: {reason}", download=True
-                    )
-            elif self.verify_checksum:
-                if not self._verified:  # train() checks again after prepare_data: hash the files once
-                    cifar.verify_checksums(spec, root, where)
-                    self._verified = True
-            elif where == "folder":  # unverified archive: read the pickles once (no decoding) to catch damage
-                self._read_cifar(spec, root)
-        elif self.source == "imagefolder":
-            imagefolder.check(root)
-        _ = self.class_names
+        self.source.check(self.root_path)
         return self
 
     def prepare_data(self) -> None:
-        """Download (torchvision) or extract a missing CIFAR archive; a no-op for the other sources."""
-        if self.source not in cifar.SPECS:
-            return
+        """Download or extract what the source reads (Lightning: once per node, before setup)."""
         self._validate_settings()
-        spec, root = cifar.SPECS[self.source], self.root_path
-        where = cifar.locate(spec, root)
-        if where == "missing":
-            if not self.download:
-                raise cifar.missing_error(spec, root, "data.download=false", download=False)
-            cifar.download(spec, root, self.verify_checksum)
-            self._verified = self.verify_checksum
-        elif where == "tarball":
-            if self.verify_checksum and not self._verified:  # check() may have hashed it already
-                cifar.verify_checksums(spec, root, "tarball")
-            cifar.extract(spec, root)
-
-    def _read_cifar(self, spec: cifar.CifarSpec, root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        if not self._cifar_arrays:
-            self._cifar_arrays = {
-                split: cifar.load_split(spec, root, split, self.label_type) for split in ("train", "test")
-            }
-        return self._cifar_arrays
-
-    def _load_source(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        root = self.root_path
-        if self.source in cifar.SPECS:
-            spec = cifar.SPECS[self.source]
-            if cifar.locate(spec, root) != "folder":
-                self.prepare_data()
-            if self.verify_checksum and not self._verified:
-                cifar.verify_checksums(spec, root, "folder")
-                self._verified = True
-            arrays = self._read_cifar(spec, root)
-            self._cifar_arrays = {}
-            (trx, try_), (tex, tey) = arrays["train"], arrays["test"]
-            return torch.from_numpy(trx), torch.from_numpy(try_), torch.from_numpy(tex), torch.from_numpy(tey)
-        if self.source == "imagefolder":
-            data = imagefolder.load(root, self.load_size, threads=os.cpu_count())
-            return (*data["train"], *data["test"])
-        return synthetic.generate(
-            self.num_classes, self.num_train, self.num_test, self.native_size, self.synthetic_seed
-        )
+        self.source.prepare(self.root_path)
 
     def setup(self, stage: str | None = None) -> None:
         """Load all splits once (any stage): a seeded train/val split of the train set, the test set as is."""
         if self.train_dataset is not None:
             return
         self._validate_settings()
-        train_x, train_y, test_x, test_y = self._load_source()
+        train_x, train_y, test_x, test_y = self.source.load(self.root_path)
         n = train_x.shape[0]
         n_val = round(self.val_fraction * n)
         if n - n_val < 1:
@@ -356,33 +227,57 @@ class VisionDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
-    def _loader(self, dataset: ImageTensorDataset | None, train: bool) -> DataLoader:
-        assert dataset is not None, "setup() must run first"
+    def train_dataloader(self) -> TrainLoader:
+        """This process's training batches (rank and world size from the Trainer, if attached); its position
+        is the data module's checkpoint state."""
+        self.setup()
+        assert self.train_dataset is not None
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        loader = TrainLoader(
+            self.train_dataset,
+            EpochSampler(self.train_dataset, int(self.batch_size), int(self.seed), rank, world),
+            BatchCollate(augment=self.augment),
+            indices=self.batch_indices,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+        if self._train_state is not None:
+            loader.load_state_dict(self._train_state)
+        self._train_loader = loader
+        return loader
+
+    def _eval_loader(self, dataset: ImageTensorDataset | None) -> DataLoader:
+        self.setup()
+        assert dataset is not None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=False,
+            shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=BatchCollate(augment=train and self.augment),
+            collate_fn=BatchCollate(augment=False),
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.train_dataset, train=True)
-
     def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.val_dataset, train=False)
+        return self._eval_loader(self.val_dataset)
 
     def test_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.test_dataset, train=False)
+        return self._eval_loader(self.test_dataset)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position (Lightning stores it in every checkpoint)."""
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training loader at a checkpoint's position (Lightning restores it before the loader is
+        built, or, if it already was, hands it over)."""
+        self._train_state = state_dict.get("train_loader")
+        if self._train_loader is not None and self._train_state is not None:
+            self._train_loader.load_state_dict(self._train_state)
 
     # ------------------------------------------------------------------ device side
-
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """uint8 images -> float [B, 3, image_size, image_size], (x/255 - mean) / std, on the batch device.
 
@@ -409,7 +304,7 @@ class VisionDataModule(L.LightningDataModule):
         assert train is not None and val is not None and test is not None
         return {
             "name": self.name,
-            "source": self.source,
+            "source": self.source.kind,
             "label_type": self.label_type,
             "num_classes": self.num_classes,
             "num_train": len(train),

@@ -5,6 +5,7 @@ for the CIFAR-10 JPEG tree the official label order). Images are decoded with ``
 fallback for formats it does not read) on a thread pool, resized to ``load_size`` x ``load_size`` and kept as
 uint8. The decoded tensors are cached in ``root/.vitcrs_cache_<load_size>.pt`` keyed by the file list (names,
 sizes, modification times), so a second run skips decoding; an unwritable root just means no cache.
+:class:`ImageFolderSource` is the data source of ``dataset=imagefolder``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from vitcrs.data.source import DataSource, Splits, need_int
 from vitcrs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -204,3 +206,31 @@ def load(root: Path, size: int, threads: int | None = None, use_cache: bool = Tr
             log.warning("imagefolder: could not write cache %s (%s); decoding again next run", cache, e)
             tmp.unlink(missing_ok=True)
     return out
+
+
+class ImageFolderSource(DataSource):
+    """A ``root/{train,test}/<class>/<image>`` tree; recorded under the root folder's name by default.
+
+    Args:
+        load_size: images are decoded and resized once to this square size, kept as uint8.
+    """
+
+    kind = "imagefolder"
+
+    def __init__(self, load_size: int = 32) -> None:
+        self.load_size = load_size
+
+    def default_name(self, root: Path) -> str:
+        return root.resolve().name
+
+    def class_names(self, root: Path) -> list[str]:
+        return class_names(root)
+
+    def check(self, root: Path) -> None:
+        need_int("data.source.load_size", self.load_size, 8)
+        check(root)
+
+    def load(self, root: Path) -> Splits:
+        need_int("data.source.load_size", self.load_size, 8)
+        data = load(root, self.load_size, threads=os.cpu_count())
+        return (*data["train"], *data["test"])

@@ -3,13 +3,18 @@
 Each class has a fixed smooth colour pattern (a random 4x4x3 grid upsampled to the native size, made
 left-right symmetric so that the horizontal-flip augmentation does not change it); an image is its class's
 pattern plus pixel noise and a random brightness shift. Everything is drawn from one seeded generator, so the
-same settings give the same bytes on every machine.
+same settings give the same bytes on every machine. :class:`SyntheticSource` is the data source of
+``dataset=synthetic``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+from vitcrs.data.source import DataSource, Splits, need_int
 
 NOISE_STD = 0.08  # per-pixel Gaussian noise, in [0, 1] intensity units
 BRIGHTNESS = 0.10  # per-image uniform brightness shift in [-BRIGHTNESS, BRIGHTNESS]
@@ -57,3 +62,43 @@ def generate(
     test_y = balanced_labels(num_test, num_classes, g)
     test_x = sample(protos, test_y, g)
     return train_x, train_y, test_x, test_y
+
+
+class SyntheticSource(DataSource):
+    """The generated task (no files: the data root is not read).
+
+    Args:
+        num_classes: generated classes (balanced); num_train, num_test: images per split;
+        native_size: image side in pixels; seed: seed of the generated images.
+    """
+
+    kind = "synthetic"
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        num_train: int = 2048,
+        num_test: int = 512,
+        native_size: int = 32,
+        seed: int = 0,
+    ) -> None:
+        self.num_classes = num_classes
+        self.num_train = num_train
+        self.num_test = num_test
+        self.native_size = native_size
+        self.seed = seed
+
+    def check(self, root: Path) -> None:
+        need_int("data.source.num_classes", self.num_classes, 2)
+        need_int("data.source.num_train", self.num_train, 1)
+        need_int("data.source.num_test", self.num_test, 1)
+        need_int("data.source.native_size", self.native_size, 8)
+        need_int("data.source.seed", self.seed, 0)
+
+    def class_names(self, root: Path) -> list[str]:
+        self.check(root)
+        return class_names(self.num_classes)
+
+    def load(self, root: Path) -> Splits:
+        self.check(root)
+        return generate(self.num_classes, self.num_train, self.num_test, self.native_size, self.seed)

@@ -32,7 +32,8 @@ from rich.progress import (
 )
 
 import vitcrs
-from vitcrs.crs import CRSConfig, validate_targets
+from vitcrs.conf import CONF_DIR
+from vitcrs.crs import CRSConfig, target_set, validate_targets
 from vitcrs.errors import ConfigError
 from vitcrs.models import build_vit
 
@@ -41,7 +42,6 @@ from .render import fidelity_markdown, number, write_plot
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"  # the repository's conf/ (editable install)
 CONFIG_KEYS = ("method", "targets", "ratio", "prob", "min_k", "grad_ema")
 OUTPUT_FILES = ("fidelity.json", "fidelity.md", "fidelity.png")
 
@@ -60,7 +60,7 @@ def configurations(cfg: DictConfig) -> list[Configuration]:
         if cfg.fidelity.configs is not None
         else None
     )
-    example = "e.g. 'fidelity.configs=[{method: crs, targets: [query,key,value], ratio: 0.3, prob: norm}]'"
+    example = "e.g. 'fidelity.configs=[{method: crs, targets: study, ratio: 0.3, prob: norm}]'"
     if not isinstance(raw, list) or not raw:
         raise ConfigError(
             f"fidelity.configs={raw!r} is invalid: give a non-empty list of CRS settings, {example}."
@@ -78,18 +78,20 @@ def configurations(cfg: DictConfig) -> list[Configuration]:
                 f"the keys are {', '.join(CONFIG_KEYS)} (targets and ratio required), {example}."
             )
         targets = entry["targets"]
-        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        named = isinstance(targets, str)  # a set of vitcrs.crs.TARGET_SETS
+        if not named and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
             raise ConfigError(
-                f"{where}.targets={targets!r} is invalid: it must be a list of names, e.g. [query,key]."
+                f"{where}.targets={targets!r} is invalid: give a target set (e.g. study, lean) or a list of "
+                "names (e.g. [query,key])."
             )
-        settings = {k: v for k, v in entry.items() if k != "targets"}
         try:
-            crs = CRSConfig(**settings)  # the keys not given take CRSConfig's defaults
+            targets = target_set(targets) if named else targets
             targets = validate_targets(targets, cfg.model.attn_implementation)
+            crs = CRSConfig(**{**entry, "targets": targets})  # the keys not given take CRSConfig's defaults
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from err
         fields = {k: v for k, v in crs.to_dict().items() if k in CONFIG_KEYS}  # (the cache keys: defaults)
-        out.append(Configuration(targets=targets, **fields))
+        out.append(Configuration(**{**fields, "targets": crs.targets}))
     return out
 
 
@@ -167,7 +169,8 @@ def _model_name(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig) -> Path:
     """Measure as configured and write the three files into cfg.out_dir; returns that folder."""
-    from vitcrs.train import build_datamodule, quiet_known_warnings
+    from vitcrs.train import build_datamodule
+    from vitcrs.trainer import quiet_known_warnings
 
     quiet_known_warnings()
     configs, device = validate(cfg)

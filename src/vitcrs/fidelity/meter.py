@@ -5,7 +5,7 @@ grad is enabled) does, in order:
 1. `warmup` exact AdamW steps (constant lr) on their own batches, so the head is not random;
 2. the exact gradient g_b of each of the B `noise` batches; batch 0 is the measured batch (g = g_0), and the
    minibatch noise is mean_b ‖g_b − ḡ‖² / ‖ḡ‖² · B / (B − 1) (ḡ their mean), also per block and per kind;
-3. per configuration: `inject`, reseed the CRS stream (`vitcrs.crs.random`) with `seed`, run
+3. per configuration: `inject`, reseed the model's sampling stream (`crs_generator`) with `seed`, run
    `prime_passes` sampled backward passes on the measured batch (only for probabilities that learn from
    earlier passes, i.e. prob other than "norm"), then `draws` sampled gradients ĝ_d of the measured batch.
    With prob="sample_cache" the measured batch's images are dataset indices 0..B-1 of a B-image cache, so
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitcrs.crs import CRSConfig, attach_sample_cache, inject, training_batch, uninjected
-from vitcrs.crs import random as crs_random
+from vitcrs.models.optim import OptimConfig
 from vitcrs.models.vit import vit_logits
 
 from .metric import (
@@ -62,7 +62,12 @@ class Configuration:
     @property
     def crs_config(self) -> CRSConfig:
         return CRSConfig(
-            ratio=self.ratio, method=self.method, min_k=self.min_k, prob=self.prob, grad_ema=self.grad_ema
+            ratio=self.ratio,
+            method=self.method,
+            min_k=self.min_k,
+            prob=self.prob,
+            grad_ema=self.grad_ema,
+            targets=self.targets,
         )
 
     @property
@@ -147,11 +152,7 @@ def warm_up(
     model: nn.Module, batches: Sequence[Batch], lr: float, weight_decay: float, tick: Callable
 ) -> None:
     """Exact AdamW steps (constant lr; no decay on biases and norm weights) on `batches`, one step each."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    groups = OptimConfig(lr=lr, weight_decay=weight_decay).param_groups(model.parameters())
     optimizer = torch.optim.AdamW(groups, lr=lr)
     with uninjected(model):
         for x, y in batches:
@@ -265,7 +266,7 @@ def measure_configuration(
 ) -> dict[str, Any]:
     """`draws` sampled gradients of `batch` under `config`, compared with `exact` (see the module doc)."""
     inject(passes.model, config.crs_config, config.targets)
-    crs_random.manual_seed(seed)
+    passes.model.crs_generator.manual_seed(seed)
     images = len(batch[1])
     attach_sample_cache(passes.model, images)  # (prob="sample_cache" only)
     prime_times = []

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import vitcrs
+from vitcrs.units import GIB
 
 from .fixtures import Payload, extract, write_dry_run_payload
 from .plan import TRAIN_CONFIGS, Plan, TrainRun, make_plan, train_runs
@@ -167,7 +168,7 @@ class GPUCheck:
         }
         if torch.cuda.is_available():
             env["gpu"] = torch.cuda.get_device_name(0)
-            env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+            env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / GIB, 1)
         if shutil.which("nvidia-smi"):
             smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30)
             (self.out / "nvidia-smi.txt").write_text(smi.stdout + smi.stderr)
@@ -255,11 +256,11 @@ class GPUCheck:
 
     def bench(self, step: str, attn: str, precision: str) -> None:
         """One bench process: exact and each sound target set, checkpointing off and on, in attn/precision."""
-        from vitcrs.bench.grid import TARGET_SETS
-        from vitcrs.crs import MATMUL_TARGETS
+        from vitcrs.bench.grid import BENCH_TARGET_SETS
+        from vitcrs.crs import MATMUL_TARGETS, TARGET_SETS
 
         # sound target sets: every activation gradient exact (no attention matmul sampled)
-        sound = [name for name, targets in TARGET_SETS.items() if not set(targets) & set(MATMUL_TARGETS)]
+        sound = [name for name in BENCH_TARGET_SETS if not set(TARGET_SETS[name]) & set(MATMUL_TARGETS)]
         record = self.records[step]
         folder = f"bench/{attn}_{precision}"
         grid = ["--methods", "wta_crs", "--ratios", self.plan.bench_ratios, "--targets", ",".join(sound)]
@@ -275,7 +276,7 @@ class GPUCheck:
         self.finish(record, status, done.seconds, note)
 
     def train(self, tree: Path, model: Path, reserve_s: float) -> None:
-        from vitcrs.train import CONF_DIR
+        from vitcrs.conf import CONF_DIR
 
         record, t0 = self.records["train"], time.monotonic()
         runs, note = train_runs(self.plan, CONF_DIR)

@@ -178,6 +178,8 @@ def crs_nodes(conf_dir: Path) -> tuple[dict, dict]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    import vitcrs.conf  # noqa: F401  (stores the crs defaults node, crs/crs_config)
+
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         default = OmegaConf.to_container(compose("config").crs, resolve=False)
         study = OmegaConf.to_container(

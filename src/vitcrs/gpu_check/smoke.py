@@ -2,9 +2,9 @@
 
     python -m vitcrs.gpu_check.smoke --device cuda --out smoke.json
 
-For each target set of `vitcrs.bench.grid.TARGET_SETS` (as it is at run time), each attention implementation
-it works with (eager; sdpa too when it samples no attention matmul) and each precision, on a small random-init
-ViT and one random batch, against the same network without CRS:
+For each target set the bench runs (`vitcrs.bench.grid.BENCH_TARGET_SETS`, as it is at run time), each
+attention implementation it works with (eager; sdpa too when it samples no attention matmul) and each
+precision, on a small random-init ViT and one random batch, against the same network without CRS:
 
 - forward: the logits at ratio 0.3 equal the exact ones (relative error ≤ `FORWARD_TOL`);
 - ratio 1: every gradient equals the exact one (relative error over all parameters ≤ `GRAD_TOL`);
@@ -13,8 +13,8 @@ ViT and one random batch, against the same network without CRS:
   same draws (about 1 for an unbiased estimator; a wrong 1/(k·p) scale gives far more);
 - no NaN or inf in any logit or gradient.
 
-The CRS stream is seeded, so sampling uses vitcrs's per-device generators. Writes one JSON record per case as
-soon as it is done (the file is rewritten after each), and exits 1 if any case fails.
+The sampled model's stream (`crs_generator`) is seeded, so sampling uses its own generator. Writes one JSON
+record per case as soon as it is done (the file is rewritten after each), and exits 1 if any case fails.
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification
 
-from vitcrs.bench.grid import TARGET_SETS
-from vitcrs.crs import MATMUL_TARGETS, CRSConfig, inject
-from vitcrs.crs import random as crs_random
+from vitcrs.bench.grid import BENCH_TARGET_SETS
+from vitcrs.crs import MATMUL_TARGETS, TARGET_SETS, CRSConfig, inject
 
 PRECISIONS = ("fp32", "bf16-mixed")
 FORWARD_TOL = {"fp32": 1e-5, "bf16-mixed": 1e-2}  # relative error of the logits at ratio 0.3
@@ -104,7 +103,6 @@ def check_case(
     shape = dict(shape)
     batch = shape.pop("batch")
     torch.manual_seed(seed)
-    crs_random.manual_seed(seed)
     config = ViTConfig(**shape, num_labels=10, attn_implementation=attn)
     base = ViTForImageClassification(config).to(device).train()
     x = torch.randn(batch, 3, shape["image_size"], shape["image_size"], device=device)
@@ -115,6 +113,7 @@ def check_case(
     one = inject(copy.deepcopy(base), CRSConfig(ratio=1.0), targets)
     _, g1 = _step(one, x, y, device, precision)
     sampled = inject(copy.deepcopy(base), CRSConfig(ratio=RATIO), targets)
+    sampled.crs_generator.manual_seed(seed)
     total = torch.zeros_like(g)
     total_sq = torch.zeros(1, dtype=torch.float64, device=device)
     finite = bool(torch.isfinite(ref_logits).all() and torch.isfinite(g).all() and torch.isfinite(g1).all())
@@ -158,7 +157,7 @@ def check_case(
 
 def run(device: torch.device, draws: int, out: Path, target_sets: Sequence[str] | None = None) -> list[dict]:
     """Every case, each record written to `out` (JSON) as soon as it is done; returns the records."""
-    names = {k: v for k, v in TARGET_SETS.items() if target_sets is None or k in target_sets}
+    names = {k: TARGET_SETS[k] for k in BENCH_TARGET_SETS if target_sets is None or k in target_sets}
     shape = SHAPES["cuda" if device.type == "cuda" else "cpu"]
     meta = {"device": str(device), "torch": torch.__version__, "shape": shape, "draws": draws}
     if device.type == "cuda":
@@ -183,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vitcrs.gpu_check.smoke", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
     p.add_argument("--draws", type=int, default=128, help="sampled gradients per case (default 128)")
-    p.add_argument("--targets", help="comma-separated target sets (default: all of TARGET_SETS)")
+    p.add_argument("--targets", help="comma-separated target sets (default: all of BENCH_TARGET_SETS)")
     p.add_argument("--out", type=Path, required=True, help="the JSON file to write")
     args = p.parse_args(argv)
     device = torch.device(args.device)

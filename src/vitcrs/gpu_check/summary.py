@@ -2,37 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tarfile
 from pathlib import Path
 
+from vitcrs.record import METRICS_FILE, RunRecord
+
 BUNDLE_SKIP = (".ckpt", ".pt", ".safetensors")  # model weights and caches: large, and not results
 
 
-def train_rows(out: Path) -> list[dict]:
-    """One row per training run dir under out/train: its metrics.json's headline figures."""
-    rows = []
-    for path in sorted((out / "train").glob("*/metrics.json")):
-        try:
-            m = json.loads(path.read_text())
-        except (OSError, ValueError):
-            rows.append({"run": path.parent.name, "status": "unreadable"})
-            continue
-        rows.append(
-            {
-                "run": path.parent.name,
-                "status": m.get("status"),
-                "ratio": m.get("ratio"),
-                "targets": ",".join(m.get("targets") or []) or "-",
-                "test_acc": m.get("test_acc"),
-                "images_per_s": m.get("images_per_s"),
-                "peak_gib": m.get("peak_mem_allocated_gib"),
-                "wall_s": m.get("wall_time_s"),
-            }
-        )
-    return rows
+def train_records(out: Path) -> list[tuple[str, RunRecord | None]]:
+    """(run dir name, its metrics.json record; None when unreadable) per training run dir under out/train."""
+    return [
+        (path.parent.name, RunRecord.read(path)) for path in sorted((out / "train").glob(f"*/{METRICS_FILE}"))
+    ]
 
 
 def _fmt(value, spec: str) -> str:
@@ -58,8 +42,8 @@ def write_summary(out: Path, data: dict) -> None:
             f"| {s['name']}: {s['title']} | **{s['status']}** | {s['seconds']:.0f} | "
             f"{s['limit_s']:.0f} | {result}{'; ' if result and where else ''}{where} |"
         )
-    rows = train_rows(out)
-    if rows:
+    records = train_records(out)
+    if records:
         lines += [
             "",
             "Training runs (`train/<run>/metrics.json`):",
@@ -67,11 +51,14 @@ def write_summary(out: Path, data: dict) -> None:
             "| run | status | ratio | targets | test acc | images/s | peak GiB | wall s |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for r in rows:
+        for run, m in records:
+            if m is None:
+                lines.append(f"| {run} | unreadable |  |  | n/a | n/a | n/a | n/a |")
+                continue
             lines.append(
-                f"| {r['run']} | {r['status']} | {r.get('ratio', '')} | {r.get('targets', '')} | "
-                f"{_fmt(r.get('test_acc'), '.4f')} | {_fmt(r.get('images_per_s'), '.0f')} | "
-                f"{_fmt(r.get('peak_gib'), '.2f')} | {_fmt(r.get('wall_s'), '.0f')} |"
+                f"| {run} | {m.status} | {m.ratio} | {','.join(m.targets or []) or '-'} | "
+                f"{_fmt(m.test_acc, '.4f')} | {_fmt(m.images_per_s, '.0f')} | "
+                f"{_fmt(m.peak_mem_allocated_gib, '.2f')} | {_fmt(m.wall_time_s, '.0f')} |"
             )
     lines += ["", "Logs: `gpu_check.log` (this check), `logs/<step>.log` (each command's output).", ""]
     _atomic_write(out / "summary.md", "\n".join(lines))

@@ -1,6 +1,7 @@
 """The network (`build_vit`, `model_inputs`) and its LightningModule (`ViTClassifier`)."""
 
 from .module import ViTClassifier
+from .optim import OptimConfig
 from .vit import (
     ATTN_IMPLEMENTATIONS,
     ModelInputs,
@@ -15,6 +16,7 @@ from .vit import (
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
     "ModelInputs",
+    "OptimConfig",
     "ViTClassifier",
     "build_vit",
     "check_attn_implementation",

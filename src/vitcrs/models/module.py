@@ -4,61 +4,55 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
-from transformers import get_linear_schedule_with_warmup
 
 from vitcrs.crs import (
-    DEFAULT_TARGETS,
     MATMUL_TARGETS,
     CRSConfig,
     attach_sample_cache,
-    crs_state_dict,
+    grad_norm_sources,
     inject,
-    load_crs_state_dict,
     sample_cache_bytes_per_image,
     sample_cache_nbytes,
     sample_caches,
     set_training_batch,
 )
-from vitcrs.crs import random as crs_random
 from vitcrs.distributed import gather_objects
 
+from .optim import OptimConfig
 from .vit import build_vit, vit_logits
 
 Batch = tuple[Tensor, ...]  # (images, labels); training with prob=sample_cache: (images, labels, indices)
 log = logging.getLogger(__name__)
 
 
-def _rng_for(state: dict[str, Any], device: torch.device | None) -> dict[str, Any]:
-    """A saved CRS stream state made loadable here: a rank's one CUDA generator moves to this rank's device
-    (the checkpoint may come from another GPU numbering), and generators of absent devices are dropped (a
-    GPU checkpoint loaded on a CPU-only machine)."""
-    states = dict(state.get("states", {}))
-    cuda = [k for k in states if k.startswith("cuda")]
-    if device is not None and device.type == "cuda" and len(cuda) == 1 and cuda[0] != str(device):
-        states[str(device)] = states.pop(cuda[0])
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    keep = {
-        k: s
-        for k, s in states.items()
-        if k == "cpu" or (k.startswith("cuda") and int(k.partition(":")[2] or 0) < available)
-    }
-    return {**state, "states": keep}
+def _crs_ranks(state: dict | list | None) -> list[dict[str, Any]]:
+    """`checkpoint["crs"]`: the per-rank states `on_save_checkpoint` writes, or read from a checkpoint of the
+    previous version ({"grad_norms", "rng", "per_rank"}; estimates as {"momentum", "value"})."""
+    if not isinstance(state, dict):
+        return state or []
+    old = state.get("per_rank") or [state]
+    none = torch.empty(0)  # (an estimate before its first update)
+    estimates = [
+        {n: none if s["value"] is None else s["value"] for n, s in r["grad_norms"].items()} for r in old
+    ]
+    return [{**r, "grad_norm": e, "generator": r["rng"]} for r, e in zip(old, estimates, strict=True)]
 
 
-def warn_if_activation_gradients_sampled(cfg: CRSConfig, targets: tuple[str, ...]) -> None:
+def warn_if_activation_gradients_sampled(crs_config: CRSConfig) -> None:
     """Log one warning (global rank 0) when sampled targets include the attention matmuls."""
-    matmuls = [t for t in targets if t in MATMUL_TARGETS]
-    if not matmuls or cfg.exact or rank_zero_only.rank != 0:
+    matmuls = [t for t in crs_config.targets if t in MATMUL_TARGETS]
+    if not matmuls or crs_config.exact or rank_zero_only.rank != 0:
         return
     log.warning(
         "crs.targets has %s: sampling an attention matmul samples *activation* gradients (of q, k, v), and "
@@ -79,9 +73,9 @@ class ViTClassifier(LightningModule):
         linear warm-up then linear decay to 0).
     num_labels, class_names: the classifier head.
 
-    seed: the run's seed. When fitting starts, CRS sampling gets its own stream seeded with seed + global rank
-        (`vitcrs.crs.random.manual_seed`), so data-parallel ranks draw different rows; None: leave the stream
-        as it is.
+    seed: the run's seed. When fitting starts, the network's sampling stream (`self.net.crs_generator`, a
+        `SamplingGenerator`) is seeded with seed + global rank, so data-parallel ranks draw different rows;
+        None: leave the stream as it is.
     image_size: the side of the images it is trained on (None: the model's own), for the sample cache's size.
 
     With crs.prob=sample_cache, training batches carry a third element, the images' dataset indices: they are
@@ -90,8 +84,9 @@ class ViTClassifier(LightningModule):
     dataset), per process. Validation and test never touch it.
 
     Logs train/loss (per step and epoch), train/acc (per epoch), val/loss, val/acc, test/loss, test/acc
-    (top-1). Checkpoints also hold, for every rank, the CRS running gradient-norm estimates, the CRS random
-    stream and torch's RNG state (dropout), so a resumed run samples as an unbroken one.
+    (top-1). Checkpoints also hold `checkpoint["crs"]`, one entry per rank: the running gradient-norm
+    estimates by op, the sampling stream, torch's RNG state (dropout) and, with crs.cache_in_checkpoint, the
+    sample-cache entries, so a resumed run samples as an unbroken one.
     A non-finite training loss, or non-finite gradients, raise FloatingPointError on every rank before the
     optimizer step: the weights (and so any later checkpoint) never take a non-finite update. Weights made
     non-finite by a step all the same raise it right after the step, before any checkpoint is written.
@@ -100,18 +95,20 @@ class ViTClassifier(LightningModule):
     def __init__(
         self,
         model: dict[str, Any],
-        crs: dict[str, Any],
-        optim: dict[str, Any],
+        crs: CRSConfig | Mapping[str, Any],
+        optim: OptimConfig | Mapping[str, Any],
         num_labels: int,
         class_names: list[str] | None = None,
         seed: int | None = None,
         image_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.crs_config = CRSConfig.from_settings(crs, model.get("attn_implementation"))
+        self.optim_config = OptimConfig.from_settings(optim)
+        # Saved as plain values (checkpoints, hparams.yaml; load_from_checkpoint passes them back):
+        # save_hyperparameters reads the arguments' current values.
+        crs, optim = self.crs_config.to_dict(), asdict(self.optim_config)
         self.save_hyperparameters()
-        crs = dict(crs)
-        targets = tuple(crs.pop("targets", DEFAULT_TARGETS))
-        self.crs_config = CRSConfig(**crs)
         self.net = build_vit(
             model.get("name_or_path"),
             num_labels,
@@ -119,8 +116,8 @@ class ViTClassifier(LightningModule):
             model.get("config"),
             class_names,
         )
-        inject(self.net, self.crs_config, targets)
-        warn_if_activation_gradients_sampled(self.crs_config, targets)
+        inject(self.net, self.crs_config)
+        warn_if_activation_gradients_sampled(self.crs_config)
         self._pending_torch_rng: dict[str, Tensor] | None = None  # from a checkpoint, not yet applied
         self._pending_cache: dict[str, Tensor] | None = None  # sample-cache entries from a checkpoint
         self._warned_no_indices = False
@@ -136,7 +133,10 @@ class ViTClassifier(LightningModule):
     def setup(self, stage: str) -> None:
         # Runs once the rank is known and before a checkpoint is restored (which then replaces the stream).
         if stage == TrainerFn.FITTING and self.hparams.get("seed") is not None:
-            crs_random.manual_seed(int(self.hparams.seed) + self.global_rank)
+            self.net.crs_generator.manual_seed(int(self.hparams.seed) + self.global_rank)
+        # each rank keeps its own gradient-norm estimates (the buffers of the `grad_norm` submodules `inject`
+        # adds): DDP must not broadcast rank 0's
+        self._ddp_params_and_buffers_to_ignore = [n for n, _ in self.named_buffers() if ".grad_norm." in n]
 
     def sample_cache_summary(self) -> dict[str, Any] | None:
         """The per-image gradient-norm cache (prob=sample_cache) of this process: format, training images,
@@ -169,7 +169,8 @@ class ViTClassifier(LightningModule):
         """Logits [B, num_labels] for normalised images [B, 3, S, S] (any S the model takes: `vit_logits`)."""
         return vit_logits(self.net, pixel_values)
 
-    def _loss(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    def loss(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """(mean cross-entropy, logits [B, num_labels], labels [B]) of a batch."""
         x, y = batch[0], batch[1]
         logits = self(x)
         return F.cross_entropy(logits, y), logits, y
@@ -197,7 +198,7 @@ class ViTClassifier(LightningModule):
                 )
             exact = self.crs_config.cache_warmup == "exact" and self.current_epoch == 0
             set_training_batch(self.net, indices, exact)
-        loss, logits, y = self._loss(batch)
+        loss, logits, y = self.loss(batch)
         # Checked in on_before_optimizer_step, not here: a check here would stall the host before backward.
         nonfinite = ~torch.isfinite(loss.detach())
         prior = self._loss_nonfinite
@@ -209,33 +210,19 @@ class ViTClassifier(LightningModule):
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        loss, logits, y = self._loss(batch)
+        loss, logits, y = self.loss(batch)
         self.val_acc.update(logits, y)
         self.log("val/loss", loss, sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        loss, logits, y = self._loss(batch)
+        loss, logits, y = self.loss(batch)
         self.test_acc.update(logits, y)
         self.log("test/loss", loss, sync_dist=True)
         self.log("test/acc", self.test_acc)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optim = self.hparams.optim
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        groups = [
-            {
-                "name": "decay",
-                "params": [p for p in params if p.ndim >= 2],
-                "weight_decay": optim["weight_decay"],
-            },
-            {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=optim["lr"])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = round(optim["warmup_fraction"] * total)
-        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return self.optim_config.build(self.net.parameters(), self.trainer.estimated_stepping_batches)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # After backward (gradients all-reduced), before clipping and the step: the loss(es) of this step and
@@ -306,55 +293,49 @@ class ViTClassifier(LightningModule):
             )
 
     def _crs_state(self) -> dict[str, Any]:
-        """This rank's sampling state: CRS running estimates and random stream, torch's RNG (dropout)."""
+        """This rank's sampling state: the gradient-norm estimates by op, the sampling stream, torch's RNG
+        (dropout) and, with crs.cache_in_checkpoint, the sample-cache entries by op."""
         torch_rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             torch_rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
-            "grad_norms": move_data_to_device(crs_state_dict(self.net), "cpu"),
-            "rng": crs_random.get_rng_state(),
+        state = {
+            "grad_norm": {name: s.estimate.cpu() for name, s in grad_norm_sources(self.net).items()},
+            "generator": self.net.crs_generator.get_state(),
             "torch_rng": torch_rng,
-            **({"sample_cache": self._cache_entries()} if self.crs_config.cache_in_checkpoint else {}),
         }
-
-    def _cache_entries(self) -> dict[str, Tensor]:
-        """This process's sample-cache entries by op (crs.cache_in_checkpoint)."""
-        found = {name: c.entries_state() for name, c in sample_caches(self.net).items()}
-        return {name: e for name, e in found.items() if e is not None}
+        if self.crs_config.cache_in_checkpoint:
+            entries = {name: c.entries_state() for name, c in sample_caches(self.net).items()}
+            state["sample_cache"] = {name: e for name, e in entries.items() if e is not None}
+        return state
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lightning builds the checkpoint on every rank (rank 0 writes it), so the ranks' states are gathered.
-        per_rank = gather_objects(self._crs_state())
-        checkpoint["crs"] = {
-            "grad_norms": per_rank[0]["grad_norms"],
-            "rng": per_rank[0]["rng"],
-            "per_rank": per_rank,
-        }
+        # Lightning builds the checkpoint on every rank (rank 0 writes it): one entry per rank, in rank order.
+        checkpoint["crs"] = gather_objects(self._crs_state())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("crs")
-        if state is None:
+        ranks = _crs_ranks(checkpoint.get("crs"))
+        if not ranks:
             return
         trainer = self._trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        per_rank = state.get("per_rank") or [{"grad_norms": state["grad_norms"], "rng": state["rng"]}]
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
-        fresh = {"grad_norms": per_rank[0]["grad_norms"], "rng": None}  # a rank the saved run did not have
-        mine = per_rank[rank] if rank < len(per_rank) else fresh
-        if len(per_rank) != world and fitting:
+        if len(ranks) != world and fitting:
             log.warning(
                 "resuming a %d-process run with %d processes: ranks without a saved CRS stream start a fresh "
                 "one (seed + rank)",
-                len(per_rank),
+                len(ranks),
                 world,
             )
-        load_crs_state_dict(self.net, mine["grad_norms"])
-        self._pending_cache = mine.get("sample_cache") if fitting else None
-        if mine["rng"] is not None:
-            device = trainer.strategy.root_device if trainer is not None else None
-            crs_random.set_rng_state(_rng_for(mine["rng"], device))
+        mine = ranks[rank] if rank < len(ranks) else {"grad_norm": ranks[0]["grad_norm"], "generator": None}
+        sources = grad_norm_sources(self.net)
+        for name, estimate in mine["grad_norm"].items():
+            if name in sources:
+                sources[name].estimate = estimate.to(sources[name].estimate.device)
+        if mine["generator"] is not None:
+            self.net.crs_generator.set_state(mine["generator"])
         elif self.hparams.get("seed") is not None:
-            crs_random.manual_seed(int(self.hparams.seed) + rank)
+            self.net.crs_generator.manual_seed(int(self.hparams.seed) + rank)
+        self._pending_cache = mine.get("sample_cache") if fitting else None
         # torch's global RNG (dropout) only when training goes on, and only when the next training batch
         # starts: whatever Lightning draws before that (sanity check, loaders) must not shift it. Loading
         # weights elsewhere must not reseed the caller.
@@ -371,8 +352,6 @@ class ViTClassifier(LightningModule):
         set_training_batch(self.net, None)  # the batch's backward is done: nothing else reads or writes
 
     def on_train_start(self) -> None:
-        # Estimates restored from a checkpoint may sit on another device than the model now does.
-        load_crs_state_dict(self.net, move_data_to_device(crs_state_dict(self.net), self.device))
         if self.crs_config.prob == "sample_cache":
             self._start_sample_cache()
 

@@ -40,6 +40,24 @@ class ModelInputs:
     std: tuple[float, ...]
     patch_size: int = 16
 
+    def check_image_size(self, size: Any) -> None:
+        """ConfigError unless `size` (data.image_size) is a positive multiple of the patch side.
+
+        Another size than the checkpoint's is fine-tuned with interpolated position embeddings (Hugging
+        Face's `interpolate_pos_encoding`, `vit_logits`); the image must still cut into whole patches.
+        """
+        patch = self.patch_size
+        whole = isinstance(size, int) and not isinstance(size, bool)
+        if whole and size >= 1 and not size % patch:
+            return
+        below = max(patch, size // patch * patch) if whole else 0
+        example = f"data.image_size={below} or {below + patch}" if below else f"data.image_size={patch * 14}"
+        raise ConfigError(
+            f"data.image_size={size!r} is invalid: it must be a positive multiple of the model's patch size "
+            f"{patch} (the model cuts images into {patch}x{patch} patches; its checkpoint size is "
+            f"{self.image_size}). Fix: e.g. {example}, or data.image_size=null for the model's own size."
+        )
+
 
 def _side(size: Any) -> int:
     """A ViTConfig image_size (int or [h, w]) as one side; non-square sizes are refused."""
@@ -103,6 +121,10 @@ def model_inputs(name_or_path: str | None, config: dict | None = None) -> ModelI
 
     Reads only small JSON files (from the Hub cache for Hub ids). `config` overrides, e.g. image_size, win.
     """
+    if config is not None and not isinstance(config, dict):
+        raise ConfigError(
+            f"model.config={config!r} is invalid: it must be a mapping of ViTConfig fields or null."
+        )
     config = dict(config or {})
     if name_or_path is None:
         if not config:

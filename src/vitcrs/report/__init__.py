@@ -1,4 +1,5 @@
 """`python -m vitcrs.report RUN_OR_MULTIRUN_DIR… [--out DIR]`: tables and plots of the study's runs.
+`python -m vitcrs.report --schema`: README's metrics.json table (from the field docs of `vitcrs.record`).
 
 Reads every metrics.json under the given paths (searched recursively) and writes into one folder
 (default: reports/<timestamp> under the current directory): accuracy.md/.tex, memory.md/.tex, three PNG
@@ -23,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 from vitcrs.errors import ConfigError
+from vitcrs.record import markdown_table
 from vitcrs.report.data import Group, Problem, Run, find_metrics, group_runs, read_run
 from vitcrs.report.render import (
     accuracy_markdown,
@@ -126,9 +128,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m vitcrs.report",
         description="Accuracy and memory tables and plots from vitcrs runs' metrics.json files.",
     )
-    parser.add_argument("paths", nargs="+", type=Path, help="run dirs, multirun dirs, or any parent of them")
+    parser.add_argument("paths", nargs="*", type=Path, help="run dirs, multirun dirs, or any parent of them")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: reports/<timestamp>)")
+    parser.add_argument(
+        "--schema", action="store_true", help="print the metrics.json keys and their meaning (README's table)"
+    )
     args = parser.parse_args(argv)
+    if args.schema:
+        print(markdown_table(), end="")
+        return 0
+    if not args.paths:
+        parser.error("the following arguments are required: paths")
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         out = build_report(args.paths, args.out, "python -m vitcrs.report " + shlex.join(argv))

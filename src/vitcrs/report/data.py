@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.json"
+from vitcrs.record import METRICS_FILE, RunRecord
+
 SWEPT_KEYS = ("dataset", "label_type", "ratio", "seed")
 EXACT_RATIO = 1.0
 KNOWN_DATASETS = ("cifar10", "cifar100")
@@ -235,24 +236,24 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _config(raw: dict[str, Any]) -> dict[str, Any]:
+def _config(record: RunRecord) -> dict[str, Any]:
     """What must match for runs to be comparable: settings minus the swept keys, then device and versions.
-    Without a `settings` object, the top-level method and targets stand in for it."""
-    settings = raw.get("settings")
+    Without a `settings` object, the top-level method and targets (where not null) stand in for it."""
+    settings = record.settings
     if not isinstance(settings, dict):
-        settings = {k: raw[k] for k in ("method", "targets") if k in raw}
+        top = {"method": record.method, "targets": record.targets}
+        settings = {k: v for k, v in top.items() if v is not None}
     config = {str(k): v for k, v in settings.items() if k not in SWEPT_KEYS}
-    if isinstance(raw.get("device"), str):
-        config["device" if "device" not in config else "device_name"] = raw["device"]
-    versions = raw.get("versions")
-    if isinstance(versions, dict):
-        config.update({f"versions.{k}": v for k, v in versions.items()})
+    if isinstance(record.device, str):
+        config["device" if "device" not in config else "device_name"] = record.device
+    if isinstance(record.versions, dict):
+        config.update({f"versions.{k}": v for k, v in record.versions.items()})
     return config
 
 
-def _dataset(raw: dict[str, Any]) -> tuple[str, str] | str:
+def _dataset(record: RunRecord) -> tuple[str, str] | str:
     """(canonical dataset, label_type), or a reason string when unusable."""
-    dataset, label_type = raw.get("dataset"), raw.get("label_type")
+    dataset, label_type = record.dataset, record.label_type
     if not isinstance(dataset, str) or not dataset:
         return "no dataset"
     if dataset.endswith("_coarse") and dataset[: -len("_coarse")] in KNOWN_DATASETS:
@@ -268,38 +269,42 @@ def read_run(path: Path) -> Run | Problem:
         return Problem(path, f"unreadable: {type(exc).__name__}: {exc}")
     if not isinstance(raw, dict):
         return Problem(path, f"not a JSON object (a {type(raw).__name__})")
-    dataset = _dataset(raw)
+    record = RunRecord.from_json(raw)
+    dataset = _dataset(record)
     if isinstance(dataset, str):
         return Problem(path, dataset)
-    ratio = _number(raw.get("ratio"))
+    ratio = _number(record.ratio)
     if ratio is None or ratio <= 0:
-        return Problem(path, f"no usable ratio ({raw.get('ratio')!r})")
-    accs = {k: _number(raw.get(k)) for k in ("test_acc", "val_acc")}
-    for key, acc in accs.items():
+        return Problem(path, f"no usable ratio ({record.ratio!r})")
+    test_acc, val_acc = _number(record.test_acc), _number(record.val_acc)
+    for key, acc in (("test_acc", test_acc), ("val_acc", val_acc)):
         if acc is not None and not 0.0 <= acc <= 1.0:
             return Problem(path, f"{key} {acc} is not a fraction in [0, 1]")
-    raw_status = str(raw.get("status", "complete" if accs["test_acc"] is not None else "incomplete"))
-    seed = raw.get("seed")
-    error = raw.get("error")
+    # A file without a status (hand-written) is complete when it has a test accuracy.
+    status = (
+        record.status if record.status is not None else "complete" if test_acc is not None else "incomplete"
+    )
+    raw_status = str(status)
+    seed, error = record.seed, record.error
     return Run(
         path=path,
-        run_dir=str(raw["run_dir"]) if isinstance(raw.get("run_dir"), str) else str(path.parent),
+        run_dir=record.run_dir if isinstance(record.run_dir, str) else str(path.parent),
         status=raw_status if raw_status in ("complete", "failed") else "incomplete",
         raw_status=raw_status,
         dataset=dataset[0],
         label_type=dataset[1],
         ratio=round(ratio, 6),
         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
-        test_acc=accs["test_acc"],
-        val_acc=accs["val_acc"],
-        peak_mem_allocated_gib=_number(raw.get("peak_mem_allocated_gib")),
-        peak_mem_reserved_gib=_number(raw.get("peak_mem_reserved_gib")),
-        saved_bytes_per_step=_number(raw.get("saved_bytes_per_step")),
-        images_per_s=_number(raw.get("images_per_s")),
-        fidelity_rel_err=_number(raw.get("fidelity_rel_err")),
-        fidelity_cos=_number(raw.get("fidelity_cos")),
+        test_acc=test_acc,
+        val_acc=val_acc,
+        peak_mem_allocated_gib=_number(record.peak_mem_allocated_gib),
+        peak_mem_reserved_gib=_number(record.peak_mem_reserved_gib),
+        saved_bytes_per_step=_number(record.saved_bytes_per_step),
+        images_per_s=_number(record.images_per_s),
+        fidelity_rel_err=_number(record.fidelity_rel_err),
+        fidelity_cos=_number(record.fidelity_cos),
         error=None if error is None else str(error),
-        config=_config(raw),
+        config=_config(record),
     )
 
 

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from vitcrs.report.data import Column, Group, Stat
-from vitcrs.report.render import MIB
+from vitcrs.units import MIB
 
 PLOT_FILES = {
     "accuracy_vs_ratio.png": "test accuracy vs sampling ratio, one line per dataset",

@@ -23,9 +23,7 @@ from vitcrs.report.data import (
     differing_keys,
     lean,
 )
-
-GIB = 1024**3
-MIB = 1024**2
+from vitcrs.units import GIB, MIB
 
 
 def _md_escape(text: str) -> str:

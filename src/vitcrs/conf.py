@@ -1,0 +1,101 @@
+"""The Hydra configuration in the repository's `conf/`: where it is, its resolvers, and the checks that belong
+to no single config node (the seed, `+key` additions that nothing would read).
+
+vitcrs must be installed editable (`pip install -e .`) or run from a checkout: `conf/` is found relative to
+this file.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
+from hydra.utils import get_class
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from transformers import ViTConfig
+
+from vitcrs.crs import CRSConfig, target_set
+from vitcrs.errors import ConfigError
+from vitcrs.resume import checkpoint_run_dir, hydra_output_subdir
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (editable install)
+MAX_SEED = 2**32 - 1  # the largest seed Lightning's seed_everything takes (numpy's limit)
+# Nodes whose added keys (`+trainer.accumulate_grad_batches=2`, `+callbacks.x._target_=...`) go to
+# constructors that refuse unknown arguments themselves; a key added anywhere else would be read by nothing.
+ADDABLE_NODES = ("trainer", "callbacks", "logger", "hydra")
+
+# conf/config.yaml: hydra.run.dir follows ckpt_path into its run dir; a re-used run dir keeps its .hydra/.
+OmegaConf.register_new_resolver("vitcrs.run_dir", checkpoint_run_dir, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("vitcrs.hydra_subdir", hydra_output_subdir, use_cache=True, replace=True)
+# `${vitcrs.targets:study}`: a named target set of vitcrs.crs.TARGET_SETS (a ListConfig, so that
+# OmegaConf.resolve, e.g. `--cfg job --resolve`, can put the list in place)
+OmegaConf.register_new_resolver("vitcrs.targets", lambda name: ListConfig(target_set(name)), replace=True)
+# conf/crs/default.yaml extends this node (crs/crs_config): CRSConfig's fields are the one home of the crs.*
+# defaults. A plain node, not a structured config: bad values reach CRSConfig, whose error names the key.
+ConfigStore.instance().store(group="crs", name="crs_config", node=CRSConfig().to_dict())
+
+
+def container(node: Any) -> Any:
+    """A config node as plain Python (resolved), anything else as it is."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def choice(group: str) -> str | None:
+    """The option chosen for a config group (e.g. "model" -> "vit_micro"), None outside a Hydra app."""
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+
+
+def multirun() -> bool:
+    """Whether this job is one of a `-m` sweep."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def check_seed(seed: Any) -> None:
+    """ConfigError unless `seed` is an integer Lightning can seed with."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed={seed!r} is invalid: it must be an integer in [0, {MAX_SEED}], e.g. seed=1.")
+
+
+def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
+    """ConfigError for a `+key=value` override adding a key that nothing reads (it would be silently ignored).
+
+    Allowed: config groups (`+experiment=...`), keys under ADDABLE_NODES, arguments of a node's `_target_`
+    (`+data.num_classes=...`), and ViTConfig fields under model.config. The message lists the keys known
+    where the new one was added.
+    """
+    groups = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if not override.is_add():  # `++key` may set a key that exists; only `+key` surely adds one
+            continue
+        key = override.key_or_group
+        if "/" in key or key in groups or key.split(".")[0] in ADDABLE_NODES:
+            continue
+        parent, _, name = key.rpartition(".")
+        if parent == "model.config" and hasattr(ViTConfig(), name):
+            continue
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        known = {str(k) for k in node if k != name} if isinstance(node, DictConfig) else set()
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        if isinstance(target, str):  # a node instantiated as `target`: its arguments are read
+            known |= set(inspect.signature(get_class(target)).parameters) - {"self", "args", "kwargs"}
+            if name in known:
+                continue
+        known.discard("_target_")
+        where = f"under {parent}" if parent else "at the top level"
+        raise ConfigError(
+            f"{override.input_line}: vitcrs reads no key {key!r}, so it would be silently ignored. Known "
+            f"keys {where}: {', '.join(sorted(known))}. Fix the name (without the +, to change a known key)"
+            f"{' or use a ViTConfig field' if parent == 'model.config' else ''}, or drop it."
+        )
+
+
+def check_overrides(cfg: DictConfig) -> None:
+    """The checks of this module on a composed config: the seed, and (in a Hydra app) the `+key` additions."""
+    check_seed(cfg.seed)
+    if HydraConfig.initialized():
+        check_added_keys(cfg, list(HydraConfig.get().overrides.task))

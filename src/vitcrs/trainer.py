@@ -1,0 +1,110 @@
+"""The Lightning `Trainer` of a run, from `cfg.trainer`, `cfg.callbacks` and `cfg.logger`: the checks of those
+settings (ConfigError before anything runs), and the notices a normal run need not show."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.fabric.strategies.launchers.subprocess_script import (
+    _SubprocessScriptLauncher as FabricSubprocessLauncher,
+)
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from omegaconf import DictConfig
+
+from vitcrs.conf import multirun
+from vitcrs.errors import ConfigError
+
+
+def check_trainer_length(trainer: DictConfig) -> None:
+    """ConfigError unless the run trains: trainer.max_epochs >= 1 and some training batches per epoch."""
+    epochs = trainer.get("max_epochs")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(
+            f"trainer.max_epochs={epochs!r} is invalid: it must be an integer >= 1, e.g. "
+            "trainer.max_epochs=3."
+        )
+    limit = trainer.get("limit_train_batches")
+    share = isinstance(limit, float) and math.isfinite(limit) and 0 < limit <= 1
+    count = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
+    if limit is not None and not (share or count):
+        raise ConfigError(
+            f"trainer.limit_train_batches={limit!r} is invalid: it must be null (every batch), an integer "
+            ">= 1 (batches per epoch) or a share in (0, 1], e.g. trainer.limit_train_batches=0.25; a run "
+            "that trains on nothing would be recorded as trained."
+        )
+
+
+def _instantiate_all(node: DictConfig | None) -> list[Any]:
+    """Instantiate each non-null entry of a name -> config mapping, in order."""
+    return [instantiate(c) for c in (node or {}).values() if c is not None]
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback]) -> tuple[Trainer, list[Logger]]:
+    """The configured callbacks (then `extra_callbacks`), loggers and Trainer; ConfigError for settings
+    Lightning refuses and for data-parallel launches that cannot work."""
+    try:
+        callbacks: list[Callback] = _instantiate_all(cfg.get("callbacks"))
+        loggers: list[Logger] = _instantiate_all(cfg.get("logger"))
+        trainer = instantiate(cfg.trainer, callbacks=[*callbacks, *extra_callbacks], logger=loggers or False)
+    except (InstantiationException, MisconfigurationException) as err:
+        cause = err.__cause__ or err
+        raise ConfigError(
+            f"trainer/callbacks/logger settings are refused by Lightning: {type(cause).__name__}: {cause}"
+        ) from err
+    check_processes(trainer)
+    return trainer, loggers
+
+
+def check_processes(trainer: Trainer) -> None:
+    """ConfigError for data-parallel launches that cannot work: spawned processes, re-run -m sweeps."""
+    strategy = trainer.strategy
+    launcher = getattr(strategy, "launcher", None)
+    env = getattr(strategy, "cluster_environment", None)
+    if launcher is None or trainer.world_size == 1 or (env is not None and env.creates_processes_externally):
+        return
+    if not isinstance(launcher, (_SubprocessScriptLauncher, FabricSubprocessLauncher)):
+        raise ConfigError(
+            f"trainer.strategy starts its {trainer.world_size} processes with {type(launcher).__name__}, "
+            "which vitcrs does not support: use trainer=ddp or trainer=fsdp (they run the command again per "
+            "device)."
+        )
+    if multirun():
+        raise ConfigError(
+            f"trainer.devices x trainer.num_nodes = {trainer.world_size} processes in a -m sweep: Lightning "
+            "would start each extra process by re-running the whole sweep. Run data-parallel sweeps with "
+            "hydra/launcher=slurm (SLURM starts one task per device), or run each job on its own (no -m)."
+        )
+
+
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+_DROP_LITLOGGER_TIP = _DropLitLoggerTip()  # one instance: addFilter skips it when already added
+
+
+def quiet_known_warnings() -> None:
+    """Silence the notices a normal run triggers that need no action; nothing else."""
+    # Lightning suggests more dataloader workers whenever num_workers is small; data.num_workers is explicit.
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    # Quick runs (few batches per epoch) are told the logging interval exceeds an epoch.
+    warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
+    # Lightning 2.6 still uses torch's deprecated pytree LeafSpec (torch >= 2.10); harmless.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    # Lightning's model summary cannot size bf16/fp16 weights and says so on every mixed-precision run.
+    warnings.filterwarnings("ignore", message=r".*is not supported by the model summary.*")
+    # Data parallel: val/test are sharded with DistributedSampler, which repeats a few images when a split
+    # does not divide by the world size (CIFAR's 5000/10000 divide by 2, 4 and 8); see docs/scaling.md.
+    warnings.filterwarnings("ignore", message=r".*it is recommended to use `Trainer\(devices=1, num_nodes=1")
+    # Lightning's advertisement for its cloud logger, printed by every Trainer.
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DROP_LITLOGGER_TIP)
