@@ -258,7 +258,11 @@ def test_keys_added_where_their_reader_checks_them_are_let_through(compose_cfg):
         "+model.config.qkv_bias=false",
         "+data.batch_indices=true",  # a VisionDataModule argument
     ]
-    check_added_keys(compose_cfg("experiment=demo", *added), added)
+    cfg = compose_cfg("experiment=demo", *added)
+    check_added_keys(cfg, added)
+    # ... but one the app sets itself is refused by its owner, rather than silently overridden
+    with pytest.raises(ConfigError, match=r"data.batch_indices is set by vitcrs itself.*sample_cache"):
+        validate(cfg)
 
 
 def test_offline_download_says_where_to_put_the_files(compose_cfg, tmp_path, monkeypatch):

@@ -70,6 +70,11 @@ def build_datamodule(cfg: DictConfig, batch_indices: bool = False) -> VisionData
             "Hub id, e.g. model.name_or_path=/path/to/vit-tiny-patch16-224 or "
             "model.name_or_path=WinKawaks/vit-tiny-patch16-224."
         ) from err
+    if "batch_indices" in cfg.data:
+        raise ConfigError(
+            "data.batch_indices is set by vitcrs itself (true with crs.prob=sample_cache, whose cache needs "
+            "each training image's dataset index): drop the +data.batch_indices override."
+        )
     inputs = model_inputs(name_or_path, container(cfg.model.config))
     size, mean, std = (cfg.data.get(k) for k in ("image_size", "mean", "std"))
     if size is not None:
