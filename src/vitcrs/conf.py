@@ -65,8 +65,8 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
     """ConfigError for a `+key=value` override adding a key that nothing reads (it would be silently ignored).
 
     Allowed: config groups (`+experiment=...`), keys under ADDABLE_NODES, arguments of a node's `_target_`
-    (e.g. `+data.source.<argument>=...`), and ViTConfig fields under model.config. The message lists the keys known
-    where the new one was added.
+    (e.g. `+data.source.<argument>=...`), and ViTConfig fields under model.config. The message lists the keys
+    known where the new one was added.
     """
     groups = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     for override in OverridesParser.create().parse_overrides(overrides):
