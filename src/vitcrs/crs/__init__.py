@@ -18,7 +18,6 @@ from .inject import (
     CRSViTLayer,
     CRSViTMLP,
     LeanViTLayer,
-    grad_norm_sources,
     inject,
     uninjected,
 )
@@ -26,6 +25,7 @@ from .memory import SavedTensorsMeter, vit_block_saved_bytes
 from .sample_cache import (
     SampleGradCache,
     attach_sample_cache,
+    grad_norm_sources,
     sample_cache_bytes_per_image,
     sample_cache_nbytes,
     sample_caches,

@@ -282,14 +282,3 @@ def uninjected(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, cls in swapped:
             m.__class__ = cls
-
-
-def grad_norm_sources(model: nn.Module) -> dict[str, GradNormSource]:
-    """The gradient-norm sources of an injected model's sampled ops, by module path (+ op for attention)."""
-    found = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, CRSLinear):
-            found[name] = mod.grad_norm
-        elif isinstance(mod, CRSViTAttention):
-            found.update({f"{name}.{k}": source for k, source in mod.grad_norm.items()})
-    return found

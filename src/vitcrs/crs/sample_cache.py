@@ -229,10 +229,21 @@ def training_batch(model: nn.Module, indices: Tensor | None, exact: bool = False
         set_training_batch(model, None)
 
 
+def grad_norm_sources(model: nn.Module) -> dict[str, GradNormSource]:
+    """The gradient-norm sources of an injected model's sampled ops, by module path (+ op for attention): the
+    `grad_norm` submodules `inject` gives each sampled module (a ModuleDict by op for attention)."""
+    found: dict[str, GradNormSource] = {}
+    for name, mod in model.named_modules():
+        source = getattr(mod, "grad_norm", None)
+        if isinstance(source, nn.ModuleDict):
+            found.update({f"{name}.{k}": s for k, s in source.items()})
+        elif isinstance(source, (GradNormEMA, SampleGradCache)):
+            found[name] = source
+    return found
+
+
 def sample_caches(model: nn.Module) -> dict[str, SampleGradCache]:
     """The caches of an injected model by name (module path + op), empty unless prob="sample_cache"."""
-    from .inject import grad_norm_sources
-
     return {k: s for k, s in grad_norm_sources(model).items() if isinstance(s, SampleGradCache)}
 
 
