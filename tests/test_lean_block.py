@@ -29,15 +29,6 @@ ATTNS = ["eager", "sdpa"]
 WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
 
 
-@pytest.fixture
-def one_thread():
-    """Run on one intra-op thread: these are many tiny ops, which thread wake-ups would dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vit(attn: str, layers: int = 2) -> ViTForImageClassification:
     cfg = ViTConfig(
         hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64, image_size=16,

@@ -67,7 +67,7 @@ def check_checkpoint(
     """ConfigError unless `ckpt_path` is a readable vitcrs checkpoint with a `num_classes`-way classifier and,
     given `shapes` (the network's weight shapes, see `vitcrs.models.parameter_shapes`), that architecture.
 
-    Reads only the checkpoint's metadata (memory-mapped; tensors are not loaded). Returns its hyperparameters.
+    Reads only the checkpoint's metadata (memory-mapped; tensors are not loaded). Returns the checkpoint.
     """
     if not isinstance(ckpt_path, str) or not Path(ckpt_path).is_file():
         raise ConfigError(
@@ -111,13 +111,13 @@ def check_checkpoint(
                 "the model (None: absent). Resume with the model settings the checkpoint was trained with "
                 "(model=..., model.config.*), or start afresh with ckpt_path=null."
             )
-    return hparams
+    return ckpt
 
 
-def checkpoint_epochs(ckpt_path: str) -> int:
-    """Training epochs done in the run that saved `ckpt_path` (its metrics record's count, else its epoch)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    state = ckpt.get("callbacks", {}).get("MetricsFile", {}) if isinstance(ckpt, dict) else {}
+def checkpoint_epochs(ckpt: dict[str, Any]) -> int:
+    """Training epochs done in the run that saved the checkpoint `ckpt` (its metrics record's count, else its
+    epoch)."""
+    state = ckpt.get("callbacks", {}).get("MetricsFile", {})
     epochs = state.get("epochs") if isinstance(state, dict) else None
     return int(epochs) if isinstance(epochs, int) else int(ckpt.get("epoch", 0))
 
@@ -142,8 +142,8 @@ def check_resume(
     """ConfigError unless `ckpt_path` resumes this run: a vitcrs checkpoint of the same data (`datamodule`'s
     classes) and network (`shapes`), with the same crs.* settings `crs` unless `allow_crs_change`. Returns
     the checkpoint's crs settings where they differ (allowed) and the epochs it has trained."""
-    saved = check_checkpoint(ckpt_path, datamodule.num_classes, datamodule.name, shapes)
-    changed = crs_changes(saved, crs)
+    ckpt = check_checkpoint(ckpt_path, datamodule.num_classes, datamodule.name, shapes)
+    changed = crs_changes(ckpt["hyper_parameters"], crs)
     if changed and not allow_crs_change:
         now = {k: crs.get(k) for k in changed}
         raise ConfigError(
@@ -152,4 +152,4 @@ def check_resume(
             "allow_crs_change=true to continue with the new ones (metrics.json then records the old ones "
             "under settings.crs_before_resume)."
         )
-    return changed, checkpoint_epochs(ckpt_path)
+    return changed, checkpoint_epochs(ckpt)

@@ -38,6 +38,7 @@ from vitcrs.models import (
     model_inputs,
     parameter_shapes,
 )
+from vitcrs.record import METRICS_FILE
 from vitcrs.resume import check_resume, last_checkpoint, resolve_ckpt_path
 from vitcrs.run_dir import RunAlreadyComplete, RunDirInUse, RunDirLock, check_run_dir
 from vitcrs.trainer import build_trainer, check_trainer_length, quiet_known_warnings
@@ -116,7 +117,7 @@ def train(cfg: DictConfig) -> float | None:
     run = validate(cfg)
     datamodule, run_dir = run.datamodule, Path(cfg.run_dir)
     seed_everything(cfg.seed, workers=True, verbose=False)
-    metrics = MetricsFile(run_dir / "metrics.json", describe_run(cfg, datamodule, run.crs_before_resume))
+    metrics = MetricsFile(run_dir / METRICS_FILE, describe_run(cfg, datamodule, run.crs_before_resume))
     on_sigterm = CheckpointOnSigterm(last_checkpoint(run_dir))  # before metrics: see its docstring
     trainer, loggers = build_trainer(cfg, [on_sigterm, metrics])
     metrics.attach(trainer)

@@ -61,14 +61,7 @@ class Configuration:
 
     @property
     def crs_config(self) -> CRSConfig:
-        return CRSConfig(
-            ratio=self.ratio,
-            method=self.method,
-            min_k=self.min_k,
-            prob=self.prob,
-            grad_ema=self.grad_ema,
-            targets=self.targets,
-        )
+        return CRSConfig(**asdict(self))  # every field is one of CRSConfig's
 
     @property
     def label(self) -> str:
@@ -265,7 +258,7 @@ def measure_configuration(
     tick: Callable[[], None],
 ) -> dict[str, Any]:
     """`draws` sampled gradients of `batch` under `config`, compared with `exact` (see the module doc)."""
-    inject(passes.model, config.crs_config, config.targets)
+    inject(passes.model, config.crs_config)
     passes.model.crs_generator.manual_seed(seed)
     images = len(batch[1])
     attach_sample_cache(passes.model, images)  # (prob="sample_cache" only)
