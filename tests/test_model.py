@@ -10,7 +10,7 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import ViTForImageClassification
 
-from vitcrs.crs import CRSLinear, CRSViTAttention, grad_norm_sources
+from vitcrs.crs import CRSBlock, grad_norm_sources
 from vitcrs.errors import ConfigError
 from vitcrs.models import ViTClassifier, build_vit, model_inputs
 
@@ -125,7 +125,7 @@ def _trainer(tmp_path, **kw) -> Trainer:
 def test_module_injects_crs_and_saves_hparams(tiny_vit_config):
     module = _module(tiny_vit_config)
     layer = module.net.vit.layers[0]
-    assert isinstance(layer.attention, CRSViTAttention) and isinstance(layer.mlp.fc1, CRSLinear)
+    assert isinstance(layer, CRSBlock) and set(module.crs.targets) >= {"query", "fc1"}
     assert module.crs_config.ratio == 0.5
     assert module.hparams.optim["lr"] == 1e-3 and module.hparams.num_labels == 4
 
@@ -143,7 +143,7 @@ def test_module_from_a_checkpoint_is_in_train_mode(vit_checkpoint):
 
 def test_module_trains_schedules_and_checkpoints_crs_state(tiny_vit_config, tmp_path):
     module = _module(tiny_vit_config)
-    module.net.crs_generator.manual_seed(3)
+    module.crs.generator.manual_seed(3)
     trainer = _trainer(tmp_path, max_steps=4, enable_checkpointing=False)
     trainer.fit(module, _loader(), _loader(8))
     optimizer = trainer.optimizers[0]
@@ -155,13 +155,13 @@ def test_module_trains_schedules_and_checkpoints_crs_state(tiny_vit_config, tmp_
 
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
-    rng = module.net.crs_generator.get_state()
+    rng = module.crs.generator.get_state()
     restored = ViTClassifier.load_from_checkpoint(path)
     for name, s in grad_norm_sources(restored.net).items():
         assert torch.equal(s.estimate, state[name])
-    assert restored.net.crs_generator.get_state()["seed"] == rng["seed"] == 3
-    assert torch.equal(restored.net.crs_generator.get_state()["states"]["cpu"], rng["states"]["cpu"])
-    assert restored.net.crs_generator is not module.net.crs_generator
+    assert restored.crs.generator.get_state()["seed"] == rng["seed"] == 3
+    assert torch.equal(restored.crs.generator.get_state()["states"]["cpu"], rng["states"]["cpu"])
+    assert restored.crs.generator is not module.crs.generator
 
     # The checkpoint's weights are the Hugging Face model's: they load, strictly, into a plain one.
     weights = torch.load(path, weights_only=False)["state_dict"]

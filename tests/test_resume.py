@@ -281,11 +281,13 @@ def test_a_gpu_checkpoint_loads_on_a_cpu_only_machine(tiny_vit_config, tmp_path)
     cpu_state = torch.Generator().manual_seed(4).get_state()
     rng = {"seed": 4, "states": {"cpu": cpu_state, "cuda:7": cpu_state.clone()}}
     qkv = next(name for name in grad_norm_sources(module.net) if name.endswith(".qkv"))
-    grad_norms = {qkv: {"momentum": 0.9, "value": torch.tensor([1.0, 2.0])}}
+    # that version named a source by its module's path: "vit.layers.0.attention.qkv"
+    old_qkv = qkv.removesuffix(".qkv") + ".attention.qkv"
+    grad_norms = {old_qkv: {"momentum": 0.9, "value": torch.tensor([1.0, 2.0])}}
     checkpoint = {
         "crs": {"grad_norms": grad_norms, "rng": rng, "per_rank": [{"grad_norms": grad_norms, "rng": rng}]}
     }
     module.on_load_checkpoint(checkpoint)
-    stream = module.net.crs_generator
+    stream = module.crs.generator
     assert stream.seed == 4 and torch.equal(stream.for_device(torch.device("cpu")).get_state(), cpu_state)
     assert torch.equal(grad_norm_sources(module.net)[qkv].estimate, torch.tensor([1.0, 2.0]))

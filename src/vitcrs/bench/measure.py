@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import ViTConfig, ViTForImageClassification
-from transformers.models.vit.modeling_vit import ViTLayer
 
-from vitcrs.crs import SavedTensorsMeter, inject
+from vitcrs.crs import CRSBlock, SavedTensorsMeter, adapter_for, inject
 
 from .analytic import BlockShape, largest_fitting
 from .grid import BenchConfig
@@ -84,8 +83,9 @@ def block_shape(config: ViTConfig, batch: int) -> BlockShape:
     )
 
 
-def encoder_layers(model: nn.Module) -> list[ViTLayer]:
-    return [m for m in model.modules() if isinstance(m, ViTLayer)]
+def encoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The encoder blocks of a model, plain or injected (`CRSBlock`)."""
+    return [m for m in model.modules() if isinstance(m, CRSBlock) or adapter_for(m) is not None]
 
 
 def autocast_ctx(device: torch.device, precision: str) -> AbstractContextManager:

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from vitcrs.crs import SavedTensorsMeter, uninjected
+from vitcrs.crs import SavedTensorsMeter, crs_state, uninjected
 from vitcrs.distributed import gather_objects, sync_logged_metrics
 from vitcrs.record import RunRecord
 from vitcrs.units import GIB
@@ -124,7 +124,8 @@ class PeakMemoryMonitor(Callback):
     def _measure_exact(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         """Saved-for-backward bytes of this batch's forward with the network run exact (no CRS)."""
         net = getattr(pl_module, "net", None)
-        if net is None or not getattr(net, "crs_targets", ()):
+        state = crs_state(net) if net is not None else None
+        if state is None or not state.targets:
             return
         dev = self._cuda(pl_module)
         with (

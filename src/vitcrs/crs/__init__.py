@@ -1,32 +1,27 @@
-"""Column-row sampled backward passes (CRS, WTA-CRS) and their injection into Hugging Face ViTs.
+"""Column-row sampled backward passes (CRS, WTA-CRS) and their injection into ViTs of any supported family.
 
 cfg = CRSConfig(ratio=0.3, method="wta_crs")
 y = crs_linear(x, weight, bias, cfg)     # == F.linear(x, weight, bias); grad of weight sampled
 z = crs_matmul(a, b, cfg)                # == a @ b; both input grads sampled
-model = inject(model, CRSConfig(ratio=0.3, targets=TARGET_SETS["study"]))  # a named set, or any names
-model.crs_generator.manual_seed(0)      # the model's own sampling stream (unseeded: torch's global RNG)
+model = inject(model, CRSConfig(ratio=0.3))   # HF ViT/DeiT/DINOv2 or timm ViT; default: lean_block
+crs_state(model).generator.manual_seed(0)     # the model's own sampling stream (unseeded: torch's global RNG)
 """
 
-from .block import lean_vit_block
+from .adapters import ADAPTERS, BlockAdapter, BlockParts, adapter_for
+from .block import CRSBlock
 from .config import CACHE_FORMATS, CACHE_WARMUPS, METHODS, PROBS, CRSConfig
-from .functional import crs_linear, crs_linear_shared, crs_matmul, crs_mlp
+from .functional import crs_linear, crs_linear_shared, crs_matmul
 from .generator import SamplingGenerator
 from .grad_norm import GradNormEMA
-from .inject import (
-    CRSLinear,
-    CRSViTAttention,
-    CRSViTLayer,
-    CRSViTMLP,
-    LeanViTLayer,
-    inject,
-    uninjected,
-)
+from .inject import find_blocks, inject, uninjected
+from .lean import lean_block, lean_mlp, sampled_weight_grad
 from .memory import SavedTensorsMeter, vit_block_saved_bytes
-from .sample_cache import (
-    SampleGradCache,
+from .sample_cache import SampleGradCache, sample_cache_bytes_per_image
+from .state import (
+    CRSState,
     attach_sample_cache,
+    crs_state,
     grad_norm_sources,
-    sample_cache_bytes_per_image,
     sample_cache_nbytes,
     sample_caches,
     set_training_batch,
@@ -46,6 +41,7 @@ from .targets import (
 )
 
 __all__ = [
+    "ADAPTERS",
     "ALL_TARGETS",
     "BLOCK_TARGETS",
     "CACHE_FORMATS",
@@ -58,27 +54,30 @@ __all__ = [
     "PROBS",
     "QKV_TARGETS",
     "TARGET_SETS",
+    "BlockAdapter",
+    "BlockParts",
+    "CRSBlock",
     "CRSConfig",
-    "CRSLinear",
-    "CRSViTAttention",
-    "CRSViTLayer",
-    "CRSViTMLP",
+    "CRSState",
     "GradNormEMA",
-    "LeanViTLayer",
     "SampleGradCache",
     "SamplingGenerator",
     "SavedTensorsMeter",
+    "adapter_for",
     "attach_sample_cache",
     "crs_linear",
     "crs_linear_shared",
     "crs_matmul",
-    "crs_mlp",
+    "crs_state",
+    "find_blocks",
     "grad_norm_sources",
     "inject",
-    "lean_vit_block",
+    "lean_block",
+    "lean_mlp",
     "sample_cache_bytes_per_image",
     "sample_cache_nbytes",
     "sample_caches",
+    "sampled_weight_grad",
     "set_training_batch",
     "target_set",
     "training_batch",

@@ -1,194 +1,168 @@
-"""`lean_vit_block`: a whole ViT encoder block that keeps only the residual stream for backward.
+"""`CRSBlock`: one encoder block with CRS installed, in place of the block (same submodules, same names).
 
-Forward is the Hugging Face `ViTLayer` forward, exactly. Backward recomputes what the activation gradients
-need (both LayerNorms, q/k/v, the attention, fc1's pre-activation) from the kept residual stream, computes
-every activation gradient (and those of the LayerNorms and biases) exactly, and estimates the six linears'
-weight gradients from k = ceil(ratio · n) token rows drawn with the optimal CRS probabilities
-p ∝ ‖g_i‖·‖x_i‖ (g, the output gradient, is known there); q, k and v share one draw of their common input.
-`LeanViTLayer` (the `lean_block` target) runs it at ratios below 1 only; at ratio 1 the block is plain.
+It adopts the block's submodules, parameters and attributes under their own names, so the model's parameter
+names and `state_dict` keys stay the plain model's, and runs, by the targets of its model's `CRSState`:
+
+- nothing sampled (the state disabled: `vitcrs.crs.uninjected`; or ratio 1, but for the `mlp` target): the
+  block's own class's forward (the plain block, to the bit);
+- `lean_block`: the whole block as one lean op (`vitcrs.crs.lean.lean_block`), keeping the residual stream;
+- otherwise the block written out from its parts (`BlockParts`), each targeted op sampled: q/k/v as one
+  shared sample of their input (`crs_linear_shared`, or the fused qkv linear), `scores` / `context` through
+  the family's eager attention (`crs_matmul`), `attn_output`, `fc1` (a gated MLP's gate and up: one sample),
+  `fc2` (`crs_linear`), and `mlp`: the MLP branch as the lean op keeping its input (`lean_mlp`).
+
+Under transformers' activation checkpointing (`activation_checkpointing_enable()` sets
+`gradient_checkpointing`) the block is checkpointed as transformers would, except the lean block, which
+recomputes in backward already: it then keeps its input alone.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
-import torch.nn.functional as F
-from torch import Tensor
-from transformers.models.vit.modeling_vit import (
-    ALL_ATTENTION_FUNCTIONS,
-    ViTAttention,
-    ViTLayer,
-    eager_attention_forward,
-)
+from torch import Tensor, nn
 
-from .config import CRSConfig
-from .functional import _compute_dtype, mlp_backward, sampled_weight_grad
+from .adapters.base import BlockAdapter, BlockParts, SampledMatmuls, chain
+from .functional import crs_linear, crs_linear_shared, crs_matmul
+from .lean import lean_block, lean_mlp
+from .state import CRSState
+from .targets import MATMUL_TARGETS, QKV_TARGETS
 
-
-def _params(layer: ViTLayer) -> list[Tensor | None]:
-    """The block's 16 parameters in `_LeanBlock`'s order (a missing bias is None)."""
-    attn, mlp = layer.attention, layer.mlp
-    mods = (
-        layer.layernorm_before,
-        attn.q_proj,
-        attn.k_proj,
-        attn.v_proj,
-        attn.o_proj,
-        layer.layernorm_after,
-        mlp.fc1,
-        mlp.fc2,
-    )
-    return [t for m in mods for t in (m.weight, m.bias)]
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+ATTENTION_TARGETS = frozenset({*QKV_TARGETS, *MATMUL_TARGETS, "attn_output"})
 
 
-def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype)
+def sampled_ops(targets: tuple[str, ...]) -> list[str]:
+    """The sampled ops of a block with `targets` that draw with an estimated ‖output gradient‖ (their
+    gradient-norm sources): the shared q/k/v sample, both sides of Q Kᵀ, P V's V side, the other linears."""
+    t = set(targets)
+    ops = ["qkv"] if t & set(QKV_TARGETS) else []
+    ops += ["scores_m", "scores_n"] if "scores" in t else []
+    ops += ["context_n"] if "context" in t else []
+    return ops + [op for op in ("attn_output", "fc1", "fc2") if op in t]
 
 
-def _leaf(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach().requires_grad_()
+def _unwrapped(forward):
+    """A forward without transformers' checkpointing wrapper (the CRS block checkpoints itself)."""
+    return getattr(forward, "__wrapped__", forward)
 
 
-def _norm_backward(out: Tensor, leaves: list[Tensor | None], grad: Tensor) -> list[Tensor | None]:
-    """Grads of a recomputed LayerNorm's input and parameters (None where a parameter is absent)."""
-    present = [t for t in leaves if t is not None]
-    grads = iter(torch.autograd.grad(out, present, grad.view_as(out).to(out.dtype)))
-    return [None if t is None else next(grads) for t in leaves]
+class CRSBlock(nn.Module):
+    """An encoder block with CRS installed (see the module docstring).
 
-
-class _Attention:
-    """The attention half of a block recomputed from its input x, with the graphs backward needs.
-
-    x_leaf → norm (LayerNorm, graph kept) → qkv = norm · [Wq; Wk; Wv]ᵀ (a leaf [n, 3d])
-    → out = attention(q, k, v) (graph kept); `context` is out as [n, d] rows, the attention-output linear's
-    input.
+    original: the block it stands in for (shares every submodule and parameter; `restore` puts it back);
+    adapter: its family's `BlockAdapter`; parts: its `BlockParts`; crs: the model's `CRSState`;
+    sources: this block's gradient-norm sources (op -> source; the state's, not registered here).
     """
 
-    def __init__(self, layer: ViTLayer, x: Tensor, ln: list, w_qkv: Tensor, b_qkv, mask, dt: torch.dtype):
-        attn: ViTAttention = layer.attention
-        d = x.shape[-1]
-        self.leaves = [x.detach().requires_grad_(), *(_leaf(p) for p in ln)]
-        with torch.enable_grad():
-            self.norm = F.layer_norm(self.leaves[0], (d,), *self.leaves[1:], layer.layernorm_before.eps)
-        self.norm_rows = self.norm.detach().reshape(-1, d).to(dt)
-        self.qkv = F.linear(self.norm_rows, w_qkv, b_qkv).requires_grad_()
-        heads = (*x.shape[:-1], -1, attn.head_dim)
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            attn.config._attn_implementation, eager_attention_forward
-        )
-        with torch.enable_grad():
-            q, k, v = (
-                t.view(heads).transpose(1, 2) for t in self.qkv.view(*x.shape[:-1], 3 * d).split(d, -1)
-            )
-            self.out, _ = interface(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
-        self.context = self.out.detach().reshape(-1, d)
+    gradient_checkpointing = False  # transformers' activation_checkpointing_enable() sets it
 
+    def __init__(self, block: nn.Module, adapter: BlockAdapter, state: CRSState, sources: nn.ModuleDict):
+        super().__init__()
+        for key, value in vars(block).items():  # the block's own settings (config, checkpointing, ...)
+            if key not in _MODULE_INTERNALS:
+                self.__dict__[key] = value
+        self._modules.update(block._modules)
+        self._parameters.update(block._parameters)
+        self._buffers.update(block._buffers)
+        self._non_persistent_buffers_set.update(block._non_persistent_buffers_set)
+        self.training = block.training
+        # plain attributes, not submodules: the state and the original belong to the model's tree elsewhere
+        self.__dict__.update(original=block, crs=state, sources=sources)
+        self.adapter = adapter
+        self.parts: BlockParts = adapter.parts(self)
 
-class _LeanBlock(torch.autograd.Function):
-    """y = ViTLayer(x), saving x and, with `keep_mid`, the residual stream x1 between the two halves."""
+    def restore(self) -> nn.Module:
+        """The original block, holding this block's current submodules, parameters and settings."""
+        block = self.original
+        block._modules.update(self._modules)
+        block._parameters.update(self._parameters)
+        block._buffers.update(self._buffers)
+        for key in ("gradient_checkpointing", "_gradient_checkpointing_func"):
+            if key in self.__dict__:
+                block.__dict__[key] = self.__dict__[key]
+        block.training = self.training
+        return block
 
-    @staticmethod
-    def forward(ctx, x, layer: ViTLayer, cfg: CRSConfig, keep_mid: bool, mask, generator, *params):
-        hidden, _ = ViTAttention.forward(layer.attention, layer.layernorm_before(x), mask)
-        x1 = hidden + x
-        mlp = layer.mlp
-        y = mlp.fc2(mlp.activation_fn(mlp.fc1(layer.layernorm_after(x1)))) + x1
-        ctx.save_for_backward(x, x1 if keep_mid else None, *params)
-        ctx.layer, ctx.cfg, ctx.mask, ctx.dt, ctx.generator = layer, cfg, mask, _compute_dtype(x), generator
-        return y
+    def extra_repr(self) -> str:
+        return f"{type(self.original).__name__} ({self.adapter.name})"
 
-    @staticmethod
-    def backward(ctx, g):
-        x, x1, *params = ctx.saved_tensors
-        ln1_w, ln1_b, wq, bq, wk, bk, wv, bv, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2 = params
-        layer, cfg, dt, generator = ctx.layer, ctx.cfg, ctx.dt, ctx.generator
-        d = x.shape[-1]
-        w_qkv = torch.cat([wq, wk, wv]).to(dt)
-        b_qkv = None if bq is None else torch.cat([bq, bk, bv]).to(dt)
-        wo_c = wo.to(dt)
+    def forward(self, *args, **kwargs):
+        state = self.crs
+        targets = state.targets
+        if not state.enabled or (state.config.exact and "mlp" not in targets):
+            return self._checkpointed(self._plain, args, kwargs)
+        x, mask = self.adapter.hidden_states(args, kwargs)
+        if "lean_block" in targets:
+            return lean_block(self, x, mask, keep_mid=not (self.gradient_checkpointing and self.training))
+        return self._checkpointed(self._sampled, (x, mask), {})
 
-        def attention() -> _Attention:
-            return _Attention(layer, x, [ln1_w, ln1_b], w_qkv, b_qkv, ctx.mask, dt)
+    def _checkpointed(self, fn, args: tuple, kwargs: dict):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(partial(fn, **kwargs), *args)
+        return fn(*args, **kwargs)
 
-        att = None
-        if x1 is None:  # kept only x: the attention half is recomputed first, for x1 = x + o_proj(context)
-            att = attention()
-            x1 = F.linear(att.context, wo_c, _cast(bo, dt)).view_as(x) + x
+    def _plain(self, *args, **kwargs):
+        return _unwrapped(type(self.original).forward)(self, *args, **kwargs)
 
-        # MLP half: y = x1 + fc2(act(fc1(norm2(x1))))
-        leaves2 = [x1.detach().requires_grad_(), _leaf(ln2_w), _leaf(ln2_b)]
-        with torch.enable_grad():
-            norm2 = F.layer_norm(leaves2[0], (d,), *leaves2[1:], layer.layernorm_after.eps)
-        g2 = g.reshape(-1, d).to(dt)
-        grad_norm2, gw1, gb1, gw2, gb2 = mlp_backward(
-            norm2.detach().reshape(-1, d).to(dt),
-            g2,
-            w1.to(dt),
-            _cast(b1, dt),
-            w2.to(dt),
-            layer.mlp.activation_fn,
-            cfg,
-            generator,
-        )
-        del g2
-        grad_x1, g_ln2_w, g_ln2_b = _norm_backward(norm2, leaves2, grad_norm2)
-        del norm2, grad_norm2, leaves2
-        grad_x1 = grad_x1.to(g.dtype).add_(g)  # the residual path
+    # -- the block written out from its parts, targeted ops sampled ----------------------------------------
+    def _sampled(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        parts, targets, adapter = self.parts, set(self.crs.targets), self.adapter
+        cfg, generator = self.crs.config, self.crs.generator.for_device(x.device)
+        if targets & ATTENTION_TARGETS:
+            qkv = self._project(parts.norm1(x), generator)
+            ctx = adapter.attend(self, qkv, mask, self._matmuls(generator))
+            proj = parts.proj
+            if "attn_output" in targets:
+                out = crs_linear(ctx, proj.weight, proj.bias, cfg, self.sources["attn_output"], generator)
+            else:
+                out = proj(ctx)
+            x1 = x + chain(parts.post_attention, out)
+        else:
+            x1 = x + adapter.attention_branch(self, x, mask)
+        if "mlp" in targets:
+            return x1 + lean_mlp(self, x1)
+        if not targets & {"fc1", "fc2"}:
+            return x1 + adapter.mlp_branch(self, x1)
+        h = parts.norm2(x1)
+        if "fc1" in targets:
+            w, b = [lin.weight for lin in parts.fc1], [lin.bias for lin in parts.fc1]
+            u = crs_linear_shared(h, w, b, cfg, self.sources["fc1"], generator)
+        else:
+            u = [lin(h) for lin in parts.fc1]
+        hidden = chain(parts.pre_fc2, parts.hidden(u))
+        fc2 = parts.fc2
+        if "fc2" in targets:
+            m = crs_linear(hidden, fc2.weight, fc2.bias, cfg, self.sources["fc2"], generator)
+        else:
+            m = fc2(hidden)
+        return x1 + chain(parts.post_mlp, m)
 
-        # attention half: x1 = x + o_proj(attention(qkv(norm1(x))))
-        att = att or attention()
-        go = grad_x1.reshape(-1, d).to(dt)
-        gwo = sampled_weight_grad(go, att.context, cfg, generator)
-        gbo = go.sum(0, dtype=torch.float32)
-        (g_qkv,) = torch.autograd.grad(att.out, att.qkv, (go @ wo_c).view_as(att.out))
-        del go
-        gw_qkv = sampled_weight_grad(g_qkv, att.norm_rows, cfg, generator)  # one draw for q, k and v
-        gb_qkv = g_qkv.sum(0, dtype=torch.float32)
-        grad_norm1 = g_qkv @ w_qkv
-        del g_qkv
-        grad_x, g_ln1_w, g_ln1_b = _norm_backward(att.norm, att.leaves, grad_norm1)
-        grad_x = grad_x.to(x.dtype).add_(grad_x1)
+    def _project(self, h: Tensor, generator) -> list[Tensor]:
+        """The q/k/v projections of h (`BlockParts.qkv` order), the targeted ones sharing one sample."""
+        linears, cfg = self.parts.qkv, self.crs.config
+        if self.parts.fused_qkv:
+            names = ["qkv"] if set(self.crs.targets) & set(QKV_TARGETS) else []
+        else:
+            names = [t for t in QKV_TARGETS if t in self.crs.targets]
+        by_name = dict(zip(["qkv"] if self.parts.fused_qkv else QKV_TARGETS, linears, strict=True))
+        sampled = {}
+        if names:
+            weights, biases = [by_name[n].weight for n in names], [by_name[n].bias for n in names]
+            outs = crs_linear_shared(h, weights, biases, cfg, self.sources["qkv"], generator)
+            sampled = dict(zip(names, outs, strict=True))
+        return [sampled[n] if n in sampled else lin(h) for n, lin in by_name.items()]
 
-        def like(t: Tensor | None, p: Tensor | None) -> Tensor | None:
-            return None if p is None or t is None else t.to(p.dtype)
-
-        grads = [
-            like(g_ln1_w, ln1_w),
-            like(g_ln1_b, ln1_b),
-            *(
-                t
-                for j, (w, b) in enumerate(((wq, bq), (wk, bk), (wv, bv)))
-                for t in (like(gw_qkv[j * d : (j + 1) * d], w), like(gb_qkv[j * d : (j + 1) * d], b))
-            ),
-            like(gwo, wo),
-            like(gbo, bo),
-            like(g_ln2_w, ln2_w),
-            like(g_ln2_b, ln2_b),
-            like(gw1, w1),
-            like(gb1, b1),
-            like(gw2, w2),
-            like(gb2, b2),
-        ]
-        return grad_x, None, None, None, None, None, *grads
-
-
-def lean_vit_block(
-    layer: ViTLayer,
-    x: Tensor,
-    cfg: CRSConfig,
-    mask: Tensor | None = None,
-    keep_mid: bool = True,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """`ViTLayer.forward(x)` (no dropout) keeping only the residual stream for backward (the lean block).
-
-    x: [batch, tokens, d]. Saves x and, with `keep_mid`, the residual stream between attention and MLP (one
-    more [batch, tokens, d] tensor, which spares recomputing the attention-output linear); nothing else.
-    Grads of x, of the LayerNorms and of the biases are exact; the six weight grads are unbiased estimates
-    from k = ceil(ratio · n) of the n = batch · tokens rows, drawn with p ∝ ‖g_i‖·‖x_i‖ (q/k/v: one shared
-    draw with p ∝ ‖[g_q g_k g_v]_i‖·‖x_i‖); exact at ratio 1 (up to floating-point summation order).
-    generator: on x's device, or None (torch's global RNG).
-    """
-    params = _params(layer)
-    if not torch.is_grad_enabled() or not any(p is not None and p.requires_grad for p in (x, *params)):
-        return ViTLayer.forward(layer, x, mask)
-    return _LeanBlock.apply(x, layer, cfg, keep_mid, mask, generator, *params)
+    def _matmuls(self, generator) -> SampledMatmuls | None:
+        targets, cfg, sources = self.crs.targets, self.crs.config, self.sources
+        if not set(targets) & set(MATMUL_TARGETS):
+            return None
+        matmuls = SampledMatmuls()
+        if "scores" in targets:
+            norms = (sources["scores_m"], sources["scores_n"])
+            matmuls.scores = lambda q, kt: crs_matmul(q, kt, cfg, False, norms, generator)
+        if "context" in targets:
+            side = (None, sources["context_n"])
+            matmuls.context = lambda p, v, kept: crs_matmul(p, v, cfg, kept, side, generator)
+        return matmuls

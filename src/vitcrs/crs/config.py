@@ -124,19 +124,10 @@ class CRSConfig:
     def check_sampled(self, vit: Any, image_size: int, batch_size: int) -> None:
         """ConfigError when ratio < 1 would sample nothing for `vit` (a ViTConfig) fed `batch_size` images of
         side `image_size` (no targets, or min_k >= every contraction): the run would be exact but recorded
-        as sampled; and when the lean block would meet dropout (it recomputes each block in backward)."""
+        as sampled."""
         if self.exact:
             return
         targets, ratio = self.targets, float(self.ratio)
-        keys = ("hidden_dropout_prob", "attention_probs_dropout_prob")
-        dropout = {k: p for k in keys if (p := getattr(vit, k, 0.0) or 0.0) > 0}
-        if "lean_block" in targets and dropout:
-            key, p = next(iter(dropout.items()))
-            raise ConfigError(
-                "crs.targets=[lean_block] recomputes each block in backward and needs a model without "
-                f"dropout, but its config has {key}={p}. Set model.config.{key}=0.0, or sample other "
-                "targets (e.g. crs.targets='${vitcrs.targets:lean}')."
-            )
         if not targets:
             raise ConfigError(
                 f"crs.targets=[] samples nothing, so a crs.ratio={ratio} run would be exact yet recorded as "

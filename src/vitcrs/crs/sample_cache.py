@@ -4,7 +4,7 @@ The study's estimator: a sampled op draws row i with p ∝ ‖x_i‖·‖g_i‖,
 output-gradient norm at that row (per token for the linears, per head and position for the attention
 matmuls) recorded in the backward pass of the image's previous training visit. Entries live in host memory,
 one row per training image ([N, *row shape], bf16 or a 1-byte log code), indexed by the image's position in
-the training set, which the training loader yields with each batch (`set_training_batch`).
+the training set, which the training loader yields with each batch (`vitcrs.crs.set_training_batch`).
 
 Unbiased from the first step: an image without an entry gets a stand-in, the running per-position (and
 per-head) mean of the entries written so far (1 before any), and the op floors every estimate to stay
@@ -19,8 +19,7 @@ at the next forward (`flush`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -198,70 +197,6 @@ class _Visit:
     def update(self, norms: Tensor) -> None:
         if self._fits(norms.shape):
             self.cache.write(self.indices, norms)
-
-
-# -- a model's caches ----------------------------------------------------------------------------------------
-
-
-def _batch(model: nn.Module) -> TrainingBatch | None:
-    return getattr(model, "crs_training_batch", None)
-
-
-def set_training_batch(model: nn.Module, indices: Tensor | None, exact: bool = False) -> None:
-    """Tell an injected model (prob="sample_cache") which training images it runs next: their dataset
-    indices (int64 [B]; moved to the CPU, one host sync on a GPU), or None (no cache reads or writes). The ops
-    read the cache in forward and write it in backward (also when backward runs later); `exact`: keep all
-    rows (the exact warm-up). A no-op for other models."""
-    batch = _batch(model)
-    if batch is None:
-        return
-    batch.indices = None if indices is None else indices.detach().to("cpu", torch.int64)
-    batch.exact = bool(exact) and indices is not None
-
-
-@contextmanager
-def training_batch(model: nn.Module, indices: Tensor | None, exact: bool = False) -> Iterator[nn.Module]:
-    """`set_training_batch` for the block (run the forward and the backward inside it), None after it."""
-    set_training_batch(model, indices, exact)
-    try:
-        yield model
-    finally:
-        set_training_batch(model, None)
-
-
-def grad_norm_sources(model: nn.Module) -> dict[str, GradNormSource]:
-    """The gradient-norm sources of an injected model's sampled ops, by module path (+ op for attention): the
-    `grad_norm` submodules `inject` gives each sampled module (a ModuleDict by op for attention)."""
-    found: dict[str, GradNormSource] = {}
-    for name, mod in model.named_modules():
-        source = getattr(mod, "grad_norm", None)
-        if isinstance(source, nn.ModuleDict):
-            found.update({f"{name}.{k}": s for k, s in source.items()})
-        elif isinstance(source, (GradNormEMA, SampleGradCache)):
-            found[name] = source
-    return found
-
-
-def sample_caches(model: nn.Module) -> dict[str, SampleGradCache]:
-    """The caches of an injected model by name (module path + op), empty unless prob="sample_cache"."""
-    return {k: s for k, s in grad_norm_sources(model).items() if isinstance(s, SampleGradCache)}
-
-
-def attach_sample_cache(model: nn.Module, dataset_size: int) -> None:
-    """Keep entries for `dataset_size` training images (indices 0..dataset_size-1); drops existing entries
-    of another size."""
-    batch = _batch(model)
-    if batch is None:
-        return
-    if batch.dataset_size != dataset_size:
-        for cache in sample_caches(model).values():
-            cache.clear()
-    batch.dataset_size = int(dataset_size)
-
-
-def sample_cache_nbytes(model: nn.Module) -> int:
-    """Host bytes the model's cache entries take now (this process)."""
-    return sum(c.nbytes for c in sample_caches(model).values())
 
 
 def sample_cache_bytes_per_image(

@@ -5,11 +5,12 @@ grad is enabled) does, in order:
 1. `warmup` exact AdamW steps (constant lr) on their own batches, so the head is not random;
 2. the exact gradient g_b of each of the B `noise` batches; batch 0 is the measured batch (g = g_0), and the
    minibatch noise is mean_b ‖g_b − ḡ‖² / ‖ḡ‖² · B / (B − 1) (ḡ their mean), also per block and per kind;
-3. per configuration: `inject`, reseed the model's sampling stream (`crs_generator`) with `seed`, run
-   `prime_passes` sampled backward passes on the measured batch (only for probabilities that learn from
-   earlier passes, i.e. prob other than "norm"), then `draws` sampled gradients ĝ_d of the measured batch.
-   With prob="sample_cache" the measured batch's images are dataset indices 0..B-1 of a B-image cache, so
-   the prime passes are their earlier visits (the draws keep updating the entries, as norm_grad's estimate).
+3. per configuration: `inject`, reseed the model's sampling stream (`crs_state(model).generator`) with
+   `seed`, run `prime_passes` sampled backward passes on the measured batch (only for probabilities that
+   learn from earlier passes, i.e. prob other than "norm"), then `draws` sampled gradients ĝ_d of the
+   measured batch. With prob="sample_cache" the measured batch's images are dataset indices 0..B-1 of a
+   B-image cache, so the prime passes are their earlier visits (the draws keep updating the entries, as
+   norm_grad's estimate).
 Every gradient is over `measured_parameters` (head excluded) and compared with `vitcrs.fidelity.metric`.
 Step time: median seconds of a forward + backward, sampled (the draws) and exact (the noise batches).
 """
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitcrs.crs import CRSConfig, attach_sample_cache, inject, training_batch, uninjected
+from vitcrs.crs import CRSConfig, attach_sample_cache, crs_state, inject, training_batch, uninjected
 from vitcrs.models.optim import OptimConfig
 from vitcrs.models.vit import vit_logits
 
@@ -259,7 +260,7 @@ def measure_configuration(
 ) -> dict[str, Any]:
     """`draws` sampled gradients of `batch` under `config`, compared with `exact` (see the module doc)."""
     inject(passes.model, config.crs_config)
-    passes.model.crs_generator.manual_seed(seed)
+    crs_state(passes.model).generator.manual_seed(seed)
     images = len(batch[1])
     attach_sample_cache(passes.model, images)  # (prob="sample_cache" only)
     prime_times = []

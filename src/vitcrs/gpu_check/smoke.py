@@ -13,8 +13,9 @@ precision, on a small random-init ViT and one random batch, against the same net
   same draws (about 1 for an unbiased estimator; a wrong 1/(k·p) scale gives far more);
 - no NaN or inf in any logit or gradient.
 
-The sampled model's stream (`crs_generator`) is seeded, so sampling uses its own generator. Writes one JSON
-record per case as soon as it is done (the file is rewritten after each), and exits 1 if any case fails.
+The sampled model's stream (`crs_state(model).generator`) is seeded, so sampling uses its own generator.
+Writes one JSON record per case as soon as it is done (the file is rewritten after each), and exits 1 if any
+case fails.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification
 
 from vitcrs.bench.grid import BENCH_TARGET_SETS
-from vitcrs.crs import MATMUL_TARGETS, TARGET_SETS, CRSConfig, inject
+from vitcrs.crs import MATMUL_TARGETS, TARGET_SETS, CRSConfig, crs_state, inject
 
 PRECISIONS = ("fp32", "bf16-mixed")
 FORWARD_TOL = {"fp32": 1e-5, "bf16-mixed": 1e-2}  # relative error of the logits at ratio 0.3
@@ -113,7 +114,7 @@ def check_case(
     one = inject(copy.deepcopy(base), CRSConfig(ratio=1.0), targets)
     _, g1 = _step(one, x, y, device, precision)
     sampled = inject(copy.deepcopy(base), CRSConfig(ratio=RATIO), targets)
-    sampled.crs_generator.manual_seed(seed)
+    crs_state(sampled).generator.manual_seed(seed)
     total = torch.zeros_like(g)
     total_sq = torch.zeros(1, dtype=torch.float64, device=device)
     finite = bool(torch.isfinite(ref_logits).all() and torch.isfinite(g).all() and torch.isfinite(g1).all())

@@ -19,7 +19,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from vitcrs.crs import (
     MATMUL_TARGETS,
     CRSConfig,
+    CRSState,
     attach_sample_cache,
+    crs_state,
     grad_norm_sources,
     inject,
     sample_cache_bytes_per_image,
@@ -36,17 +38,37 @@ Batch = tuple[Tensor, ...]  # (images, labels); training with prob=sample_cache:
 log = logging.getLogger(__name__)
 
 
+# gradient-norm source names of earlier versions (module path + op) -> today's (block path + op)
+_RENAMED_OPS = {
+    **{f".attention.{op}": f".{op}" for op in ("qkv", "scores_m", "scores_n", "context_n")},
+    ".attention.o_proj": ".attn_output",
+    ".mlp.fc1": ".fc1",
+    ".mlp.fc2": ".fc2",
+}
+
+
+def _source_name(name: str) -> str:
+    """A gradient-norm source's name in a checkpoint, as this version names it."""
+    for old, new in _RENAMED_OPS.items():
+        if name.endswith(old):
+            return name.removesuffix(old) + new
+    return name
+
+
 def _crs_ranks(state: dict | list | None) -> list[dict[str, Any]]:
-    """`checkpoint["crs"]`: the per-rank states `on_save_checkpoint` writes, or read from a checkpoint of the
-    previous version ({"grad_norms", "rng", "per_rank"}; estimates as {"momentum", "value"})."""
+    """`checkpoint["crs"]`: the per-rank states `on_save_checkpoint` writes, or read from a checkpoint of an
+    earlier version (sources named by module path; before that {"grad_norms", "rng", "per_rank"} with
+    estimates as {"momentum", "value"})."""
     if not isinstance(state, dict):
-        return state or []
+        ranks = state or []
+        return [{**r, "grad_norm": {_source_name(n): e for n, e in r["grad_norm"].items()}} for r in ranks]
     old = state.get("per_rank") or [state]
     none = torch.empty(0)  # (an estimate before its first update)
     estimates = [
         {n: none if s["value"] is None else s["value"] for n, s in r["grad_norms"].items()} for r in old
     ]
-    return [{**r, "grad_norm": e, "generator": r["rng"]} for r, e in zip(old, estimates, strict=True)]
+    ranks = [{**r, "grad_norm": e, "generator": r["rng"]} for r, e in zip(old, estimates, strict=True)]
+    return _crs_ranks(ranks)
 
 
 def warn_if_activation_gradients_sampled(crs_config: CRSConfig) -> None:
@@ -73,7 +95,7 @@ class ViTClassifier(LightningModule):
         linear warm-up then linear decay to 0).
     num_labels, class_names: the classifier head.
 
-    seed: the run's seed. When fitting starts, the network's sampling stream (`self.net.crs_generator`, a
+    seed: the run's seed. When fitting starts, the network's sampling stream (`self.crs.generator`, a
         `SamplingGenerator`) is seeded with seed + global rank, so data-parallel ranks draw different rows;
         None: leave the stream as it is.
     image_size: the side of the images it is trained on (None: the model's own), for the sample cache's size.
@@ -130,13 +152,21 @@ class ViTClassifier(LightningModule):
             MulticlassAccuracy(num_labels, average="micro") for _ in range(3)
         )
 
+    @property
+    def crs(self) -> CRSState:
+        """The network's CRS state (its sampling stream, gradient-norm sources, training batch)."""
+        state = crs_state(self.net)
+        assert state is not None  # injected in __init__
+        return state
+
     def setup(self, stage: str) -> None:
         # Runs once the rank is known and before a checkpoint is restored (which then replaces the stream).
         if stage == TrainerFn.FITTING and self.hparams.get("seed") is not None:
-            self.net.crs_generator.manual_seed(int(self.hparams.seed) + self.global_rank)
-        # each rank keeps its own gradient-norm estimates (the buffers of the `grad_norm` submodules `inject`
-        # adds): DDP must not broadcast rank 0's
-        self._ddp_params_and_buffers_to_ignore = [n for n, _ in self.named_buffers() if ".grad_norm." in n]
+            self.crs.generator.manual_seed(int(self.hparams.seed) + self.global_rank)
+        # each rank keeps its own gradient-norm estimates (the buffers of the CRS state): DDP must not
+        # broadcast rank 0's
+        prefix = next(name for name, m in self.named_modules() if m is self.crs)
+        self._ddp_params_and_buffers_to_ignore = [f"{prefix}.{n}" for n, _ in self.crs.named_buffers()]
 
     def sample_cache_summary(self) -> dict[str, Any] | None:
         """The per-image gradient-norm cache (prob=sample_cache) of this process: format, training images,
@@ -154,10 +184,10 @@ class ViTClassifier(LightningModule):
             config.hidden_size,
             config.num_attention_heads,
             config.num_hidden_layers,
-            self.net.crs_targets,
+            self.crs.targets,
             cfg.cache_format,
         )
-        images = self.net.crs_training_batch.dataset_size
+        images = self.crs.batch.dataset_size
         return {
             "format": cfg.cache_format,
             "images": images,
@@ -300,7 +330,7 @@ class ViTClassifier(LightningModule):
             torch_rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = {
             "grad_norm": {name: s.estimate.cpu() for name, s in grad_norm_sources(self.net).items()},
-            "generator": self.net.crs_generator.get_state(),
+            "generator": self.crs.generator.get_state(),
             "torch_rng": torch_rng,
         }
         if self.crs_config.cache_in_checkpoint:
@@ -332,9 +362,9 @@ class ViTClassifier(LightningModule):
             if name in sources:
                 sources[name].estimate = estimate.to(sources[name].estimate.device)
         if mine["generator"] is not None:
-            self.net.crs_generator.set_state(mine["generator"])
+            self.crs.generator.set_state(mine["generator"])
         elif self.hparams.get("seed") is not None:
-            self.net.crs_generator.manual_seed(int(self.hparams.seed) + rank)
+            self.crs.generator.manual_seed(int(self.hparams.seed) + rank)
         self._pending_cache = mine.get("sample_cache") if fitting else None
         # torch's global RNG (dropout) only when training goes on, and only when the next training batch
         # starts: whatever Lightning draws before that (sanity check, loaders) must not shift it. Loading

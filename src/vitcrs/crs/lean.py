@@ -1,0 +1,439 @@
+"""The lean ops: a block's MLP half, or a whole block, that keeps only its residual-stream input for backward.
+
+Forward runs the block's own code (`BlockAdapter.attention_branch` / `mlp_branch`), so it is the plain
+model's forward to the bit. Backward recomputes what the gradients need from the kept residual stream
+(LayerNorms, q/k/v, the attention, fc1's pre-activation), with the forward's random state (dropout, drop
+path: the same masks) and autocast state, computes every activation gradient exactly (and the gradients of
+the norms, biases, layer scales and qk-norms), and estimates each linear's weight gradient gᵀx from
+k = ceil(ratio · n) of its n = batch · tokens rows drawn with the optimal CRS probabilities p ∝ ‖g_i‖·‖x_i‖
+(both factors are known in backward); linears of one input (q/k/v, a gated MLP's gate/up) share one draw.
+
+- `lean_block(block, x, mask, keep_mid)`: the whole block; keeps x and, with `keep_mid`, the stream between
+  the two halves x1 = x + attention branch (else it recomputes the attention half first to get x1).
+- `lean_mlp(block, x1)`: the MLP branch alone (the `mlp` target), keeping x1.
+
+The MLP half works on its hidden activation [n, f] in `MLP_CHUNKS` row chunks (one [n, f] buffer plus one
+chunk's temporaries), unless something between the activation and fc2 needs the whole tensor (timm's MLP
+dropout or norm): then it is recomputed under autograd, with the linears' weight gradients sampled.
+`block` is a `vitcrs.crs.block.CRSBlock` (its `parts`, `adapter` and `crs` state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapters.base import BlockParts, active, chain, chain_params, linear_params
+from .config import CRSConfig
+from .sampling import sample
+
+Grads = dict[Tensor, Tensor]  # parameter -> its gradient (summed where a parameter is used twice)
+RNGState = tuple[Tensor, Tensor | None]  # CPU generator state, and the CUDA device's (None off CUDA)
+
+
+# ---------------------------------------------------------------- weight gradients with p ∝ ‖g‖·‖x‖
+def _row_sample(g: Tensor, x_norms: Tensor, cfg: CRSConfig, generator) -> tuple[Tensor, Tensor] | None:
+    """k of g's n rows drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal CRS p for gᵀ x), or None when k = n."""
+    k = cfg.num_samples(g.shape[0])
+    if k >= g.shape[0]:
+        return None
+    norms = torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32) * x_norms
+    return sample(norms, k, cfg.method, generator)
+
+
+def _scaled_rows(t: Tensor, idx: Tensor, scale: Tensor) -> Tensor:
+    return t.index_select(0, idx) * scale.unsqueeze(-1).to(t.dtype)
+
+
+def sampled_weight_grad(
+    g: Tensor, x: Tensor, cfg: CRSConfig, generator: torch.Generator | None = None
+) -> Tensor:
+    """gᵀ x ([n, o] and [n, i] → [o, i]) from k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal
+    CRS probabilities for this product); exact gᵀ x at ratio 1. generator: None: torch's global RNG."""
+    if cfg.num_samples(g.shape[0]) >= g.shape[0]:
+        return g.t() @ x
+    idx, scale = _row_sample(g, torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32), cfg, generator)
+    return _scaled_rows(g, idx, scale).t() @ x.index_select(0, idx)
+
+
+# The MLP half's backward works on its hidden activation [n, f] in this many row chunks: besides one full-size
+# buffer (the recomputed pre-activation, overwritten by its gradient) only one chunk's temporaries exist.
+MLP_CHUNKS = 4
+
+
+def _is_gelu(act) -> bool:
+    """`F.gelu` itself, transformers' `GELUActivation` (which calls it) or an exact `nn.GELU`."""
+    return getattr(act, "act", act) is F.gelu or (isinstance(act, nn.GELU) and act.approximate == "none")
+
+
+def _act_backward_(act, h: Tensor, grad: Tensor) -> None:
+    """Overwrite h with grad ⊙ act'(h) (h: the pre-activation; for a gated act, both halves): GELU's own
+    backward kernel in place, else autograd through a recomputed act(h)."""
+    if _is_gelu(act):
+        torch.ops.aten.gelu_backward.grad_input(grad, h, grad_input=h)
+        return
+    leaf = h.detach().requires_grad_()
+    with torch.enable_grad():
+        h.copy_(torch.autograd.grad(act(leaf), leaf, grad)[0])
+
+
+def mlp_backward(
+    x2: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    act,
+    cfg: CRSConfig,
+    generator: torch.Generator | None,
+    output_grad,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of `fc2(act(fc1(x2)))` from its input alone: recomputes the hidden activation, chunk by chunk.
+
+    x2: [n, d] MLP input; w1 [f, d] (a gated MLP: gate and up stacked, [2f, d], act taking both halves),
+    b1, w2 [d, f], b2 in the compute dtype. output_grad(output): the gradient [n, d] of the MLP's output,
+    given a function that recomputes that output (called only when the caller needs it: a layer scale's
+    gradient). Returns (grad_x2, grad_w1, grad_b1, grad_w2, grad_b2): the grads of x2 and of the biases
+    (fp32 sums) exact, the two weight grads from k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖input_i‖
+    (exact at ratio 1). Memory: one [n, f] buffer (the pre-activation, overwritten by its gradient) plus one
+    chunk's temporaries.
+    """
+    h = F.linear(x2, w1, b1)  # pre-activation [n, f]
+    step = -(-h.shape[0] // MLP_CHUNKS)
+    rows = [slice(i, i + step) for i in range(0, h.shape[0], step)]
+    g2 = output_grad(lambda: torch.cat([F.linear(act(h[r]), w2, b2) for r in rows]))
+
+    # grad_w2 = gᵀ act(h): act(h) formed a chunk at a time (for its row norms), then at sampled rows only
+    a_norms = torch.cat([torch.linalg.vector_norm(act(h[r]), dim=-1, dtype=torch.float32) for r in rows])
+    pick = _row_sample(g2, a_norms, cfg, generator)
+    if pick is None:
+        grad_w2 = sum(g2[r].t() @ act(h[r]) for r in rows)
+    else:
+        idx, scale = pick
+        grad_w2 = _scaled_rows(g2, idx, scale).t() @ act(h.index_select(0, idx))
+
+    # grad_h = act'(h) ⊙ (g W2), written over h chunk by chunk
+    for r in rows:
+        _act_backward_(act, h[r], g2[r] @ w2)
+    grad_h, h = h, None
+
+    grad_w1 = sampled_weight_grad(grad_h, x2, cfg, generator)
+    grad_b1 = grad_h.sum(0, dtype=torch.float32)
+    grad_b2 = g2.sum(0, dtype=torch.float32)
+    grad_x2 = grad_h @ w1
+    return grad_x2, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+class _LinearSampledInBackward(torch.autograd.Function):
+    """Y_j = X W_jᵀ + b_j (one input, several linears), keeping X whole: grad of X and of the biases exact,
+    the W_j grads from one draw of k rows with p ∝ ‖[G_1 … G_J]_i‖·‖X_i‖. For recomputations in backward."""
+
+    @staticmethod
+    def forward(ctx, x, cfg: CRSConfig, generator, *params):
+        weights, biases = params[0::2], params[1::2]
+        ctx.save_for_backward(x, *weights)
+        ctx.cfg, ctx.generator, ctx.has_bias = cfg, generator, [b is not None for b in biases]
+        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        g = torch.cat([t.reshape(-1, t.shape[-1]) for t in grads], dim=-1)
+        w = torch.cat(weights).to(g.dtype)
+        grad_x = (g @ w).reshape(x.shape).to(x.dtype)
+        gw = sampled_weight_grad(g, x.reshape(-1, x.shape[-1]).to(g.dtype), ctx.cfg, ctx.generator)
+        gb = g.sum(0, dtype=torch.float32)
+        out, start = [], 0
+        for weight, has_bias in zip(weights, ctx.has_bias, strict=True):
+            stop = start + weight.shape[0]
+            out += [gw[start:stop].to(weight.dtype), gb[start:stop].to(weight.dtype) if has_bias else None]
+            start = stop
+        return grad_x, None, None, *out
+
+
+def _sampled_in_backward(x: Tensor, linears: Sequence[nn.Linear], cfg: CRSConfig, generator) -> tuple:
+    return _LinearSampledInBackward.apply(x, cfg, generator, *linear_params(linears))
+
+
+# ---------------------------------------------------------------- replaying the forward's state
+def rng_state(device: torch.device) -> RNGState:
+    """The random state the block's forward starts from (CPU, and the CUDA device's)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextmanager
+def replayed(state: RNGState | None, device: torch.device) -> Iterator[None]:
+    """Inside: torch's random state is `state` (the same dropout and drop-path masks as the forward drew);
+    outside it is left as it was. None: nothing to replay (the forward was not training)."""
+    if state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda"):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+def _autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype]:
+    return device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+# ---------------------------------------------------------------- helpers on parameter gradients
+def _add(grads: Grads, params: Iterable[Tensor], values: Iterable[Tensor | None]) -> None:
+    for p, v in zip(params, values, strict=True):
+        if v is not None:
+            grads[p] = v if p not in grads else grads[p] + v
+
+
+def _stacked(linears: Sequence[nn.Linear], dt: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """The linears' weights (and biases) stacked along the output dim, in dtype `dt`."""
+    if len(linears) == 1:
+        b = linears[0].bias
+        return linears[0].weight.to(dt), None if b is None else b.to(dt)
+    w = torch.cat([lin.weight for lin in linears]).to(dt)
+    no_bias = any(lin.bias is None for lin in linears)
+    return w, None if no_bias else torch.cat([lin.bias for lin in linears]).to(dt)
+
+
+def _store(grads: Grads, linears: Sequence[nn.Linear], gw: Tensor, gb: Tensor) -> None:
+    """Split stacked weight / bias gradients back to their linears."""
+    start = 0
+    for lin in linears:
+        stop = start + lin.out_features
+        _add(grads, [lin.weight], [gw[start:stop]])
+        if lin.bias is not None:
+            _add(grads, [lin.bias], [gb[start:stop]])
+        start = stop
+
+
+# ---------------------------------------------------------------- the two halves' backward
+def _mlp_half_backward(
+    parts: BlockParts, cfg: CRSConfig, generator, x1: Tensor, g: Tensor, rng, dt, grads: Grads
+) -> Tensor:
+    """The gradient of x1 through the MLP branch; adds the branch's parameter gradients to `grads`."""
+    if active(parts.pre_fc2):
+        return _mlp_half_autograd(parts, cfg, generator, x1, g, rng, grads)
+    d = x1.shape[-1]
+    with torch.enable_grad():
+        x1_leaf = x1.detach().requires_grad_()
+        norm = parts.norm2(x1_leaf)
+    rows = norm.detach().reshape(-1, d).to(dt)
+    w1, b1 = _stacked(parts.fc1, dt)
+    fc2 = parts.fc2
+    b2 = None if fc2.bias is None else fc2.bias.to(dt)
+    post = parts.post_mlp
+
+    def output_grad(output) -> Tensor:
+        if not active(post):
+            return g.reshape(-1, d).to(dt)
+        params = chain_params(post)
+        m = output() if params else torch.zeros(rows.shape, dtype=dt, device=rows.device)
+        with replayed(rng, x1.device), torch.enable_grad():  # the branch's draws, after the MLP's own (none)
+            m_leaf = m.view_as(x1).requires_grad_()
+            out = chain(post, m_leaf)
+        g_m, *g_params = torch.autograd.grad(out, [m_leaf, *params], g)
+        _add(grads, params, g_params)
+        return g_m.reshape(-1, d).to(dt)
+
+    act = parts.hidden_of_stacked if parts.gated else parts.act
+    grad_rows, gw1, gb1, gw2, gb2 = mlp_backward(
+        rows, w1, b1, fc2.weight.to(dt), b2, act, cfg, generator, output_grad
+    )
+    _store(grads, parts.fc1, gw1, gb1)
+    _store(grads, [fc2], gw2, gb2)
+    n2 = list(parts.norm2.parameters())
+    g_x1, *g_n2 = torch.autograd.grad(norm, [x1_leaf, *n2], grad_rows.view_as(norm).to(norm.dtype))
+    _add(grads, n2, g_n2)
+    return g_x1
+
+
+def _mlp_half_autograd(parts: BlockParts, cfg: CRSConfig, generator, x1: Tensor, g: Tensor, rng, grads):
+    """The MLP half recomputed whole under autograd (with the forward's masks), its linears' weight
+    gradients sampled: for MLPs with something between the activation and fc2 (timm's dropout, norm)."""
+    params = [
+        *parts.norm2.parameters(),
+        *(p for p in linear_params(parts.fc1) if p is not None),
+        *chain_params(parts.pre_fc2),
+        *(p for p in linear_params([parts.fc2]) if p is not None),
+        *chain_params(parts.post_mlp),
+    ]
+    with replayed(rng, x1.device), torch.enable_grad():
+        x1_leaf = x1.detach().requires_grad_()
+        u = _sampled_in_backward(parts.norm2(x1_leaf), parts.fc1, cfg, generator)
+        hidden = chain(parts.pre_fc2, parts.hidden(u))
+        (m,) = _sampled_in_backward(hidden, [parts.fc2], cfg, generator)
+        out = chain(parts.post_mlp, m)
+    g_x1, *g_params = torch.autograd.grad(out, [x1_leaf, *params], g, allow_unused=True)
+    _add(grads, params, g_params)
+    return g_x1
+
+
+class _AttentionHalf:
+    """The attention half recomputed from the block input x, with the graphs its backward needs:
+
+    x (leaf) → norm1 (graph) → qkv = norm1 · W_qkvᵀ (a leaf [B, T, 3I]: q/k/v stacked) → ctx = attend(qkv)
+    (graph: the family's attention, its dropout replayed) → o = ctx · W_oᵀ → branch = post_attention(o)
+    (graph when the chain does anything: dropout, layer scale, drop path). o and the branch are formed only
+    when needed (`need_branch`: x1 = x + branch is recomputed; or an active chain).
+    """
+
+    def __init__(self, block, x: Tensor, mask, rng, dt, need_branch: bool) -> None:
+        parts: BlockParts = block.parts
+        self.parts, self.dt = parts, dt
+        with replayed(rng, x.device), torch.enable_grad():
+            self.x = x.detach().requires_grad_()
+            self.norm = parts.norm1(self.x)
+            with torch.no_grad():
+                w, b = _stacked(parts.qkv, dt)
+                qkv = F.linear(self.norm.detach().to(dt), w, b)
+            self.qkv = qkv.requires_grad_()
+            widths = [lin.out_features for lin in parts.qkv]
+            self.ctx = block.adapter.attend(block, list(self.qkv.split(widths, dim=-1)), mask, None)
+            self.o = self.branch = None
+            chained = active(parts.post_attention)
+            if chained or need_branch:
+                proj = parts.proj
+                bias = None if proj.bias is None else proj.bias.to(dt)
+                with torch.no_grad():
+                    o = F.linear(self.ctx.detach(), proj.weight.to(dt), bias)
+                if chained:
+                    self.o = o.requires_grad_()
+                    self.branch = chain(parts.post_attention, self.o)
+                else:
+                    self.branch = o
+
+    def backward(self, g_x1: Tensor, cfg: CRSConfig, generator, grads: Grads) -> Tensor:
+        """The gradient of x through the attention branch, given that of x1; adds the parameter gradients."""
+        parts, dt = self.parts, self.dt
+        if self.o is not None:
+            params = chain_params(parts.post_attention)
+            g_o, *g_params = torch.autograd.grad(self.branch, [self.o, *params], g_x1)
+            _add(grads, params, g_params)
+        else:
+            g_o = g_x1
+        proj, width = parts.proj, self.ctx.shape[-1]
+        go = g_o.reshape(-1, g_o.shape[-1]).to(dt)
+        ctx_rows = self.ctx.detach().reshape(-1, width)
+        gw = sampled_weight_grad(go, ctx_rows.to(dt), cfg, generator)
+        _store(grads, [proj], gw, go.sum(0, dtype=torch.float32))
+        g_ctx = (go @ proj.weight.to(dt)).view_as(self.ctx)
+        del go, ctx_rows
+        core = parts.attn_core_params
+        g_qkv, *g_core = torch.autograd.grad(self.ctx, [self.qkv, *core], g_ctx.to(self.ctx.dtype))
+        _add(grads, core, g_core)
+        del g_ctx
+        gq = g_qkv.reshape(-1, g_qkv.shape[-1]).to(dt)
+        rows = self.norm.detach().reshape(-1, self.norm.shape[-1]).to(dt)
+        gw = sampled_weight_grad(gq, rows, cfg, generator)
+        _store(grads, parts.qkv, gw, gq.sum(0, dtype=torch.float32))
+        w, _ = _stacked(parts.qkv, dt)
+        g_norm = (gq @ w).view_as(self.norm)
+        del gq, rows
+        n1 = list(parts.norm1.parameters())
+        g_x, *g_n1 = torch.autograd.grad(self.norm, [self.x, *n1], g_norm.to(self.norm.dtype))
+        _add(grads, n1, g_n1)
+        return g_x
+
+
+def _param_grads(params: Sequence[Tensor], grads: Grads) -> list[Tensor | None]:
+    return [None if (t := grads.get(p)) is None else t.to(p.dtype) for p in params]
+
+
+class _LeanBlock(torch.autograd.Function):
+    """y = block(x), saving x and, with `keep_mid`, the residual stream x1 between the two halves."""
+
+    @staticmethod
+    def forward(ctx, x, block, keep_mid: bool, mask, *params):
+        adapter, training = block.adapter, block.training
+        rng1 = rng_state(x.device) if training else None
+        x1 = x + adapter.attention_branch(block, x, mask)
+        rng2 = rng_state(x.device) if training else None
+        y = x1 + adapter.mlp_branch(block, x1)
+        ctx.save_for_backward(x, x1 if keep_mid else None)
+        ctx.block, ctx.mask, ctx.rng, ctx.params = block, mask, (rng1, rng2), params
+        ctx.amp, ctx.dt = _autocast_state(x.device), _compute_dtype(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, x1 = ctx.saved_tensors
+        block = ctx.block
+        state = block.crs
+        cfg, generator = state.config, state.generator.for_device(x.device)
+        grads: Grads = {}
+        device_type, enabled, dtype = ctx.amp
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            att = None
+            if x1 is None:  # kept only x: the attention half is recomputed first, for x1 = x + its branch
+                att = _AttentionHalf(block, x, ctx.mask, ctx.rng[0], ctx.dt, need_branch=True)
+                x1 = x + att.branch.detach()
+            g_x1 = _mlp_half_backward(block.parts, cfg, generator, x1, g, ctx.rng[1], ctx.dt, grads)
+            g_x1 = g_x1.to(g.dtype).add_(g)  # the residual path
+            att = att or _AttentionHalf(block, x, ctx.mask, ctx.rng[0], ctx.dt, need_branch=False)
+            g_x = att.backward(g_x1, cfg, generator, grads).to(x.dtype).add_(g_x1)
+        return g_x, None, None, None, *_param_grads(ctx.params, grads)
+
+
+class _LeanMLP(torch.autograd.Function):
+    """The MLP branch of a block, mlp_branch(x1), saving x1 only."""
+
+    @staticmethod
+    def forward(ctx, x1, block, *params):
+        ctx.rng = rng_state(x1.device) if block.training else None
+        branch = block.adapter.mlp_branch(block, x1)
+        ctx.save_for_backward(x1)
+        ctx.block, ctx.params = block, params
+        ctx.amp, ctx.dt = _autocast_state(x1.device), _compute_dtype(x1)
+        return branch
+
+    @staticmethod
+    def backward(ctx, g):
+        (x1,) = ctx.saved_tensors
+        state = ctx.block.crs
+        grads: Grads = {}
+        device_type, enabled, dtype = ctx.amp
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            generator = state.generator.for_device(x1.device)
+            g_x1 = _mlp_half_backward(ctx.block.parts, state.config, generator, x1, g, ctx.rng, ctx.dt, grads)
+        return g_x1.to(x1.dtype), None, *_param_grads(ctx.params, grads)
+
+
+def _needs_graph(x: Tensor, params: Sequence[Tensor]) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+
+
+def lean_block(block, x: Tensor, mask: Tensor | None = None, keep_mid: bool = True) -> Tensor:
+    """The block's forward on x [batch, tokens, d] (exact), keeping only the residual stream for backward:
+    x and, with `keep_mid`, x1 (one more [batch, tokens, d] tensor, which spares recomputing the attention
+    half in backward). Grads of x and of every parameter but the linears' weights are exact; those are
+    unbiased estimates with p ∝ ‖g_i‖·‖x_i‖ (exact at ratio 1, up to floating-point summation order)."""
+    params = tuple(block.parameters())
+    if not _needs_graph(x, params):
+        x1 = x + block.adapter.attention_branch(block, x, mask)
+        return x1 + block.adapter.mlp_branch(block, x1)
+    return _LeanBlock.apply(x, block, keep_mid, mask, *params)
+
+
+def mlp_half_params(parts: BlockParts) -> tuple[Tensor, ...]:
+    """The parameters of a block's MLP branch (norm2, fc1, between, fc2, after), each once."""
+    mods = [parts.norm2, *parts.fc1, *parts.pre_fc2, parts.fc2, *parts.post_mlp]
+    return tuple(dict.fromkeys(p for m in mods for p in m.parameters()))
+
+
+def lean_mlp(block, x1: Tensor) -> Tensor:
+    """The block's MLP branch on x1 (exact), keeping only x1 for backward (the `mlp` target): grads of x1, of
+    the norm, biases and layer scale exact, the MLP linears' weight grads sampled with p ∝ ‖g_i‖·‖x_i‖."""
+    params = mlp_half_params(block.parts)
+    if not _needs_graph(x1, params):
+        return block.adapter.mlp_branch(block, x1)
+    return _LeanMLP.apply(x1, block, *params)
