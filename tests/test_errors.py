@@ -186,11 +186,6 @@ BAD_INPUTS = {
         lambda tmp: _one_class_folder(tmp / "data"),
         ["single class folder", "'cat'", "at least 2 classes"],
     ),
-    "lean block with dropout": (
-        ["model.config.hidden_dropout_prob=0.1"],
-        None,
-        ["crs.targets=[lean_block]", "hidden_dropout_prob=0.1", "model.config.hidden_dropout_prob=0.0"],
-    ),
     "no targets but a ratio": (
         ["crs.targets=[]"],
         None,

@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import ViTForImageClassification
 
 from vitcrs.crs import CRSBlock, grad_norm_sources
 from vitcrs.errors import ConfigError
 from vitcrs.models import ViTClassifier, build_vit, model_inputs
+from vitcrs.models.optim import AdamWInBackward
 
 # Lightning 2.6 uses torch's deprecated pytree LeafSpec; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning")
@@ -210,3 +211,82 @@ def test_non_finite_loss_in_an_accumulated_batch_stops_before_the_step(
         trainer.fit(module, _loader())
     assert trainer.global_step == 1 and len(calls) == 4  # micro-batches 3 (NaN) and 4 ran, step 2 did not
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def _optim_module(tiny_vit_config, in_backward: bool) -> ViTClassifier:
+    torch.manual_seed(0)
+    return ViTClassifier(
+        model={"name_or_path": None, "attn_implementation": "eager", "config": tiny_vit_config},
+        crs={"ratio": 0.5, "targets": ["lean_block"]},
+        optim={"lr": 1e-3, "weight_decay": 0.01, "warmup_fraction": 0.25, "in_backward": in_backward},
+        num_labels=4,
+        seed=0,
+    )
+
+
+def test_adamw_in_backward_takes_the_same_steps_and_keeps_no_gradients(tiny_vit_config, tmp_path, one_thread):
+    """optim.in_backward: each parameter is updated inside backward (AdamWInBackward), its gradient dropped
+    there; the weights after training equal those of AdamW stepping after backward, and the checkpoint's
+    optimizer state is an AdamW's."""
+    seen = []
+
+    class NoGradients(Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            seen.append(all(p.grad is None for p in module.parameters()))
+
+    runs = {}
+    for in_backward in (False, True):
+        module = _optim_module(tiny_vit_config, in_backward)
+        callbacks = [NoGradients()] if in_backward else []
+        trainer = _trainer(tmp_path, max_steps=4, enable_checkpointing=False, callbacks=callbacks)
+        trainer.fit(module, _loader(), _loader(8))
+        runs[in_backward] = (module, trainer)
+    (plain, plain_trainer), (fused, fused_trainer) = runs[False], runs[True]
+    assert isinstance(fused_trainer.optimizers[0], AdamWInBackward) and seen == [True] * 4
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        if name.endswith("k_proj.bias"):  # its gradient is zero up to rounding (softmax is shift-invariant)
+            continue  # and Adam scales that rounding noise up to lr-sized steps
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)  # fused vs for-loop AdamW kernels
+    state = fused_trainer.optimizers[0].state_dict()
+    plain_state = plain_trainer.optimizers[0].state_dict()
+    assert state["state"].keys() == plain_state["state"].keys()
+    assert float(state["state"][0]["step"]) == float(plain_state["state"][0]["step"]) == 4
+
+
+def test_adamw_in_backward_skips_a_non_finite_gradient_and_stops(tiny_vit_config, tmp_path, monkeypatch):
+    module = _optim_module(tiny_vit_config, True)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    class NaNGradient(torch.autograd.Function):
+        forward = staticmethod(lambda ctx, x: x.clone())
+        backward = staticmethod(lambda ctx, g: g * float("nan"))
+
+    def poisoned(batch):  # a finite loss whose gradient is NaN from the logits down
+        logits = NaNGradient.apply(module(batch[0]))
+        return torch.nn.functional.cross_entropy(logits, batch[1]), logits, batch[1]
+
+    monkeypatch.setattr(module, "loss", poisoned)
+    trainer = _trainer(tmp_path, max_steps=2, enable_checkpointing=False)
+    with pytest.raises(FloatingPointError, match=r"gradients became non-finite.*were not updated"):
+        trainer.fit(module, _loader(), _loader(8))
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # no non-finite update landed
+    for name in ("net.classifier.weight", "net.vit.layernorm.weight"):  # NaN gradients: not updated
+        assert torch.equal(module.state_dict()[name], before[name])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val"),
+        ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches"),
+        ("trainer.precision=16-mixed", "trainer.precision"),
+        ("trainer.devices=2", "trainer.devices"),
+        ("callbacks.grad_fidelity.every_n_steps=5", "callbacks.grad_fidelity.every_n_steps"),
+    ],
+)
+def test_adamw_in_backward_refuses_what_needs_the_whole_gradient(compose_cfg, override, key):
+    from vitcrs.train import validate
+
+    cfg = compose_cfg("experiment=demo", "optim.in_backward=true", "trainer.gradient_clip_val=null", override)
+    with pytest.raises(ConfigError, match=rf"optim.in_backward=true .* but {key}=.*optim.in_backward=false"):
+        validate(cfg)

@@ -22,7 +22,7 @@ import hydra
 from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from vitcrs.callbacks import CheckpointOnSigterm, MetricsFile, describe_run, record_config_failure
@@ -98,6 +98,13 @@ def validate(cfg: DictConfig) -> Preflight:
     crs = CRSConfig.from_settings(container(cfg.crs), cfg.model.attn_implementation)
     optim = OptimConfig.from_settings(container(cfg.optim))
     check_trainer_length(cfg.trainer)
+    trainer, fidelity = cfg.trainer, OmegaConf.select(cfg, "callbacks.grad_fidelity.every_n_steps")
+    devices = trainer.get("devices", 1)
+    processes = len(devices) if OmegaConf.is_list(devices) else devices if isinstance(devices, int) else 1
+    optim.check_in_backward(
+        trainer.get("accumulate_grad_batches"), trainer.get("gradient_clip_val"), trainer.get("precision"),
+        processes * int(trainer.get("num_nodes", 1) or 1), fidelity,
+    )  # fmt: skip
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.run_dir)
     datamodule = build_datamodule(cfg, batch_indices=crs.prob == "sample_cache")
     vit = load_vit_config(cfg.model.name_or_path, datamodule.num_classes, container(cfg.model.config))

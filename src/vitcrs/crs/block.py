@@ -95,7 +95,8 @@ class CRSBlock(nn.Module):
             return self._checkpointed(self._plain, args, kwargs)
         x, mask = self.adapter.hidden_states(args, kwargs)
         if "lean_block" in targets:
-            return lean_block(self, x, mask, keep_mid=not (self.gradient_checkpointing and self.training))
+            keep_mid = state.config.keep_mid and not (self.gradient_checkpointing and self.training)
+            return lean_block(self, x, mask, keep_mid)
         return self._checkpointed(self._sampled, (x, mask), {})
 
     def _checkpointed(self, fn, args: tuple, kwargs: dict):

@@ -42,6 +42,10 @@ class CRSConfig:
     cache_in_checkpoint: checkpoints also hold every rank's cache entries (GBs for a large training set), so
         a resumed run samples exactly as an unbroken one; False: a resumed run starts with an empty cache
         (its stand-in is kept), unbiased, but drawing other rows than the unbroken run.
+    keep_mid: the lean block keeps, besides its input x, the residual stream between its two halves
+        (x1 = x + attention branch: one more [batch, tokens, d] tensor per block) rather than recomputing the
+        attention half's output in backward (one more linear and attention forward per block). False halves
+        the kept activations; under activation checkpointing the lean block keeps x alone either way.
     targets: the ops sampled in every block: names of `vitcrs.crs.targets.KNOWN_TARGETS` (checked by
         `validate_targets`), e.g. a named set of `TARGET_SETS`; default "lean_block" alone (the whole block as
         one op keeping only its residual stream; every activation gradient exact).
@@ -55,6 +59,7 @@ class CRSConfig:
     cache_format: str = "bfloat16"
     cache_warmup: str = "norm"
     cache_in_checkpoint: bool = False
+    keep_mid: bool = True
     targets: tuple[str, ...] = ("lean_block",)
 
     def __post_init__(self) -> None:
@@ -84,6 +89,8 @@ class CRSConfig:
         if self.cache_warmup not in CACHE_WARMUPS:
             allowed = ", ".join(CACHE_WARMUPS)
             raise ValueError(f"crs.cache_warmup={self.cache_warmup!r} is unknown: choose one of {allowed}.")
+        if not isinstance(self.keep_mid, bool):
+            raise ValueError(f"crs.keep_mid={self.keep_mid!r} is invalid: it must be true or false.")
         if not isinstance(self.cache_in_checkpoint, bool):
             value = self.cache_in_checkpoint
             raise ValueError(f"crs.cache_in_checkpoint={value!r} is invalid: it must be true or false.")

@@ -72,8 +72,8 @@ def vit_block_saved_bytes(
     # at ratio 1 nothing is sampled (the lean block is the plain block), but the lean MLP still recomputes
     targets = set() if cfg is None else set(targets) & ({"mlp"} if cfg.exact else set(targets))
     n, d, f, dh = batch * tokens, hidden, intermediate, hidden // heads
-    if "lean_block" in targets:  # the fp32 residual stream: the block input, and (unless checkpointing) x1
-        return n * d * 4 * (1 if checkpointing else 2)
+    if "lean_block" in targets:  # the fp32 residual stream: the input, and x1 (keep_mid, no checkpointing)
+        return n * d * 4 * (1 if checkpointing or not cfg.keep_mid else 2)
     if checkpointing and targets:
         raise ValueError("vit_block_saved_bytes models checkpointing only for the 'lean_block' target")
     if checkpointing:  # a checkpointed plain block keeps its input alone (fp32 residual stream)

@@ -31,7 +31,7 @@ from vitcrs.crs import (
 )
 from vitcrs.distributed import gather_objects
 
-from .optim import OptimConfig
+from .optim import AdamWInBackward, OptimConfig
 from .vit import build_vit, vit_logits
 
 Batch = tuple[Tensor, ...]  # (images, labels); training with prob=sample_cache: (images, labels, indices)
@@ -263,6 +263,9 @@ class ViTClassifier(LightningModule):
         if loss_bad is None:  # no training_step since the last check
             return
         flags = [loss_bad.reshape(1)]
+        in_backward = optimizer.take_nonfinite() if isinstance(optimizer, AdamWInBackward) else None
+        if in_backward is not None:  # updated inside backward: a non-finite gradient was skipped there
+            flags.append(in_backward.reshape(1).to(loss_bad.device))
         grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
         if grads and getattr(self.trainer.precision_plugin, "scaler", None) is None:
             if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: a few fused kernels
@@ -294,11 +297,17 @@ class ViTClassifier(LightningModule):
                 f"(lr {self._lr():.3g}): stopping before this step, so the weights and checkpoints keep the "
                 f"last good state. {advice}"
             )
-        if len(bad) > 1 and bad[1]:
+        if any(bad[1:]):
+            stop = (
+                "the parameters with non-finite gradients were not updated (optim.in_backward: the others "
+                "were) and training stops here, so no checkpoint holds this step"
+                if in_backward is not None
+                else "stopping before the optimizer step, so the weights and checkpoints keep the last good "
+                "state"
+            )
             raise FloatingPointError(
                 f"gradients became non-finite (inf/nan) at epoch {self.current_epoch}, step "
-                f"{self.global_step} (lr {self._lr():.3g}) with a finite loss: stopping before the optimizer "
-                "step, so the weights and checkpoints keep the last good state. Sample less (a higher "
+                f"{self.global_step} (lr {self._lr():.3g}) with a finite loss: {stop}. Sample less (a higher "
                 "crs.ratio or crs.min_k, crs.prob=norm), lower optim.lr, or train in "
                 "trainer.precision=32-true."
             )
