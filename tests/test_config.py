@@ -195,6 +195,7 @@ def test_data_parallel_trainers_compose(compose_cfg):
         assert cfg.trainer.devices == 2 and cfg.trainer.num_nodes == 1
     policy = OmegaConf.to_container(compose_cfg("trainer=fsdp").trainer.strategy.auto_wrap_policy)
     from hydra.utils import instantiate
+
     from vitcrs.crs import CRSBlock
 
     assert instantiate(policy) == {CRSBlock}
