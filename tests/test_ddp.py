@@ -152,7 +152,8 @@ def test_rank_seeds_give_different_rows_and_the_module_seeds_by_rank(tiny_vit_co
         assert module.crs.generator.seed == 8
         # each rank keeps its own gradient-norm estimates: DDP is told not to broadcast rank 0's buffers
         estimates = {name for name, _ in module.named_buffers() if ".crs_state.sources." in name}
-        assert len(estimates) == 1 * 2 and set(module._ddp_params_and_buffers_to_ignore) == estimates  # q/k/v per block
+        # (one per block: the q/k/v sample; crs.targets=[query])
+        assert len(estimates) == 2 and set(module._ddp_params_and_buffers_to_ignore) == estimates
         module.crs.generator.manual_seed(0)
         module.setup("test")  # evaluation leaves the stream alone
         assert module.crs.generator.seed == 0
