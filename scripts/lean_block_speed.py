@@ -22,15 +22,17 @@ from transformers.utils import logging as hf_logging
 
 from vitcrs.crs import CRSConfig, inject
 
-VARIANTS = ("exact", "lean@0.3", "lean@0.5", "ckpt", "ckpt+lean@0.3")
+VARIANTS = ("exact", "lean@0.3", "lean@0.5", "leanx@0.3", "ckpt", "ckpt+lean@0.3")
 
 
 def build(base: ViTForImageClassification, name: str) -> ViTForImageClassification:
-    """`name`: "exact", "lean@R", "ckpt" or "ckpt+lean@R" (R the ratio)."""
+    """`name`: "exact", "lean@R", "leanx@R" (the lean block keeping its input alone: crs.keep_mid=false),
+    "ckpt" or "ckpt+lean@R" (R the ratio)."""
     model = copy.deepcopy(base)
     for part in name.split("+"):
-        if part.startswith("lean@"):
-            inject(model, CRSConfig(ratio=float(part[5:])), ["lean_block"])
+        kind, _, ratio = part.partition("@")
+        if kind in ("lean", "leanx"):
+            inject(model, CRSConfig(ratio=float(ratio), keep_mid=kind == "lean"), ["lean_block"])
         elif part == "ckpt":
             model.activation_checkpointing_enable()
     return model.train()

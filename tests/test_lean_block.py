@@ -23,7 +23,7 @@ from vitcrs.crs import (
     uninjected,
     vit_block_saved_bytes,
 )
-from vitcrs.crs.lean import mlp_backward
+from vitcrs.crs.lean import _batch_chunks, mlp_backward
 
 pytestmark = pytest.mark.usefixtures("fresh_crs_stream", "one_thread")
 ATTNS = ["eager", "sdpa"]
@@ -77,12 +77,16 @@ def _recompute_even_at_ratio_one(self, hidden_states, attention_mask=None, **kwa
     )
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no_dropout", "dropout"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "ckpt"])
 @pytest.mark.parametrize("attn", ATTNS)
-def test_lean_block_forward_is_exact_and_ratio_one_gives_exact_gradients(attn, checkpointing, monkeypatch):
-    """With dropout on: the recomputation replays the forward's masks, so ratio 1 gives autograd's grads."""
+def test_lean_block_forward_is_exact_and_ratio_one_gives_exact_gradients(
+    attn, checkpointing, dropout, monkeypatch
+):
+    """With dropout on: the recomputation replays the forward's masks, so ratio 1 gives autograd's grads.
+    Without it, eager attention is recomputed and backpropagated in batch chunks (`ATTENTION_CHUNKS`)."""
     monkeypatch.setattr(CRSBlock, "forward", _recompute_even_at_ratio_one)
-    base = tiny_vit(attn, dropout=0.1).train()
+    base = tiny_vit(attn, dropout=dropout).train()
     x = torch.randn(4, 3, 16, 16)
     for ratio in (1.0, 0.3):
         model = inject(copy.deepcopy(base), CRSConfig(ratio=ratio), ["lean_block"])
@@ -90,6 +94,8 @@ def test_lean_block_forward_is_exact_and_ratio_one_gives_exact_gradients(attn, c
         if checkpointing:  # the lean block replaces HF's checkpoint (it recomputes itself) and keeps only x
             model.activation_checkpointing_enable()
         assert all(isinstance(layer, CRSBlock) for layer in model.vit.layers)
+        chunks = _batch_chunks(model.vit.layers[0], torch.empty(4, 17, 32))
+        assert len(chunks) == (4 if attn == "eager" and not dropout else 1)
         torch.manual_seed(1)
         out = model(x).logits
         torch.manual_seed(1)

@@ -278,18 +278,42 @@ def _mlp_half_autograd(parts: BlockParts, cfg: CRSConfig, generator, x1: Tensor,
     return g_x1
 
 
+# Eager attention keeps its [batch, heads, tokens, tokens] probabilities (and their gradients) for backward:
+# the lean block recomputes and backpropagates it in this many batch chunks (when it draws no dropout mask),
+# so that transient is a fraction of a full attention's.
+ATTENTION_CHUNKS = 4
+
+
+def _batch_chunks(block, x: Tensor) -> list[slice]:
+    """Batch slices for the attention's recomputation: chunks for eager attention without dropout (their
+    recomputation draws no random numbers, so chunks do not change any mask), else the whole batch."""
+    batch = x.shape[0]
+    if not block.parts.eager or block.adapter.attention_dropout(block) > 0 or batch < 2:
+        return [slice(0, batch)]
+    step = -(-batch // ATTENTION_CHUNKS)
+    return [slice(i, i + step) for i in range(0, batch, step)]
+
+
+def _rows(mask: Tensor | None, rows: slice, batch: int) -> Tensor | None:
+    """An attention mask for the images `rows` (a mask broadcast over the batch as it is)."""
+    return mask[rows] if mask is not None and mask.dim() > 0 and mask.shape[0] == batch > 1 else mask
+
+
 class _AttentionHalf:
     """The attention half recomputed from the block input x, with the graphs its backward needs:
 
     x (leaf) → norm1 (graph) → qkv = norm1 · W_qkvᵀ (a leaf [B, T, 3I]: q/k/v stacked) → ctx = attend(qkv)
     (graph: the family's attention, its dropout replayed) → o = ctx · W_oᵀ → branch = post_attention(o)
     (graph when the chain does anything: dropout, layer scale, drop path). o and the branch are formed only
-    when needed (`need_branch`: x1 = x + branch is recomputed; or an active chain).
+    when needed (`need_branch`: x1 = x + branch is recomputed; or an active chain). Eager attention without
+    dropout is formed here without a graph, and recomputed with one chunk by chunk in `backward`
+    (`ATTENTION_CHUNKS`).
     """
 
     def __init__(self, block, x: Tensor, mask, rng, dt, need_branch: bool) -> None:
         parts: BlockParts = block.parts
-        self.parts, self.dt = parts, dt
+        self.block, self.parts, self.dt, self.mask = block, parts, dt, mask
+        self.chunks = _batch_chunks(block, x)
         with replayed(rng, x.device), torch.enable_grad():
             self.x = x.detach().requires_grad_()
             self.norm = parts.norm1(self.x)
@@ -297,8 +321,11 @@ class _AttentionHalf:
                 w, b = _stacked(parts.qkv, dt)
                 qkv = F.linear(self.norm.detach().to(dt), w, b)
             self.qkv = qkv.requires_grad_()
-            widths = [lin.out_features for lin in parts.qkv]
-            self.ctx = block.adapter.attend(block, list(self.qkv.split(widths, dim=-1)), mask, None)
+            if len(self.chunks) == 1:
+                self.ctx = block.adapter.attend(block, self._split(self.qkv), mask, None)
+            else:
+                with torch.no_grad():
+                    self.ctx = torch.cat([self._attend(self.qkv[rows], rows) for rows in self.chunks])
             self.o = self.branch = None
             chained = active(parts.post_attention)
             if chained or need_branch:
@@ -311,6 +338,32 @@ class _AttentionHalf:
                     self.branch = chain(parts.post_attention, self.o)
                 else:
                     self.branch = o
+
+    def _split(self, qkv: Tensor) -> list[Tensor]:
+        return list(qkv.split([lin.out_features for lin in self.parts.qkv], dim=-1))
+
+    def _attend(self, qkv: Tensor, rows: slice) -> Tensor:
+        mask = _rows(self.mask, rows, self.qkv.shape[0])
+        return self.block.adapter.attend(self.block, self._split(qkv), mask, None)
+
+    def _qkv_grad(self, g_ctx: Tensor, grads: Grads) -> Tensor:
+        """The gradient of the stacked q/k/v given that of the attention output (chunk by chunk if chunked);
+        adds the attention core's parameter gradients (qk-norms)."""
+        core = self.parts.attn_core_params
+        if len(self.chunks) == 1:
+            g_qkv, *g_core = torch.autograd.grad(self.ctx, [self.qkv, *core], g_ctx.to(self.ctx.dtype))
+            _add(grads, core, g_core)
+            return g_qkv
+        g_qkv = torch.empty_like(self.qkv)
+        for rows in self.chunks:
+            with torch.enable_grad():
+                leaf = self.qkv[rows].detach().requires_grad_()
+                out = self._attend(leaf, rows)
+            g_rows, *g_core = torch.autograd.grad(out, [leaf, *core], g_ctx[rows].to(out.dtype))
+            g_qkv[rows] = g_rows
+            _add(grads, core, g_core)
+            del out, g_rows
+        return g_qkv
 
     def backward(self, g_x1: Tensor, cfg: CRSConfig, generator, grads: Grads) -> Tensor:
         """The gradient of x through the attention branch, given that of x1; adds the parameter gradients."""
@@ -328,9 +381,7 @@ class _AttentionHalf:
         _store(grads, [proj], gw, go.sum(0, dtype=torch.float32))
         g_ctx = (go @ proj.weight.to(dt)).view_as(self.ctx)
         del go, ctx_rows
-        core = parts.attn_core_params
-        g_qkv, *g_core = torch.autograd.grad(self.ctx, [self.qkv, *core], g_ctx.to(self.ctx.dtype))
-        _add(grads, core, g_core)
+        g_qkv = self._qkv_grad(g_ctx, grads)
         del g_ctx
         gq = g_qkv.reshape(-1, g_qkv.shape[-1]).to(dt)
         rows = self.norm.detach().reshape(-1, self.norm.shape[-1]).to(dt)

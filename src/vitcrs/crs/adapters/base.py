@@ -138,6 +138,10 @@ class BlockAdapter:
         heads, qk-norms, attention (with its dropout), heads merged, up to proj's input [B, T, heads·dim]."""
         raise NotImplementedError
 
+    def attention_dropout(self, block: nn.Module) -> float:
+        """The dropout probability the attention applies to its probabilities now (0 in eval mode)."""
+        raise NotImplementedError
+
     def check_targets(self, block: nn.Module, targets: Iterable[str]) -> None:
         """ValueError for targets this block cannot sample (the message names the target and why)."""
         parts = self.parts(block)

@@ -35,6 +35,10 @@ class HFAttentionAdapter(BlockAdapter):
     def _attention(block: nn.Module) -> nn.Module:
         return block.attention
 
+    def attention_dropout(self, block: nn.Module) -> float:
+        attn = self._attention(block)
+        return attn.attention_dropout if attn.training else 0.0
+
     def attend(
         self, block: nn.Module, qkv: Sequence[Tensor], mask: Tensor | None, sampled: SampledMatmuls | None
     ) -> Tensor:

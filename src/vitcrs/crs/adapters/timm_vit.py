@@ -75,6 +75,9 @@ class TimmViTAdapter(BlockAdapter):
     def mlp_branch(self, block: nn.Module, x1: Tensor) -> Tensor:
         return block.drop_path2(block.ls2(block.mlp(block.norm2(x1))))
 
+    def attention_dropout(self, block: nn.Module) -> float:
+        return block.attn.attn_drop.p if block.attn.training else 0.0
+
     def attend(
         self, block: nn.Module, qkv: Sequence[Tensor], mask: Tensor | None, sampled: SampledMatmuls | None
     ) -> Tensor:
