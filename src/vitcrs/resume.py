@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +63,62 @@ def hydra_output_subdir(run_dir: Any, stamp: str) -> str | None:
     return ".hydra"
 
 
+def unsafe_globals(path: str, err: Exception) -> list[str]:
+    """The Python objects (module.name) the pickle of checkpoint `path` names beyond what torch's weights-only
+    unpickler admits: read from the file's opcodes (nothing is run), else from torch's error `err`."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint: what the unpickler's error names
+        found = []
+    return found or re.findall(r"GLOBAL (\S+) was not an allowed global", str(err))
+
+
+def load_checkpoint(ckpt_path: str) -> dict[str, Any]:
+    """The checkpoint at `ckpt_path`, unpickled by torch's weights-only unpickler (memory-mapped: tensors are
+    not read). ConfigError naming the file for one that cannot be read, and for one whose pickle names any
+    other Python object (a class or function, which unpickling would call: a file that runs code): that
+    file is refused, and the message names the file and what it holds.
+
+    A vitcrs checkpoint holds only what that unpickler admits by default (dicts, lists, strings, numbers,
+    tensors, torch's RNG states): no type needs allow-listing (`tests/test_resume.py` checks a checkpoint of
+    every CRS state kind), so anything else is refused. Lightning's own load (`trainer.fit`/`trainer.test`
+    with `weights_only=True`) uses the same unpickler.
+    """
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        found = unsafe_globals(ckpt_path, err)
+        if found:
+            raise ConfigError(
+                f"ckpt_path={ckpt_path!r} was not loaded: its pickle holds {', '.join(found)}, which no "
+                "vitcrs checkpoint holds, and unpickling it could run code from the file. Give a checkpoint "
+                "written by vitcrs.train that you trust (e.g. <run dir>/checkpoints/last.ckpt), or "
+                "ckpt_path=null to start afresh."
+            ) from None
+        raise _unreadable(ckpt_path, err) from err
+    except Exception as err:  # a truncated or foreign file: zip or torch errors
+        raise _unreadable(ckpt_path, err) from err
+    return ckpt
+
+
+def _unreadable(ckpt_path: str, err: Exception) -> ConfigError:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    line = next((ln for ln in lines if ln.startswith("WeightsUnpickler error")), lines[0] if lines else "")
+    return ConfigError(
+        f"ckpt_path={ckpt_path!r} cannot be read as a checkpoint ({type(err).__name__}: {line}). Give a "
+        "checkpoint written by vitcrs, e.g. <run dir>/checkpoints/last.ckpt, or ckpt_path=null to start "
+        "afresh."
+    )
+
+
 def check_checkpoint(
     ckpt_path: str, num_classes: int, dataset: str, shapes: dict[str, tuple[int, ...]] | None = None
 ) -> dict[str, Any]:
     """ConfigError unless `ckpt_path` is a readable vitcrs checkpoint with a `num_classes`-way classifier and,
     given `shapes` (the network's weight shapes, see `vitcrs.models.parameter_shapes`), that architecture.
 
-    Reads only the checkpoint's metadata (memory-mapped; tensors are not loaded). Returns the checkpoint.
+    Reads only the checkpoint's metadata (`load_checkpoint`: weights-only, memory-mapped). Returns the
+    checkpoint.
     """
     if not isinstance(ckpt_path, str) or not Path(ckpt_path).is_file():
         raise ConfigError(
@@ -75,14 +126,7 @@ def check_checkpoint(
             "ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt, ckpt_path=last (with "
             "hydra.run.dir=<the run dir>), or ckpt_path=null to start afresh."
         )
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # a truncated or foreign file: pickle, zip or torch errors
-        raise ConfigError(
-            f"ckpt_path={ckpt_path!r} cannot be read as a checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). Give a checkpoint written by vitcrs, e.g. "
-            "<run dir>/checkpoints/last.ckpt, or ckpt_path=null to start afresh."
-        ) from err
+    ckpt = load_checkpoint(ckpt_path)
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     labels = hparams.get("num_labels") if isinstance(hparams, dict) else None
     if not isinstance(labels, int) or "state_dict" not in ckpt:

@@ -151,13 +151,16 @@ def train(cfg: DictConfig) -> float | None:
             seed=cfg.seed,
             image_size=datamodule.image_size,
         )
-        trainer.fit(model, datamodule=datamodule, ckpt_path=run.ckpt_path)
+        # weights_only: checkpoints are unpickled by torch's weights-only unpickler, never run (vitcrs.resume)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=run.ckpt_path, weights_only=True)
         # The checkpoint callback that selects on a metric (step_checkpoint only keeps last.ckpt).
         selector = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)), None)
         best = selector.best_model_path if selector is not None else ""
         if not best:
             log.warning("no best checkpoint was saved: testing the final weights")
-        results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        results = trainer.test(
+            model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True
+        )
         score = selector.best_model_score if best else None  # of the checkpoint just tested
         metrics.finish(
             test_acc=float(results[0]["test/acc"]),
