@@ -1,0 +1,155 @@
+"""Trust: no code runs from a file someone else wrote (checkpoints, CIFAR archives), and every record says
+what actually ran (or the setting is refused, naming its key, before training)."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from cifar_archives import tar_archive, write_cifar10
+from conftest import CONF_DIR, QUICK
+from vitcrs.errors import ConfigError
+from vitcrs.train import train, validate
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning")
+
+
+class WritesMarker:
+    """Unpickling this calls `builtins.exec`, which writes `marker`: the payload of a file that runs code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple:
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+# A short run keeping every kind of CRS state in its checkpoints (running estimates, the per-image cache
+# in uint8, the sampling streams): trained once, copied by the tests that resume it.
+RUN = [*QUICK, "callbacks.progress_bar=null", "crs.prob=sample_cache", "crs.cache_format=uint8",
+       "crs.cache_in_checkpoint=true"]  # fmt: skip
+
+
+def _compose(run_dir: Path, *overrides: str) -> DictConfig:
+    import vitcrs.conf  # noqa: F401  (stores the crs defaults node)
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"run_dir={run_dir}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run dir of a complete RUN."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(_compose(run_dir, *RUN))
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir
+
+
+def _copy(run_dir: Path, to: Path) -> Path:
+    shutil.copytree(run_dir, to)
+    return to
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+
+def test_a_vitcrs_checkpoint_holds_only_what_the_weights_only_unpickler_admits(finished_run):
+    """So no type needs allow-listing (add_safe_globals), and anything else in a checkpoint is refused. A new
+    kind of state holding another type fails here: allow-list it in vitcrs.resume, or store plain data."""
+    for path in sorted((finished_run / "checkpoints").glob("*.ckpt")):
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == [], path
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["crs"][0]["grad_norm"] and ckpt["crs"][0]["sample_cache"]  # every kind of state is there
+
+
+def _payload_checkpoint(path: Path, marker: Path) -> Path:
+    """A file that looks like a vitcrs checkpoint (state_dict, num_labels) and runs code when unpickled."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {}, "hyper_parameters": {"num_labels": 10}, "x": WritesMarker(marker)}, path)
+    return path
+
+
+@pytest.mark.parametrize("how", ["a path", "last in its run dir"])
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(compose_cfg, tmp_path, how):
+    marker = tmp_path / "marker"
+    if how == "a path":
+        ckpt = _payload_checkpoint(tmp_path / "shared" / "model.ckpt", marker)
+        cfg = compose_cfg("experiment=demo", f"ckpt_path={ckpt}")
+    else:  # a run dir someone else wrote, resumed in place
+        ckpt = _payload_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", marker)
+        cfg = compose_cfg("experiment=demo", "ckpt_path=last")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert not marker.exists(), "unpickling the checkpoint ran its code"
+    message = str(err.value)
+    assert f"ckpt_path={str(ckpt)!r} was not loaded" in message and "builtins.exec" in message, message
+
+
+# --- CIFAR archives --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["folder", "tarball"])
+def test_a_cifar_archive_that_would_run_code_is_refused_unrun(compose_cfg, tmp_path, layout):
+    """README recommends data.source.verify_checksum=false for archives built by other tools: safe to do."""
+    marker, root = tmp_path / "marker", tmp_path / "data"
+    folder = write_cifar10(root, n_train_per_batch=4, n_test=4)
+    batch = folder / "data_batch_2"
+    entry = pickle.loads(batch.read_bytes())
+    with open(batch, "wb") as f:  # the data batch, plus one entry whose unpickling runs code
+        pickle.dump({**entry, "filenames": WritesMarker(marker)}, f, protocol=2)
+    if layout == "tarball":
+        tar_archive(folder, root / "cifar-10-python.tar.gz")
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
+    cfg = compose_cfg("experiment=demo", "dataset=cifar10", "data.source.verify_checksum=false")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert not marker.exists(), "unpickling the archive ran its code"
+    message = str(err.value)
+    assert "data_batch_2 was not loaded: its pickle holds __builtin__.exec" in message, message  # (py2 name)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_restricted_unpickler_reads_numpy_1_and_2_batches():
+    """The official archives were written by numpy 1 (numpy.core.multiarray), new ones by numpy 2 (numpy._core):
+    both load, with their arrays, numpy scalars and protocol-2 bytes."""
+    import numpy as np
+
+    from vitcrs.data.cifar import CifarUnpickler
+
+    entry = {"data": np.arange(6, dtype=np.uint8).reshape(2, 3), "labels": [1, np.int64(2)], "b": b"\xff"}
+    blob = pickle.dumps(entry, protocol=2)
+    for data in (blob, blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")):
+        loaded = CifarUnpickler(io.BytesIO(data), encoding="latin1").load()
+        assert np.array_equal(loaded["data"], entry["data"]) and loaded["labels"] == [1, 2]
+        assert loaded["b"] == b"\xff"
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_lightning_loads_checkpoints_weights_only_too(finished_run, tmp_path, monkeypatch, one_thread):
+    """The checkpoint tested after fitting (best_model_path, from the resumed checkpoint's state) is loaded by
+    Lightning: weights-only as well, even where the environment asks torch for unsafe loads by default."""
+    run_dir = _copy(finished_run, tmp_path / "run")
+    record = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text(json.dumps({**record, "status": "incomplete"}))  # killed at test
+    best = next((run_dir / "checkpoints").glob("best-*.ckpt"))
+    marker = tmp_path / "marker"
+    _payload_checkpoint(best, marker)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(pickle.UnpicklingError, match=r"exec"):
+        train(_compose(run_dir, *RUN, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"))
+    assert not marker.exists(), "Lightning's load ran the checkpoint's code"
