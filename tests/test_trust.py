@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from cifar_archives import tar_archive, write_cifar10
 from conftest import CONF_DIR, QUICK
 from vitcrs.errors import ConfigError
+from vitcrs.resume import crs_changes
 from vitcrs.train import train, validate
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning")
@@ -125,8 +126,8 @@ def test_a_cifar_archive_that_would_run_code_is_refused_unrun(compose_cfg, tmp_p
 
 
 def test_the_restricted_unpickler_reads_numpy_1_and_2_batches():
-    """The official archives were written by numpy 1 (numpy.core.multiarray), new ones by numpy 2 (numpy._core):
-    both load, with their arrays, numpy scalars and protocol-2 bytes."""
+    """The official archives were written by numpy 1 (numpy.core.multiarray), new ones by numpy 2
+    (numpy._core): both load, with their arrays, numpy scalars and protocol-2 bytes."""
     import numpy as np
 
     from vitcrs.data.cifar import CifarUnpickler
@@ -153,3 +154,44 @@ def test_lightning_loads_checkpoints_weights_only_too(finished_run, tmp_path, mo
     with pytest.raises(pickle.UnpicklingError, match=r"exec"):
         train(_compose(run_dir, *RUN, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"))
     assert not marker.exists(), "Lightning's load ran the checkpoint's code"
+
+
+# --- records say what ran ---------------------------------------------------------------------------------
+
+
+def _record_of(cfg: DictConfig):
+    """The record the run of `cfg` starts with, and its pre-flight."""
+    from vitcrs.callbacks import describe_run
+
+    run = validate(cfg)
+    return describe_run(cfg, run.datamodule, run.crs_before_resume, run.crs), run
+
+
+def test_settings_the_lean_block_ignores_are_recorded_at_their_defaults(compose_cfg, tiny_vit_config):
+    """The lean block draws with p ∝ ‖g‖·‖x‖ whatever crs.prob says, and keeps no per-image cache: a run with
+    crs.prob=sample_cache is the default run, and is recorded (and grouped in the report) as it."""
+    from vitcrs.models import ViTClassifier
+
+    plain, _ = _record_of(compose_cfg("experiment=demo"))
+    cached, run = _record_of(compose_cfg("experiment=demo", "crs.prob=sample_cache", "crs.cache_format=uint8",
+                                         "crs.cache_in_checkpoint=true", "crs.grad_ema=0.5"))  # fmt: skip
+    assert cached.settings == plain.settings and cached.settings["prob"] == "norm"
+    assert run.crs.prob == "norm" and run.crs.cache_format == "bfloat16" and run.crs.grad_ema == 0.9
+    assert not run.datamodule.batch_indices  # no image indices for a cache that is not there
+    module = ViTClassifier({"name_or_path": None, "config": tiny_vit_config}, run.crs, run.optim, 10)
+    assert module.sample_cache_summary() is None  # the record's sample_cache stays null
+    # resuming such a checkpoint with crs.prob=norm is no crs change
+    saved = {"crs": {**run.crs.to_dict(), "prob": "sample_cache", "cache_in_checkpoint": True}}
+    assert crs_changes(saved, run.crs.to_dict()) == {}
+    # ... while the ops that draw by crs.prob keep it, and its cache settings
+    cfg = compose_cfg("experiment=demo", "crs.targets=[query,fc1]", "crs.prob=sample_cache")
+    sampled, run = _record_of(cfg)
+    assert sampled.settings["prob"] == "sample_cache" and run.datamodule.batch_indices
+
+
+def test_targets_are_recorded_in_canonical_order_without_repeats(compose_cfg):
+    one, _ = _record_of(compose_cfg("experiment=demo", "crs.targets=[query]"))
+    twice, _ = _record_of(compose_cfg("experiment=demo", "crs.targets=[query,query]"))
+    assert twice.targets == one.targets == ["query"] and twice.settings == one.settings
+    swapped, _ = _record_of(compose_cfg("experiment=demo", "crs.targets=[fc1,key,query]"))
+    assert swapped.targets == swapped.settings["targets"] == ["query", "key", "fc1"]

@@ -5,6 +5,7 @@ The training data's position is the data module's checkpoint state (`vitcrs.data
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -167,12 +168,16 @@ def checkpoint_epochs(ckpt: dict[str, Any]) -> int:
 
 
 def crs_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
-    """The crs.* settings `now` that differ from those of a checkpoint's run (`saved`: its hyperparameters):
-    key -> the checkpoint's value. A key the checkpoint's run did not have yet took its default there."""
+    """The crs.* settings `now` (in effect: `CRSConfig.in_effect`) that differ from those of a checkpoint's
+    run (`saved`: its hyperparameters): key -> the checkpoint's value. A key the checkpoint's run did not have
+    yet took its default there; its settings are compared as in effect too (a setting that changed nothing
+    then, e.g. crs.prob with the lean block, is no change)."""
     before = (saved or {}).get("crs")
     if not isinstance(before, dict) or not before:  # not saved: nothing to compare with
         return {}
     before = {**CRSConfig().to_dict(), **before}
+    with contextlib.suppress(TypeError, ValueError):  # settings this version cannot take stay as saved
+        before = CRSConfig(**before).in_effect().to_dict()
     return {k: before.get(k) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)}
 
 

@@ -95,7 +95,9 @@ def validate(cfg: DictConfig) -> Preflight:
     """Check every setting without loading weights or data (ConfigError); nothing is written."""
     check_overrides(cfg)
     check_attn_implementation(cfg.model.attn_implementation)
-    crs = CRSConfig.from_settings(container(cfg.crs), cfg.model.attn_implementation)
+    # the settings in effect: those that change nothing at their defaults (`CRSConfig.in_effect`), so the
+    # model, its checkpoints and the record say what runs
+    crs = CRSConfig.from_settings(container(cfg.crs), cfg.model.attn_implementation).in_effect()
     optim = OptimConfig.from_settings(container(cfg.optim))
     check_trainer_length(cfg.trainer)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.run_dir)
@@ -117,7 +119,8 @@ def train(cfg: DictConfig) -> float | None:
     run = validate(cfg)
     datamodule, run_dir = run.datamodule, Path(cfg.run_dir)
     seed_everything(cfg.seed, workers=True, verbose=False)
-    metrics = MetricsFile(run_dir / METRICS_FILE, describe_run(cfg, datamodule, run.crs_before_resume))
+    record = describe_run(cfg, datamodule, run.crs_before_resume, run.crs)
+    metrics = MetricsFile(run_dir / METRICS_FILE, record)
     on_sigterm = CheckpointOnSigterm(last_checkpoint(run_dir))  # before metrics: see its docstring
     trainer, loggers = build_trainer(cfg, [on_sigterm, metrics])
     metrics.attach(trainer)

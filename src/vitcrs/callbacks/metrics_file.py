@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 import vitcrs
+from vitcrs.crs import CRSConfig
 from vitcrs.errors import ConfigError
 from vitcrs.record import METRICS_FILE, STATUSES, RunRecord
 
@@ -58,11 +59,19 @@ def describe_device(device: torch.device) -> str:
 
 
 def describe_run(
-    cfg: DictConfig, datamodule: Any, crs_before_resume: dict[str, Any] | None = None
+    cfg: DictConfig,
+    datamodule: Any,
+    crs_before_resume: dict[str, Any] | None = None,
+    crs: CRSConfig | None = None,
 ) -> RunRecord:
     """The fields of metrics.json known before training; `crs_before_resume`: the crs settings a resumed
-    checkpoint had where they differ (allow_crs_change=true), recorded under settings."""
-    crs = cfg.crs
+    checkpoint had where they differ (allow_crs_change=true), recorded under settings. `crs`: the sampling
+    settings that run (`CRSConfig.in_effect`; default: those of cfg.crs), so that runs that sample alike are
+    recorded alike. The settings that depend on the trainer (precision, world size, effective batch) are
+    filled in by `MetricsFile.attach`."""
+    if crs is None:
+        settings = OmegaConf.to_container(cfg.crs, resolve=True)
+        crs = CRSConfig.from_settings(settings, cfg.model.attn_implementation).in_effect()  # type: ignore[arg-type]
     model_choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
     settings = {
         "model": cfg.model.name_or_path or model_choice or "random-init",
