@@ -195,3 +195,91 @@ def test_targets_are_recorded_in_canonical_order_without_repeats(compose_cfg):
     assert twice.targets == one.targets == ["query"] and twice.settings == one.settings
     swapped, _ = _record_of(compose_cfg("experiment=demo", "crs.targets=[fc1,key,query]"))
     assert swapped.targets == swapped.settings["targets"] == ["query", "key", "fc1"]
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "value"),
+    [
+        ("optim.lr=0.002", "optim.lr", "0.001"),
+        ("data.batch_size=32", "data.batch_size", "64"),
+        ("++trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches", "1"),
+        ("trainer.precision=bf16-mixed", "trainer.precision", "'32-true'"),
+    ],
+)
+def test_resuming_with_other_training_settings_is_refused(finished_run, tmp_path, one_thread, override, key,
+                                                          value):  # fmt: skip
+    """The resumed run would train on with the checkpoint's optimizer state, schedule and data position but
+    record the new value: refused, naming the key and the checkpoint's value, before anything is written."""
+    run_dir = _copy(finished_run, tmp_path / "run")
+    record = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text(json.dumps({**record, "status": "incomplete"}))
+    before = _snapshot(run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError) as err:
+        train(_compose(run_dir, *RUN, override, f"ckpt_path={last}"))
+    assert f"was trained with {key} = {value}" in str(err.value) and f"resume with {key}=" in str(err.value)
+    assert _snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("kept", ["by this version", "by an earlier version"])
+def test_a_two_rank_checkpoint_resumed_on_one_process_is_refused(finished_run, tmp_path, one_thread, kept):
+    run_dir = _copy(finished_run, tmp_path / "run")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["crs"] = [ckpt["crs"][0], ckpt["crs"][0]]  # one CRS state per rank, as a 2-process run saves
+    state = ckpt["callbacks"]["MetricsFile"]
+    if kept == "by this version":
+        state["settings"]["trainer.devices x trainer.num_nodes"] = 2
+    else:  # a checkpoint without the settings: its per-rank states tell the world size
+        del state["settings"]
+    torch.save(ckpt, last)
+    record = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text(json.dumps({**record, "status": "incomplete"}))
+    before = _snapshot(run_dir)
+    with pytest.raises(ConfigError, match=r"trainer.devices x trainer.num_nodes = 2, this run has 1.*"
+                                          r"resume with 2 processes \(e.g. trainer=ddp trainer.devices=2\)"):
+        train(_compose(run_dir, *RUN, f"ckpt_path={last}"))
+    assert _snapshot(run_dir) == before
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_a_resume_refused_late_leaves_the_record_as_it_was(finished_run, tmp_path, one_thread):
+    """A setting only the data can refuse (here: a validation share that leaves no training image) stops
+    the resumed run when fitting starts: the earlier launch's record is not turned into `failed`."""
+    run_dir = _copy(finished_run, tmp_path / "run")
+    record = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text(json.dumps({**record, "status": "incomplete"}))
+    before = (run_dir / "metrics.json").read_bytes()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"data.val_fraction=0.9999 leaves no training images"):
+        train(_compose(run_dir, *RUN, "data.val_fraction=0.9999", f"ckpt_path={last}"))
+    assert (run_dir / "metrics.json").read_bytes() == before
+
+
+def _attached(cfg: DictConfig):
+    """The record of `cfg` once its trainer is built (what metrics.json starts with), and the trainer."""
+    from vitcrs.callbacks import MetricsFile
+    from vitcrs.trainer import build_trainer
+
+    record, _ = _record_of(cfg)
+    metrics = MetricsFile(Path(cfg.run_dir) / "metrics.json", record)
+    trainer, _ = build_trainer(cfg, [metrics])
+    metrics.attach(trainer)
+    return metrics.record, trainer
+
+
+def test_the_effective_batch_of_accumulated_gradients_is_recorded(compose_cfg):
+    record, _ = _attached(compose_cfg("experiment=demo", "++trainer.accumulate_grad_batches=2"))
+    assert record.settings["batch_size"] == 64 and record.settings["effective_batch_size"] == 128
+    plain, _ = _attached(compose_cfg("experiment=demo"))
+    assert "effective_batch_size" not in plain.settings  # the batch itself
+
+
+@pytest.mark.filterwarnings("ignore:.*AMP with fp16 is not supported on CPU")
+def test_the_precision_lightning_runs_is_recorded(compose_cfg):
+    record, trainer = _attached(compose_cfg("experiment=demo", "trainer.precision=16-mixed"))
+    assert record.settings["precision"] == str(trainer.precision) == "bf16-mixed"  # on a CPU

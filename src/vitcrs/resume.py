@@ -10,6 +10,7 @@ import logging
 import os
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -181,16 +182,94 @@ def crs_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, 
     return {k: before.get(k) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)}
 
 
+# The settings a resumed run must share with its checkpoint's run, by config key (its crs.* settings are
+# checked by `crs_changes`; trainer.max_epochs may grow, which is how a run trains on). A resumed run trains
+# on with the checkpoint's optimizer state, schedule and data position: with another value here it would
+# train with a mix of both yet record only the new one.
+WORLD_SIZE = "trainer.devices x trainer.num_nodes"
+RESUMED_KEYS = (
+    "model.attn_implementation",
+    "trainer.precision",
+    "data.batch_size",
+    "trainer.accumulate_grad_batches",
+    WORLD_SIZE,
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.warmup_fraction",
+    "data.image_size",
+    "data.limit_train",
+)
+
+
+def run_settings(cfg: Any, datamodule: Any, optim: Any, trainer: Any) -> dict[str, Any]:
+    """The RESUMED_KEYS values of a run about to start (`trainer` built): the precision Lightning runs (a
+    16-mixed request on a CPU runs bf16-mixed), the world size, the data module's batch and image size."""
+    return {
+        "model.attn_implementation": cfg.model.attn_implementation,
+        "trainer.precision": str(trainer.precision),
+        "data.batch_size": datamodule.batch_size,
+        "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
+        WORLD_SIZE: trainer.world_size,
+        "optim.lr": optim.lr,
+        "optim.weight_decay": optim.weight_decay,
+        "optim.warmup_fraction": optim.warmup_fraction,
+        "data.image_size": datamodule.image_size,
+        "data.limit_train": datamodule.limit_train,
+    }
+
+
+def checkpoint_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The RESUMED_KEYS values of a checkpoint's run: kept by its MetricsFile state; from a checkpoint of an
+    earlier version, those it shows (optim.* from its hyperparameters, the world size from its per-rank CRS
+    states)."""
+    state = ckpt.get("callbacks", {}).get("MetricsFile", {})
+    saved = state.get("settings") if isinstance(state, dict) else None
+    if isinstance(saved, dict):
+        return {k: v for k, v in saved.items() if k in RESUMED_KEYS}
+    optim = ckpt.get("hyper_parameters", {}).get("optim")
+    found = {f"optim.{k}": v for k, v in optim.items()} if isinstance(optim, dict) else {}
+    if isinstance(ckpt.get("crs"), list) and ckpt["crs"]:
+        found[WORLD_SIZE] = len(ckpt["crs"])
+    return {k: v for k, v in found.items() if k in RESUMED_KEYS}
+
+
+def check_resumed_settings(ckpt_path: str, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """ConfigError naming the first setting of RESUMED_KEYS that differs between the checkpoint's run
+    (`saved`, `checkpoint_settings`; keys it lacks are not compared) and this run (`now`, `run_settings`)."""
+    for key in RESUMED_KEYS:
+        if key in saved and saved[key] != now.get(key):
+            if key == WORLD_SIZE:
+                fix = f"resume with {saved[key]} processes (e.g. trainer=ddp trainer.devices={saved[key]})"
+            else:
+                fix = f"resume with {key}={saved[key]} (the checkpoint's)"
+            raise ConfigError(
+                f"ckpt_path={ckpt_path!r} was trained with {key} = {saved[key]!r}, this run has "
+                f"{now.get(key)!r}: the resumed run would go on with the checkpoint's optimizer state, "
+                "schedule and data position but record the new value, so its record would describe neither. "
+                f"Fix: {fix}, or train anew (ckpt_path=null, with its own hydra.run.dir)."
+            )
+
+
+@dataclass(frozen=True)
+class ResumeCheck:
+    """What `check_resume` found: the checkpoint's crs settings where they differ (allowed by
+    allow_crs_change), the epochs it has trained, and its RESUMED_KEYS settings (`checkpoint_settings`)."""
+
+    crs_before: dict[str, Any]
+    epochs: int
+    settings: dict[str, Any]
+
+
 def check_resume(
     ckpt_path: str,
     datamodule: Any,
     shapes: dict[str, tuple[int, ...]],
     crs: dict[str, Any],
     allow_crs_change: bool,
-) -> tuple[dict[str, Any], int]:
+) -> ResumeCheck:
     """ConfigError unless `ckpt_path` resumes this run: a vitcrs checkpoint of the same data (`datamodule`'s
-    classes) and network (`shapes`), with the same crs.* settings `crs` unless `allow_crs_change`. Returns
-    the checkpoint's crs settings where they differ (allowed) and the epochs it has trained."""
+    classes) and network (`shapes`), with the same crs.* settings `crs` unless `allow_crs_change`. The
+    settings that need the trainer are compared by `check_resumed_settings` once it is built."""
     ckpt = check_checkpoint(ckpt_path, datamodule.num_classes, datamodule.name, shapes)
     changed = crs_changes(ckpt["hyper_parameters"], crs)
     if changed and not allow_crs_change:
@@ -201,4 +280,4 @@ def check_resume(
             "allow_crs_change=true to continue with the new ones (metrics.json then records the old ones "
             "under settings.crs_before_resume)."
         )
-    return changed, checkpoint_epochs(ckpt)
+    return ResumeCheck(changed, checkpoint_epochs(ckpt), checkpoint_settings(ckpt))

@@ -39,7 +39,13 @@ from vitcrs.models import (
     parameter_shapes,
 )
 from vitcrs.record import METRICS_FILE
-from vitcrs.resume import check_resume, last_checkpoint, resolve_ckpt_path
+from vitcrs.resume import (
+    check_resume,
+    check_resumed_settings,
+    last_checkpoint,
+    resolve_ckpt_path,
+    run_settings,
+)
 from vitcrs.run_dir import RunAlreadyComplete, RunDirInUse, RunDirLock, check_run_dir
 from vitcrs.trainer import build_trainer, check_trainer_length, quiet_known_warnings
 
@@ -48,15 +54,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Preflight:
-    """What `validate` found and built: the (unprepared) data module, the sampling and optimiser settings,
-    the checkpoint to resume from (None: a fresh start) and the crs settings it had where they differ
-    (allowed by allow_crs_change=true)."""
+    """What `validate` found and built: the (unprepared) data module, the sampling settings in effect and the
+    optimiser settings, the checkpoint to resume from (None: a fresh start), the crs settings it had where
+    they differ (allowed by allow_crs_change=true) and its settings that the resumed run must share
+    (`vitcrs.resume.checkpoint_settings`, compared once the trainer is built)."""
 
     datamodule: VisionDataModule
     crs: CRSConfig
     optim: OptimConfig
     ckpt_path: str | None
     crs_before_resume: dict[str, Any]
+    ckpt_settings: dict[str, Any]
 
 
 def build_datamodule(cfg: DictConfig, batch_indices: bool = False) -> VisionDataModule:
@@ -104,13 +112,14 @@ def validate(cfg: DictConfig) -> Preflight:
     datamodule = build_datamodule(cfg, batch_indices=crs.prob == "sample_cache")
     vit = load_vit_config(cfg.model.name_or_path, datamodule.num_classes, container(cfg.model.config))
     crs.check_sampled(vit, datamodule.image_size, datamodule.batch_size)
-    before, epochs_done = {}, None
+    resumed = None
     if ckpt_path is not None:
-        before, epochs_done = check_resume(
+        resumed = check_resume(
             ckpt_path, datamodule, parameter_shapes(vit), crs.to_dict(), bool(cfg.allow_crs_change)
         )
-    check_run_dir(cfg.run_dir, epochs_done, cfg.trainer.max_epochs)
-    return Preflight(datamodule, crs, optim, ckpt_path, before)
+    check_run_dir(cfg.run_dir, resumed.epochs if resumed else None, cfg.trainer.max_epochs)
+    before, settings = (resumed.crs_before, resumed.settings) if resumed else ({}, {})
+    return Preflight(datamodule, crs, optim, ckpt_path, before, settings)
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -123,6 +132,11 @@ def train(cfg: DictConfig) -> float | None:
     metrics = MetricsFile(run_dir / METRICS_FILE, record)
     on_sigterm = CheckpointOnSigterm(last_checkpoint(run_dir))  # before metrics: see its docstring
     trainer, loggers = build_trainer(cfg, [on_sigterm, metrics])
+    # What must match a resumed checkpoint: checked now that the trainer (precision, processes) is known,
+    # still before anything is written; kept in this run's checkpoints for the next resume.
+    metrics.resume_settings = run_settings(cfg, datamodule, run.optim, trainer)
+    if run.ckpt_path is not None:
+        check_resumed_settings(run.ckpt_path, run.ckpt_settings, metrics.resume_settings)
     metrics.attach(trainer)
     # One run per run dir, from its first write on: rank 0 holds the lock until it returns (the other ranks
     # write nothing themselves).
