@@ -283,3 +283,20 @@ def test_the_effective_batch_of_accumulated_gradients_is_recorded(compose_cfg):
 def test_the_precision_lightning_runs_is_recorded(compose_cfg):
     record, trainer = _attached(compose_cfg("experiment=demo", "trainer.precision=16-mixed"))
     assert record.settings["precision"] == str(trainer.precision) == "bf16-mixed"  # on a CPU
+
+
+def test_each_rank_evaluates_its_own_images_and_none_twice():
+    """511 test images over 2 ranks: 256 and 255, together each image once (no padded repeats)."""
+    from types import SimpleNamespace
+
+    from vitcrs.data import SyntheticSource, VisionDataModule
+
+    def share(rank: int) -> list[int]:
+        source = SyntheticSource(num_classes=3, num_train=40, num_test=511, native_size=8)
+        datamodule = VisionDataModule(source, batch_size=64, num_workers=0, image_size=8)
+        datamodule.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        datamodule.setup()
+        return [i for batch in datamodule.test_dataloader().batch_sampler for i in batch]
+
+    ranks = [share(0), share(1)]
+    assert [len(r) for r in ranks] == [256, 255] and sorted(ranks[0] + ranks[1]) == list(range(511))

@@ -102,9 +102,6 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     # Lightning's model summary cannot size bf16/fp16 weights and says so on every mixed-precision run.
     warnings.filterwarnings("ignore", message=r".*is not supported by the model summary.*")
-    # Data parallel: val/test are sharded with DistributedSampler, which repeats a few images when a split
-    # does not divide by the world size (CIFAR's 5000/10000 divide by 2, 4 and 8); see docs/scaling.md.
-    warnings.filterwarnings("ignore", message=r".*it is recommended to use `Trainer\(devices=1, num_nodes=1")
     # Lightning's advertisement for its cloud logger, printed by every Trainer.
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DROP_LITLOGGER_TIP)
