@@ -300,3 +300,33 @@ def test_each_rank_evaluates_its_own_images_and_none_twice():
 
     ranks = [share(0), share(1)]
     assert [len(r) for r in ranks] == [256, 255] and sorted(ranks[0] + ranks[1]) == list(range(511))
+
+
+# --- refusals that name the key --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clip", ["0", "-1.0"])
+def test_a_gradient_clip_that_lightning_would_ignore_is_refused(compose_cfg, tmp_path, clip):
+    refused = rf"trainer.gradient_clip_val={clip} is invalid.*gradient_clip_val=null to train without"
+    with pytest.raises(ConfigError, match=refused):
+        validate(compose_cfg("experiment=demo", f"trainer.gradient_clip_val={clip}"))
+    validate(compose_cfg("experiment=demo", "trainer.gradient_clip_val=null"))  # no clipping, said so
+
+
+def test_a_gpu_accelerator_without_a_gpu_names_the_key_and_the_fix(compose_cfg, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    refused = r"trainer.accelerator='gpu': torch sees no GPU.*Fix: trainer.accelerator=cpu"
+    with pytest.raises(ConfigError, match=refused):
+        validate(compose_cfg("experiment=demo", "trainer.accelerator=gpu"))
+
+
+def test_vitcrs_own_checks_are_not_said_to_be_lightnings(compose_cfg, tmp_path):
+    for override, message in [
+        ("callbacks.grad_fidelity.every_n_steps=-1", "callbacks.grad_fidelity.every_n_steps=-1 is invalid"),
+        ("callbacks.memory.warmup_batches=-2", "callbacks.memory.warmup_batches=-2 is invalid"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            train(compose_cfg(*QUICK, override))
+        assert str(err.value).startswith(message) and "Lightning" not in str(err.value), str(err.value)
+    assert not (tmp_path / "run").exists()

@@ -47,7 +47,7 @@ from vitcrs.resume import (
     run_settings,
 )
 from vitcrs.run_dir import RunAlreadyComplete, RunDirInUse, RunDirLock, check_run_dir
-from vitcrs.trainer import build_trainer, check_trainer_length, quiet_known_warnings
+from vitcrs.trainer import build_trainer, check_trainer, quiet_known_warnings
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def validate(cfg: DictConfig) -> Preflight:
     # model, its checkpoints and the record say what runs
     crs = CRSConfig.from_settings(container(cfg.crs), cfg.model.attn_implementation).in_effect()
     optim = OptimConfig.from_settings(container(cfg.optim))
-    check_trainer_length(cfg.trainer)
+    check_trainer(cfg.trainer)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.run_dir)
     datamodule = build_datamodule(cfg, batch_indices=crs.prob == "sample_cache")
     vit = load_vit_config(cfg.model.name_or_path, datamodule.num_classes, container(cfg.model.config))
