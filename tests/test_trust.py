@@ -330,3 +330,40 @@ def test_vitcrs_own_checks_are_not_said_to_be_lightnings(compose_cfg, tmp_path):
             train(compose_cfg(*QUICK, override))
         assert str(err.value).startswith(message) and "Lightning" not in str(err.value), str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.config.num_attention_heads=5"],
+         "model.config.hidden_size=64 is not a multiple of model.config.num_attention_heads=5: each head "
+         "would get hidden_size // num_attention_heads features, so attention would be 60 wide, not 64. "
+         "Fix: model.config.num_attention_heads=4"),
+        (["model.config.image_size=30"],
+         "image side 30 (data.image_size, else model.config.image_size) is not a multiple of "
+         "model.config.patch_size=4: the patch grid would drop the last 2 pixels of every row and column. "
+         "Fix: data.image_size=28"),
+    ],
+    ids=["heads do not divide the width", "patches do not tile the image"],
+)  # fmt: skip
+def test_an_architecture_hugging_face_would_build_otherwise_is_refused(compose_cfg, tmp_path, overrides,
+                                                                       message):  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg("experiment=demo", *overrides))
+    assert str(err.value).startswith(message), str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_image_folder_with_an_empty_test_class_is_refused(compose_cfg, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "flowers"
+    for split in ("train", "test"):
+        for name in ("daisy", "rose", "tulip"):
+            (root / split / name).mkdir(parents=True)
+            if not (split == "test" and name == "rose"):
+                Image.new("RGB", (8, 8)).save(root / split / name / "0.png")
+    cfg = compose_cfg("experiment=demo", "dataset=imagefolder", f"data.root={root}")
+    refused = r"test class folders without images \(rose\): the test accuracy would cover 2 of the 3 classes"
+    with pytest.raises(ConfigError, match=refused):
+        validate(cfg)

@@ -33,6 +33,7 @@ from vitcrs.errors import ConfigError
 from vitcrs.models import (
     OptimConfig,
     ViTClassifier,
+    check_architecture,
     check_attn_implementation,
     load_vit_config,
     model_inputs,
@@ -111,6 +112,7 @@ def validate(cfg: DictConfig) -> Preflight:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.run_dir)
     datamodule = build_datamodule(cfg, batch_indices=crs.prob == "sample_cache")
     vit = load_vit_config(cfg.model.name_or_path, datamodule.num_classes, container(cfg.model.config))
+    check_architecture(vit, datamodule.image_size)
     crs.check_sampled(vit, datamodule.image_size, datamodule.batch_size)
     resumed = None
     if ckpt_path is not None:
