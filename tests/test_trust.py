@@ -367,3 +367,36 @@ def test_an_image_folder_with_an_empty_test_class_is_refused(compose_cfg, tmp_pa
     refused = r"test class folders without images \(rose\): the test accuracy would cover 2 of the 3 classes"
     with pytest.raises(ConfigError, match=refused):
         validate(cfg)
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+
+def test_a_tiny_ratio_is_labelled_as_it_is_not_as_zero(tmp_path):
+    from test_report import write_run
+    from vitcrs.report import build_report
+
+    write_run(tmp_path / "runs", "0")
+    write_run(tmp_path / "runs", "1", ratio=1e-9, test_acc=0.5)
+    out = build_report([tmp_path / "runs"], tmp_path / "report")
+    rows = [line for line in (out / "accuracy.md").read_text().splitlines() if line.startswith("| 1e-09 |")]
+    assert len(rows) == 1 and "| 0 |" not in (out / "accuracy.md").read_text()
+
+
+@pytest.mark.parametrize("runs", ["unreadable", "failed and incomplete"])
+def test_a_report_without_a_complete_run_exits_non_zero(tmp_path, capsys, runs):
+    from test_report import write_run
+    from vitcrs.report import main
+
+    if runs == "unreadable":
+        (tmp_path / "runs" / "0").mkdir(parents=True)
+        (tmp_path / "runs" / "0" / "metrics.json").write_text("{not json")
+    else:
+        write_run(tmp_path / "runs", "0", status="failed", test_acc=None, error="ConfigError: x")
+        write_run(tmp_path / "runs", "1", status="incomplete", test_acc=None)
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 1
+    out, err = capsys.readouterr()
+    assert out == f"{tmp_path / 'report'}\n" and (tmp_path / "report" / "accuracy.md").is_file()  # written
+    assert "error: no usable run" in err
+    write_run(tmp_path / "runs", "2")  # one complete run: a report of results
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "report2")]) == 0
