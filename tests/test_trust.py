@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -400,3 +401,63 @@ def test_a_report_without_a_complete_run_exits_non_zero(tmp_path, capsys, runs):
     assert "error: no usable run" in err
     write_run(tmp_path / "runs", "2")  # one complete run: a report of results
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "report2")]) == 0
+
+
+# --- the fidelity meter ----------------------------------------------------------------------------------
+
+
+def _fidelity_cfg(out: Path, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("fidelity", overrides=[f"out_dir={out}", "model=vit_micro", "dataset=synthetic",
+                                              "data.batch_size=8", *overrides])  # fmt: skip
+
+
+REFUSED_ROWS = {
+    "no targets": ("{targets: [], ratio: 0.3}", [], r"\[0\] \(wta_crs 0.3  norm\): crs.targets=\[\] samples"),
+    "min_k keeps every pair": (
+        "{targets: [query], ratio: 0.3, min_k: 100000}",
+        [],
+        r"\[0\] .*min_k=100000 keeps",
+    ),
+    "lean block with dropout": (
+        "{targets: lean_block, ratio: 0.3}",
+        ["model.config.hidden_dropout_prob=0.1"],
+        r"\[0\] .*lean_block.*needs a model without dropout",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED_ROWS))
+def test_a_fidelity_row_that_would_be_exact_or_fail_late_is_refused_first(tmp_path, name):
+    from vitcrs.fidelity.cli import run
+
+    entry, overrides, message = REFUSED_ROWS[name]
+    cfg = _fidelity_cfg(tmp_path / "out", f"fidelity.configs=[{entry}]", *overrides)
+    with pytest.raises(ConfigError, match=r"fidelity.configs" + message):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_fidelity_rows_are_labelled_with_the_settings_in_effect(tmp_path):
+    from vitcrs.fidelity.cli import configurations
+
+    entry = "{targets: lean_block, ratio: 0.3, prob: norm_grad}"
+    (config,) = configurations(_fidelity_cfg(tmp_path, f"fidelity.configs=[{entry}]"))
+    assert config.prob == "norm" and config.label == "wta_crs 0.3 lean_block norm"  # it draws by ‖g‖·‖x‖
+
+
+def test_fidelity_help_lists_only_the_groups_it_composes(capsys, monkeypatch):
+    import sys
+
+    from vitcrs.fidelity.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["vitcrs.fidelity", "--help"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    groups = {line.split("=")[0]: line.split("=")[1].split("|") for line in text.splitlines()
+              if re.match(r"^\w+=\w", line)}  # fmt: skip
+    options = {g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")) for g in ("dataset", "model")}
+    assert groups == options  # each group the meter composes, with every option it has
+    assert "trainer:" not in text and "experiment:" not in text and "crs: " not in text
