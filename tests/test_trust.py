@@ -461,3 +461,20 @@ def test_fidelity_help_lists_only_the_groups_it_composes(capsys, monkeypatch):
     options = {g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")) for g in ("dataset", "model")}
     assert groups == options  # each group the meter composes, with every option it has
     assert "trainer:" not in text and "experiment:" not in text and "crs: " not in text
+
+
+def test_a_checkpoint_state_cannot_make_the_run_delete_files_outside_its_checkpoint_dir(tmp_path):
+    """Checkpoint selection deletes the former best checkpoint named by the resumed checkpoint's state: a
+    path that leaves the checkpoint dir (`<dir>/../..`, which passes Lightning's own test) is not deleted."""
+    from types import SimpleNamespace
+
+    from vitcrs.callbacks import RunDirCheckpoint
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    selection = RunDirCheckpoint(dirpath=str(checkpoints), monitor="val/acc", mode="max", save_top_k=1)
+    trainer = SimpleNamespace(ckpt_path=None)
+    outside = str(checkpoints / ".." / ".." / "victim.txt")
+    assert not selection._should_remove_checkpoint(trainer, outside, str(checkpoints / "new.ckpt"))
+    inside = str(checkpoints / "best-epoch00.ckpt")
+    assert selection._should_remove_checkpoint(trainer, inside, str(checkpoints / "new.ckpt"))
