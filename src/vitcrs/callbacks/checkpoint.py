@@ -50,7 +50,6 @@ class RunDirCheckpoint(ModelCheckpoint):
             state_dict = _rerooted(state_dict, old, new)
         super().load_state_dict(state_dict)
 
-
     def _should_remove_checkpoint(self, trainer: Trainer, previous: str, current: str) -> bool:
         if not super()._should_remove_checkpoint(trainer, previous, current) or self.dirpath is None:
             return False
