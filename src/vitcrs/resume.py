@@ -82,7 +82,7 @@ def load_checkpoint(ckpt_path: str) -> dict[str, Any]:
     file is refused, and the message names the file and what it holds.
 
     A vitcrs checkpoint holds only what that unpickler admits by default (dicts, lists, strings, numbers,
-    tensors, torch's RNG states): no type needs allow-listing (`tests/test_resume.py` checks a checkpoint of
+    tensors, torch's RNG states): no type needs allow-listing (`tests/test_trust.py` checks a checkpoint of
     every CRS state kind), so anything else is refused. Lightning's own load (`trainer.fit`/`trainer.test`
     with `weights_only=True`) uses the same unpickler.
     """

@@ -70,8 +70,8 @@ def describe_run(
     recorded alike. The settings that depend on the trainer (precision, world size, effective batch) are
     filled in by `MetricsFile.attach`."""
     if crs is None:
-        settings = OmegaConf.to_container(cfg.crs, resolve=True)
-        crs = CRSConfig.from_settings(settings, cfg.model.attn_implementation).in_effect()  # type: ignore[arg-type]
+        node = OmegaConf.to_container(cfg.crs, resolve=True)
+        crs = CRSConfig.from_settings(node, cfg.model.attn_implementation).in_effect()  # type: ignore[arg-type]
     model_choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
     settings = {
         "model": cfg.model.name_or_path or model_choice or "random-init",
