@@ -53,13 +53,22 @@ def _first_moments(ckpt: dict) -> torch.Tensor:
     return torch.cat([state[i]["exp_avg"].flatten() for i in sorted(state)])
 
 
+# Whole validation (205 images) and test (511) splits, which do not divide by 2.
+EVAL_ALL = ["trainer.limit_val_batches=null", "trainer.limit_test_batches=null", "data.source.num_test=511"]
+
+
+def _counted_once(acc: float, images: int) -> bool:
+    """Whether `acc` is a count of `images` (a split counted with padding gives k / (images + 1) instead)."""
+    return abs(acc * images - round(acc * images)) < 1e-6 * images
+
+
 @pytest.mark.timeout(2 * DDP_TIMEOUT_S + 60)
 def test_two_processes_take_the_same_step_as_one_with_their_joint_batch(run_train, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    run_train(*ONE_STEP, "data.batch_size=32", f"hydra.run.dir={single}", cwd=tmp_path)
+    run_train(*ONE_STEP, *EVAL_ALL, "data.batch_size=32", f"hydra.run.dir={single}", cwd=tmp_path)
     # The gradient-fidelity callback is on in the data-parallel run: its all-reduce of the exact gradient must
     # meet the other rank's, must leave the step untouched, and at ratio 1 it finds the gradient exact.
-    run_train(*ONE_STEP, *DDP, "data.batch_size=16", "callbacks.grad_fidelity.every_n_steps=1",
+    run_train(*ONE_STEP, *EVAL_ALL, *DDP, "data.batch_size=16", "callbacks.grad_fidelity.every_n_steps=1",
               f"hydra.run.dir={ddp}", cwd=tmp_path, timeout=DDP_TIMEOUT_S)  # fmt: skip
 
     # One record, one config, one set of logs and checkpoints: written by rank 0 only.
@@ -77,6 +86,10 @@ def test_two_processes_take_the_same_step_as_one_with_their_joint_batch(run_trai
     s = json.loads((single / "metrics.json").read_text())
     assert s["world_size"] == 1 and "world_size" not in s["settings"]
     assert s["fidelity_rel_err"] is None  # off by default
+    # Validation and test count every image once over the two ranks (205 and 511 do not divide by 2), as
+    # the single process does: the same weights, the same accuracies.
+    assert _counted_once(m["val_acc"], 205) and _counted_once(m["test_acc"], 511)
+    assert abs(m["test_acc"] - s["test_acc"]) <= 1 / 511 and abs(m["val_acc"] - s["val_acc"]) <= 1 / 205
 
     # The averaged gradient of 2 x 16 images equals the gradient of the 32: same Adam moments, same weights.
     a, b = _ckpt(single), _ckpt(ddp)

@@ -221,6 +221,10 @@ ADDED_KEYS = {
     "+foo=1": ("at the top level", "seed"),
     "+optim.momentum=0.9": ("under optim", "weight_decay"),
     "+model.config.hiden_size=8": ("under model.config", "hidden_size"),
+    # `++` sets a key where there is one, else adds it: a typo is refused as with `+`
+    "++foo=1": ("at the top level", "seed"),
+    "++model.config.hidden_dropout=0.1": ("under model.config", "hidden_size"),
+    "++optim.momentum=0.9": ("under optim", "weight_decay"),
 }
 
 
@@ -252,8 +256,15 @@ def test_keys_added_where_their_reader_checks_them_are_let_through(compose_cfg):
         "+callbacks.fault.kill_at_step=3",
         "+model.config.qkv_bias=false",
         "+data.batch_indices=true",  # a VisionDataModule argument
+        # `++` on keys the configuration has (one of them ??? until set), or where `+` may add one
+        "++trainer.max_epochs=2",
+        "++crs.ratio=0.5",
+        "++seed=3",
+        "++model.name_or_path=/some/vit",
+        "++model.config.qkv_bias=true",
+        "++trainer.accumulate_grad_batches=2",
     ]
-    cfg = compose_cfg("experiment=demo", *added)
+    cfg = compose_cfg("experiment=study_tiny", *added)
     check_added_keys(cfg, added)
     # ... but one the app sets itself is refused by its owner, rather than silently overridden
     with pytest.raises(ConfigError, match=r"data.batch_indices is set by vitcrs itself.*sample_cache"):

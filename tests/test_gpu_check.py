@@ -36,7 +36,7 @@ def test_dry_run_writes_every_step_result_and_the_summary(tmp_path):
         ["setup", "smoke", "bench_eager_fp32", "bench_sdpa_bf16", "train", "report"], "ok"
     )
     assert status["tests"] in ("ok", "skipped")  # on CPU the CUDA tests are collected and skipped
-    assert status["fidelity"] in ("ok", "skipped", "failed")  # optional: exists only with issue 10's meter
+    assert status["fidelity"] == "ok"  # its settings fit the dry payload's 43 training images
 
     smoke = json.loads((out / "smoke/smoke.json").read_text())["cases"]
     assert {c["target_set"] for c in smoke} == set(BENCH_TARGET_SETS)
@@ -104,6 +104,40 @@ def test_a_crash_in_one_step_fails_that_step_and_the_rest_still_run(tmp_path, mo
     assert steps["train"]["status"] == "failed" and steps["train"]["note"] == "RuntimeError: boom"
     assert steps["report"]["status"] == "ok" and steps["smoke"]["status"] == NOT_RUN
     assert "RuntimeError: boom" in (tmp_path / "out/gpu_check.log").read_text()  # with its traceback
+
+
+def test_a_failed_fidelity_step_fails_the_check(tmp_path, monkeypatch):
+    """Every step that fails shows in the exit status, the fidelity meter's included."""
+    args = cli.parser().parse_args([str(tmp_path / "out"), "--dry-run", "--steps", "report,fidelity"])
+    check = cli.GPUCheck(args, make_plan(True, None, 10, 1, None), ["OUT"])
+    monkeypatch.setattr(check, "setup", lambda: (tmp_path, tmp_path))
+    monkeypatch.setattr(check, "report", lambda: check.finish(check.records["report"], "ok", 1.0))
+    monkeypatch.setattr(
+        check, "fidelity", lambda *a: check.finish(check.records["fidelity"], "failed", 1.0, "exit 2")
+    )
+    assert check.run({"report", "fidelity"}) == 1
+    assert "failed: fidelity" in (tmp_path / "out/gpu_check.log").read_text()
+
+
+def test_the_dry_run_fidelity_step_fits_its_payload(tmp_path, one_thread):
+    """The meter with the dry run's settings on the dry payload (43 training images) measures (in process:
+    the step's command without the process)."""
+    from hydra import compose, initialize_config_dir
+
+    from vitcrs.fidelity.cli import run
+    from vitcrs.gpu_check.fixtures import extract, write_dry_run_payload
+
+    payload = write_dry_run_payload(tmp_path / "payload")
+    tree = extract(payload.archive, tmp_path / "work")
+    overrides = make_plan(True, None, 10, 1, None).fidelity_overrides
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("fidelity", overrides=[
+            f"out_dir={tmp_path / 'out'}", "model=vit_tiny", f"model.name_or_path={payload.model}",
+            "dataset=imagefolder", f"data.root={tree}", *overrides,
+        ])  # fmt: skip
+    out = run(cfg)
+    results = json.loads((out / "fidelity.json").read_text())
+    assert len(results["configurations"]) == 3 and results["exact"]["batches"] == 2
 
 
 def test_bias_check_passes_unbiased_draws_and_flags_a_wrong_scale():

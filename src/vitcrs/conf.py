@@ -11,7 +11,9 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
@@ -61,16 +63,36 @@ def check_seed(seed: Any) -> None:
         raise ConfigError(f"seed={seed!r} is invalid: it must be an integer in [0, {MAX_SEED}], e.g. seed=1.")
 
 
-def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
-    """ConfigError for a `+key=value` override adding a key that nothing reads (it would be silently ignored).
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    """Whether `cfg` has the dotted `key` (also when its value is ??? or null)."""
+    parent, _, name = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return isinstance(node, DictConfig) and name in list(node.keys())  # `in node` is False for ??? values
+
+
+def compose_base(config_name: str, overrides: list[str]) -> DictConfig:
+    """`config_name` of conf/ composed with `overrides` (no Hydra node): in the running app's Hydra, else in
+    one initialised for this call."""
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name, overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name, overrides=overrides)
+
+
+def check_added_keys(cfg: DictConfig, overrides: list[str], config_name: str = "config") -> None:
+    """ConfigError for a `+key=value` or `++key=value` override adding a key that nothing reads (it would be
+    silently ignored).
 
     Allowed: config groups (`+experiment=...`), keys under ADDABLE_NODES, arguments of a node's `_target_`
-    (e.g. `+data.source.<argument>=...`), and ViTConfig fields under model.config. The message lists the keys
-    known where the new one was added.
+    (e.g. `+data.source.<argument>=...`), ViTConfig fields under model.config, and a `++key` that sets a key
+    the configuration has without it (`config_name` composed with the other overrides). The message lists the
+    keys known where the new one was added.
     """
     groups = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    for override in OverridesParser.create().parse_overrides(overrides):
-        if not override.is_add():  # `++key` may set a key that exists; only `+key` surely adds one
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    base: DictConfig | None = None  # the configuration without the `++key` overrides, composed when needed
+    for override in parsed:
+        if not (override.is_add() or override.is_force_add()):
             continue
         key = override.key_or_group
         if "/" in key or key in groups or key.split(".")[0] in ADDABLE_NODES:
@@ -78,6 +100,12 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
         parent, _, name = key.rpartition(".")
         if parent == "model.config" and hasattr(ViTConfig(), name):
             continue
+        if override.is_force_add():  # `++key` sets a key where there is one, else adds it as `+key` does
+            if base is None:
+                keys = [o for o in parsed if o.is_force_add() and o.key_or_group not in groups]
+                base = compose_base(config_name, [o.input_line for o in parsed if o not in keys])
+            if _has_key(base, key):
+                continue
         node = OmegaConf.select(cfg, parent) if parent else cfg
         known = {str(k) for k in node if k != name} if isinstance(node, DictConfig) else set()
         target = node.get("_target_") if isinstance(node, DictConfig) else None
@@ -87,15 +115,19 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
                 continue
         known.discard("_target_")
         where = f"under {parent}" if parent else "at the top level"
+        plus = "++" if override.is_force_add() else "+"
+        vit = " or use a ViTConfig field" if parent == "model.config" else ""
         raise ConfigError(
             f"{override.input_line}: vitcrs reads no key {key!r}, so it would be silently ignored. Known "
-            f"keys {where}: {', '.join(sorted(known))}. Fix the name (without the +, to change a known key)"
-            f"{' or use a ViTConfig field' if parent == 'model.config' else ''}, or drop it."
+            f"keys {where}: {', '.join(sorted(known))}. Fix the name (without the {plus}, to change a known "
+            f"key){vit}, or drop it."
         )
 
 
 def check_overrides(cfg: DictConfig) -> None:
-    """The checks of this module on a composed config: the seed, and (in a Hydra app) the `+key` additions."""
+    """The checks of this module on a composed config: the seed, and (in a Hydra app) the `+key` and `++key`
+    additions."""
     check_seed(cfg.seed)
     if HydraConfig.initialized():
-        check_added_keys(cfg, list(HydraConfig.get().overrides.task))
+        hydra = HydraConfig.get()
+        check_added_keys(cfg, list(hydra.overrides.task), hydra.job.config_name or "config")

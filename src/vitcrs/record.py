@@ -106,10 +106,12 @@ class RunRecord:
     versions: Annotated[dict[str, str] | None, "`vitcrs`, `torch`, `transformers`, `lightning`"] = None
     settings: Annotated[
         dict[str, Any] | None,
-        "`model`, `attn_implementation`, `precision`, `batch_size`, `max_epochs`, `lr`, `image_size`, "
-        "`method`, `targets`, `prob`, `limit_train` (and `world_size` above 1; `crs_before_resume`, the crs "
-        "settings of a checkpoint resumed with `allow_crs_change=true`): runs are compared only when these "
-        "match",
+        "`model`, `attn_implementation`, `precision` (as run: `16-mixed` on a CPU runs `bf16-mixed`), "
+        "`batch_size` (per process), `max_epochs`, `lr`, `image_size`, `method`, `targets`, `prob` (as in "
+        "effect: `norm` where no target draws by it), `limit_train` (and `world_size` above 1; "
+        "`effective_batch_size`, batch_size x accumulate_grad_batches x world_size, where it differs from "
+        "batch_size; `crs_before_resume`, the crs settings of a checkpoint resumed with "
+        "`allow_crs_change=true`): runs are compared only when these match",
     ] = None
     run_dir: Annotated[str | None, "absolute path of the run directory"] = None
     error: Annotated[

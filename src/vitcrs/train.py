@@ -33,30 +33,39 @@ from vitcrs.errors import ConfigError
 from vitcrs.models import (
     OptimConfig,
     ViTClassifier,
+    check_architecture,
     check_attn_implementation,
     load_vit_config,
     model_inputs,
     parameter_shapes,
 )
 from vitcrs.record import METRICS_FILE
-from vitcrs.resume import check_resume, last_checkpoint, resolve_ckpt_path
+from vitcrs.resume import (
+    check_resume,
+    check_resumed_settings,
+    last_checkpoint,
+    resolve_ckpt_path,
+    run_settings,
+)
 from vitcrs.run_dir import RunAlreadyComplete, RunDirInUse, RunDirLock, check_run_dir
-from vitcrs.trainer import build_trainer, check_trainer_length, quiet_known_warnings
+from vitcrs.trainer import build_trainer, check_trainer, quiet_known_warnings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Preflight:
-    """What `validate` found and built: the (unprepared) data module, the sampling and optimiser settings,
-    the checkpoint to resume from (None: a fresh start) and the crs settings it had where they differ
-    (allowed by allow_crs_change=true)."""
+    """What `validate` found and built: the (unprepared) data module, the sampling settings in effect and the
+    optimiser settings, the checkpoint to resume from (None: a fresh start), the crs settings it had where
+    they differ (allowed by allow_crs_change=true) and its settings that the resumed run must share
+    (`vitcrs.resume.checkpoint_settings`, compared once the trainer is built)."""
 
     datamodule: VisionDataModule
     crs: CRSConfig
     optim: OptimConfig
     ckpt_path: str | None
     crs_before_resume: dict[str, Any]
+    ckpt_settings: dict[str, Any]
 
 
 def build_datamodule(cfg: DictConfig, batch_indices: bool = False) -> VisionDataModule:
@@ -95,9 +104,11 @@ def validate(cfg: DictConfig) -> Preflight:
     """Check every setting without loading weights or data (ConfigError); nothing is written."""
     check_overrides(cfg)
     check_attn_implementation(cfg.model.attn_implementation)
-    crs = CRSConfig.from_settings(container(cfg.crs), cfg.model.attn_implementation)
+    # the settings in effect: those that change nothing at their defaults (`CRSConfig.in_effect`), so the
+    # model, its checkpoints and the record say what runs
+    crs = CRSConfig.from_settings(container(cfg.crs), cfg.model.attn_implementation).in_effect()
     optim = OptimConfig.from_settings(container(cfg.optim))
-    check_trainer_length(cfg.trainer)
+    check_trainer(cfg.trainer)
     trainer, fidelity = cfg.trainer, OmegaConf.select(cfg, "callbacks.grad_fidelity.every_n_steps")
     devices = trainer.get("devices", 1)
     processes = len(devices) if OmegaConf.is_list(devices) else devices if isinstance(devices, int) else 1
@@ -108,14 +119,16 @@ def validate(cfg: DictConfig) -> Preflight:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.run_dir)
     datamodule = build_datamodule(cfg, batch_indices=crs.prob == "sample_cache")
     vit = load_vit_config(cfg.model.name_or_path, datamodule.num_classes, container(cfg.model.config))
+    check_architecture(vit, datamodule.image_size)
     crs.check_sampled(vit, datamodule.image_size, datamodule.batch_size)
-    before, epochs_done = {}, None
+    resumed = None
     if ckpt_path is not None:
-        before, epochs_done = check_resume(
+        resumed = check_resume(
             ckpt_path, datamodule, parameter_shapes(vit), crs.to_dict(), bool(cfg.allow_crs_change)
         )
-    check_run_dir(cfg.run_dir, epochs_done, cfg.trainer.max_epochs)
-    return Preflight(datamodule, crs, optim, ckpt_path, before)
+    check_run_dir(cfg.run_dir, resumed.epochs if resumed else None, cfg.trainer.max_epochs)
+    before, settings = (resumed.crs_before, resumed.settings) if resumed else ({}, {})
+    return Preflight(datamodule, crs, optim, ckpt_path, before, settings)
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -124,9 +137,15 @@ def train(cfg: DictConfig) -> float | None:
     run = validate(cfg)
     datamodule, run_dir = run.datamodule, Path(cfg.run_dir)
     seed_everything(cfg.seed, workers=True, verbose=False)
-    metrics = MetricsFile(run_dir / METRICS_FILE, describe_run(cfg, datamodule, run.crs_before_resume))
+    record = describe_run(cfg, datamodule, run.crs_before_resume, run.crs)
+    metrics = MetricsFile(run_dir / METRICS_FILE, record)
     on_sigterm = CheckpointOnSigterm(last_checkpoint(run_dir))  # before metrics: see its docstring
     trainer, loggers = build_trainer(cfg, [on_sigterm, metrics])
+    # What must match a resumed checkpoint: checked now that the trainer (precision, processes) is known,
+    # still before anything is written; kept in this run's checkpoints for the next resume.
+    metrics.resume_settings = run_settings(cfg, datamodule, run.optim, trainer)
+    if run.ckpt_path is not None:
+        check_resumed_settings(run.ckpt_path, run.ckpt_settings, metrics.resume_settings)
     metrics.attach(trainer)
     # One run per run dir, from its first write on: rank 0 holds the lock until it returns (the other ranks
     # write nothing themselves).
@@ -158,13 +177,16 @@ def train(cfg: DictConfig) -> float | None:
             seed=cfg.seed,
             image_size=datamodule.image_size,
         )
-        trainer.fit(model, datamodule=datamodule, ckpt_path=run.ckpt_path)
+        # weights_only: checkpoints are unpickled by torch's weights-only unpickler, never run (vitcrs.resume)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=run.ckpt_path, weights_only=True)
         # The checkpoint callback that selects on a metric (step_checkpoint only keeps last.ckpt).
         selector = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)), None)
         best = selector.best_model_path if selector is not None else ""
         if not best:
             log.warning("no best checkpoint was saved: testing the final weights")
-        results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        results = trainer.test(
+            model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True
+        )
         score = selector.best_model_score if best else None  # of the checkpoint just tested
         metrics.finish(
             test_acc=float(results[0]["test/acc"]),

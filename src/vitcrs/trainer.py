@@ -8,6 +8,7 @@ import math
 import warnings
 from typing import Any
 
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.strategies.launchers.subprocess_script import (
@@ -42,6 +43,31 @@ def check_trainer_length(trainer: DictConfig) -> None:
         )
 
 
+def check_trainer(trainer: DictConfig) -> None:
+    """ConfigError for trainer settings that would train nothing (`check_trainer_length`), that Lightning
+    would take to mean something else than the record says (a gradient_clip_val <= 0 turns clipping off), or
+    that cannot run here (a GPU accelerator without a GPU): each names the key and the fix."""
+    check_trainer_length(trainer)
+    clip = trainer.get("gradient_clip_val")
+    number = isinstance(clip, int | float) and not isinstance(clip, bool)
+    if clip is not None and not (number and math.isfinite(clip) and clip > 0):
+        raise ConfigError(
+            f"trainer.gradient_clip_val={clip!r} is invalid: it must be a number > 0 (the largest gradient "
+            "norm kept) or null (no clipping); Lightning would take it to mean no clipping. Fix: e.g. "
+            "trainer.gradient_clip_val=1.0, or trainer.gradient_clip_val=null to train without clipping."
+        )
+    accelerator = trainer.get("accelerator")
+    mps = getattr(torch.backends, "mps", None)
+    gpu = torch.cuda.is_available() or (accelerator == "gpu" and mps is not None and mps.is_available())
+    if accelerator in ("gpu", "cuda") and not gpu:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator!r}: torch sees no GPU here (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda or 'none'}). Fix: trainer.accelerator=cpu (or auto, which takes "
+            "a GPU when there is one), e.g. trainer=cpu; for a GPU, run on a machine with one and a CUDA "
+            "build of torch."
+        )
+
+
 def _instantiate_all(node: DictConfig | None) -> list[Any]:
     """Instantiate each non-null entry of a name -> config mapping, in order."""
     return [instantiate(c) for c in (node or {}).values() if c is not None]
@@ -56,6 +82,8 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback]) -> tuple[Tra
         trainer = instantiate(cfg.trainer, callbacks=[*callbacks, *extra_callbacks], logger=loggers or False)
     except (InstantiationException, MisconfigurationException) as err:
         cause = err.__cause__ or err
+        if isinstance(cause, ConfigError):  # a check of vitcrs's own (a callback's setting): as it is
+            raise ConfigError(str(cause)) from err
         raise ConfigError(
             f"trainer/callbacks/logger settings are refused by Lightning: {type(cause).__name__}: {cause}"
         ) from err
@@ -102,9 +130,6 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     # Lightning's model summary cannot size bf16/fp16 weights and says so on every mixed-precision run.
     warnings.filterwarnings("ignore", message=r".*is not supported by the model summary.*")
-    # Data parallel: val/test are sharded with DistributedSampler, which repeats a few images when a split
-    # does not divide by the world size (CIFAR's 5000/10000 divide by 2, 4 and 8); see docs/scaling.md.
-    warnings.filterwarnings("ignore", message=r".*it is recommended to use `Trainer\(devices=1, num_nodes=1")
     # Lightning's advertisement for its cloud logger, printed by every Trainer.
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DROP_LITLOGGER_TIP)

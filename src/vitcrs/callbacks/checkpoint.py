@@ -20,6 +20,10 @@ class RunDirCheckpoint(ModelCheckpoint):
     re-rooted from the saved `dirpath` to this one's, so selection goes on with the run's own files (plain
     ModelCheckpoint keeps only best_model_path, pointing at the old location, and tests that file). Resuming
     into another run dir leaves the state as Lightning does.
+
+    The files it deletes (a former best or last checkpoint) must lie in its checkpoint dir once resolved: the
+    paths come from a checkpoint's state, which someone else may have written (`<dir>/../..` passes
+    Lightning's own test).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -45,6 +49,11 @@ class RunDirCheckpoint(ModelCheckpoint):
         if old and new and old != new and resumed_here:
             state_dict = _rerooted(state_dict, old, new)
         super().load_state_dict(state_dict)
+
+    def _should_remove_checkpoint(self, trainer: Trainer, previous: str, current: str) -> bool:
+        if not super()._should_remove_checkpoint(trainer, previous, current) or self.dirpath is None:
+            return False
+        return Path(self.dirpath).resolve() in Path(previous).resolve().parents
 
 
 def _rerooted(state: dict[str, Any], old: str, new: str) -> dict[str, Any]:

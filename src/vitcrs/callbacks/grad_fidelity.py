@@ -39,7 +39,7 @@ class GradFidelityMonitor(Callback):
 
     def __init__(self, every_n_steps: int = 0) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"callbacks.grad_fidelity.every_n_steps={every_n_steps!r} is invalid: it must be an integer "
                 ">= 0 (0: off), e.g. callbacks.grad_fidelity.every_n_steps=50."
             )

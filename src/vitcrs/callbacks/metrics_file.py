@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 import vitcrs
+from vitcrs.crs import CRSConfig
 from vitcrs.errors import ConfigError
 from vitcrs.record import METRICS_FILE, STATUSES, RunRecord
 
@@ -58,11 +59,19 @@ def describe_device(device: torch.device) -> str:
 
 
 def describe_run(
-    cfg: DictConfig, datamodule: Any, crs_before_resume: dict[str, Any] | None = None
+    cfg: DictConfig,
+    datamodule: Any,
+    crs_before_resume: dict[str, Any] | None = None,
+    crs: CRSConfig | None = None,
 ) -> RunRecord:
     """The fields of metrics.json known before training; `crs_before_resume`: the crs settings a resumed
-    checkpoint had where they differ (allow_crs_change=true), recorded under settings."""
-    crs = cfg.crs
+    checkpoint had where they differ (allow_crs_change=true), recorded under settings. `crs`: the sampling
+    settings that run (`CRSConfig.in_effect`; default: those of cfg.crs), so that runs that sample alike are
+    recorded alike. The settings that depend on the trainer (precision, world size, effective batch) are
+    filled in by `MetricsFile.attach`."""
+    if crs is None:
+        node = OmegaConf.to_container(cfg.crs, resolve=True)
+        crs = CRSConfig.from_settings(node, cfg.model.attn_implementation).in_effect()  # type: ignore[arg-type]
     model_choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
     settings = {
         "model": cfg.model.name_or_path or model_choice or "random-init",
@@ -148,6 +157,9 @@ class MetricsFile(Callback):
     gradient-fidelity means from a `GradFidelityMonitor`; wall_time_s runs
     from fit start to `finish` (summed over resumed segments); world_size is the number of data-parallel
     processes. Only global rank 0 writes (once a trainer is known: `attach` or fit start).
+    A ConfigError (a refused setting) before this launch first wrote the file leaves it as it was: a resumed
+    run's record is the earlier launch's until fit start.
+    `resume_settings` (`vitcrs.resume.run_settings`) go into checkpoints, for the next resume to compare.
     """
 
     def __init__(self, path: str | os.PathLike, record: RunRecord, monitor: str = "val/acc") -> None:
@@ -158,6 +170,8 @@ class MetricsFile(Callback):
         self._start: float | None = None
         self._earlier_s = 0.0
         self._restored: dict[str, Any] | None = None
+        self._written = False  # whether this launch has written the file
+        self.resume_settings: dict[str, Any] = {}
 
     # -- writing ---------------------------------------------------------------------------------------
     def write(self, status: str, **fields: Any) -> None:
@@ -176,6 +190,7 @@ class MetricsFile(Callback):
         if self._start is not None:
             self.record.wall_time_s = self._earlier_s + time.perf_counter() - self._start
         write_json_atomic(self.path, self.record.to_json())
+        self._written = True
 
     def finish(
         self, test_acc: float | None, val_acc: float | None = None, sample_cache: dict[str, Any] | None = None
@@ -187,8 +202,11 @@ class MetricsFile(Callback):
 
     def fail(self, error: BaseException) -> None:
         """Mark the run failed, naming the error, or interrupted (SIGTERM), saying how to resume; a run
-        already marked keeps its first mark."""
+        already marked keeps its first mark, and a refused setting (ConfigError) leaves a record this launch
+        has not written yet (a resumed run's) as it was."""
         if self.record.status in ("failed", "interrupted"):
+            return
+        if isinstance(error, ConfigError) and not self._written:
             return
         if isinstance(error, SIGTERMException):
             trainer, last = self._trainer, self.path.parent / "checkpoints" / "last.ckpt"
@@ -202,12 +220,22 @@ class MetricsFile(Callback):
 
     def attach(self, trainer: Trainer) -> None:
         """Know the trainer before fitting, so that only global rank 0 writes even an early failure; records
-        its world size (also under settings when above 1: a different global batch, so runs compare only
-        with the same world size)."""
+        what it runs: its precision (Lightning runs a 16-mixed request on a CPU as bf16-mixed), its world size
+        (also under settings when above 1) and, when it differs from the batch size, the effective batch
+        (batch size x accumulate_grad_batches x world size): runs compare only with the same."""
         self._trainer = trainer
         self.record.world_size = trainer.world_size
-        if trainer.world_size > 1 and self.record.settings is not None:
-            self.record.settings["world_size"] = trainer.world_size
+        settings = self.record.settings
+        if settings is None:
+            return
+        settings["precision"] = str(trainer.precision)
+        if trainer.world_size > 1:
+            settings["world_size"] = trainer.world_size
+        batch = settings.get("batch_size")
+        if isinstance(batch, int):
+            effective = batch * int(trainer.accumulate_grad_batches) * trainer.world_size
+            if effective != batch:
+                settings["effective_batch_size"] = effective
 
     def keep_earlier_segment(self, loggers: list[Logger]) -> None:
         """Before a resumed run rewrites them: move each CSVLogger's metrics.csv aside to
@@ -262,6 +290,7 @@ class MetricsFile(Callback):
             "val_acc": self.record.val_acc,
             "epochs": epochs,
             "wall_time_s": self._earlier_s + elapsed,
+            "settings": dict(self.resume_settings),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from vitcrs.errors import ConfigError
 
-from .targets import MATMUL_TARGETS, validate_targets
+from .targets import ALL_TARGETS, MATMUL_TARGETS, validate_targets
 
 METHODS = ("crs", "wta_crs")
 PROBS = ("norm", "norm_grad", "sample_cache")
 GRAD_PROBS = ("norm_grad", "sample_cache")  # the probabilities that use output-gradient norms
 CACHE_FORMATS = ("bfloat16", "uint8")
 CACHE_WARMUPS = ("norm", "exact")
+CACHE_FIELDS = ("cache_format", "cache_warmup", "cache_in_checkpoint")  # read with prob="sample_cache" only
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,9 @@ class CRSConfig:
         attention half's output in backward (one more linear and attention forward per block). False halves
         the kept activations; under activation checkpointing the lean block keeps x alone either way.
     targets: the ops sampled in every block: names of `vitcrs.crs.targets.KNOWN_TARGETS` (checked by
-        `validate_targets`), e.g. a named set of `TARGET_SETS`; default "lean_block" alone (the whole block as
-        one op keeping only its residual stream; every activation gradient exact).
+        `validate_targets`, kept in its canonical order without repeats), e.g. a named set of `TARGET_SETS`;
+        default "lean_block" alone (the whole block as one op keeping only its residual stream; every
+        activation gradient exact).
     """
 
     ratio: float = 1.0
@@ -68,8 +70,7 @@ class CRSConfig:
             raise ValueError(
                 f"crs.targets={targets!r} is invalid: it must be a list of names, e.g. [query,key]."
             )
-        object.__setattr__(self, "targets", tuple(targets))
-        validate_targets(self.targets, None)
+        object.__setattr__(self, "targets", validate_targets(targets, None))  # canonical order, no repeats
         r = self.ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 < float(r) <= 1.0):
             raise ValueError(
@@ -102,6 +103,21 @@ class CRSConfig:
     def num_samples(self, n: int) -> int:
         """k for a contraction of length n: max(min_k, ceil(ratio · n)), at most n."""
         return min(n, max(self.min_k, math.ceil(float(self.ratio) * n - 1e-9)))
+
+    def in_effect(self) -> CRSConfig:
+        """These settings with those that change nothing at their defaults, so that runs that sample alike are
+        configured and recorded alike: prob, grad_ema and cache_* when no target draws by `prob` ("mlp" and
+        "lean_block" draw with p ∝ ‖g‖·‖x‖ whatever it says), grad_ema with prob="norm", cache_* unless
+        prob="sample_cache", keep_mid without "lean_block". ratio, method, min_k and targets stay as they are."""
+        unused = set()
+        if not set(self.targets) & set(ALL_TARGETS):
+            unused = {"prob", "grad_ema", *CACHE_FIELDS}
+        elif self.prob != "sample_cache":
+            unused = {*CACHE_FIELDS, *(("grad_ema",) if self.prob == "norm" else ())}
+        if "lean_block" not in self.targets:
+            unused.add("keep_mid")
+        default = CRSConfig()
+        return replace(self, **{k: getattr(default, k) for k in unused})
 
     def to_dict(self) -> dict:
         """The `crs` config node of these settings (targets as a list)."""

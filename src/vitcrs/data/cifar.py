@@ -8,6 +8,7 @@ where the files must be. :class:`CifarSource` is the source of ``dataset=cifar10
 
 from __future__ import annotations
 
+import _codecs
 import hashlib
 import os
 import pickle
@@ -18,7 +19,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -226,10 +227,57 @@ def extract(spec: CifarSpec, root: Path) -> None:
         raise _unreadable(spec, path, e) from e
 
 
+def _pickle_globals() -> dict[tuple[str, str], Any]:
+    """What a CIFAR batch's pickle may name beyond plain data: numpy arrays (ndarray, dtype, numpy's array and
+    scalar reconstructors under numpy 1's and numpy 2's module names) and `_codecs.encode` (how protocol 2
+    writes bytes). Each only builds a value; none runs code given by the file."""
+    reconstruct = np.ndarray((0,), np.uint8).__reduce__()[0]
+    scalar = np.int64(0).__reduce__()[0]
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _codecs.encode,
+    }
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = reconstruct
+        allowed[(module, "scalar")] = scalar
+    return allowed
+
+
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle named a Python object that `CifarUnpickler` does not admit (`name`: module.qualname)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{name} is not allowed in a CIFAR batch")
+        self.name = name
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler that admits only what CIFAR batches hold: dicts, lists, strings, bytes, numbers and numpy
+    arrays (`_pickle_globals`). Any other class or function the pickle names raises ForbiddenGlobal before it
+    is called, so a file cannot run code however it was built (`data.source.verify_checksum=false`)."""
+
+    _allowed = _pickle_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self._allowed.get((module, name))
+        if found is None:
+            raise ForbiddenGlobal(f"{module}.{name}")
+        return found
+
+
 def _load_pickle(f: IO[bytes], path: Path, spec: CifarSpec, root: Path, damaged: Path) -> dict:
-    """The dict pickled in `f` (read from `path`); a ConfigError says to delete `damaged` when it is not."""
+    """The dict pickled in `f` (read from `path`) by `CifarUnpickler`; a ConfigError names a file that holds
+    anything else than plain data and numpy arrays, and says to delete `damaged` when it is unreadable."""
     try:
-        entry = pickle.load(f, encoding="latin1")
+        entry = CifarUnpickler(f, encoding="latin1").load()
+    except ForbiddenGlobal as e:
+        raise ConfigError(
+            f"data.root: {path} was not loaded: its pickle holds {e.name}, which no {spec.title} batch holds "
+            "(only dicts, lists, strings, numbers and numpy arrays), and unpickling it could run code from "
+            f"the file. Fix: replace the archive with the official one ({_where_to_put(spec, root)}), or "
+            "rebuild it from plain data."
+        ) from None
     except Exception as e:  # UnpicklingError, EOFError (truncated), ValueError, ...
         raise ConfigError(
             f"data.root: {path} is not a readable {spec.title} pickle ({type(e).__name__}: {e}); "
@@ -319,7 +367,8 @@ class CifarSource(DataSource):
             ``coarse_labels``).
         download: fetch a missing archive into the data root with torchvision.
         verify_checksum: compare the files with torchvision's md5 table; ``False`` loads locally built
-            archives (their pickles are then read by `check` to catch damage).
+            archives (their pickles are then read by `check` to catch damage). Either way the pickles are
+            read by `CifarUnpickler`, which admits only plain data and numpy arrays: no file runs code.
     """
 
     def __init__(

@@ -29,6 +29,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from vitcrs.data.cifar import resolve_root
@@ -247,13 +248,28 @@ class VisionDataModule(L.LightningDataModule):
         self._train_loader = loader
         return loader
 
-    def _eval_loader(self, dataset: ImageTensorDataset | None) -> DataLoader:
+    def _eval_loader(self, dataset: ImageTensorDataset | None, split: str) -> DataLoader:
+        """A loader of `dataset` in order; under data parallelism this rank's share, every image on exactly
+        one rank (none repeated to even the ranks out: the accuracy, summed over ranks, counts each image
+        once)."""
         self.setup()
         assert dataset is not None
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = None
+        if world > 1:
+            if 0 < len(dataset) < world:
+                raise ConfigError(
+                    f"the {split} split has {len(dataset)} images, fewer than the {world} data-parallel "
+                    "processes: each needs at least one. Fix: fewer processes (trainer.devices), or a larger "
+                    f"split{' (data.val_fraction)' if split == 'validation' else ''}."
+                )
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=False,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=BatchCollate(augment=False),
             pin_memory=torch.cuda.is_available(),
@@ -261,10 +277,10 @@ class VisionDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_dataset)
+        return self._eval_loader(self.val_dataset, "validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_dataset)
+        return self._eval_loader(self.test_dataset, "test")
 
     def state_dict(self) -> dict[str, Any]:
         """The training loader's position (Lightning stores it in every checkpoint)."""

@@ -85,7 +85,8 @@ def list_split(root: Path, split: str, classes: list[str]) -> list[tuple[os.DirE
 
 
 def check(root: Path) -> dict[str, list[tuple[os.DirEntry, int]]]:
-    """Validate the tree without decoding: both splits, same class folders, images in each train class."""
+    """Validate the tree without decoding: both splits, same class folders, images in each class of each
+    split."""
     return _checked(root)[1]
 
 
@@ -120,6 +121,15 @@ def _checked(root: Path) -> tuple[list[str], dict[str, list[tuple[os.DirEntry, i
         raise ConfigError(
             f"data.root={str(root)!r}: {test}/ has class folders but no images "
             f"(extensions {', '.join(IMAGE_EXTENSIONS)}). Fix: add the test images."
+        )
+    tested = {lab for _, lab in files["test"]}
+    untested = [name for label, name in enumerate(classes) if label not in tested]
+    if untested:
+        raise ConfigError(
+            f"data.root={str(root)!r}: test class folders without images ({', '.join(untested[:5])}"
+            f"{'...' if len(untested) > 5 else ''}): the test accuracy would cover "
+            f"{len(classes) - len(untested)} of the {len(classes)} classes. Fix: add test images to them "
+            f"(extensions {', '.join(IMAGE_EXTENSIONS)}), or remove those folders from train/ and test/."
         )
     return classes, files
 

@@ -35,7 +35,7 @@ import vitcrs
 from vitcrs.conf import CONF_DIR
 from vitcrs.crs import CRSConfig, target_set, validate_targets
 from vitcrs.errors import ConfigError
-from vitcrs.models import build_vit
+from vitcrs.models import build_vit, check_architecture, load_vit_config
 
 from .meter import Batch, Configuration, measure, passes_needed
 from .render import fidelity_markdown, number, write_plot
@@ -87,7 +87,9 @@ def configurations(cfg: DictConfig) -> list[Configuration]:
         try:
             targets = target_set(targets) if named else targets
             targets = validate_targets(targets, cfg.model.attn_implementation)
-            crs = CRSConfig(**{**entry, "targets": targets})  # the keys not given take CRSConfig's defaults
+            # the keys not given take CRSConfig's defaults; those that change nothing are put at theirs too
+            # (e.g. prob for the lean block), so each row is labelled with what it measures
+            crs = CRSConfig(**{**entry, "targets": targets}).in_effect()
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from err
         fields = {k: v for k, v in crs.to_dict().items() if k in CONFIG_KEYS}  # (the cache keys: defaults)
@@ -123,6 +125,17 @@ def validate(cfg: DictConfig) -> tuple[list[Configuration], torch.device]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"fidelity.device={name!r}: CUDA is not available here; use fidelity.device=cpu.")
     return configs, device
+
+
+def check_sampled(configs: list[Configuration], vit: Any, image_size: int, batch_size: int) -> None:
+    """ConfigError naming the `fidelity.configs` entry whose row would be exact yet labelled with its ratio
+    (no targets, or min_k keeping every pair):
+    `CRSConfig.check_sampled` for a ViT `vit` fed `batch_size` images of side `image_size`."""
+    for i, config in enumerate(configs):
+        try:
+            config.crs_config.check_sampled(vit, image_size, batch_size)
+        except ConfigError as err:
+            raise ConfigError(f"fidelity.configs[{i}] ({config.label}): {err}") from None
 
 
 def make_batches(datamodule: Any, count: int, seed: int, device: torch.device) -> list[Batch]:
@@ -175,6 +188,10 @@ def run(cfg: DictConfig) -> Path:
     quiet_known_warnings()
     configs, device = validate(cfg)
     datamodule = build_datamodule(cfg)
+    config = OmegaConf.to_container(cfg.model.config, resolve=True) if cfg.model.config is not None else None
+    vit = load_vit_config(cfg.model.name_or_path, datamodule.num_classes, config)  # type: ignore[arg-type]
+    check_architecture(vit, int(datamodule.image_size))
+    check_sampled(configs, vit, int(datamodule.image_size), int(datamodule.batch_size))
     f = cfg.fidelity
     batches = make_batches(datamodule, f.noise_batches + f.warmup_steps, cfg.seed, device)
     torch.manual_seed(cfg.seed)  # the fresh head

@@ -70,6 +70,7 @@ class Plan:
     bench_model: tuple[str, ...]  # model and run flags of python -m vitcrs.bench
     train_overrides: tuple[str, ...]  # besides experiment, model, data and seed
     train_seeds: int
+    fidelity_overrides: tuple[str, ...] = ()  # python -m vitcrs.fidelity: besides model and data
     train_configs: tuple[str, ...] = TRAIN_CONFIGS
     test_paths: tuple[str, ...] = ("tests",)  # what pytest -m cuda collects (relative to the repository)
     ratio: float = 0.3
@@ -122,6 +123,15 @@ def make_plan(
             "data.batch_size=8",
             "data.num_workers=0",
         )
+        # the dry payload has 43 training images: 2 noise batches of 8 fit (the defaults, 4 of 64, do not)
+        fidelity = (
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "fidelity.noise_batches=2",
+            "fidelity.draws=3",
+            "fidelity.prime_passes=1",
+            "fidelity.device=cpu",
+        )
     else:
         bench = (
             "--model",
@@ -140,6 +150,7 @@ def make_plan(
             f"trainer.max_epochs={epochs}",
             f"data.limit_train={train_images}",
         )
+        fidelity = ("fidelity.device=cuda",)
 
     return Plan(
         mode=mode,
@@ -148,6 +159,7 @@ def make_plan(
         bench_model=bench,
         train_overrides=(*train, "callbacks.progress_bar=null"),
         train_seeds=seeds if seeds is not None else (1 if dry_run else 3),
+        fidelity_overrides=fidelity,
         train_configs=configs,
         test_paths=("tests/test_crs.py",) if dry_run else ("tests",),  # the dry run: the file with CUDA tests
         bench_ratios="0.3" if dry_run else "0.5,0.3",

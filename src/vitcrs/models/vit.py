@@ -173,6 +173,31 @@ def load_vit_config(name_or_path: str | None, num_labels: int, config: dict | No
         raise _hub_error(name_or_path, err) from err
 
 
+def check_architecture(vit: ViTConfig, image_size: int) -> None:
+    """ConfigError for a ViT (`load_vit_config`) fed images of side `image_size` that Hugging Face would build
+    or run otherwise than configured, silently: a hidden size its heads do not divide (narrower attention),
+    or a side its patches do not tile (the border dropped)."""
+    hidden, heads = int(vit.hidden_size), int(vit.num_attention_heads)
+    if heads < 1 or hidden % heads:
+        width = heads * (hidden // heads) if heads >= 1 else 0
+        divisors = [h for h in range(1, hidden + 1) if hidden % h == 0] or [1]
+        divisor = min(divisors, key=lambda h: (abs(h - heads), h))  # the nearest head count that fits
+        raise ConfigError(
+            f"model.config.hidden_size={hidden} is not a multiple of model.config.num_attention_heads="
+            f"{heads}: each head would get hidden_size // num_attention_heads features, so attention would "
+            f"be {width} wide, not {hidden}. Fix: model.config.num_attention_heads={divisor} (or another "
+            "divisor of hidden_size), or a hidden_size that the heads divide."
+        )
+    patch = _side(vit.patch_size)
+    if image_size % patch:
+        raise ConfigError(
+            f"image side {image_size} (data.image_size, else model.config.image_size) is not a multiple of "
+            f"model.config.patch_size={patch}: the patch grid would drop the last {image_size % patch} "
+            f"pixels of every row and column. Fix: data.image_size={max(patch, image_size // patch * patch)} "
+            "(or another multiple of the patch size), or a patch size that divides the image side."
+        )
+
+
 def parameter_shapes(vit: ViTConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of each weight of `ViTForImageClassification(vit)` (built on the meta device)."""
     with torch.device("meta"):

@@ -3,7 +3,8 @@
 
 Reads every metrics.json under the given paths (searched recursively) and writes into one folder
 (default: reports/<timestamp> under the current directory): accuracy.md/.tex, memory.md/.tex, three PNG
-plots, results.json and index.md. Prints that folder's path, and nothing else, on stdout.
+plots, results.json and index.md. Prints that folder's path, and nothing else, on stdout. Exits 1 when no
+run is complete (the report, listing them, is written all the same), 2 when there is nothing to read.
 
 Runs are grouped by their settings (minus the swept keys dataset, label_type, ratio, seed; plus device and
 versions), one table section per group, so that runs that differ in anything else are never mixed in a
@@ -19,6 +20,7 @@ import argparse
 import json
 import shlex
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -85,6 +87,13 @@ def build_report(paths: Sequence[Path], out: Path | None = None, command: str | 
     reports/<timestamp> under the current directory) and return that folder. `command` is recorded in
     index.md. Each metrics.json that cannot be read, or lacks what a run needs, is named on stderr with
     the reason. Raises ConfigError for a missing path, an `out` that is a file, or no metrics.json at all."""
+    return _build(paths, out, command)[0]
+
+
+def _build(
+    paths: Sequence[Path], out: Path | None, command: str | None
+) -> tuple[Path, list[Run], list[Problem]]:
+    """`build_report`, returning the runs and problems read as well."""
     from vitcrs.report.plots import PLOT_FILES, write_plots  # matplotlib is imported only when plotting
 
     if out is not None and out.exists() and not out.is_dir():
@@ -119,11 +128,13 @@ def build_report(paths: Sequence[Path], out: Path | None = None, command: str | 
         now.isoformat(timespec="seconds"),
     )
     (out / "index.md").write_text(index, encoding="utf-8")
-    return out
+    return out, runs, problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 2 bad arguments or nothing to report)."""
+    """CLI entry point; returns the exit status: 0 when the report has a complete run, 1 when it was written
+    but has none (only failed, incomplete or unreadable runs: nothing measured to report), 2 for bad
+    arguments or no metrics.json at all."""
     parser = argparse.ArgumentParser(
         prog="python -m vitcrs.report",
         description="Accuracy and memory tables and plots from vitcrs runs' metrics.json files.",
@@ -141,9 +152,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("the following arguments are required: paths")
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        out = build_report(args.paths, args.out, "python -m vitcrs.report " + shlex.join(argv))
+        out, runs, problems = _build(args.paths, args.out, "python -m vitcrs.report " + shlex.join(argv))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(out)
+    if not any(r.status == "complete" and r.test_acc is not None for r in runs):
+        counts = Counter(r.status for r in runs)
+        found = [f"{n} {status}" for status, n in sorted(counts.items())]
+        found += [f"{len(problems)} unreadable or invalid"] if problems else []
+        print(
+            f"error: no usable run: none of the {len(runs) + len(problems)} metrics.json is a complete run "
+            f"with a test accuracy ({', '.join(found)}); the report in {out} lists them.",
+            file=sys.stderr,
+        )
+        return 1
     return 0

@@ -293,7 +293,7 @@ def read_run(path: Path) -> Run | Problem:
         raw_status=raw_status,
         dataset=dataset[0],
         label_type=dataset[1],
-        ratio=round(ratio, 6),
+        ratio=float(f"{ratio:.6g}"),  # 6 significant digits: 1e-9 stays 1e-9 (a label, not a 0)
         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
         test_acc=test_acc,
         val_acc=val_acc,
