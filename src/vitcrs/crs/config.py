@@ -108,7 +108,8 @@ class CRSConfig:
         """These settings with those that change nothing at their defaults, so that runs that sample alike are
         configured and recorded alike: prob, grad_ema and cache_* when no target draws by `prob` ("mlp" and
         "lean_block" draw with p ∝ ‖g‖·‖x‖ whatever it says), grad_ema with prob="norm", cache_* unless
-        prob="sample_cache", keep_mid without "lean_block". ratio, method, min_k and targets stay as they are."""
+        prob="sample_cache", keep_mid without "lean_block". ratio, method, min_k and targets stay as they
+        are."""
         unused = set()
         if not set(self.targets) & set(ALL_TARGETS):
             unused = {"prob", "grad_ema", *CACHE_FIELDS}
