@@ -1,11 +1,16 @@
 """Interleaved CPU step times of exact / lean-block / checkpointing variants of one ViT-B/16-shaped model.
 
 Every variant is built from the same weights and kept alive; each round times one training step (forward,
-loss, backward) of every variant in turn, so drift on a shared machine hits all alike. Reports the median wall
-time and the median process CPU time per step (the latter is less sensitive to other processes when run
-with one thread), and their ratios against exact and against checkpointing alone.
+loss, backward and, with --optimizer, the AdamW update) of every variant in turn, so drift on a shared machine
+hits all alike. Reports the median wall time and the median process CPU time per step (the latter is less
+sensitive to other processes when run with one thread), and their ratios against exact and against
+checkpointing alone.
 
     python scripts/lean_block_speed.py --attn eager --precision fp32 --layers 2 --batch-size 8 --rounds 4
+
+Variants (--variants, comma-separated), parts joined by "+": exact; lean@R (the lean block at ratio R);
+leanx@R (the lean block keeping its input alone, crs.keep_mid=false); ckpt (activation checkpointing);
+inbwd (the AdamW update inside backward, optim.in_backward; implies --optimizer for that variant).
 """
 
 from __future__ import annotations
@@ -21,21 +26,29 @@ from transformers import ViTConfig, ViTForImageClassification
 from transformers.utils import logging as hf_logging
 
 from vitcrs.crs import CRSConfig, inject
+from vitcrs.models.optim import AdamWInBackward, OptimConfig
 
 VARIANTS = ("exact", "lean@0.3", "lean@0.5", "leanx@0.3", "ckpt", "ckpt+lean@0.3")
 
 
-def build(base: ViTForImageClassification, name: str) -> ViTForImageClassification:
-    """`name`: "exact", "lean@R", "leanx@R" (the lean block keeping its input alone: crs.keep_mid=false),
-    "ckpt" or "ckpt+lean@R" (R the ratio)."""
+def build(base: ViTForImageClassification, name: str, optimizer: bool):
+    """The model of variant `name` (see the module docstring) and its AdamW (None without an update)."""
     model = copy.deepcopy(base)
-    for part in name.split("+"):
+    parts = name.split("+")
+    for part in parts:
         kind, _, ratio = part.partition("@")
         if kind in ("lean", "leanx"):
             inject(model, CRSConfig(ratio=float(ratio), keep_mid=kind == "lean"), ["lean_block"])
         elif part == "ckpt":
             model.activation_checkpointing_enable()
-    return model.train()
+    config = OptimConfig(lr=1e-5, in_backward="inbwd" in parts)
+    adamw = AdamWInBackward if config.in_backward else torch.optim.AdamW
+    opt = (
+        adamw(config.param_groups(model.parameters()), lr=config.lr)
+        if optimizer or config.in_backward
+        else None
+    )
+    return model.train(), opt
 
 
 def main() -> None:
@@ -47,6 +60,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--optimizer", action="store_true", help="time the AdamW update too (every variant)")
     args = p.parse_args()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
@@ -54,12 +68,15 @@ def main() -> None:
     config = ViTConfig(num_hidden_layers=args.layers, num_labels=10, attn_implementation=args.attn)
     base = ViTForImageClassification(config)
     x, y = torch.randn(args.batch_size, 3, 224, 224), torch.randint(0, 10, (args.batch_size,))
-    models = {name: build(base, name) for name in args.variants.split(",")}
+    models = {name: build(base, name, args.optimizer) for name in args.variants.split(",")}
 
-    def step(model: ViTForImageClassification) -> None:
+    def step(variant) -> None:
+        model, opt = variant
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             loss = F.cross_entropy(model(x).logits.float(), y)
         loss.backward()
+        if opt is not None:
+            opt.step()
         model.zero_grad(set_to_none=True)
 
     wall: dict[str, list[float]] = {k: [] for k in models}
@@ -76,7 +93,7 @@ def main() -> None:
     ref, ckpt = med[next(iter(models))], med.get("ckpt")
     print(
         f"{args.attn} {args.precision}, {args.layers} layers, batch {args.batch_size}, "
-        f"{args.threads} thread(s)"
+        f"{args.threads} thread(s){', AdamW update timed' if args.optimizer else ''}"
     )
     for name, (c, w) in med.items():
         vs_ckpt = f" | vs ckpt: cpu {ckpt[0] / c:.3f}x wall {ckpt[1] / w:.3f}x" if ckpt else ""
