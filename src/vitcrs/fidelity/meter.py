@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from vitcrs.crs import CRSConfig, attach_sample_cache, crs_state, inject, training_batch, uninjected
 from vitcrs.models.optim import OptimConfig
-from vitcrs.models.vit import vit_logits
+from vitcrs.models.hf import vit_logits
 
 from .metric import (
     EMBEDDINGS_BLOCK,

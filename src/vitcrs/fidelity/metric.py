@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from vitcrs.models.vit import HEAD_PREFIX
+from vitcrs.models.hf import HEAD_PREFIX
 
 # Columns of `parameter_sums`: ‖ĝ_i − g_i‖², ĝ_i·g_i, ‖ĝ_i‖², ‖g_i‖² per parameter i.
 SQ_ERR, DOT, SQ_SAMPLED, SQ_EXACT = range(4)

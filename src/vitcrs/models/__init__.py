@@ -2,7 +2,7 @@
 
 from .module import ViTClassifier
 from .optim import OptimConfig
-from .vit import (
+from .hf import (
     ATTN_IMPLEMENTATIONS,
     ModelInputs,
     build_vit,

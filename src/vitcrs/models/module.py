@@ -32,7 +32,7 @@ from vitcrs.crs import (
 from vitcrs.distributed import gather_objects
 
 from .optim import OptimConfig
-from .vit import build_vit, vit_logits
+from .hf import build_vit, vit_logits
 
 Batch = tuple[Tensor, ...]  # (images, labels); training with prob=sample_cache: (images, labels, indices)
 log = logging.getLogger(__name__)
