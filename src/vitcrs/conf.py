@@ -17,7 +17,6 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from transformers import ViTConfig
 
 from vitcrs.crs import CRSConfig, target_set
 from vitcrs.errors import ConfigError
@@ -65,8 +64,9 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
     """ConfigError for a `+key=value` override adding a key that nothing reads (it would be silently ignored).
 
     Allowed: config groups (`+experiment=...`), keys under ADDABLE_NODES, arguments of a node's `_target_`
-    (e.g. `+data.source.<argument>=...`), and ViTConfig fields under model.config. The message lists the keys
-    known where the new one was added.
+    (e.g. `+data.source.<argument>=...`), and the model family's architecture settings under model.config
+    (`ModelFamily.accepts_config_key`: ViTConfig fields, timm.create_model arguments). The message lists the
+    keys known where the new one was added.
     """
     groups = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     for override in OverridesParser.create().parse_overrides(overrides):
@@ -76,7 +76,7 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
         if "/" in key or key in groups or key.split(".")[0] in ADDABLE_NODES:
             continue
         parent, _, name = key.rpartition(".")
-        if parent == "model.config" and hasattr(ViTConfig(), name):
+        if parent == "model.config" and _family_config_key(cfg, name):
             continue
         node = OmegaConf.select(cfg, parent) if parent else cfg
         known = {str(k) for k in node if k != name} if isinstance(node, DictConfig) else set()
@@ -90,8 +90,16 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
         raise ConfigError(
             f"{override.input_line}: vitcrs reads no key {key!r}, so it would be silently ignored. Known "
             f"keys {where}: {', '.join(sorted(known))}. Fix the name (without the +, to change a known key)"
-            f"{' or use a ViTConfig field' if parent == 'model.config' else ''}, or drop it."
+            f"{' or use an architecture setting of model.family' if parent == 'model.config' else ''}, or "
+            "drop it."
         )
+
+
+def _family_config_key(cfg: DictConfig, name: str) -> bool:
+    """Whether `name` is an architecture setting (model.config.<name>) of cfg.model's family."""
+    from vitcrs.models import model_family  # here: composing configs (vitcrs.conf) needs no network code
+
+    return model_family(container(cfg.model)).accepts_config_key(name)
 
 
 def check_overrides(cfg: DictConfig) -> None:

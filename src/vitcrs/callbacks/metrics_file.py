@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import vitcrs
 from vitcrs.errors import ConfigError
+from vitcrs.models.registry import model_label
 from vitcrs.record import METRICS_FILE, STATUSES, RunRecord
 
 from .grad_fidelity import GradFidelityMonitor
@@ -65,8 +66,8 @@ def describe_run(
     crs = cfg.crs
     model_choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
     settings = {
-        "model": cfg.model.name_or_path or model_choice or "random-init",
-        "attn_implementation": cfg.model.attn_implementation,
+        "model": model_label(OmegaConf.to_container(cfg.model, resolve=True), model_choice),
+        "attn_implementation": cfg.model.get("attn_implementation", "eager"),
         "precision": str(cfg.trainer.precision),
         "batch_size": datamodule.batch_size,
         "max_epochs": cfg.trainer.max_epochs,

@@ -1,62 +1,48 @@
-"""Building the Hugging Face ViT: from a checkpoint with a fresh classifier head, or randomly initialised.
+"""The Hugging Face families: `hf_vit` (ViT), `hf_deit` (DeiT, one head or both with_teacher), `hf_dinov2`
+(DINOv2): from a checkpoint with a fresh classifier head, or randomly initialised from `model.config`.
 
-`model_inputs` reads what the data pipeline must match (image size, normalisation) without loading weights;
-`build_vit` loads the network. Both raise `ConfigError` naming `model.name_or_path` when the checkpoint cannot
-be found.
+They share the transformers machinery: `model_inputs` reads what the data pipeline must match (image size,
+normalisation) without loading weights; `load_vit_config` the architecture; `build_vit` loads the network
+(`from_pretrained`). Each raises `ConfigError` naming `model.name_or_path` when the checkpoint cannot be
+found.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
-from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification
+from torch import Tensor, nn
+from transformers import (
+    AutoImageProcessor,
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+    ViTConfig,
+    ViTForImageClassification,
+)
 from transformers.utils import is_flash_attn_2_available
 from transformers.utils import logging as hf_logging
 
 from vitcrs.errors import ConfigError
+
+from .family import ModelFamily, ModelInputs
 
 log = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 DEFAULT_MEAN_STD = (0.5, 0.5, 0.5)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-HEAD_PREFIX = "classifier."  # parameter names of the classifier head (re-initialised per task)
-
-
-@dataclass(frozen=True)
-class ModelInputs:
-    """What the network expects of its input: its square side in pixels (the checkpoint's), per-channel
-    normalisation, and the patch side (another input side must be a multiple of it)."""
-
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    patch_size: int = 16
-
-    def check_image_size(self, size: Any) -> None:
-        """ConfigError unless `size` (data.image_size) is a positive multiple of the patch side.
-
-        Another size than the checkpoint's is fine-tuned with interpolated position embeddings (Hugging
-        Face's `interpolate_pos_encoding`, `vit_logits`); the image must still cut into whole patches.
-        """
-        patch = self.patch_size
-        whole = isinstance(size, int) and not isinstance(size, bool)
-        if whole and size >= 1 and not size % patch:
-            return
-        below = max(patch, size // patch * patch) if whole else 0
-        example = f"data.image_size={below} or {below + patch}" if below else f"data.image_size={patch * 14}"
-        raise ConfigError(
-            f"data.image_size={size!r} is invalid: it must be a positive multiple of the model's patch size "
-            f"{patch} (the model cuts images into {patch}x{patch} patches; its checkpoint size is "
-            f"{self.image_size}). Fix: e.g. {example}, or data.image_size=null for the model's own size."
-        )
 
 
 def _side(size: Any) -> int:
@@ -116,34 +102,40 @@ def _hub_error(name_or_path: str, err: Exception) -> ConfigError:
     )
 
 
-def model_inputs(name_or_path: str | None, config: dict | None = None) -> ModelInputs:
+def model_inputs(
+    name_or_path: str | None, config: dict | None = None, config_class: type[PretrainedConfig] = ViTConfig
+) -> ModelInputs:
     """Image and patch size (from the model config), mean/std (preprocessor_config.json; 0.5 when absent).
 
-    Reads only small JSON files (from the Hub cache for Hub ids). `config` overrides, e.g. image_size, win.
+    Reads only small JSON files (from the Hub cache for Hub ids). `config` overrides, e.g. image_size, win;
+    `config_class`: the family's config (its defaults for random init).
     """
     if config is not None and not isinstance(config, dict):
         raise ConfigError(
-            f"model.config={config!r} is invalid: it must be a mapping of ViTConfig fields or null."
+            f"model.config={config!r} is invalid: it must be a mapping of {config_class.__name__} fields or "
+            "null."
         )
     config = dict(config or {})
+    defaults = config_class()
     if name_or_path is None:
         if not config:
             raise ConfigError(
                 "model.name_or_path is null and model.config is empty: give a checkpoint "
-                "(model.name_or_path=...) or the architecture of a random-init ViT (model.config)."
+                "(model.name_or_path=...) or the architecture of a random-init network (model.config)."
             )
-        patch = _side(config.get("patch_size", ViTConfig().patch_size))
-        return ModelInputs(_side(config.get("image_size", 224)), DEFAULT_MEAN_STD, DEFAULT_MEAN_STD, patch)
+        size = config.get("image_size", defaults.image_size)
+        patch = config.get("patch_size", defaults.patch_size)
+        return ModelInputs(_side(size), DEFAULT_MEAN_STD, DEFAULT_MEAN_STD, _side(patch))
     local = _local_dir(name_or_path)
     if local is not None:
         saved = json.loads((local / "config.json").read_text())
-        size = config.get("image_size", saved.get("image_size", 224))
-        patch = config.get("patch_size", saved.get("patch_size", 16))
+        size = config.get("image_size", saved.get("image_size", defaults.image_size))
+        patch = config.get("patch_size", saved.get("patch_size", defaults.patch_size))
         pre = local / "preprocessor_config.json"
         processor = json.loads(pre.read_text()) if pre.is_file() else {}
     else:
         try:
-            hub = ViTConfig.from_pretrained(name_or_path)
+            hub = config_class.from_pretrained(name_or_path)
         except OSError as err:
             raise _hub_error(name_or_path, err) from err
         size = config.get("image_size", hub.image_size)
@@ -160,24 +152,22 @@ def model_inputs(name_or_path: str | None, config: dict | None = None) -> ModelI
     return ModelInputs(_side(size), mean, std, _side(patch))
 
 
-def load_vit_config(name_or_path: str | None, num_labels: int, config: dict | None = None) -> ViTConfig:
-    """The ViTConfig `build_vit` would build (the checkpoint's config.json with `config` on top), read without
-    loading weights. Raises ConfigError as `model_inputs` does."""
+def load_vit_config(
+    name_or_path: str | None,
+    num_labels: int,
+    config: dict | None = None,
+    config_class: type[PretrainedConfig] = ViTConfig,
+) -> PretrainedConfig:
+    """The config `build_vit` would build (the checkpoint's config.json with `config` on top, as a
+    `config_class`), read without loading weights. Raises ConfigError as `model_inputs` does."""
     config = {**(config or {}), "num_labels": num_labels}
     if name_or_path is None:
-        return ViTConfig(**config)
+        return config_class(**config)
     local = _local_dir(name_or_path)
     try:
-        return ViTConfig.from_pretrained(str(local) if local is not None else name_or_path, **config)
+        return config_class.from_pretrained(str(local) if local is not None else name_or_path, **config)
     except OSError as err:
         raise _hub_error(name_or_path, err) from err
-
-
-def parameter_shapes(vit: ViTConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of each weight of `ViTForImageClassification(vit)` (built on the meta device)."""
-    with torch.device("meta"):
-        net = ViTForImageClassification(vit)
-    return {name: tuple(t.shape) for name, t in net.state_dict().items()}
 
 
 def build_vit(
@@ -186,12 +176,13 @@ def build_vit(
     attn_implementation: str = "eager",
     config: dict | None = None,
     class_names: list[str] | None = None,
-) -> ViTForImageClassification:
-    """A `ViTForImageClassification` with a fresh `num_labels`-way head.
+    model_class: type[PreTrainedModel] = ViTForImageClassification,
+) -> PreTrainedModel:
+    """A `model_class` (default `ViTForImageClassification`) with a fresh `num_labels`-way head.
 
     name_or_path: local checkpoint directory or Hub id; its encoder weights are loaded and the classifier is
-        re-initialised (`ignore_mismatched_sizes=True`). None: random init from `ViTConfig(**config)`.
-    config: ViTConfig fields; the architecture for random init, overrides (e.g. dropout) for a checkpoint.
+        re-initialised (`ignore_mismatched_sizes=True`). None: random init from `model_class.config_class`.
+    config: config fields; the architecture for random init, overrides (e.g. dropout) for a checkpoint.
     class_names: label names stored in the config's id2label (default LABEL_i).
     Raises ConfigError when the checkpoint cannot be found or fetched.
     """
@@ -206,16 +197,16 @@ def build_vit(
     }
     config = dict(config or {})
     if name_or_path is None:
-        vit_config = ViTConfig(**{**config, **labels})
-        vit_config._attn_implementation = attn_implementation
-        return ViTForImageClassification(vit_config)
+        net_config = model_class.config_class(**{**config, **labels})
+        net_config._attn_implementation = attn_implementation
+        return model_class(net_config)
 
     _local_dir(name_or_path)
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the load report is replaced by the summary below
     hf_logging.disable_progress_bar()
     try:
-        model, info = ViTForImageClassification.from_pretrained(
+        model, info = model_class.from_pretrained(
             name_or_path,
             ignore_mismatched_sizes=True,
             attn_implementation=attn_implementation,
@@ -229,24 +220,43 @@ def build_vit(
         hf_logging.set_verbosity(verbosity)
         if bars:  # put back what the caller had: bars they disabled stay off
             hf_logging.enable_progress_bar()
-    _report_loading(name_or_path, info)
+    _report_loading(name_or_path, info, hf_head_prefixes(model))
     return model
 
 
-def vit_logits(net: ViTForImageClassification, pixel_values: Tensor) -> Tensor:
-    """Logits [B, num_labels] of `net` for normalised images [B, 3, S, S].
+def vit_logits(net: PreTrainedModel, pixel_values: Tensor) -> Tensor:
+    """Logits [B, num_labels] of a Hugging Face image classifier `net` for normalised images [B, 3, S, S].
 
     S may differ from the model's own image size (a multiple of its patch size): the position embeddings are
-    then interpolated to the new patch grid (Hugging Face's `interpolate_pos_encoding`; at the model's own
-    size they are used as they are).
+    then interpolated to the new patch grid (Hugging Face's `interpolate_pos_encoding` where the class takes
+    it; DINOv2 always interpolates; at the model's own size they are used as they are). DeiT with teacher:
+    the mean of its two heads, as transformers computes it.
     """
-    return net(pixel_values=pixel_values, interpolate_pos_encoding=True).logits
+    if _takes_interpolate(type(net)):
+        return net(pixel_values=pixel_values, interpolate_pos_encoding=True).logits
+    return net(pixel_values=pixel_values).logits
 
 
-def _report_loading(name_or_path: str, info: dict) -> None:
+def _takes_interpolate(cls: type[nn.Module]) -> bool:
+    return "interpolate_pos_encoding" in inspect.signature(cls.forward).parameters
+
+
+def hf_head_prefixes(net: PreTrainedModel) -> tuple[str, ...]:
+    """Parameter-name prefixes of the classifier head(s) of a transformers classifier: its children other
+    than the base model (e.g. "classifier."; DeiT with teacher: "cls_classifier.",
+    "distillation_classifier.")."""
+    base = getattr(net, net.base_model_prefix, None)
+    return tuple(
+        f"{name}."
+        for name, child in net.named_children()
+        if child is not base and any(True for _ in child.parameters())
+    )
+
+
+def _report_loading(name_or_path: str, info: dict, head: tuple[str, ...]) -> None:
     """One log line for the expected fresh head; a warning for encoder weights that were not loaded."""
     mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
-    fresh = [k for k in [*info.get("missing_keys", []), *mismatched] if not k.startswith(HEAD_PREFIX)]
+    fresh = [k for k in [*info.get("missing_keys", []), *mismatched] if not k.startswith(head)]
     if fresh:
         log.warning(
             "%s: %d encoder weights were NOT loaded from the checkpoint and are random: %s",
@@ -260,3 +270,138 @@ def _report_loading(name_or_path: str, info: dict) -> None:
         name_or_path,
         f" (unused checkpoint weights: {', '.join(unused[:10])})" if unused else "",
     )
+
+
+class HFFamily(ModelFamily):
+    """A transformers `<Model>ForImageClassification` (the `hf_vit` family; subclasses for DeiT, DINOv2).
+
+    model.name_or_path: a local checkpoint directory or a Hub id (null: random init from model.config);
+    model.attn_implementation: one of ATTN_IMPLEMENTATIONS; model.config: config fields (the architecture for
+    random init, overrides such as dropout for a checkpoint).
+    """
+
+    name = "hf_vit"
+    title = "Hugging Face ViT"
+    keys = ("family", "name_or_path", "attn_implementation", "config")
+    config_class: type[PretrainedConfig] = ViTConfig
+    model_classes: tuple[type[PreTrainedModel], ...] = (ViTForImageClassification,)
+    prefix_tokens = 1  # [CLS]
+
+    def model_class(self, model: Mapping[str, Any]) -> type[PreTrainedModel]:
+        """The classifier class the `model` node builds."""
+        return self.model_classes[0]
+
+    def check(self, model: Mapping[str, Any]) -> None:
+        super().check(model)
+        check_attn_implementation(model.get("attn_implementation", "eager"))
+        config = model.get("config")
+        if config is not None and not isinstance(config, Mapping):
+            raise ConfigError(
+                f"model.config={config!r} is invalid: it must be a mapping of "
+                f"{self.config_class.__name__} fields or null."
+            )
+
+    def missing_message(self, key: str) -> str:
+        if key != "name_or_path":
+            return super().missing_message(key)
+        return (
+            "model.name_or_path is missing (???): this model needs a checkpoint. Give a local directory or a "
+            "Hub id, e.g. model.name_or_path=/path/to/vit-tiny-patch16-224 or "
+            "model.name_or_path=WinKawaks/vit-tiny-patch16-224."
+        )
+
+    def accepts_config_key(self, name: str) -> bool:
+        return hasattr(self.config_class(), name)
+
+    def weights_source(self, model: Mapping[str, Any]) -> str | None:
+        return model.get("name_or_path")
+
+    def inputs(self, model: Mapping[str, Any]) -> ModelInputs:
+        return model_inputs(model.get("name_or_path"), _plain(model.get("config")), self.config_class)
+
+    def meta_net(self, model: Mapping[str, Any], num_labels: int) -> nn.Module:
+        config = load_vit_config(
+            model.get("name_or_path"), num_labels, _plain(model.get("config")), self.config_class
+        )
+        with torch.device("meta"):
+            return self.model_class(model)(config)
+
+    def build(
+        self,
+        model: Mapping[str, Any],
+        num_labels: int,
+        class_names: list[str] | None = None,
+        image_size: int | None = None,
+    ) -> nn.Module:
+        """`build_vit` of the node; another `image_size` than the model's is interpolated in `logits`."""
+        return build_vit(
+            model.get("name_or_path"),
+            num_labels,
+            model.get("attn_implementation", "eager"),
+            _plain(model.get("config")),
+            class_names,
+            self.model_class(model),
+        )
+
+    def logits(self, net: nn.Module, pixel_values: Tensor) -> Tensor:
+        return vit_logits(net, pixel_values)
+
+    def head_prefixes(self, net: nn.Module) -> tuple[str, ...]:
+        return hf_head_prefixes(net)
+
+    def owns(self, net: nn.Module) -> bool:
+        return isinstance(net, self.model_classes)
+
+    def grid(self, net: nn.Module) -> tuple[int, int, int]:
+        return _side(net.config.image_size), _side(net.config.patch_size), self.prefix_tokens
+
+
+class HFDeiTFamily(HFFamily):
+    """transformers DeiT (`hf_deit`): class and distillation token; model.with_teacher: both heads
+    (`DeiTForImageClassificationWithTeacher`, logits their mean), else the class-token head alone."""
+
+    name = "hf_deit"
+    title = "Hugging Face DeiT"
+    keys = (*HFFamily.keys, "with_teacher")
+    config_class = DeiTConfig
+    model_classes = (DeiTForImageClassification, DeiTForImageClassificationWithTeacher)
+    prefix_tokens = 2  # [CLS] and the distillation token
+
+    def model_class(self, model: Mapping[str, Any]) -> type[PreTrainedModel]:
+        return self.model_classes[1] if model.get("with_teacher") else self.model_classes[0]
+
+    def check(self, model: Mapping[str, Any]) -> None:
+        super().check(model)
+        if not isinstance(model.get("with_teacher", False), bool):
+            raise ConfigError(
+                f"model.with_teacher={model.get('with_teacher')!r} is invalid: true (both heads, logits "
+                "their mean) or false (the class-token head)."
+            )
+
+
+class HFDinov2Family(HFFamily):
+    """transformers DINOv2 (`hf_dinov2`): layer scale, drop path, an MLP or a SwiGLU MLP (use_swiglu_ffn);
+    the head reads the class token and the mean patch token; position embeddings always interpolate."""
+
+    name = "hf_dinov2"
+    title = "Hugging Face DINOv2"
+    config_class = Dinov2Config
+    model_classes = (Dinov2ForImageClassification,)
+
+    def build(
+        self,
+        model: Mapping[str, Any],
+        num_labels: int,
+        class_names: list[str] | None = None,
+        image_size: int | None = None,
+    ) -> nn.Module:
+        """As `HFFamily.build`, with the mask token frozen: only masked-image pre-training reads it, so a
+        classifier never gives it a gradient (data-parallel training would wait for one)."""
+        net = super().build(model, num_labels, class_names, image_size)
+        net.dinov2.embeddings.mask_token.requires_grad_(False)
+        return net
+
+
+def _plain(config: Any) -> dict | None:
+    """A `model.config` value as a dict (or as it is, for `model_inputs` to refuse)."""
+    return dict(config) if isinstance(config, Mapping) else config
