@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import Tensor, nn
 from transformers import (
     AutoImageProcessor,
@@ -161,13 +162,18 @@ def load_vit_config(
     """The config `build_vit` would build (the checkpoint's config.json with `config` on top, as a
     `config_class`), read without loading weights. Raises ConfigError as `model_inputs` does."""
     config = {**(config or {}), "num_labels": num_labels}
-    if name_or_path is None:
-        return config_class(**config)
-    local = _local_dir(name_or_path)
+    local = _local_dir(name_or_path) if name_or_path is not None else None
     try:
+        if name_or_path is None:
+            return config_class(**config)
         return config_class.from_pretrained(str(local) if local is not None else name_or_path, **config)
     except OSError as err:
         raise _hub_error(name_or_path, err) from err
+    except StrictDataclassError as err:  # a field of the wrong type
+        why = str(err).strip().splitlines()[-1].strip()
+        raise ConfigError(
+            f"model.config is invalid for {config_class.__name__}: {why}. Fix the value."
+        ) from err
 
 
 def build_vit(
@@ -299,6 +305,12 @@ class HFFamily(ModelFamily):
             raise ConfigError(
                 f"model.config={config!r} is invalid: it must be a mapping of "
                 f"{self.config_class.__name__} fields or null."
+            )
+        unknown = sorted(k for k in config or {} if not self.accepts_config_key(k))
+        if unknown:
+            raise ConfigError(
+                f"model.config has {unknown}, which are not {self.config_class.__name__} fields "
+                f"(model.family={self.name}): fix the names, or drop them."
             )
 
     def missing_message(self, key: str) -> str:
