@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from conftest import QUICK
 from vitcrs import bench
+from vitcrs.conf import check_added_keys
 from vitcrs.crs import CRSConfig, sample_cache_bytes_per_image
 from vitcrs.errors import ConfigError
 from vitcrs.fidelity.meter import Configuration, measure
@@ -176,6 +177,59 @@ def test_timm_vit_loads_local_weights_with_a_fresh_head(compose_cfg, tmp_path):
     save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, str(wrong))
     with pytest.raises(ConfigError, match=r"model\.weights=.*cannot be loaded into model\.name"):
         FAMILIES["timm"].build({**node, "weights": str(wrong)}, 10)
+
+
+HF_TINY = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+}
+
+
+@pytest.mark.parametrize("family", ["hf_deit", "hf_dinov2"])
+def test_hf_checkpoints_of_each_family_load_with_a_fresh_head(tmp_path, family):
+    """A saved 1000-class DeiT (both heads) / DINOv2 (SwiGLU) checkpoint: encoder loaded, heads new."""
+    hf = FAMILIES[family]
+    extra = {"with_teacher": True} if family == "hf_deit" else {}
+    arch = {"intermediate_size": 64} if family == "hf_deit" else {"use_swiglu_ffn": True}
+    torch.manual_seed(0)
+    hf.build(
+        {"family": family, "name_or_path": None, "config": {**HF_TINY, **arch}, **extra}, 1000
+    ).save_pretrained(tmp_path)
+    node = {
+        "family": family,
+        "name_or_path": str(tmp_path),
+        "attn_implementation": "eager",
+        "config": None,
+        **extra,
+    }
+    assert (
+        hf.inputs(node).image_size == 32 and hf.meta_architecture(node, 5).tokens() == 16 + hf.prefix_tokens
+    )
+    saved = hf.build(node, 1000).state_dict()  # the checkpoint as it is
+    net = hf.build(node, 5)
+    heads = hf.head_prefixes(net)
+    encoder = [k for k in saved if not k.startswith(heads)]
+    assert all(torch.equal(net.state_dict()[k], saved[k]) for k in encoder)
+    assert [net.state_dict()[f"{h}weight"].shape[0] for h in heads] == [5] * len(heads)
+    if family == "hf_dinov2":  # read only by masked pre-training: no gradient in a classifier
+        assert not net.dinov2.embeddings.mask_token.requires_grad
+        assert "dinov2.embeddings.mask_token" not in dict(measured_parameters(net))
+
+
+def test_keys_a_family_reads_may_be_added_on_the_command_line(compose_cfg):
+    added = ["+model.with_teacher=true", "+model.config.hidden_dropout_prob=0.1"]
+    check_added_keys(compose_cfg("model.family=hf_deit", *added), added)
+    with pytest.raises(ConfigError, match=r"vitcrs reads no key 'model\.with_teacher'"):  # not a ViT key
+        check_added_keys(compose_cfg(added[0]), added[:1])
+
+
+@needs_timm
+def test_timm_keys_may_be_added_on_the_command_line(compose_cfg):
+    added = ["+model.weights=/some/file.safetensors", "+model.config.reg_tokens=4"]
+    check_added_keys(compose_cfg("model=timm_micro", *added), added)
 
 
 # --- bad model nodes ----------------------------------------------------------------------------------------

@@ -64,9 +64,9 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
     """ConfigError for a `+key=value` override adding a key that nothing reads (it would be silently ignored).
 
     Allowed: config groups (`+experiment=...`), keys under ADDABLE_NODES, arguments of a node's `_target_`
-    (e.g. `+data.source.<argument>=...`), and the model family's architecture settings under model.config
-    (`ModelFamily.accepts_config_key`: ViTConfig fields, timm.create_model arguments). The message lists the
-    keys known where the new one was added.
+    (e.g. `+data.source.<argument>=...`), the model family's keys under model (`ModelFamily.keys`) and its
+    architecture settings under model.config (`ModelFamily.accepts_config_key`: ViTConfig fields,
+    timm.create_model arguments). The message lists the keys known where the new one was added.
     """
     groups = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     for override in OverridesParser.create().parse_overrides(overrides):
@@ -76,7 +76,7 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
         if "/" in key or key in groups or key.split(".")[0] in ADDABLE_NODES:
             continue
         parent, _, name = key.rpartition(".")
-        if parent == "model.config" and _family_config_key(cfg, name):
+        if parent in ("model", "model.config") and _read_by_model_family(cfg, parent, name):
             continue
         node = OmegaConf.select(cfg, parent) if parent else cfg
         known = {str(k) for k in node if k != name} if isinstance(node, DictConfig) else set()
@@ -95,11 +95,16 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
         )
 
 
-def _family_config_key(cfg: DictConfig, name: str) -> bool:
-    """Whether `name` is an architecture setting (model.config.<name>) of cfg.model's family."""
-    from vitcrs.models import model_family  # here: composing configs (vitcrs.conf) needs no network code
+def _read_by_model_family(cfg: DictConfig, parent: str, name: str) -> bool:
+    """Whether cfg.model's family reads `<parent>.<name>`: a key of its model node (parent "model", e.g.
+    model.with_teacher, model.weights), or an architecture setting (parent "model.config"). False for an
+    unknown model.family (refused with the choices when the model node is checked)."""
+    from vitcrs.models import named_family  # here: composing configs (vitcrs.conf) needs no network code
 
-    return model_family(container(cfg.model)).accepts_config_key(name)
+    family = named_family(container(cfg.model))
+    if family is None:
+        return False
+    return name in family.keys if parent == "model" else family.accepts_config_key(name)
 
 
 def check_overrides(cfg: DictConfig) -> None:

@@ -20,6 +20,7 @@ from .registry import (
     model_family,
     model_label,
     model_logits,
+    named_family,
 )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "model_inputs",
     "model_label",
     "model_logits",
+    "named_family",
     "parameter_shapes",
     "vit_logits",
 ]

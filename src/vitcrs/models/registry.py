@@ -23,16 +23,21 @@ FAMILIES: dict[str, ModelFamily] = {
 DEFAULT_FAMILY = "hf_vit"
 
 
+def named_family(model: Mapping[str, Any]) -> ModelFamily | None:
+    """The family `model.family` names (default hf_vit), None for an unknown name; the node is not checked."""
+    name = model.get("family", DEFAULT_FAMILY)
+    return FAMILIES.get(name) if isinstance(name, str) else None
+
+
 def model_family(model: Mapping[str, Any]) -> ModelFamily:
     """The family of the `model` node (a plain dict), its keys checked: ConfigError naming the bad key."""
     if not isinstance(model, Mapping):
         raise ConfigError(f"model={model!r} is invalid: it must be a mapping (a conf/model/*.yaml node).")
-    name = model.get("family", DEFAULT_FAMILY)
-    family = FAMILIES.get(name) if isinstance(name, str) else None
+    family = named_family(model)
     if family is None:
         raise ConfigError(
-            f"model.family={name!r} is unknown: choose one of {', '.join(FAMILIES)} (e.g. model=timm_micro "
-            "for a timm ViT, model=vit_micro for a Hugging Face one)."
+            f"model.family={model.get('family')!r} is unknown: choose one of {', '.join(FAMILIES)} (e.g. "
+            "model=timm_micro for a timm ViT, model=vit_micro for a Hugging Face one)."
         )
     family.check(model)
     return family
@@ -61,7 +66,6 @@ def head_prefixes(net: nn.Module) -> tuple[str, ...]:
 def model_label(model: Mapping[str, Any], choice: str | None = None) -> str:
     """How records name the model: where its weights come from, else the conf/model option chosen (`choice`,
     e.g. "timm_micro"), else "random-init"."""
-    name = model.get("family", DEFAULT_FAMILY)
-    family = FAMILIES.get(name) if isinstance(name, str) else None
+    family = named_family(model)
     source = family.weights_source(model) if family is not None else None
     return source or choice or "random-init"

@@ -117,8 +117,7 @@ class TimmFamily(ModelFamily):
         return super().missing_message(key)
 
     def accepts_config_key(self, name: str) -> bool:
-        from timm.models.vision_transformer import VisionTransformer
-
+        VisionTransformer = import_timm().models.vision_transformer.VisionTransformer
         return name in inspect.signature(VisionTransformer.__init__).parameters and name not in SET_BY_VITCRS
 
     def weights_source(self, model: Mapping[str, Any]) -> str | None:
