@@ -242,6 +242,7 @@ BAD_MODELS = [
     (["model=timm_vit", "model.weights=/no/such.safetensors"], r"model\.weights=.*no such file"),
     (["model=timm_micro", "+model.config.num_classes=3"], r"num_classes"),
     (["model=timm_micro", "+model.config.depthh=3"], r"model\.config"),
+    (["model=timm_micro", "model.config.num_heads=3"], r"model\.config=.*refuses it"),  # 64 / 3
     (["model=dinov2_micro", "model.config.mlp_ratio=2.5"], r"model\.config is invalid for Dinov2Config"),
     (["model=deit_micro", "model.with_teacher=maybe"], r"model\.with_teacher"),
     (["model=vit_micro", "+model.with_teacher=true"], r"with_teacher.*model\.family=hf_vit"),

@@ -127,9 +127,17 @@ class TimmFamily(ModelFamily):
 
     # -- the network ---------------------------------------------------------------------------------------
     def _create(self, model: Mapping[str, Any], num_labels: int, **kwargs: Any) -> nn.Module:
-        timm = import_timm()
-        net = timm.create_model(model["name"], num_classes=num_labels, **dict(model.get("config") or {}),
-                                **kwargs)  # fmt: skip
+        """`timm.create_model` of the node; ConfigError for an architecture timm refuses (e.g. an embed_dim
+        its heads do not divide)."""
+        timm, config = import_timm(), dict(model.get("config") or {})
+        try:
+            net = timm.create_model(model["name"], num_classes=num_labels, **config, **kwargs)
+        except (AssertionError, TypeError) as err:  # timm asserts its shapes; a bad argument type
+            raise ConfigError(
+                f"model.config={config}: timm.create_model({model['name']!r}) refuses it "
+                f"({type(err).__name__}: {str(err).strip() or 'a shape check failed'}). Fix the "
+                "architecture, e.g. an embed_dim that num_heads divides."
+            ) from err
         fused = model.get("attn_implementation", "eager") == "sdpa"
         for attention in (m for m in net.modules() if hasattr(m, "fused_attn")):  # timm's Attention modules
             attention.fused_attn = fused  # eager: explicit matmuls; sdpa: F.scaled_dot_product_attention
