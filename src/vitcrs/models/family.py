@@ -14,6 +14,7 @@ A family reads the `model` config node as a plain dict (`model.family` selects i
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,7 +93,7 @@ def dropout_rate(net: nn.Module) -> float:
     return max((float(r) for r in rates if isinstance(r, (int, float))), default=0.0)
 
 
-class ModelFamily:
+class ModelFamily(ABC):
     """One family of networks (see the module docstring); subclasses implement the abstract methods.
 
     name: the `model.family` value; title: how messages call it; keys: the `model.*` keys it reads.
@@ -115,25 +116,31 @@ class ModelFamily:
             if model.get(key) == MISSING:
                 raise ConfigError(self.missing_message(key))
 
+    def __repr__(self) -> str:
+        return f"<model family {self.name}: {self.title}>"
+
     def missing_message(self, key: str) -> str:
+        """The ConfigError message for `model.<key>` left missing (???)."""
         return f"model.{key} is missing (???): this model needs it; give it, e.g. model.{key}=..."
 
+    @abstractmethod
     def accepts_config_key(self, name: str) -> bool:
         """Whether `model.config.<name>` is an architecture setting of this family (`+model.config.x=...`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def weights_source(self, model: Mapping[str, Any]) -> str | None:
         """Where the weights come from (a Hub id, a local path), None for random init."""
-        raise NotImplementedError
 
     # -- the network ---------------------------------------------------------------------------------------
+    @abstractmethod
     def inputs(self, model: Mapping[str, Any]) -> ModelInputs:
-        raise NotImplementedError
+        """The input contract of the node's network (`ModelInputs`), read without loading weights."""
 
+    @abstractmethod
     def meta_net(self, model: Mapping[str, Any], num_labels: int) -> nn.Module:
         """The network `build` would give, on the meta device: its architecture, no weights, no download."""
-        raise NotImplementedError
 
+    @abstractmethod
     def build(
         self,
         model: Mapping[str, Any],
@@ -143,21 +150,22 @@ class ModelFamily:
     ) -> nn.Module:
         """The network with a fresh `num_labels`-way head (label names `class_names`, default LABEL_i), fed
         images of side `image_size` (None: its own). Raises ConfigError when the weights cannot be had."""
-        raise NotImplementedError
 
+    @abstractmethod
     def logits(self, net: nn.Module, pixel_values: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Logits [B, num_labels] of `net` for normalised images [B, 3, S, S]."""
 
+    @abstractmethod
     def head_prefixes(self, net: nn.Module) -> tuple[str, ...]:
-        raise NotImplementedError
+        """Parameter-name prefixes of `net`'s classifier head(s), e.g. ("classifier.",)."""
 
+    @abstractmethod
     def owns(self, net: nn.Module) -> bool:
         """Whether `net` is a network of this family."""
-        raise NotImplementedError
 
+    @abstractmethod
     def grid(self, net: nn.Module) -> tuple[int, int, int]:
         """(image size, patch size, prefix tokens) of `net`, as it is configured."""
-        raise NotImplementedError
 
     def architecture(self, net: nn.Module) -> Architecture:
         """The `Architecture` of `net` (plain, injected, or on the meta device); ConfigError when vitcrs.crs
