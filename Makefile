@@ -4,13 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch/torchvision are installed first so a CPU or CUDA build already chosen by the user is kept.
 TORCH_SPEC ?= "torch>=2.4,<2.15" "torchvision>=0.19,<0.30"
-# dev tools and both sweep launchers, so that every test runs
-EXTRAS ?= dev,joblib,slurm
+# dev tools, both sweep launchers and the timm model family, so that every test runs
+EXTRAS ?= dev,joblib,slurm,timm
 
 .PHONY: help install test lint demo sweep clean
 
 help:
-	@echo "make install  create $(VENV) and install vitcrs with its dev tools and sweep launchers"
+	@echo "make install  create $(VENV) and install vitcrs with its dev tools, sweep launchers and timm"
 	@echo "make test     run the test suite (CPU, ~10 min)"
 	@echo "make lint     ruff check"
 	@echo "make demo     offline CPU demo: synthetic data, vit_micro, WTA-CRS at ratio 0.3"

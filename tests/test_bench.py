@@ -31,7 +31,7 @@ def test_block_saved_bytes_are_within_5_percent_of_the_analytic_ideal(attn, prec
     batch = 2
     exact_cfg = bench.grid.exact_config(attn, precision, False)
     model = bench.build(spec, exact_cfg, torch.device("cpu"), seed=0)
-    shape = bench.block_shape(model.config, batch)
+    shape = bench.block_shape(bench.architecture(model), batch)
     assert (shape.tokens, shape.hidden, shape.heads, shape.intermediate) == (197, 768, 12, 3072)
     autocast = precision == "bf16-mixed"
     exact = bench.measured_block_saved_bytes(model, batch, precision)

@@ -75,10 +75,10 @@ def test_the_bench_keeps_a_checkpoints_position_embeddings_at_another_size(check
     from transformers import ViTForImageClassification
 
     from vitcrs.bench import ModelSpec
-    from vitcrs.bench.measure import block_shape, loss_of
+    from vitcrs.bench.measure import architecture, block_shape, loss_of
 
     model = ModelSpec("vit_tiny", str(checkpoint_224), 10, {"image_size": 112}).build("eager")
     saved = ViTForImageClassification.from_pretrained(checkpoint_224).vit.embeddings.position_embeddings
     assert torch.equal(model.vit.embeddings.position_embeddings, saved)  # loaded, not re-initialised
-    assert block_shape(model.config, 2).tokens == 50
+    assert block_shape(architecture(model), 2).tokens == 50
     assert loss_of(model, torch.randn(2, 3, 112, 112), torch.tensor([0, 1])).isfinite()

@@ -19,7 +19,6 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from transformers import ViTConfig
 
 from vitcrs.crs import CRSConfig, target_set
 from vitcrs.errors import ConfigError
@@ -84,9 +83,11 @@ def check_added_keys(cfg: DictConfig, overrides: list[str], config_name: str = "
     silently ignored).
 
     Allowed: config groups (`+experiment=...`), keys under ADDABLE_NODES, arguments of a node's `_target_`
-    (e.g. `+data.source.<argument>=...`), ViTConfig fields under model.config, and a `++key` that sets a key
-    the configuration has without it (`config_name` composed with the other overrides). The message lists the
-    keys known where the new one was added.
+    (e.g. `+data.source.<argument>=...`), the model family's keys under model (`ModelFamily.keys`) and its
+    architecture settings under model.config (`ModelFamily.accepts_config_key`: ViTConfig fields,
+    timm.create_model arguments), and a `++key` that sets a key the configuration has without it
+    (`config_name` composed with the other overrides). The message lists the keys known where the new one was
+    added.
     """
     groups = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     parsed = OverridesParser.create().parse_overrides(overrides)
@@ -98,7 +99,7 @@ def check_added_keys(cfg: DictConfig, overrides: list[str], config_name: str = "
         if "/" in key or key in groups or key.split(".")[0] in ADDABLE_NODES:
             continue
         parent, _, name = key.rpartition(".")
-        if parent == "model.config" and hasattr(ViTConfig(), name):
+        if parent in ("model", "model.config") and _read_by_model_family(cfg, parent, name):
             continue
         if override.is_force_add():  # `++key` sets a key where there is one, else adds it as `+key` does
             if base is None:
@@ -116,12 +117,24 @@ def check_added_keys(cfg: DictConfig, overrides: list[str], config_name: str = "
         known.discard("_target_")
         where = f"under {parent}" if parent else "at the top level"
         plus = "++" if override.is_force_add() else "+"
-        vit = " or use a ViTConfig field" if parent == "model.config" else ""
+        vit = " or use an architecture setting of model.family" if parent == "model.config" else ""
         raise ConfigError(
             f"{override.input_line}: vitcrs reads no key {key!r}, so it would be silently ignored. Known "
             f"keys {where}: {', '.join(sorted(known))}. Fix the name (without the {plus}, to change a known "
             f"key){vit}, or drop it."
         )
+
+
+def _read_by_model_family(cfg: DictConfig, parent: str, name: str) -> bool:
+    """Whether cfg.model's family reads `<parent>.<name>`: a key of its model node (parent "model", e.g.
+    model.with_teacher, model.weights), or an architecture setting (parent "model.config"). False for an
+    unknown model.family (refused with the choices when the model node is checked)."""
+    from vitcrs.models import named_family  # here: composing configs (vitcrs.conf) needs no network code
+
+    family = named_family(container(cfg.model))
+    if family is None:
+        return False
+    return name in family.keys if parent == "model" else family.accepts_config_key(name)
 
 
 def check_overrides(cfg: DictConfig) -> None:

@@ -23,22 +23,13 @@ from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
 from vitcrs.callbacks import CheckpointOnSigterm, MetricsFile, describe_run, record_config_failure
 from vitcrs.conf import CONF_DIR, check_overrides, container, multirun
 from vitcrs.crs import CRSConfig
 from vitcrs.data import VisionDataModule
 from vitcrs.errors import ConfigError
-from vitcrs.models import (
-    OptimConfig,
-    ViTClassifier,
-    check_architecture,
-    check_attn_implementation,
-    load_vit_config,
-    model_inputs,
-    parameter_shapes,
-)
+from vitcrs.models import ModelFamily, OptimConfig, ViTClassifier, check_architecture, model_family
 from vitcrs.record import METRICS_FILE
 from vitcrs.resume import (
     check_resume,
@@ -68,24 +59,20 @@ class Preflight:
     ckpt_settings: dict[str, Any]
 
 
-def build_datamodule(cfg: DictConfig, batch_indices: bool = False) -> VisionDataModule:
+def build_datamodule(
+    cfg: DictConfig, batch_indices: bool = False, family: ModelFamily | None = None
+) -> VisionDataModule:
     """The checked (unprepared) data module of `cfg.data` for `cfg.model`: a null data.image_size / mean /
-    std is the model's own (read from small files only). batch_indices: training batches carry the images'
-    dataset indices (crs.prob=sample_cache). Raises ConfigError."""
-    try:
-        name_or_path = cfg.model.name_or_path
-    except MissingMandatoryValue as err:
-        raise ConfigError(
-            "model.name_or_path is missing (???): this model needs a checkpoint. Give a local directory or a "
-            "Hub id, e.g. model.name_or_path=/path/to/vit-tiny-patch16-224 or "
-            "model.name_or_path=WinKawaks/vit-tiny-patch16-224."
-        ) from err
+    std is the model's own (its family's `inputs`, read from small files only). batch_indices: training
+    batches carry the images' dataset indices (crs.prob=sample_cache). family: `cfg.model`'s, if already
+    checked. Raises ConfigError."""
     if "batch_indices" in cfg.data:
         raise ConfigError(
             "data.batch_indices is set by vitcrs itself (true with crs.prob=sample_cache, whose cache needs "
             "each training image's dataset index): drop the +data.batch_indices override."
         )
-    inputs = model_inputs(name_or_path, container(cfg.model.config))
+    model = container(cfg.model)
+    inputs = (family or model_family(model)).inputs(model)
     size, mean, std = (cfg.data.get(k) for k in ("image_size", "mean", "std"))
     if size is not None:
         inputs.check_image_size(size)
@@ -103,10 +90,11 @@ def build_datamodule(cfg: DictConfig, batch_indices: bool = False) -> VisionData
 def validate(cfg: DictConfig) -> Preflight:
     """Check every setting without loading weights or data (ConfigError); nothing is written."""
     check_overrides(cfg)
-    check_attn_implementation(cfg.model.attn_implementation)
+    model = container(cfg.model)
+    family = model_family(model)
     # the settings in effect: those that change nothing at their defaults (`CRSConfig.in_effect`), so the
     # model, its checkpoints and the record say what runs
-    crs = CRSConfig.from_settings(container(cfg.crs), cfg.model.attn_implementation).in_effect()
+    crs = CRSConfig.from_settings(container(cfg.crs), model.get("attn_implementation")).in_effect()
     optim = OptimConfig.from_settings(container(cfg.optim))
     check_trainer(cfg.trainer)
     trainer, fidelity = cfg.trainer, OmegaConf.select(cfg, "callbacks.grad_fidelity.every_n_steps")
@@ -117,14 +105,14 @@ def validate(cfg: DictConfig) -> Preflight:
         processes * int(trainer.get("num_nodes", 1) or 1), fidelity,
     )  # fmt: skip
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.run_dir)
-    datamodule = build_datamodule(cfg, batch_indices=crs.prob == "sample_cache")
-    vit = load_vit_config(cfg.model.name_or_path, datamodule.num_classes, container(cfg.model.config))
-    check_architecture(vit, datamodule.image_size)
-    crs.check_sampled(vit, datamodule.image_size, datamodule.batch_size)
+    datamodule = build_datamodule(cfg, batch_indices=crs.prob == "sample_cache", family=family)
+    arch = family.meta_architecture(model, datamodule.num_classes)
+    check_architecture(arch, datamodule.image_size)
+    crs.check_sampled(arch, datamodule.image_size, datamodule.batch_size)
     resumed = None
     if ckpt_path is not None:
         resumed = check_resume(
-            ckpt_path, datamodule, parameter_shapes(vit), crs.to_dict(), bool(cfg.allow_crs_change)
+            ckpt_path, datamodule, arch.parameter_shapes, crs.to_dict(), bool(cfg.allow_crs_change)
         )
     check_run_dir(cfg.run_dir, resumed.epochs if resumed else None, cfg.trainer.max_epochs)
     before, settings = (resumed.crs_before, resumed.settings) if resumed else ({}, {})

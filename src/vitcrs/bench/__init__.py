@@ -8,6 +8,8 @@ precision. Writes bench.json and bench.md. See docs/benchmarks.md.
 
     python -m vitcrs.bench --model vit_b16 --grid full                          # the GPU table
     python -m vitcrs.bench --model vit_tiny --layers 1 --image-size 64 --batch-size 2   # CPU, seconds
+    python -m vitcrs.bench --model timm_micro --batch-size 8 --device cpu     # any family: a model config
+    python -m vitcrs.bench --model vit_small_patch16_224 --grid full          # a timm model, random init
 """
 
 from .analytic import (
@@ -22,6 +24,7 @@ from .grid import BENCH_TARGET_SETS, GRIDS, BenchConfig, expand
 from .measure import (
     MODELS,
     ModelSpec,
+    architecture,
     block_shape,
     build,
     enable_checkpointing,
@@ -41,6 +44,7 @@ __all__ = [
     "BlockShape",
     "ModelSpec",
     "analytic_block_saved_bytes",
+    "architecture",
     "block_shape",
     "build",
     "enable_checkpointing",

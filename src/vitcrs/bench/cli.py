@@ -13,9 +13,10 @@ import torch
 
 from vitcrs.crs import METHODS, TARGET_SETS
 from vitcrs.errors import ConfigError
+from vitcrs.models import model_family
 
 from .grid import ATTNS, GRIDS, PRECISIONS, expand
-from .measure import MODELS, ModelSpec
+from .measure import MODELS, ModelSpec, model_configs
 from .render import markdown
 from .runner import BenchOptions, run_bench
 
@@ -64,11 +65,19 @@ def parser() -> argparse.ArgumentParser:
         "and prints the table.",
     )
     m = p.add_argument_group("model")
-    m.add_argument("--model", choices=tuple(MODELS), default="vit_b16", help="shape at random init")
-    m.add_argument("--model-path", help="local Hugging Face ViT checkpoint (overrides --model)")
+    m.add_argument(
+        "--model",
+        default="vit_b16",
+        help=f"a Hugging Face ViT shape at random init ({', '.join(MODELS)}; default vit_b16), a model "
+        f"config as in training ({', '.join(model_configs())}: any family), or a timm model name at random "
+        "init (e.g. vit_small_patch16_224; needs timm)",
+    )
+    m.add_argument(
+        "--model-path", help="local Hugging Face ViT, DeiT or DINOv2 checkpoint directory (overrides --model)"
+    )
     m.add_argument("--layers", type=int, help="override the number of encoder blocks")
-    m.add_argument("--image-size", type=int, help="override the image size (default 224)")
-    m.add_argument("--patch-size", type=int, help="override the patch size (default 16)")
+    m.add_argument("--image-size", type=int, help="override the image size (default: the model's)")
+    m.add_argument("--patch-size", type=int, help="override the patch size (default: the model's)")
     m.add_argument("--num-labels", type=int, default=10, help="classifier classes (default 10)")
     g = p.add_argument_group("configurations (flags override the grid's lists)")
     g.add_argument("--grid", choices=tuple(GRIDS), default="quick", help="preset: quick (CPU), full (GPU)")
@@ -104,6 +113,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    """The network the flags name (--model / --model-path, the shape overrides); its model node is checked
+    (ConfigError: an unknown --model, a missing package, a bad model config)."""
+    overrides = {
+        k: v
+        for k, v in (
+            ("num_hidden_layers", args.layers),
+            ("image_size", args.image_size),
+            ("patch_size", args.patch_size),
+        )
+        if v is not None
+    }
+    spec = ModelSpec(args.model, args.model_path, args.num_labels, overrides)
+    spec.family  # noqa: B018  (checks the node)
+    return spec
+
+
 def _check(args: argparse.Namespace) -> None:
     for name in ("batch_size", "steps", "rounds"):
         v = getattr(args, name)
@@ -119,9 +145,10 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError("--find-max-batch needs --memory-budget-gib X with X > 0 (e.g. 16).")
     if args.model_path and not (Path(args.model_path) / "config.json").is_file():
         raise ConfigError(f"--model-path={args.model_path!r} is not a folder with a Hugging Face checkpoint.")
+    spec = model_spec(args)
     if args.image_size:  # a checkpoint at another size interpolates its position embeddings: whole patches
-        saved = json.loads((Path(args.model_path) / "config.json").read_text()) if args.model_path else {}
-        patch = args.patch_size or saved.get("patch_size", 16)
+        node = spec.model_node("eager")
+        patch = model_family(node).inputs(node).patch_size
         if args.image_size % patch:
             raise ConfigError(
                 f"--image-size={args.image_size} is not a multiple of the patch size {patch}: e.g. "
@@ -153,16 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, key) is not None:
             grid[key] = getattr(args, key)
     configs = expand(**grid)
-    overrides = {
-        k: v
-        for k, v in (
-            ("num_hidden_layers", args.layers),
-            ("image_size", args.image_size),
-            ("patch_size", args.patch_size),
-        )
-        if v is not None
-    }
-    spec = ModelSpec(args.model, args.model_path, args.num_labels, overrides)
+    spec = model_spec(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     opts = BenchOptions(
         batch_size=args.batch_size,
@@ -175,7 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         find_max_batch=args.find_max_batch,
         memory_budget_gib=args.memory_budget_gib,
     )
-    result = run_bench(configs, spec, opts, device, argv)
+    try:
+        result = run_bench(configs, spec, opts, device, argv)
+    except ConfigError as exc:  # the model's weights cannot be had (e.g. offline)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = args.out or Path("outputs/bench") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import gc
+import json
 import statistics
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import wraps
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import Tensor, nn
-from transformers import ViTConfig, ViTForImageClassification
 
+from vitcrs.conf import CONF_DIR
 from vitcrs.crs import CRSBlock, SavedTensorsMeter, adapter_for, inject
+from vitcrs.errors import ConfigError
+from vitcrs.models import Architecture, ModelFamily, family_of, model_family, model_logits
+from vitcrs.models.timm_vit import import_timm
 
 from .analytic import BlockShape, largest_fitting
 from .grid import BenchConfig
@@ -34,52 +40,131 @@ MODELS: dict[str, dict[str, int]] = {
     "vit_b16": _shape(768, 12, 12, 3072),
     "vit_tiny": _shape(192, 12, 3, 768),
 }
+# the Hugging Face model types a --model-path checkpoint may have -> their model family
+HF_MODEL_TYPES = {"vit": "hf_vit", "deit": "hf_deit", "dinov2": "hf_dinov2"}
+# the shape overrides (ViTConfig names, as --layers / --image-size / --patch-size give them) in timm's names
+TIMM_NAMES = {"num_hidden_layers": "depth", "image_size": "img_size", "patch_size": "patch_size"}
+
+
+def model_configs() -> list[str]:
+    """The model configs of conf/model (e.g. vit_micro, timm_micro), which --model also takes."""
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which ViT to build: a named shape at random init or a local Hugging Face checkpoint, + overrides."""
+    """Which network to build, + shape overrides (ViTConfig names: num_hidden_layers, image_size,
+    patch_size; a timm model gets them as depth, img_size, patch_size).
+
+    name: a named shape of MODELS (a Hugging Face ViT at random init), a model config of conf/model (any
+        family, as `python -m vitcrs.train model=<name>` builds it), or a timm model name (random init);
+    path: a local Hugging Face ViT / DeiT / DINOv2 checkpoint directory (overrides name).
+    """
 
     name: str = "vit_b16"
     path: str | None = None
     num_labels: int = 10
-    overrides: dict = field(default_factory=dict)  # ViTConfig: num_hidden_layers, image_size, patch_size
+    overrides: dict = field(default_factory=dict)
 
-    def build(self, attn: str) -> ViTForImageClassification:
-        """The model; its `config.image_size` is the side the bench feeds it.
-
-        A checkpoint given another image_size keeps its own position embeddings, interpolated to the new patch
-        grid in every forward (`loss_of`), as training does (not re-initialised for the new size).
-        """
+    def model_node(self, attn: str) -> dict:
+        """The `model` config node of this network with attention `attn` (eager or sdpa); ConfigError for a
+        name that is none of the above."""
+        config = dict(self.overrides)
         if self.path:
-            overrides = {k: v for k, v in self.overrides.items() if k != "image_size"}
-            model = ViTForImageClassification.from_pretrained(
-                self.path,
-                num_labels=self.num_labels,
-                ignore_mismatched_sizes=True,
-                attn_implementation=attn,
-                **overrides,
+            saved = json.loads((Path(self.path) / "config.json").read_text())
+            family = HF_MODEL_TYPES.get(saved.get("model_type"))
+            if family is None:
+                raise ConfigError(
+                    f"--model-path={self.path!r} is a {saved.get('model_type')!r} checkpoint: the bench "
+                    f"takes Hugging Face {', '.join(HF_MODEL_TYPES)} checkpoints (or --model with a timm "
+                    "name)."
+                )
+            node = {"family": family, "name_or_path": self.path, "config": config}
+            if family == "hf_deit":
+                teacher = "DeiTForImageClassificationWithTeacher"
+                node["with_teacher"] = teacher in saved.get("architectures", [])
+        elif self.name in MODELS:
+            shape = {"image_size": 224, "patch_size": 16, **MODELS[self.name], **config}
+            node = {"family": "hf_vit", "name_or_path": None, "config": shape}
+        elif self.name in model_configs():
+            node = OmegaConf.to_container(
+                OmegaConf.load(CONF_DIR / "model" / f"{self.name}.yaml"), resolve=True
             )
-            if "image_size" in self.overrides:
-                model.config.image_size = self.overrides["image_size"]
-            return model
-        shape = {"image_size": 224, "patch_size": 16, **MODELS[self.name], **self.overrides}
-        config = ViTConfig(**shape, num_labels=self.num_labels, attn_implementation=attn)
-        return ViTForImageClassification(config)
+            if node.get("family") == "timm":
+                config = {TIMM_NAMES[k]: v for k, v in config.items()}
+            node["config"] = {**(node.get("config") or {}), **config} or None
+        else:
+            timm = import_timm()
+            if not timm.is_model(self.name):
+                raise ConfigError(
+                    f"--model={self.name!r} is none of: a named shape ({', '.join(MODELS)}), a model config "
+                    f"({', '.join(model_configs())}), or a timm model name (e.g. vit_small_patch16_224)."
+                )
+            config = {TIMM_NAMES[k]: v for k, v in config.items()}
+            node = {"family": "timm", "name": self.name, "pretrained": False, "config": config or None}
+        return {**node, "attn_implementation": attn}
+
+    @property
+    def family(self) -> ModelFamily:
+        """The model family of the network (its node checked: ConfigError)."""
+        return model_family(self.model_node("eager"))
+
+    @property
+    def weights(self) -> str | None:
+        """Where the network's weights come from (a checkpoint, a Hub id, a file), None for random init."""
+        node = self.model_node("eager")
+        return model_family(node).weights_source(node)
+
+    def build(self, attn: str) -> nn.Module:
+        """The model; its `Architecture.image_size` is the side the bench feeds it.
+
+        A Hugging Face checkpoint given another image_size keeps its own position embeddings, interpolated to
+        the new patch grid in every forward (`loss_of`), as training does (not re-initialised for the new
+        size); a pretrained timm model resamples them when it loads (timm's img_size).
+        """
+        node = self.model_node(attn)
+        family = model_family(node)
+        image_size = (node.get("config") or {}).get("image_size") if node.get("name_or_path") else None
+        if image_size is not None:  # a checkpoint: loaded at its own size, fed image_size (interpolated)
+            node["config"] = {k: v for k, v in node["config"].items() if k != "image_size"}
+        model = family.build(node, self.num_labels)
+        if image_size is not None:
+            model.config.image_size = image_size
+        return model
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def block_shape(config: ViTConfig, batch: int) -> BlockShape:
-    tokens = (config.image_size // config.patch_size) ** 2 + 1  # patches + [CLS]
+def architecture(model: nn.Module) -> Architecture:
+    """The `Architecture` of a built (plain or injected) model of any family."""
+    return family_of(model).architecture(model)
+
+
+def unmodelled_block_parts(model: nn.Module) -> list[str]:
+    """What the model's encoder blocks have beyond the plain ViT block the analytic model describes (layer
+    scale, a gated MLP, parameters inside the attention core such as qk-norms)."""
+    block = encoder_layers(model)[0]
+    parts = block.parts if isinstance(block, CRSBlock) else adapter_for(block).parts(block)
+    extras = []
+    if any(True for m in (*parts.post_attention, *parts.post_mlp) for _ in m.parameters()):
+        extras.append("layer scale")
+    if parts.gated:
+        extras.append("a gated (SwiGLU) MLP")
+    if parts.attn_core_params:
+        extras.append("qk-norms")
+    return extras
+
+
+def block_shape(arch: Architecture, batch: int) -> BlockShape:
+    """One encoder block's input of `batch` images at the model's own size (tokens include prefix tokens)."""
     return BlockShape(
         batch,
-        tokens,
-        config.hidden_size,
-        config.num_attention_heads,
-        config.intermediate_size,
-        config.num_hidden_layers,
+        arch.tokens(),
+        arch.hidden_size,
+        arch.num_attention_heads,
+        arch.intermediate_size,
+        arch.num_hidden_layers,
     )
 
 
@@ -108,7 +193,7 @@ class _Meter(SavedTensorsMeter):
 _active_meters: list[_Meter] = []
 
 
-def enable_checkpointing(model: ViTForImageClassification) -> None:
+def enable_checkpointing(model: nn.Module) -> None:
     """`activation_checkpointing_enable()`, with each checkpointed block's inputs visible to the meter.
 
     Non-reentrant checkpointing keeps a block's inputs for the recomputation by reference, not through
@@ -151,23 +236,21 @@ def measure_saved_bytes(
     return saved
 
 
-def measured_block_saved_bytes(
-    model: ViTForImageClassification, batch: int, precision: str, layer: int = 0
-) -> int:
+def measured_block_saved_bytes(model: nn.Module, batch: int, precision: str, layer: int = 0) -> int:
     """Measured bytes one encoder block of `model` saves for backward, for a random input of `batch`."""
     device = next(model.parameters()).device
-    shape = block_shape(model.config, batch)
+    shape = block_shape(architecture(model), batch)
     h = torch.randn(batch, shape.tokens, shape.hidden, device=device, requires_grad=True)
     block = encoder_layers(model)[layer]
     return measure_saved_bytes(lambda: block(h), list(model.parameters()), device, precision)
 
 
-def loss_of(model: ViTForImageClassification, x: Tensor, y: Tensor) -> Tensor:
+def loss_of(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Cross-entropy of the model on x; position embeddings follow x's size (as in training)."""
-    return F.cross_entropy(model(x, interpolate_pos_encoding=True).logits.float(), y)
+    return F.cross_entropy(model_logits(model, x).float(), y)
 
 
-def model_saved_bytes(model: ViTForImageClassification, x: Tensor, y: Tensor, precision: str) -> int:
+def model_saved_bytes(model: nn.Module, x: Tensor, y: Tensor, precision: str) -> int:
     """Measured bytes a whole training forward (model and loss) saves for backward."""
     return measure_saved_bytes(lambda: loss_of(model, x, y), list(model.parameters()), x.device, precision)
 
@@ -182,10 +265,10 @@ def synthetic_batch(
     return x.to(device), y.to(device)
 
 
-def build(spec: ModelSpec, cfg: BenchConfig, device: torch.device, seed: int) -> ViTForImageClassification:
+def build(spec: ModelSpec, cfg: BenchConfig, device: torch.device, seed: int) -> nn.Module:
     """The model of one configuration, in train mode; every configuration gets the same initial weights."""
     torch.manual_seed(seed)
-    if spec.path:
+    if spec.weights is not None:  # loaded on the CPU, then moved
         model = spec.build(cfg.attn)
     else:
         with torch.device(device):  # random init directly on the device (fast on a GPU)
@@ -199,7 +282,7 @@ def build(spec: ModelSpec, cfg: BenchConfig, device: torch.device, seed: int) ->
 
 # ---------------------------------------------------------------- training steps
 def make_step(
-    model: ViTForImageClassification, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, precision: str
+    model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, precision: str
 ) -> Callable[[], None]:
     def step() -> None:
         with autocast_ctx(x.device, precision):

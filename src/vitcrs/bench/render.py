@@ -35,10 +35,11 @@ def markdown(result: dict) -> str:
         f"- device: {meta['device']}",
         f"- torch {meta['torch']}, transformers {meta['transformers']}, python {meta['python']}",
         f"- date: {meta['date']}",
-        f"- model: hidden {m['hidden']}, {m['layers']} layers, {m['heads']} heads, mlp {m['intermediate']}, "
-        f"{m['image_size']} px / patch {m['patch_size']} = {m['tokens']} tokens, "
-        f"{m['parameters']:,} parameters, "
-        f"{'random init' if not m['path'] else 'checkpoint weights'}; AdamW; one synthetic batch",
+        f"- model: {m.get('family', 'hf_vit')}, hidden {m['hidden']}, {m['layers']} layers, {m['heads']} "
+        f"heads, mlp {m['intermediate']}, {m['image_size']} px / patch {m['patch_size']} = {m['tokens']} "
+        f"tokens, {m['parameters']:,} parameters, "
+        f"{'checkpoint weights' if m.get('weights', m['path']) else 'random init'}; AdamW; one synthetic "
+        "batch",
         "",
         *_notes(meta),
         "",
@@ -152,6 +153,12 @@ def _notes(meta: dict) -> list[str]:
                 "2), + one block's analytic bytes with checkpointing; ignores workspace and fragmentation, "
                 "so it is an upper bound."
             )
+    if meta["model"].get("unmodelled"):
+        notes.append(
+            f"- the model's blocks have {' and '.join(meta['model']['unmodelled'])}, which the analytic "
+            "block model (a plain ViT block) leaves out: ideal figures do not count what they keep, so "
+            "realised/ideal differs from 1."
+        )
     if meta["model"]["dropout"]:
         notes.append(
             f"- the model has dropout {meta['model']['dropout']:g}; the analytic block model assumes none, "

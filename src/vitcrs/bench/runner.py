@@ -14,6 +14,8 @@ from datetime import datetime
 import torch
 import transformers
 
+from vitcrs.models import ModelFamily, family_of
+from vitcrs.models.family import dropout_rate
 from vitcrs.units import GIB
 
 from .analytic import (
@@ -25,6 +27,7 @@ from .analytic import (
 from .grid import BenchConfig
 from .measure import (
     ModelSpec,
+    architecture,
     block_shape,
     build,
     cpu_peak_bytes,
@@ -36,6 +39,7 @@ from .measure import (
     model_saved_bytes,
     synthetic_batch,
     time_steps,
+    unmodelled_block_parts,
 )
 
 
@@ -79,7 +83,8 @@ def run_config(
     x, y = batch
     row: dict = {**cfg.to_dict(), "status": "ok", "reason": None}
     model = build(spec, cfg, device, opts.seed)
-    shape = block_shape(model.config, opts.batch_size)
+    arch = architecture(model)
+    shape = block_shape(arch, opts.batch_size)
     row["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     timed = device.type == "cuda" or opts.time_on_cpu
     try:
@@ -100,7 +105,7 @@ def run_config(
         row["saved_bytes"] = model_saved_bytes(model, x, y, cfg.precision)
         _analytic(row, cfg, shape)
         if opts.find_max_batch:
-            _max_batch(row, cfg, spec, model, shape, opts, device)
+            _max_batch(row, cfg, spec, model, arch.image_size, shape, opts, device)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
         if not is_oom(exc):
             raise
@@ -155,12 +160,13 @@ def _max_batch(
     cfg: BenchConfig,
     spec: ModelSpec,
     model: torch.nn.Module,
+    image_size: int,
     shape: BlockShape,
     opts: BenchOptions,
     device: torch.device,
 ) -> None:
     budget = int(opts.memory_budget_gib * GIB)
-    image_size, labels = model.config.image_size, model.config.num_labels
+    labels = spec.num_labels
     if device.type == "cuda":
 
         def trial(b: int) -> None:
@@ -255,14 +261,15 @@ def run_bench(
 ) -> dict:
     """Run every configuration (skipping invalid ones with their reason); returns {"meta", "rows"}."""
     probe = spec.build("eager")
-    config = probe.config
-    shape = block_shape(config, opts.batch_size)
+    arch, family = architecture(probe), family_of(probe)
+    shape = block_shape(arch, opts.batch_size)
     params = sum(p.numel() for p in probe.parameters())
+    dropout, extras = dropout_rate(probe), unmodelled_block_parts(probe)
     del probe
-    batch = synthetic_batch(opts.batch_size, config.image_size, config.num_labels, device, opts.seed)
+    batch = synthetic_batch(opts.batch_size, arch.image_size, spec.num_labels, device, opts.seed)
     rows = []
     for i, cfg in enumerate(configs, 1):
-        reason = cfg.skip_reason()
+        reason = cfg.skip_reason() or spec_skip_reason(family, cfg)
         if reason:
             row = {**cfg.to_dict(), "status": "skipped", "reason": reason}
         else:
@@ -283,7 +290,6 @@ def run_bench(
                 row["images_per_s"] = images_per_s(opts.batch_size, row["step_times_s"])
         log(f"timing round {r}/{opts.rounds} done")
     fill_ratios(rows, configs)
-    dropout = max(config.hidden_dropout_prob, config.attention_probs_dropout_prob)
     meta = {
         "command": shlex.join(["python", "-m", "vitcrs.bench", *argv]),
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -294,15 +300,19 @@ def run_bench(
         "python": platform.python_version(),
         "model": {
             **spec.to_dict(),
-            "hidden": config.hidden_size,
-            "layers": config.num_hidden_layers,
-            "heads": config.num_attention_heads,
-            "intermediate": config.intermediate_size,
-            "image_size": config.image_size,
-            "patch_size": config.patch_size,
+            "family": family.name,
+            "weights": spec.weights,
+            "hidden": arch.hidden_size,
+            "layers": arch.num_hidden_layers,
+            "heads": arch.num_attention_heads,
+            "intermediate": arch.intermediate_size,
+            "image_size": arch.image_size,
+            "patch_size": arch.patch_size,
+            "prefix_tokens": arch.prefix_tokens,
             "tokens": shape.tokens,
             "parameters": params,
             "dropout": dropout,
+            "unmodelled": extras,
         },
         "batch_size": opts.batch_size,
         "warmup": opts.warmup,
@@ -315,6 +325,17 @@ def run_bench(
         "memory_budget_gib": opts.memory_budget_gib,
     }
     return {"meta": meta, "rows": rows}
+
+
+def spec_skip_reason(family: ModelFamily, cfg: BenchConfig) -> str | None:
+    """Why the model's family cannot run `cfg` in the bench, or None."""
+    if cfg.checkpointing and not family.name.startswith("hf_"):
+        return (
+            f"gradient checkpointing is measured on Hugging Face models only: {family.title} models "
+            "checkpoint their blocks inside their own forward (timm's set_grad_checkpointing), where the "
+            "bench cannot count the block inputs checkpointing keeps"
+        )
+    return None
 
 
 def _summary(row: dict) -> str:

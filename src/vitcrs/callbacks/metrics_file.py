@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 import vitcrs
 from vitcrs.crs import CRSConfig
 from vitcrs.errors import ConfigError
+from vitcrs.models.registry import model_label
 from vitcrs.record import METRICS_FILE, STATUSES, RunRecord
 
 from .grad_fidelity import GradFidelityMonitor
@@ -74,8 +75,8 @@ def describe_run(
         crs = CRSConfig.from_settings(node, cfg.model.attn_implementation).in_effect()  # type: ignore[arg-type]
     model_choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
     settings = {
-        "model": cfg.model.name_or_path or model_choice or "random-init",
-        "attn_implementation": cfg.model.attn_implementation,
+        "model": model_label(OmegaConf.to_container(cfg.model, resolve=True), model_choice),
+        "attn_implementation": cfg.model.get("attn_implementation", "eager"),
         "precision": str(cfg.trainer.precision),
         "batch_size": datamodule.batch_size,
         "max_epochs": cfg.trainer.max_epochs,

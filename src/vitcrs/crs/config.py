@@ -146,9 +146,9 @@ class CRSConfig:
         return settings
 
     def check_sampled(self, vit: Any, image_size: int, batch_size: int) -> None:
-        """ConfigError when ratio < 1 would sample nothing for `vit` (a ViTConfig) fed `batch_size` images of
-        side `image_size` (no targets, or min_k >= every contraction): the run would be exact but recorded
-        as sampled."""
+        """ConfigError when ratio < 1 would sample nothing for `vit` (a `vitcrs.models.Architecture`) fed
+        `batch_size` images of side `image_size` (no targets, or min_k >= every contraction): the run would be
+        exact but recorded as sampled."""
         if self.exact:
             return
         targets, ratio = self.targets, float(self.ratio)
@@ -158,7 +158,7 @@ class CRSConfig:
                 "sampled. Give the ops to sample (e.g. crs.targets=[lean_block]) or crs.ratio=1.0 for an "
                 "exact run."
             )
-        tokens = (int(image_size) // int(vit.patch_size)) ** 2 + 1
+        tokens = vit.tokens(int(image_size))  # patches + prefix tokens (class, distillation, registers)
         # The longest contraction a target samples: tokens of the batch for linears, tokens or the head width
         # for the attention matmuls.
         head = int(vit.hidden_size) // int(vit.num_attention_heads)

@@ -1,7 +1,7 @@
 """`python -m vitcrs.fidelity [key=value ...]`: the gradient-fidelity meter, a Hydra app (conf/fidelity.yaml).
 
 Validates every setting (ConfigError, exit status 2, before anything is loaded or written), builds the model
-(`vitcrs.models.build_vit`, seeded head) and the data (`vitcrs.train.build_datamodule`, the training split
+(its model family's `build`, seeded head) and the data (`vitcrs.train.build_datamodule`, the training split
 without augmentation: noise_batches + warmup_steps disjoint batches of data.batch_size images drawn with
 `seed`), runs `vitcrs.fidelity.meter.measure` with a progress bar, and writes fidelity.json, fidelity.md and
 fidelity.png into `out_dir` (Hydra's run dir).
@@ -32,10 +32,10 @@ from rich.progress import (
 )
 
 import vitcrs
-from vitcrs.conf import CONF_DIR
+from vitcrs.conf import CONF_DIR, choice, container
 from vitcrs.crs import CRSConfig, target_set, validate_targets
 from vitcrs.errors import ConfigError
-from vitcrs.models import build_vit, check_architecture, load_vit_config
+from vitcrs.models import check_architecture, model_family, model_label
 
 from .meter import Batch, Configuration, measure, passes_needed
 from .render import fidelity_markdown, number, write_plot
@@ -86,7 +86,7 @@ def configurations(cfg: DictConfig) -> list[Configuration]:
             )
         try:
             targets = target_set(targets) if named else targets
-            targets = validate_targets(targets, cfg.model.attn_implementation)
+            targets = validate_targets(targets, cfg.model.get("attn_implementation"))
             # the keys not given take CRSConfig's defaults; those that change nothing are put at theirs too
             # (e.g. prob for the lean block), so each row is labelled with what it measures
             crs = CRSConfig(**{**entry, "targets": targets}).in_effect()
@@ -100,6 +100,7 @@ def configurations(cfg: DictConfig) -> list[Configuration]:
 def validate(cfg: DictConfig) -> tuple[list[Configuration], torch.device]:
     """Check the meter's own settings; returns the configurations and the device. Raises ConfigError."""
     _int_at_least(cfg, "seed", 0, "e.g. seed=1.")
+    model_family(container(cfg.model))
     configs = configurations(cfg)
     _int_at_least(cfg, "fidelity.draws", 3, "The bias check needs several draws, e.g. fidelity.draws=8.")
     _int_at_least(
@@ -174,12 +175,6 @@ def finite_or_none(value: Any) -> Any:
     return value
 
 
-def _model_name(cfg: DictConfig) -> str:
-    """The checkpoint, else the model option chosen (e.g. vit_micro), else "random-init"."""
-    choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
-    return cfg.model.name_or_path or choice or "random-init"
-
-
 def run(cfg: DictConfig) -> Path:
     """Measure as configured and write the three files into cfg.out_dir; returns that folder."""
     from vitcrs.train import build_datamodule
@@ -187,20 +182,17 @@ def run(cfg: DictConfig) -> Path:
 
     quiet_known_warnings()
     configs, device = validate(cfg)
-    datamodule = build_datamodule(cfg)
-    config = OmegaConf.to_container(cfg.model.config, resolve=True) if cfg.model.config is not None else None
-    vit = load_vit_config(cfg.model.name_or_path, datamodule.num_classes, config)  # type: ignore[arg-type]
-    check_architecture(vit, int(datamodule.image_size))
-    check_sampled(configs, vit, int(datamodule.image_size), int(datamodule.batch_size))
+    model_node = container(cfg.model)
+    family = model_family(model_node)
+    datamodule = build_datamodule(cfg, family=family)
+    arch = family.meta_architecture(model_node, datamodule.num_classes)
+    check_architecture(arch, int(datamodule.image_size))
+    check_sampled(configs, arch, int(datamodule.image_size), int(datamodule.batch_size))
     f = cfg.fidelity
     batches = make_batches(datamodule, f.noise_batches + f.warmup_steps, cfg.seed, device)
     torch.manual_seed(cfg.seed)  # the fresh head
-    model = build_vit(
-        cfg.model.name_or_path,
-        datamodule.num_classes,
-        cfg.model.attn_implementation,
-        OmegaConf.to_container(cfg.model.config, resolve=True) if cfg.model.config is not None else None,
-        list(datamodule.class_names),
+    model = family.build(
+        model_node, datamodule.num_classes, list(datamodule.class_names), int(datamodule.image_size)
     ).to(device)
     total = passes_needed(configs, f.draws, f.prime_passes, f.noise_batches, f.warmup_steps)
     columns = (
@@ -225,8 +217,9 @@ def run(cfg: DictConfig) -> Path:
     results = {
         "command": _command(),
         "settings": {
-            "model": _model_name(cfg),
-            "attn_implementation": cfg.model.attn_implementation,
+            "model": model_label(model_node, choice("model")),
+            "family": family.name,
+            "attn_implementation": model_node.get("attn_implementation", "eager"),
             "dataset": datamodule.name,
             "num_classes": datamodule.num_classes,
             "batch_size": int(datamodule.batch_size),

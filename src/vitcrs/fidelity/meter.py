@@ -1,4 +1,5 @@
-"""The fidelity meter's measurement: exact and sampled gradients of fixed batches through one HF ViT.
+"""The fidelity meter's measurement: exact and sampled gradients of fixed batches through one ViT (any model
+family: `vitcrs.models.model_logits`).
 
 `measure(model, batches, configurations, ...)` (the model in eval mode: dropout off; CRS samples whenever
 grad is enabled) does, in order:
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from vitcrs.crs import CRSConfig, attach_sample_cache, crs_state, inject, training_batch, uninjected
 from vitcrs.models.optim import OptimConfig
-from vitcrs.models.vit import vit_logits
+from vitcrs.models.registry import model_logits
 
 from .metric import (
     EMBEDDINGS_BLOCK,
@@ -121,7 +122,7 @@ class Passes:
 
     def loss(self, batch: Batch) -> Tensor:
         x, y = batch
-        return F.cross_entropy(vit_logits(self.model, x), y)
+        return F.cross_entropy(model_logits(self.model, x), y)
 
     def grads(self, batch: Batch) -> tuple[list[Tensor], float]:
         """(gradients [per measured parameter], seconds of the forward + backward); p.grad is not touched."""
@@ -151,7 +152,7 @@ def warm_up(
     with uninjected(model):
         for x, y in batches:
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(vit_logits(model, x), y).backward()
+            F.cross_entropy(model_logits(model, x), y).backward()
             optimizer.step()
             tick()
     optimizer.zero_grad(set_to_none=True)

@@ -18,39 +18,47 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from vitcrs.models.vit import HEAD_PREFIX
+from vitcrs.models.registry import head_prefixes
 
 # Columns of `parameter_sums`: ‖ĝ_i − g_i‖², ĝ_i·g_i, ‖ĝ_i‖², ‖g_i‖² per parameter i.
 SQ_ERR, DOT, SQ_SAMPLED, SQ_EXACT = range(4)
 
-# Parameter kinds, in table order: what a parameter's name ends in (transformers 5 ViT names).
-KINDS = ("query", "key", "value", "attn_output", "fc1", "fc2", "layernorm", "embeddings", "other")
+# Parameter kinds, in table order: what a parameter's name ends in, for every model family: transformers 5
+# ViT / DeiT / DINOv2 (q_proj ... o_proj; DINOv2's SwiGLU gate_proj and up_proj are its fc1, down_proj its
+# fc2) and timm (one fused qkv, attn.proj, mlp.fc1 / fc2, norm1 / norm2, layer scales ls1 / ls2).
+KINDS = ("query", "key", "value", "qkv", "attn_output", "fc1", "fc2", "layernorm", "layer_scale",
+         "embeddings", "other")  # fmt: skip
 _KIND_PATTERNS = (
-    ("embeddings", re.compile(r"(^|\.)embeddings\.")),
+    (
+        "embeddings",
+        re.compile(r"(^|\.)embeddings\.|^(cls_token|reg_token|dist_token|pos_embed|patch_embed\.)"),
+    ),
     ("query", re.compile(r"\.q_proj\.")),
     ("key", re.compile(r"\.k_proj\.")),
     ("value", re.compile(r"\.v_proj\.")),
-    ("attn_output", re.compile(r"\.o_proj\.")),
-    ("fc1", re.compile(r"\.fc1\.")),
-    ("fc2", re.compile(r"\.fc2\.")),
-    ("layernorm", re.compile(r"(^|\.)layernorm\w*\.")),
+    ("qkv", re.compile(r"\.attn\.qkv\.")),
+    ("attn_output", re.compile(r"\.o_proj\.|\.attn\.proj\.")),
+    ("fc1", re.compile(r"\.fc1\.|\.gate_proj\.|\.up_proj\.")),
+    ("fc2", re.compile(r"\.fc2\.|\.down_proj\.")),
+    ("layernorm", re.compile(r"(^|\.)(layernorm\w*|norm\w*|fc_norm|[qk]_norm)\.")),
+    ("layer_scale", re.compile(r"\.(ls\d|layer_scale\d)\.")),
 )
-_BLOCK = re.compile(r"\.layers\.(\d+)\.")
+_BLOCK = re.compile(r"(^|\.)(layers|layer|blocks)\.(\d+)\.")  # HF ViT/DeiT, HF DINOv2, timm
 EMBEDDINGS_BLOCK = "embeddings"
 FINAL_BLOCK = "final norm"
 
 
 def measured_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of every trainable parameter of a HF ViT classifier except its head, in order."""
+    """(name, parameter) of every trainable parameter of a classifier of any model family except its head
+    (`vitcrs.models.head_prefixes`), in order."""
+    head = head_prefixes(model)
     return [
-        (name, p)
-        for name, p in model.named_parameters()
-        if p.requires_grad and not name.startswith(HEAD_PREFIX)
+        (name, p) for name, p in model.named_parameters() if p.requires_grad and not name.startswith(head)
     ]
 
 
 def parameter_kind(name: str) -> str:
-    """The kind of a ViT parameter: one of KINDS ("other" for names the patterns do not know)."""
+    """The kind of a ViT parameter (any family): one of KINDS ("other" for names the patterns do not know)."""
     return next((kind for kind, pattern in _KIND_PATTERNS if pattern.search(name)), "other")
 
 
@@ -59,7 +67,7 @@ def parameter_block(name: str) -> str:
     if _KIND_PATTERNS[0][1].search(name):
         return EMBEDDINGS_BLOCK
     found = _BLOCK.search(name)
-    return found.group(1) if found else FINAL_BLOCK
+    return found.group(3) if found else FINAL_BLOCK
 
 
 @torch.no_grad()

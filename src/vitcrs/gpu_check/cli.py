@@ -43,7 +43,7 @@ SUMMARY_STEPS = (
 TITLES = {
     "setup": "payload, data extraction, device",
     "tests": "pytest -m cuda (CUDA variants of the test suite)",
-    "smoke": "correctness smoke of every target set, fp32 and bf16 autocast",
+    "smoke": "correctness smoke of every target set and model family, fp32 and bf16 autocast",
     "bench_eager_fp32": "bench: ViT-B/16 batch 64, eager fp32",
     "bench_sdpa_bf16": "bench: ViT-B/16 batch 64, sdpa bf16 autocast",
     "train": "study_tiny training on CIFAR-10 (ViT-Tiny)",
@@ -247,7 +247,7 @@ class GPUCheck:
         record.outputs = [result, record.log]
         status = TIMEOUT if done.timed_out else OK if done.returncode == 0 else FAILED
         cases = json.loads((self.out / result).read_text())["cases"] if (self.out / result).is_file() else []
-        bad = [f"{c['target_set']}/{c['attn']}/{c['precision']}" for c in cases if not c["ok"]]
+        bad = [f"{c['family']}/{c['target_set']}/{c['attn']}/{c['precision']}" for c in cases if not c["ok"]]
         note = f"{len(cases) - len(bad)} of {len(cases)} cases passed" + (
             f"; failed: {', '.join(bad)}" if bad else ""
         )

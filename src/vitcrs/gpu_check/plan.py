@@ -20,7 +20,7 @@ LIMITS_S = {
     "gpu": {
         "setup": 45,  # wheels are installed before; extracting the 88 MiB JPEG tree, reading the GPU
         "tests": 90,  # pytest -m cuda: collection (~10 s) and the CUDA variants of the CRS tests
-        "smoke": 75,  # 18 cases x (130 forward/backward passes of a 2-block ViT) + process start
+        "smoke": 150,  # 54 cases (18 HF ViT, 12 each HF DeiT, DINOv2, timm) x 130 passes of a 2-block net
         "bench_eager_fp32": 120,  # 14 rows x (7 steps at ≤ 0.45 s + model build + saved-bytes pass) ≈ 70 s
         "bench_sdpa_bf16": 75,  # the same rows at ~4x the speed (1,688 images/s exact) ≈ 45 s
         "report": 30,  # python -m vitcrs.report: reading metrics.json, tables, 3 plots

@@ -1,10 +1,12 @@
-"""Correctness smoke of every bench target set on one device, in fp32 and bf16 autocast.
+"""Correctness smoke of every bench target set and model family on one device, in fp32 and bf16 autocast.
 
     python -m vitcrs.gpu_check.smoke --device cuda --out smoke.json
 
-For each target set the bench runs (`vitcrs.bench.grid.BENCH_TARGET_SETS`, as it is at run time), each
-attention implementation it works with (eager; sdpa too when it samples no attention matmul) and each
-precision, on a small random-init ViT and one random batch, against the same network without CRS:
+For each model family (`FAMILIES`: a small random-init network of each, with the family's own block parts:
+DeiT's two heads, DINOv2's SwiGLU MLP and layer scale, timm's fused qkv and layer scale), each target set the
+bench runs (`vitcrs.bench.grid.BENCH_TARGET_SETS`, as it is at run time), each attention implementation it
+works with (eager; for the Hugging Face ViT sdpa too when it samples no attention matmul) and each precision,
+on one random batch, against the same network without CRS:
 
 - forward: the logits at ratio 0.3 equal the exact ones (relative error ≤ `FORWARD_TOL`);
 - ratio 1: every gradient equals the exact one (relative error over all parameters ≤ `GRAD_TOL`);
@@ -30,10 +32,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import ViTConfig, ViTForImageClassification
 
 from vitcrs.bench.grid import BENCH_TARGET_SETS
 from vitcrs.crs import MATMUL_TARGETS, TARGET_SETS, CRSConfig, crs_state, inject
+from vitcrs.errors import ConfigError
+from vitcrs.models import model_family, model_logits
 
 PRECISIONS = ("fp32", "bf16-mixed")
 FORWARD_TOL = {"fp32": 1e-5, "bf16-mixed": 1e-2}  # relative error of the logits at ratio 0.3
@@ -51,12 +54,44 @@ SHAPES = {
 }  # fmt: skip
 
 
-def cases(target_sets: dict[str, tuple[str, ...]]) -> list[tuple[str, str, str]]:
-    """(target set, attention, precision) for every set, sdpa only where no attention matmul is sampled."""
+# The model families of the smoke; the first runs sdpa too (the attention implementation is the family's own
+# code path only in eager attention, which the others run).
+FAMILIES = ("hf_vit", "hf_deit", "hf_dinov2", "timm")
+
+
+def model_node(family: str, shape: dict, attn: str) -> dict:
+    """The `model` config node of `family`'s smoke network at `shape` (a SHAPES entry), with `attn`."""
+    hidden, mlp = shape["hidden_size"], shape["intermediate_size"]
+    arch = {k: shape[k] for k in ("image_size", "patch_size", "hidden_size", "num_hidden_layers",
+                                  "num_attention_heads")}  # fmt: skip
+    if family == "hf_vit":
+        return {"family": family, "name_or_path": None, "attn_implementation": attn,
+                "config": {**arch, "intermediate_size": mlp}}  # fmt: skip
+    if family == "hf_deit":  # both heads
+        return {"family": family, "name_or_path": None, "attn_implementation": attn, "with_teacher": True,
+                "config": {**arch, "intermediate_size": mlp}}  # fmt: skip
+    if family == "hf_dinov2":  # SwiGLU MLP, layer scale
+        config = {**arch, "mlp_ratio": mlp // hidden, "use_swiglu_ffn": True, "layerscale_value": 0.5}
+        return {"family": family, "name_or_path": None, "attn_implementation": attn, "config": config}
+    if family == "timm":  # fused qkv, layer scale
+        config = {"img_size": shape["image_size"], "patch_size": shape["patch_size"], "embed_dim": hidden,
+                  "depth": shape["num_hidden_layers"], "num_heads": shape["num_attention_heads"],
+                  "mlp_ratio": mlp / hidden, "init_values": 0.5}  # fmt: skip
+        return {"family": family, "name": "vit_tiny_patch16_224", "pretrained": False,
+                "attn_implementation": attn, "config": config}  # fmt: skip
+    raise ValueError(f"no smoke network for family {family!r}")
+
+
+def cases(
+    target_sets: dict[str, tuple[str, ...]], families: Sequence[str] = FAMILIES[:1]
+) -> list[tuple[str, str, str, str]]:
+    """(family, target set, attention, precision) for every family and set; sdpa for the first family
+    only, and only where no attention matmul is sampled."""
     out = []
-    for name, targets in target_sets.items():
-        attns = ("eager",) if set(targets) & set(MATMUL_TARGETS) else ("eager", "sdpa")
-        out += [(name, a, p) for a in attns for p in PRECISIONS]
+    for family in families:
+        for name, targets in target_sets.items():
+            sdpa = family == FAMILIES[0] and not set(targets) & set(MATMUL_TARGETS)
+            out += [(family, name, a, p) for a in ("eager", "sdpa")[: 2 if sdpa else 1] for p in PRECISIONS]
     return out
 
 
@@ -76,7 +111,7 @@ def _step(model, x, y, device, precision) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, flattened gradients) of one forward/backward of the cross-entropy loss."""
     model.zero_grad(set_to_none=True)
     with _autocast(device, precision):
-        logits = model(x).logits
+        logits = model_logits(model, x)
     F.cross_entropy(logits.float(), y).backward()
     return logits.detach(), _flat_grads(model)
 
@@ -98,14 +133,20 @@ def bias_ratio(
 
 
 def check_case(
-    target_set: str, attn: str, precision: str, device: torch.device, shape: dict, draws: int, seed: int = 0
+    target_set: str,
+    attn: str,
+    precision: str,
+    device: torch.device,
+    shape: dict,
+    draws: int,
+    seed: int = 0,
+    family: str = FAMILIES[0],
 ) -> dict:
     """One case's record: its measured errors, the limits, and `ok` (every check passed)."""
-    shape = dict(shape)
-    batch = shape.pop("batch")
+    batch = shape["batch"]
     torch.manual_seed(seed)
-    config = ViTConfig(**shape, num_labels=10, attn_implementation=attn)
-    base = ViTForImageClassification(config).to(device).train()
+    node = model_node(family, shape, attn)
+    base = model_family(node).build(node, 10).to(device).train()
     x = torch.randn(batch, 3, shape["image_size"], shape["image_size"], device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     targets = TARGET_SETS[target_set]
@@ -127,6 +168,7 @@ def check_case(
         total_sq += gs.square().sum()
     bias, rel_err = bias_ratio(total, total_sq.item(), draws, g, ROUNDING[precision])
     record = {
+        "family": family,
         "target_set": target_set,
         "targets": list(targets),
         "attn": attn,
@@ -156,26 +198,56 @@ def check_case(
     return record
 
 
-def run(device: torch.device, draws: int, out: Path, target_sets: Sequence[str] | None = None) -> list[dict]:
-    """Every case, each record written to `out` (JSON) as soon as it is done; returns the records."""
+def available(families: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The families whose networks can be built here, and why the others cannot (timm not installed)."""
+    usable, missing = [], {}
+    for family in families:
+        try:
+            model_family(model_node(family, SHAPES["cpu"], "eager"))
+        except ConfigError as err:
+            missing[family] = str(err)
+        else:
+            usable.append(family)
+    return usable, missing
+
+
+def case_name(record: dict) -> str:
+    return (
+        f"{record.get('family', FAMILIES[0])}/{record['target_set']}/{record['attn']}/{record['precision']}"
+    )
+
+
+def run(
+    device: torch.device,
+    draws: int,
+    out: Path,
+    target_sets: Sequence[str] | None = None,
+    families: Sequence[str] = FAMILIES,
+) -> list[dict]:
+    """Every case, each record written to `out` (JSON) as soon as it is done; returns the records. A family
+    that cannot be built here (timm not installed) is left out, and named in the JSON's meta."""
     names = {k: TARGET_SETS[k] for k in BENCH_TARGET_SETS if target_sets is None or k in target_sets}
     shape = SHAPES["cuda" if device.type == "cuda" else "cpu"]
-    meta = {"device": str(device), "torch": torch.__version__, "shape": shape, "draws": draws}
+    usable, missing = available(families)
+    meta = {"device": str(device), "torch": torch.__version__, "shape": shape, "draws": draws,
+            "families": usable, "families_left_out": missing}  # fmt: skip
+    for family, why in missing.items():
+        print(f"smoke: family {family} left out: {why}", flush=True)
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
     records: list[dict] = []
-    for name, attn, precision in cases(names):
+    for family, name, attn, precision in cases(names, usable):
         start = time.perf_counter()
         try:
-            record = check_case(name, attn, precision, device, shape, draws)
+            record = check_case(name, attn, precision, device, shape, draws, family=family)
         except Exception as exc:  # a crash is a failed case, reported with the others
-            record = {"target_set": name, "attn": attn, "precision": precision, "ok": False,
+            record = {"family": family, "target_set": name, "attn": attn, "precision": precision, "ok": False,
                       "failures": [f"{type(exc).__name__}: {exc}"]}  # fmt: skip
         record["seconds"] = round(time.perf_counter() - start, 2)
         records.append(record)
         out.write_text(json.dumps({"meta": meta, "cases": records}, indent=2) + "\n")
         status = "ok" if record["ok"] else "FAILED: " + "; ".join(record["failures"])
-        print(f"smoke {name}/{attn}/{precision}: {status} ({record['seconds']} s)", flush=True)
+        print(f"smoke {case_name(record)}: {status} ({record['seconds']} s)", flush=True)
     return records
 
 
@@ -184,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
     p.add_argument("--draws", type=int, default=128, help="sampled gradients per case (default 128)")
     p.add_argument("--targets", help="comma-separated target sets (default: all of BENCH_TARGET_SETS)")
+    p.add_argument("--families", help=f"comma-separated model families (default: {','.join(FAMILIES)})")
     p.add_argument("--out", type=Path, required=True, help="the JSON file to write")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -197,8 +270,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     sets = args.targets.split(",") if args.targets else None
-    records = run(device, args.draws, args.out, sets)
-    failed = [f"{r['target_set']}/{r['attn']}/{r['precision']}" for r in records if not r["ok"]]
+    families = args.families.split(",") if args.families else FAMILIES
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        print(f"error: --families {unknown}: choose from {', '.join(FAMILIES)}", file=sys.stderr)
+        return 2
+    records = run(device, args.draws, args.out, sets, families)
+    failed = [case_name(r) for r in records if not r["ok"]]
     if failed:
         print(f"smoke: {len(failed)} of {len(records)} cases failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed or not records else 0

@@ -1,29 +1,48 @@
-"""The network (`build_vit`, `model_inputs`) and its LightningModule (`ViTClassifier`)."""
+"""The networks of every model family (`vitcrs.models.registry`: Hugging Face ViT / DeiT / DINOv2, timm ViT)
+behind one interface (`ModelFamily`), and the LightningModule training them (`ViTClassifier`)."""
 
-from .module import ViTClassifier
-from .optim import OptimConfig
-from .vit import (
+from .family import Architecture, ModelFamily, ModelInputs, check_architecture, parameter_shapes
+from .hf import (
     ATTN_IMPLEMENTATIONS,
-    ModelInputs,
     build_vit,
-    check_architecture,
     check_attn_implementation,
     load_vit_config,
     model_inputs,
-    parameter_shapes,
     vit_logits,
+)
+from .module import ViTClassifier
+from .optim import OptimConfig
+from .registry import (
+    DEFAULT_FAMILY,
+    FAMILIES,
+    family_of,
+    head_prefixes,
+    model_family,
+    model_label,
+    model_logits,
+    named_family,
 )
 
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
+    "DEFAULT_FAMILY",
+    "FAMILIES",
+    "Architecture",
+    "ModelFamily",
     "ModelInputs",
     "OptimConfig",
     "ViTClassifier",
     "build_vit",
     "check_architecture",
     "check_attn_implementation",
+    "family_of",
+    "head_prefixes",
     "load_vit_config",
+    "model_family",
     "model_inputs",
+    "model_label",
+    "model_logits",
+    "named_family",
     "parameter_shapes",
     "vit_logits",
 ]

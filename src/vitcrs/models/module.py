@@ -1,4 +1,5 @@
-"""`ViTClassifier`: the LightningModule fine-tuning a Hugging Face ViT with CRS-sampled backward passes."""
+"""`ViTClassifier`: the LightningModule fine-tuning a ViT (any model family) with CRS-sampled backward
+passes."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ from vitcrs.crs import (
 )
 from vitcrs.distributed import gather_objects
 
+from .family import Architecture, ModelFamily
 from .optim import AdamWInBackward, OptimConfig
-from .vit import build_vit, vit_logits
+from .registry import model_family
 
 Batch = tuple[Tensor, ...]  # (images, labels); training with prob=sample_cache: (images, labels, indices)
 log = logging.getLogger(__name__)
@@ -87,9 +89,10 @@ def warn_if_activation_gradients_sampled(crs_config: CRSConfig) -> None:
 
 
 class ViTClassifier(LightningModule):
-    """Image classification with a HF `ViTForImageClassification` (`self.net`) whose backward is CRS-sampled.
+    """Image classification with a ViT (`self.net`, built by its model family) whose backward is CRS-sampled.
 
-    model: the `model` config node: name_or_path, attn_implementation, config (see `build_vit`).
+    model: the `model` config node (a plain dict): family (default hf_vit) and the family's keys, e.g.
+        name_or_path, attn_implementation, config (`vitcrs.models.registry`, `ModelFamily.build`).
     crs: the `crs` config node: ratio, method, targets, min_k, prob, grad_ema (see `CRSConfig`, `inject`).
     optim: lr, weight_decay (not applied to biases and norm weights), warmup_fraction (of all optimizer steps,
         linear warm-up then linear decay to 0).
@@ -98,7 +101,8 @@ class ViTClassifier(LightningModule):
     seed: the run's seed. When fitting starts, the network's sampling stream (`self.crs.generator`, a
         `SamplingGenerator`) is seeded with seed + global rank, so data-parallel ranks draw different rows;
         None: leave the stream as it is.
-    image_size: the side of the images it is trained on (None: the model's own), for the sample cache's size.
+    image_size: the side of the images it is trained on (None: the model's own): the network is built for it
+        (a timm model then interpolates its position embeddings), and the sample cache is sized by it.
 
     With crs.prob=sample_cache, training batches carry a third element, the images' dataset indices: they are
     handed to the network (`set_training_batch`) before its forward, so the sampled ops read and write the
@@ -131,13 +135,8 @@ class ViTClassifier(LightningModule):
         # save_hyperparameters reads the arguments' current values.
         crs, optim = self.crs_config.to_dict(), asdict(self.optim_config)
         self.save_hyperparameters()
-        self.net = build_vit(
-            model.get("name_or_path"),
-            num_labels,
-            model.get("attn_implementation", "eager"),
-            model.get("config"),
-            class_names,
-        )
+        self.family: ModelFamily = model_family(model)
+        self.net = self.family.build(model, num_labels, class_names, image_size)
         inject(self.net, self.crs_config)
         warn_if_activation_gradients_sampled(self.crs_config)
         self._pending_torch_rng: dict[str, Tensor] | None = None  # from a checkpoint, not yet applied
@@ -168,22 +167,22 @@ class ViTClassifier(LightningModule):
         prefix = next(name for name, m in self.named_modules() if m is self.crs)
         self._ddp_params_and_buffers_to_ignore = [f"{prefix}.{n}" for n, _ in self.crs.named_buffers()]
 
+    def architecture(self) -> Architecture:
+        """The network's widths, depth and tokens per image (`Architecture.tokens`)."""
+        return self.family.architecture(self.net)
+
     def sample_cache_summary(self) -> dict[str, Any] | None:
         """The per-image gradient-norm cache (prob=sample_cache) of this process: format, training images,
         analytic bytes per image and the host bytes its entries take now; None for other probabilities."""
         cfg = self.crs_config
         if cfg.prob != "sample_cache":
             return None
-        config = self.net.config
-        size = self.hparams.get("image_size") or config.image_size
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        patch = config.patch_size[0] if isinstance(config.patch_size, (list, tuple)) else config.patch_size
-        tokens = (int(size) // int(patch)) ** 2 + 1
+        arch = self.architecture()
         per_image = sample_cache_bytes_per_image(
-            tokens,
-            config.hidden_size,
-            config.num_attention_heads,
-            config.num_hidden_layers,
+            arch.tokens(self.hparams.get("image_size")),
+            arch.hidden_size,
+            arch.num_attention_heads,
+            arch.num_hidden_layers,
             self.crs.targets,
             cfg.cache_format,
         )
@@ -196,8 +195,9 @@ class ViTClassifier(LightningModule):
         }
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        """Logits [B, num_labels] for normalised images [B, 3, S, S] (any S the model takes: `vit_logits`)."""
-        return vit_logits(self.net, pixel_values)
+        """Logits [B, num_labels] for normalised images [B, 3, S, S] (any S the model takes: its family's
+        `logits`)."""
+        return self.family.logits(self.net, pixel_values)
 
     def loss(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """(mean cross-entropy, logits [B, num_labels], labels [B]) of a batch."""
