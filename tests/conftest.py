@@ -53,6 +53,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.cuda)
 
 
+@pytest.fixture(autouse=True)
+def no_hydra_state_left():
+    """Leave no Hydra app state behind (an in-process `hydra.main` run sets HydraConfig for the process), so a
+    test never reads another test's run choices."""
+    yield
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None
+    GlobalHydra.instance().clear()
+
+
 @pytest.fixture
 def fresh_crs_stream():
     """Seed torch with 0 for the test: unseeded injected models (and the functional ops) draw from it."""
