@@ -354,15 +354,16 @@ class _AttentionHalf:
             g_qkv, *g_core = torch.autograd.grad(self.ctx, [self.qkv, *core], g_ctx.to(self.ctx.dtype))
             _add(grads, core, g_core)
             return g_qkv
-        g_qkv = torch.empty_like(self.qkv)
+        self.ctx = None  # (formed without a graph: what needed it, the attention output linear, is done)
         for rows in self.chunks:
             with torch.enable_grad():
                 leaf = self.qkv[rows].detach().requires_grad_()
                 out = self._attend(leaf, rows)
             g_rows, *g_core = torch.autograd.grad(out, [leaf, *core], g_ctx[rows].to(out.dtype))
-            g_qkv[rows] = g_rows
+            self.qkv[rows] = g_rows  # these rows of q/k/v are done with: their gradient takes their place
             _add(grads, core, g_core)
-            del out, g_rows
+            del out, g_rows, leaf
+        g_qkv, self.qkv = self.qkv, None
         return g_qkv
 
     def backward(self, g_x1: Tensor, cfg: CRSConfig, generator, grads: Grads) -> Tensor:
@@ -383,6 +384,7 @@ class _AttentionHalf:
         del go, ctx_rows
         g_qkv = self._qkv_grad(g_ctx, grads)
         del g_ctx
+        self.qkv = self.ctx = None
         gq = g_qkv.reshape(-1, g_qkv.shape[-1]).to(dt)
         rows = self.norm.detach().reshape(-1, self.norm.shape[-1]).to(dt)
         gw = sampled_weight_grad(gq, rows, cfg, generator)
@@ -428,7 +430,10 @@ class _LeanBlock(torch.autograd.Function):
             if x1 is None:  # kept only x: the attention half is recomputed first, for x1 = x + its branch
                 att = _AttentionHalf(block, x, ctx.mask, ctx.rng[0], ctx.dt, need_branch=True)
                 x1 = x + att.branch.detach()
+                if att.o is None:  # the branch was only needed for x1
+                    att.branch = None
             g_x1 = _mlp_half_backward(block.parts, cfg, generator, x1, g, ctx.rng[1], ctx.dt, grads)
+            del x1
             g_x1 = g_x1.to(g.dtype).add_(g)  # the residual path
             att = att or _AttentionHalf(block, x, ctx.mask, ctx.rng[0], ctx.dt, need_branch=False)
             g_x = att.backward(g_x1, cfg, generator, grads).to(x.dtype).add_(g_x1)
