@@ -20,7 +20,7 @@ dropout or norm): then it is recomputed under autograd, with the linears' weight
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -49,15 +49,115 @@ def _scaled_rows(t: Tensor, idx: Tensor, scale: Tensor) -> Tensor:
     return t.index_select(0, idx) * scale.unsqueeze(-1).to(t.dtype)
 
 
+# Sampled weight gradients gather their k rows in this many chunks: one chunk's gathered rows exist at a time.
+GATHER_CHUNKS = 4
+
+
+class Rows:
+    """The rows [n, i] of a linear's input, formed when asked for: `whole()` (its row norms are taken then)
+    and `at(idx)` (the rows `idx` only), so that a recomputable input need not stay whole in memory."""
+
+    def __init__(self, whole: Callable[[], Tensor], at: Callable[[Tensor], Tensor]) -> None:
+        self._whole, self._at, self._norms = whole, at, None
+
+    @classmethod
+    def of(cls, t: Tensor) -> Rows:
+        """The rows of a tensor at hand, [n, i]."""
+        return cls(lambda: t, lambda idx: t.index_select(0, idx))
+
+    def whole(self) -> Tensor:
+        t = self._whole()
+        if self._norms is None:
+            self._norms = torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32)
+        return t
+
+    @property
+    def norms(self) -> Tensor:
+        """‖x_i‖ of every row (fp32 [n])."""
+        if self._norms is None:
+            self.whole()
+        return self._norms
+
+    def at(self, idx: Tensor) -> Tensor:
+        return self._at(idx)
+
+
 def sampled_weight_grad(
-    g: Tensor, x: Tensor, cfg: CRSConfig, generator: torch.Generator | None = None
+    g: Tensor, x: Tensor | Rows, cfg: CRSConfig, generator: torch.Generator | None = None
 ) -> Tensor:
     """gᵀ x ([n, o] and [n, i] → [o, i]) from k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal
-    CRS probabilities for this product); exact gᵀ x at ratio 1. generator: None: torch's global RNG."""
+    CRS probabilities for this product); exact gᵀ x at ratio 1. The k rows are gathered `GATHER_CHUNKS` at a
+    time. x: the rows, or `Rows` that form them on demand. generator: None: torch's global RNG."""
+    rows = x if isinstance(x, Rows) else Rows.of(x)
     if cfg.num_samples(g.shape[0]) >= g.shape[0]:
-        return g.t() @ x
-    idx, scale = _row_sample(g, torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32), cfg, generator)
-    return _scaled_rows(g, idx, scale).t() @ x.index_select(0, idx)
+        return g.t() @ rows.whole()
+    idx, scale = _row_sample(g, rows.norms, cfg, generator)
+    return _gathered_product(g, idx, scale, rows.at)
+
+
+def _gathered_product(g: Tensor, idx: Tensor, scale: Tensor, rows_at: Callable[[Tensor], Tensor]) -> Tensor:
+    """Σ_t scale_t g_{idx_t}ᵀ x_{idx_t} with x's rows from `rows_at`, a chunk of the draw at a time."""
+    step = -(-idx.numel() // GATHER_CHUNKS)
+    out = None
+    for i in range(0, idx.numel(), step):
+        part = _scaled_rows(g, idx[i : i + step], scale[i : i + step]).t() @ rows_at(idx[i : i + step])
+        out = part if out is None else out.add_(part)
+    return out
+
+
+class _Norm:
+    """A block's LayerNorm of the kept stream x, recomputed in backward keeping only its statistics: its
+    output is handed out once (`rows().whole()`) and formed again at the rows asked for (`rows().at`), its
+    backward is LayerNorm's own kernel. Another norm keeps its output and goes through autograd."""
+
+    def __init__(self, norm: nn.Module, x: Tensor, dt: torch.dtype) -> None:
+        self.norm, self.x, self.dt, self.d = norm, x, dt, x.shape[-1]
+        self.native = isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+        if self.native:
+            self._out, self.mean, self.rstd = torch.ops.aten.native_layer_norm(
+                x, [self.d], norm.weight, norm.bias, norm.eps
+            )
+        else:
+            with torch.enable_grad():
+                self.leaf = x.detach().requires_grad_()
+                self.out = norm(self.leaf)
+
+    def _whole(self) -> Tensor:
+        if not self.native:
+            return self.out.detach().reshape(-1, self.d).to(self.dt)
+        out, self._out = self._out, None  # handed out: this object keeps no reference to it
+        if out is None:
+            out = torch.ops.aten.native_layer_norm(self.x, [self.d], self.norm.weight, self.norm.bias,
+                                                   self.norm.eps)[0]  # fmt: skip
+        return out.reshape(-1, self.d).to(self.dt)
+
+    def _at(self, idx: Tensor) -> Tensor:
+        if not self.native:
+            return self.out.detach().reshape(-1, self.d).index_select(0, idx).to(self.dt)
+        n = self.norm
+        rows = self.x.reshape(-1, self.d).index_select(0, idx)
+        return torch.ops.aten.native_layer_norm(rows, [self.d], n.weight, n.bias, n.eps)[0].to(self.dt)
+
+    def rows(self) -> Rows:
+        return Rows(self._whole, self._at)
+
+    def backward(self, grad: Tensor, grads: Grads) -> Tensor:
+        """The gradient of x given that of the norm's output ([n, d] rows); adds the norm's parameters'."""
+        params = list(self.norm.parameters())
+        if not self.native:
+            g_x, *g_params = torch.autograd.grad(self.out, [self.leaf, *params], grad.view_as(self.out))
+            _add(grads, params, g_params)
+            return g_x
+        n = self.norm
+        mask = [True, n.weight is not None, n.bias is not None]
+        g_x, g_w, g_b = torch.ops.aten.native_layer_norm_backward(
+            grad.reshape(self.x.shape).to(self.x.dtype), self.x, [self.d], self.mean, self.rstd, n.weight,
+            n.bias, mask,
+        )  # fmt: skip
+        _add(
+            grads, [p for p in (n.weight, n.bias) if p is not None], [t for t in (g_w, g_b) if t is not None]
+        )
+        return g_x
 
 
 # The MLP half's backward works on its hidden activation [n, f] in this many row chunks: besides one full-size
@@ -82,7 +182,7 @@ def _act_backward_(act, h: Tensor, grad: Tensor) -> None:
 
 
 def mlp_backward(
-    x2: Tensor,
+    x2: Tensor | Rows,
     w1: Tensor,
     b1: Tensor | None,
     w2: Tensor,
@@ -94,15 +194,16 @@ def mlp_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of `fc2(act(fc1(x2)))` from its input alone: recomputes the hidden activation, chunk by chunk.
 
-    x2: [n, d] MLP input; w1 [f, d] (a gated MLP: gate and up stacked, [2f, d], act taking both halves),
-    b1, w2 [d, f], b2 in the compute dtype. output_grad(output): the gradient [n, d] of the MLP's output,
-    given a function that recomputes that output (called only when the caller needs it: a layer scale's
-    gradient). Returns (grad_x2, grad_w1, grad_b1, grad_w2, grad_b2): the grads of x2 and of the biases
-    (fp32 sums) exact, the two weight grads from k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖input_i‖
-    (exact at ratio 1). Memory: one [n, f] buffer (the pre-activation, overwritten by its gradient) plus one
-    chunk's temporaries.
+    x2: [n, d] MLP input, or `Rows` forming it (whole once, then at fc1's sampled rows); w1 [f, d] (a gated
+    MLP: gate and up stacked, [2f, d], act taking both halves), b1, w2 [d, f], b2 in the compute dtype.
+    output_grad(output): the gradient [n, d] of the MLP's output, given a function that recomputes that output
+    (called only when the caller needs it: a layer scale's gradient). Returns (grad_x2, grad_w1, grad_b1,
+    grad_w2, grad_b2): the grads of x2 and of the biases (fp32 sums) exact, the two weight grads from
+    k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖input_i‖ (exact at ratio 1). Memory: one [n, f] buffer
+    (the pre-activation, overwritten by its gradient) plus one chunk's temporaries.
     """
-    h = F.linear(x2, w1, b1)  # pre-activation [n, f]
+    x2 = x2 if isinstance(x2, Rows) else Rows.of(x2)
+    h = F.linear(x2.whole(), w1, b1)  # pre-activation [n, f]
     step = -(-h.shape[0] // MLP_CHUNKS)
     rows = [slice(i, i + step) for i in range(0, h.shape[0], step)]
     g2 = output_grad(lambda: torch.cat([F.linear(act(h[r]), w2, b2) for r in rows]))
@@ -113,8 +214,7 @@ def mlp_backward(
     if pick is None:
         grad_w2 = sum(g2[r].t() @ act(h[r]) for r in rows)
     else:
-        idx, scale = pick
-        grad_w2 = _scaled_rows(g2, idx, scale).t() @ act(h.index_select(0, idx))
+        grad_w2 = _gathered_product(g2, *pick, lambda idx: act(h.index_select(0, idx)))
 
     # grad_h = act'(h) ⊙ (g W2), written over h chunk by chunk
     for r in rows:
@@ -224,10 +324,7 @@ def _mlp_half_backward(
     if active(parts.pre_fc2):
         return _mlp_half_autograd(parts, cfg, generator, x1, g, rng, grads)
     d = x1.shape[-1]
-    with torch.enable_grad():
-        x1_leaf = x1.detach().requires_grad_()
-        norm = parts.norm2(x1_leaf)
-    rows = norm.detach().reshape(-1, d).to(dt)
+    norm = _Norm(parts.norm2, x1, dt)
     w1, b1 = _stacked(parts.fc1, dt)
     fc2 = parts.fc2
     b2 = None if fc2.bias is None else fc2.bias.to(dt)
@@ -237,7 +334,7 @@ def _mlp_half_backward(
         if not active(post):
             return g.reshape(-1, d).to(dt)
         params = chain_params(post)
-        m = output() if params else torch.zeros(rows.shape, dtype=dt, device=rows.device)
+        m = output() if params else torch.zeros((g.numel() // d, d), dtype=dt, device=g.device)
         with replayed(rng, x1.device), torch.enable_grad():  # the branch's draws, after the MLP's own (none)
             m_leaf = m.view_as(x1).requires_grad_()
             out = chain(post, m_leaf)
@@ -247,14 +344,11 @@ def _mlp_half_backward(
 
     act = parts.hidden_of_stacked if parts.gated else parts.act
     grad_rows, gw1, gb1, gw2, gb2 = mlp_backward(
-        rows, w1, b1, fc2.weight.to(dt), b2, act, cfg, generator, output_grad
+        norm.rows(), w1, b1, fc2.weight.to(dt), b2, act, cfg, generator, output_grad
     )
     _store(grads, parts.fc1, gw1, gb1)
     _store(grads, [fc2], gw2, gb2)
-    n2 = list(parts.norm2.parameters())
-    g_x1, *g_n2 = torch.autograd.grad(norm, [x1_leaf, *n2], grad_rows.view_as(norm).to(norm.dtype))
-    _add(grads, n2, g_n2)
-    return g_x1
+    return norm.backward(grad_rows, grads)
 
 
 def _mlp_half_autograd(parts: BlockParts, cfg: CRSConfig, generator, x1: Tensor, g: Tensor, rng, grads):
@@ -315,12 +409,12 @@ class _AttentionHalf:
         self.block, self.parts, self.dt, self.mask = block, parts, dt, mask
         self.chunks = _batch_chunks(block, x)
         with replayed(rng, x.device), torch.enable_grad():
-            self.x = x.detach().requires_grad_()
-            self.norm = parts.norm1(self.x)
+            self.norm = _Norm(parts.norm1, x, dt)
+            self.rows = self.norm.rows()  # LayerNorm(x): formed here for q/k/v, again at their sampled rows
             with torch.no_grad():
                 w, b = _stacked(parts.qkv, dt)
-                qkv = F.linear(self.norm.detach().to(dt), w, b)
-            self.qkv = qkv.requires_grad_()
+                qkv = F.linear(self.rows.whole(), w, b)
+            self.qkv = qkv.view(*x.shape[:-1], -1).requires_grad_()
             if len(self.chunks) == 1:
                 self.ctx = block.adapter.attend(block, self._split(self.qkv), mask, None)
             else:
@@ -386,16 +480,13 @@ class _AttentionHalf:
         del g_ctx
         self.qkv = self.ctx = None
         gq = g_qkv.reshape(-1, g_qkv.shape[-1]).to(dt)
-        rows = self.norm.detach().reshape(-1, self.norm.shape[-1]).to(dt)
-        gw = sampled_weight_grad(gq, rows, cfg, generator)
+        del g_qkv
+        gw = sampled_weight_grad(gq, self.rows, cfg, generator)
         _store(grads, parts.qkv, gw, gq.sum(0, dtype=torch.float32))
         w, _ = _stacked(parts.qkv, dt)
-        g_norm = (gq @ w).view_as(self.norm)
-        del gq, rows
-        n1 = list(parts.norm1.parameters())
-        g_x, *g_n1 = torch.autograd.grad(self.norm, [self.x, *n1], g_norm.to(self.norm.dtype))
-        _add(grads, n1, g_n1)
-        return g_x
+        g_norm = gq @ w
+        del gq
+        return self.norm.backward(g_norm, grads)
 
 
 def _param_grads(params: Sequence[Tensor], grads: Grads) -> list[Tensor | None]:
