@@ -400,8 +400,8 @@ class _AttentionHalf:
     (graph: the family's attention, its dropout replayed) → o = ctx · W_oᵀ → branch = post_attention(o)
     (graph when the chain does anything: dropout, layer scale, drop path). o and the branch are formed only
     when needed (`need_branch`: x1 = x + branch is recomputed; or an active chain). Eager attention without
-    dropout is formed here without a graph, and recomputed with one chunk by chunk in `backward`
-    (`ATTENTION_CHUNKS`).
+    dropout is recomputed with its graph chunk by chunk in `backward` (`ATTENTION_CHUNKS`), forming the
+    attention output on the way, unless o was needed here (then it is formed here once more, without a graph).
     """
 
     def __init__(self, block, x: Tensor, mask, rng, dt, need_branch: bool) -> None:
@@ -415,13 +415,13 @@ class _AttentionHalf:
                 w, b = _stacked(parts.qkv, dt)
                 qkv = F.linear(self.rows.whole(), w, b)
             self.qkv = qkv.view(*x.shape[:-1], -1).requires_grad_()
+            chained = active(parts.post_attention)
+            self.ctx = self.o = self.branch = None
             if len(self.chunks) == 1:
                 self.ctx = block.adapter.attend(block, self._split(self.qkv), mask, None)
-            else:
+            elif chained or need_branch:  # the attention output is needed now (else formed in `backward`)
                 with torch.no_grad():
                     self.ctx = torch.cat([self._attend(self.qkv[rows], rows) for rows in self.chunks])
-            self.o = self.branch = None
-            chained = active(parts.post_attention)
             if chained or need_branch:
                 proj = parts.proj
                 bias = None if proj.bias is None else proj.bias.to(dt)
@@ -440,25 +440,29 @@ class _AttentionHalf:
         mask = _rows(self.mask, rows, self.qkv.shape[0])
         return self.block.adapter.attend(self.block, self._split(qkv), mask, None)
 
-    def _qkv_grad(self, g_ctx: Tensor, grads: Grads) -> Tensor:
-        """The gradient of the stacked q/k/v given that of the attention output (chunk by chunk if chunked);
-        adds the attention core's parameter gradients (qk-norms)."""
-        core = self.parts.attn_core_params
+    def _qkv_grad(self, g_ctx: Tensor, grads: Grads) -> tuple[Tensor, Tensor]:
+        """(the gradient of the stacked q/k/v given that of the attention output, the attention output),
+        chunk by chunk if chunked (the output formed on the way when it was not formed before); adds the
+        attention core's parameter gradients (qk-norms)."""
+        core, ctx = self.parts.attn_core_params, self.ctx
         if len(self.chunks) == 1:
-            g_qkv, *g_core = torch.autograd.grad(self.ctx, [self.qkv, *core], g_ctx.to(self.ctx.dtype))
+            g_qkv, *g_core = torch.autograd.grad(ctx, [self.qkv, *core], g_ctx.to(ctx.dtype))
             _add(grads, core, g_core)
-            return g_qkv
-        self.ctx = None  # (formed without a graph: what needed it, the attention output linear, is done)
+            return g_qkv, ctx.detach()
+        keep = ctx is None
         for rows in self.chunks:
             with torch.enable_grad():
                 leaf = self.qkv[rows].detach().requires_grad_()
                 out = self._attend(leaf, rows)
+            if keep:
+                ctx = torch.empty(g_ctx.shape, dtype=out.dtype, device=out.device) if ctx is None else ctx
+                ctx[rows] = out.detach()
             g_rows, *g_core = torch.autograd.grad(out, [leaf, *core], g_ctx[rows].to(out.dtype))
             self.qkv[rows] = g_rows  # these rows of q/k/v are done with: their gradient takes their place
             _add(grads, core, g_core)
             del out, g_rows, leaf
         g_qkv, self.qkv = self.qkv, None
-        return g_qkv
+        return g_qkv, ctx
 
     def backward(self, g_x1: Tensor, cfg: CRSConfig, generator, grads: Grads) -> Tensor:
         """The gradient of x through the attention branch, given that of x1; adds the parameter gradients."""
@@ -469,16 +473,16 @@ class _AttentionHalf:
             _add(grads, params, g_params)
         else:
             g_o = g_x1
-        proj, width = parts.proj, self.ctx.shape[-1]
+        proj = parts.proj
         go = g_o.reshape(-1, g_o.shape[-1]).to(dt)
-        ctx_rows = self.ctx.detach().reshape(-1, width)
-        gw = sampled_weight_grad(go, ctx_rows.to(dt), cfg, generator)
-        _store(grads, [proj], gw, go.sum(0, dtype=torch.float32))
-        g_ctx = (go @ proj.weight.to(dt)).view_as(self.ctx)
-        del go, ctx_rows
-        g_qkv = self._qkv_grad(g_ctx, grads)
+        g_ctx = (go @ proj.weight.to(dt)).view(*self.qkv.shape[:-1], -1)
+        g_qkv, ctx = self._qkv_grad(g_ctx, grads)
         del g_ctx
         self.qkv = self.ctx = None
+        ctx_rows = ctx.reshape(-1, ctx.shape[-1]).to(dt)
+        gw = sampled_weight_grad(go, ctx_rows, cfg, generator)
+        _store(grads, [proj], gw, go.sum(0, dtype=torch.float32))
+        del go, ctx_rows, ctx
         gq = g_qkv.reshape(-1, g_qkv.shape[-1]).to(dt)
         del g_qkv
         gw = sampled_weight_grad(gq, self.rows, cfg, generator)
