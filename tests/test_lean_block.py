@@ -232,7 +232,7 @@ def test_lean_block_saved_bytes_equal_the_analytic_model(attn, autocast):
             assert ideal == vit_block_saved_bytes(
                 2, 197, 768, 12, 3072, cfg, ["lean_block"], autocast, checkpointing
             )
-            assert measured == ideal == 197 * 2 * 768 * 4 * (1 if checkpointing else 2)
+            assert measured == ideal == 197 * 2 * (768 * 4 * (1 if checkpointing else 2) + 4)  # + act norms
             assert exact / measured > (8 if checkpointing else 4)
         model.activation_checkpointing_disable()
 

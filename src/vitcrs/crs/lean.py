@@ -11,6 +11,7 @@ k = ceil(ratio · n) of its n = batch · tokens rows drawn with the optimal CRS 
 - `lean_block(block, x, mask, keep_mid)`: the whole block; keeps x and, with `keep_mid`, the stream between
   the two halves x1 = x + attention branch (else it recomputes the attention half first to get x1).
 - `lean_mlp(block, x1)`: the MLP branch alone (the `mlp` target), keeping x1.
+Both also keep ‖act(h_i)‖ per row (n floats, fc2's sampling probabilities), recorded in the forward.
 
 The MLP half works on its hidden activation [n, f] in `MLP_CHUNKS` row chunks (one [n, f] buffer plus one
 chunk's temporaries), unless something between the activation and fc2 needs the whole tensor (timm's MLP
@@ -191,6 +192,7 @@ def mlp_backward(
     cfg: CRSConfig,
     generator: torch.Generator | None,
     output_grad,
+    act_norms: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of `fc2(act(fc1(x2)))` from its input alone: recomputes the hidden activation, chunk by chunk.
 
@@ -200,7 +202,8 @@ def mlp_backward(
     (called only when the caller needs it: a layer scale's gradient). Returns (grad_x2, grad_w1, grad_b1,
     grad_w2, grad_b2): the grads of x2 and of the biases (fp32 sums) exact, the two weight grads from
     k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖input_i‖ (exact at ratio 1). Memory: one [n, f] buffer
-    (the pre-activation, overwritten by its gradient) plus one chunk's temporaries.
+    (the pre-activation, overwritten by its gradient) plus one chunk's temporaries. act_norms: ‖act(h_i)‖ per
+    row (fp32 [n]) when the forward recorded them (`record_act_norms`), else formed here a chunk at a time.
     """
     x2 = x2 if isinstance(x2, Rows) else Rows.of(x2)
     h = F.linear(x2.whole(), w1, b1)  # pre-activation [n, f]
@@ -209,8 +212,11 @@ def mlp_backward(
     g2 = output_grad(lambda: torch.cat([F.linear(act(h[r]), w2, b2) for r in rows]))
 
     # grad_w2 = gᵀ act(h): act(h) formed a chunk at a time (for its row norms), then at sampled rows only
-    a_norms = torch.cat([torch.linalg.vector_norm(act(h[r]), dim=-1, dtype=torch.float32) for r in rows])
-    pick = _row_sample(g2, a_norms, cfg, generator)
+    if act_norms is None or act_norms.shape[0] != h.shape[0]:
+        act_norms = torch.cat(
+            [torch.linalg.vector_norm(act(h[r]), dim=-1, dtype=torch.float32) for r in rows]
+        )
+    pick = _row_sample(g2, act_norms, cfg, generator)
     if pick is None:
         grad_w2 = sum(g2[r].t() @ act(h[r]) for r in rows)
     else:
@@ -318,7 +324,7 @@ def _store(grads: Grads, linears: Sequence[nn.Linear], gw: Tensor, gb: Tensor) -
 
 # ---------------------------------------------------------------- the two halves' backward
 def _mlp_half_backward(
-    parts: BlockParts, cfg: CRSConfig, generator, x1: Tensor, g: Tensor, rng, dt, grads: Grads
+    parts: BlockParts, cfg: CRSConfig, generator, x1: Tensor, g: Tensor, rng, dt, grads: Grads, act_norms=None
 ) -> Tensor:
     """The gradient of x1 through the MLP branch; adds the branch's parameter gradients to `grads`."""
     if active(parts.pre_fc2):
@@ -344,7 +350,7 @@ def _mlp_half_backward(
 
     act = parts.hidden_of_stacked if parts.gated else parts.act
     grad_rows, gw1, gb1, gw2, gb2 = mlp_backward(
-        norm.rows(), w1, b1, fc2.weight.to(dt), b2, act, cfg, generator, output_grad
+        norm.rows(), w1, b1, fc2.weight.to(dt), b2, act, cfg, generator, output_grad, act_norms
     )
     _store(grads, parts.fc1, gw1, gb1)
     _store(grads, [fc2], gw2, gb2)
@@ -497,6 +503,27 @@ def _param_grads(params: Sequence[Tensor], grads: Grads) -> list[Tensor | None]:
     return [None if (t := grads.get(p)) is None else t.to(p.dtype) for p in params]
 
 
+@contextmanager
+def record_act_norms(parts: BlockParts) -> Iterator[list[Tensor]]:
+    """Inside, the MLP activation module's output row norms ‖act(h_i)‖ (fp32 [n]) of each call are appended to
+    the yielded list (fc2's sampling probabilities need them in backward; recording them in the forward
+    spares forming act(h) once more). Nothing is recorded for a gated MLP or a plain-function activation."""
+    norms: list[Tensor] = []
+    act = parts.act
+    if parts.gated or not isinstance(act, nn.Module):
+        yield norms
+        return
+
+    def hook(module, inputs, out: Tensor) -> None:
+        norms.append(torch.linalg.vector_norm(out.reshape(-1, out.shape[-1]), dim=-1, dtype=torch.float32))
+
+    handle = act.register_forward_hook(hook)
+    try:
+        yield norms
+    finally:
+        handle.remove()
+
+
 class _LeanBlock(torch.autograd.Function):
     """y = block(x), saving x and, with `keep_mid`, the residual stream x1 between the two halves."""
 
@@ -506,15 +533,16 @@ class _LeanBlock(torch.autograd.Function):
         rng1 = rng_state(x.device) if training else None
         x1 = x + adapter.attention_branch(block, x, mask)
         rng2 = rng_state(x.device) if training else None
-        y = x1 + adapter.mlp_branch(block, x1)
-        ctx.save_for_backward(x, x1 if keep_mid else None)
+        with record_act_norms(block.parts) as act_norms:
+            y = x1 + adapter.mlp_branch(block, x1)
+        ctx.save_for_backward(x, x1 if keep_mid else None, act_norms[0] if len(act_norms) == 1 else None)
         ctx.block, ctx.mask, ctx.rng, ctx.params = block, mask, (rng1, rng2), params
         ctx.amp, ctx.dt = _autocast_state(x.device), _compute_dtype(x)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, x1 = ctx.saved_tensors
+        x, x1, act_norms = ctx.saved_tensors
         block = ctx.block
         state = block.crs
         cfg, generator = state.config, state.generator.for_device(x.device)
@@ -527,7 +555,9 @@ class _LeanBlock(torch.autograd.Function):
                 x1 = x + att.branch.detach()
                 if att.o is None:  # the branch was only needed for x1
                     att.branch = None
-            g_x1 = _mlp_half_backward(block.parts, cfg, generator, x1, g, ctx.rng[1], ctx.dt, grads)
+            g_x1 = _mlp_half_backward(
+                block.parts, cfg, generator, x1, g, ctx.rng[1], ctx.dt, grads, act_norms
+            )
             del x1
             g_x1 = g_x1.to(g.dtype).add_(g)  # the residual path
             att = att or _AttentionHalf(block, x, ctx.mask, ctx.rng[0], ctx.dt, need_branch=False)
@@ -541,21 +571,23 @@ class _LeanMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x1, block, *params):
         ctx.rng = rng_state(x1.device) if block.training else None
-        branch = block.adapter.mlp_branch(block, x1)
-        ctx.save_for_backward(x1)
+        with record_act_norms(block.parts) as act_norms:
+            branch = block.adapter.mlp_branch(block, x1)
+        ctx.save_for_backward(x1, act_norms[0] if len(act_norms) == 1 else None)
         ctx.block, ctx.params = block, params
         ctx.amp, ctx.dt = _autocast_state(x1.device), _compute_dtype(x1)
         return branch
 
     @staticmethod
     def backward(ctx, g):
-        (x1,) = ctx.saved_tensors
+        x1, act_norms = ctx.saved_tensors
         state = ctx.block.crs
         grads: Grads = {}
         device_type, enabled, dtype = ctx.amp
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
             generator = state.generator.for_device(x1.device)
-            g_x1 = _mlp_half_backward(ctx.block.parts, state.config, generator, x1, g, ctx.rng, ctx.dt, grads)
+            parts, cfg = ctx.block.parts, state.config
+            g_x1 = _mlp_half_backward(parts, cfg, generator, x1, g, ctx.rng, ctx.dt, grads, act_norms)
         return g_x1.to(x1.dtype), None, *_param_grads(ctx.params, grads)
 
 
