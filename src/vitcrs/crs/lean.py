@@ -23,12 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters.base import BlockParts, active, chain, chain_params, linear_params
+from .budget import SamplingBudget
 from .config import CRSConfig
 from .sampling import sample
 
@@ -37,13 +39,38 @@ RNGState = tuple[Tensor, Tensor | None]  # CPU generator state, and the CUDA dev
 
 
 # ---------------------------------------------------------------- weight gradients with p ∝ ‖g‖·‖x‖
-def _row_sample(g: Tensor, x_norms: Tensor, cfg: CRSConfig, generator) -> tuple[Tensor, Tensor] | None:
-    """k of g's n rows drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal CRS p for gᵀ x), or None when k = n."""
-    k = cfg.num_samples(g.shape[0])
-    if k >= g.shape[0]:
-        return None
-    norms = torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32) * x_norms
-    return sample(norms, k, cfg.method, generator)
+@dataclass
+class Sampler:
+    """How the lean ops draw the rows of their weight gradients: `cfg`'s method, ratio and min_k, the model's
+    sampling stream (`generator`; None: torch's global RNG) and, with `crs.budget="split"`, the model's
+    `SamplingBudget` with this block's product indices by op ("qkv", "proj", "fc1", "fc2")."""
+
+    cfg: CRSConfig
+    generator: torch.Generator | None = None
+    budget: SamplingBudget | None = None
+    ids: dict[str, int] = field(default_factory=dict)
+
+    def _index(self, op: str) -> int | None:
+        return self.ids.get(op) if self.budget is not None else None
+
+    def k(self, op: str, n: int) -> int:
+        """The rows product `op` keeps of its n (the budget's split, else max(min_k, ceil(ratio · n)))."""
+        j = self._index(op)
+        return self.cfg.num_samples(n) if j is None else self.budget.k(j, n)
+
+    def keeps_all(self, op: str, n: int) -> bool:
+        """Whether `op` keeps every row and observes nothing: its exact product needs no norms."""
+        return self._index(op) is None and self.k(op, n) >= n
+
+    def draw(self, op: str, g: Tensor, x_norms: Tensor) -> tuple[Tensor, Tensor] | None:
+        """k of g's n rows drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal CRS p for gᵀ x), or None when k = n; the
+        budget gets this product's S = Σ_i ‖g_i‖·‖x_i‖."""
+        n = g.shape[0]
+        norms = torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32) * x_norms
+        if (j := self._index(op)) is not None:
+            self.budget.observe(j, norms.sum())
+        k = self.k(op, n)
+        return None if k >= n else sample(norms, k, self.cfg.method, self.generator)
 
 
 def _scaled_rows(t: Tensor, idx: Tensor, scale: Tensor) -> Tensor:
@@ -83,17 +110,16 @@ class Rows:
         return self._at(idx)
 
 
-def sampled_weight_grad(
-    g: Tensor, x: Tensor | Rows, cfg: CRSConfig, generator: torch.Generator | None = None
-) -> Tensor:
-    """gᵀ x ([n, o] and [n, i] → [o, i]) from k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal
-    CRS probabilities for this product); exact gᵀ x at ratio 1. The k rows are gathered `GATHER_CHUNKS` at a
-    time. x: the rows, or `Rows` that form them on demand. generator: None: torch's global RNG."""
+def sampled_weight_grad(g: Tensor, x: Tensor | Rows, sampler: Sampler, op: str = "") -> Tensor:
+    """gᵀ x ([n, o] and [n, i] → [o, i]) from the k rows `sampler` gives product `op` (k = ceil(ratio · n)
+    unless a budget splits them), drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal CRS probabilities for this product);
+    exact gᵀ x when k = n. The k rows are gathered `GATHER_CHUNKS` at a time. x: the rows, or `Rows` that form
+    them on demand."""
     rows = x if isinstance(x, Rows) else Rows.of(x)
-    if cfg.num_samples(g.shape[0]) >= g.shape[0]:
+    if sampler.keeps_all(op, g.shape[0]):
         return g.t() @ rows.whole()
-    idx, scale = _row_sample(g, rows.norms, cfg, generator)
-    return _gathered_product(g, idx, scale, rows.at)
+    pick = sampler.draw(op, g, rows.norms)
+    return g.t() @ rows.whole() if pick is None else _gathered_product(g, *pick, rows.at)
 
 
 def _gathered_product(g: Tensor, idx: Tensor, scale: Tensor, rows_at: Callable[[Tensor], Tensor]) -> Tensor:
@@ -189,8 +215,7 @@ def mlp_backward(
     w2: Tensor,
     b2: Tensor | None,
     act,
-    cfg: CRSConfig,
-    generator: torch.Generator | None,
+    sampler: Sampler,
     output_grad,
     act_norms: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -212,11 +237,13 @@ def mlp_backward(
     g2 = output_grad(lambda: torch.cat([F.linear(act(h[r]), w2, b2) for r in rows]))
 
     # grad_w2 = gᵀ act(h): act(h) formed a chunk at a time (for its row norms), then at sampled rows only
-    if act_norms is None or act_norms.shape[0] != h.shape[0]:
-        act_norms = torch.cat(
-            [torch.linalg.vector_norm(act(h[r]), dim=-1, dtype=torch.float32) for r in rows]
-        )
-    pick = _row_sample(g2, act_norms, cfg, generator)
+    pick = None
+    if not sampler.keeps_all("fc2", h.shape[0]):
+        if act_norms is None or act_norms.shape[0] != h.shape[0]:
+            act_norms = torch.cat(
+                [torch.linalg.vector_norm(act(h[r]), dim=-1, dtype=torch.float32) for r in rows]
+            )
+        pick = sampler.draw("fc2", g2, act_norms)
     if pick is None:
         grad_w2 = sum(g2[r].t() @ act(h[r]) for r in rows)
     else:
@@ -227,7 +254,7 @@ def mlp_backward(
         _act_backward_(act, h[r], g2[r] @ w2)
     grad_h, h = h, None
 
-    grad_w1 = sampled_weight_grad(grad_h, x2, cfg, generator)
+    grad_w1 = sampled_weight_grad(grad_h, x2, sampler, "fc1")
     grad_b1 = grad_h.sum(0, dtype=torch.float32)
     grad_b2 = g2.sum(0, dtype=torch.float32)
     grad_x2 = grad_h @ w1
@@ -239,10 +266,10 @@ class _LinearSampledInBackward(torch.autograd.Function):
     the W_j grads from one draw of k rows with p ∝ ‖[G_1 … G_J]_i‖·‖X_i‖. For recomputations in backward."""
 
     @staticmethod
-    def forward(ctx, x, cfg: CRSConfig, generator, *params):
+    def forward(ctx, x, sampler: Sampler, op: str, *params):
         weights, biases = params[0::2], params[1::2]
         ctx.save_for_backward(x, *weights)
-        ctx.cfg, ctx.generator, ctx.has_bias = cfg, generator, [b is not None for b in biases]
+        ctx.sampler, ctx.op, ctx.has_bias = sampler, op, [b is not None for b in biases]
         return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
 
     @staticmethod
@@ -251,7 +278,7 @@ class _LinearSampledInBackward(torch.autograd.Function):
         g = torch.cat([t.reshape(-1, t.shape[-1]) for t in grads], dim=-1)
         w = torch.cat(weights).to(g.dtype)
         grad_x = (g @ w).reshape(x.shape).to(x.dtype)
-        gw = sampled_weight_grad(g, x.reshape(-1, x.shape[-1]).to(g.dtype), ctx.cfg, ctx.generator)
+        gw = sampled_weight_grad(g, x.reshape(-1, x.shape[-1]).to(g.dtype), ctx.sampler, ctx.op)
         gb = g.sum(0, dtype=torch.float32)
         out, start = [], 0
         for weight, has_bias in zip(weights, ctx.has_bias, strict=True):
@@ -261,8 +288,8 @@ class _LinearSampledInBackward(torch.autograd.Function):
         return grad_x, None, None, *out
 
 
-def _sampled_in_backward(x: Tensor, linears: Sequence[nn.Linear], cfg: CRSConfig, generator) -> tuple:
-    return _LinearSampledInBackward.apply(x, cfg, generator, *linear_params(linears))
+def _sampled_in_backward(x: Tensor, linears: Sequence[nn.Linear], sampler: Sampler, op: str) -> tuple:
+    return _LinearSampledInBackward.apply(x, sampler, op, *linear_params(linears))
 
 
 # ---------------------------------------------------------------- replaying the forward's state
@@ -324,11 +351,11 @@ def _store(grads: Grads, linears: Sequence[nn.Linear], gw: Tensor, gb: Tensor) -
 
 # ---------------------------------------------------------------- the two halves' backward
 def _mlp_half_backward(
-    parts: BlockParts, cfg: CRSConfig, generator, x1: Tensor, g: Tensor, rng, dt, grads: Grads, act_norms=None
+    parts: BlockParts, sampler: Sampler, x1: Tensor, g: Tensor, rng, dt, grads: Grads, act_norms=None
 ) -> Tensor:
     """The gradient of x1 through the MLP branch; adds the branch's parameter gradients to `grads`."""
     if active(parts.pre_fc2):
-        return _mlp_half_autograd(parts, cfg, generator, x1, g, rng, grads)
+        return _mlp_half_autograd(parts, sampler, x1, g, rng, grads)
     d = x1.shape[-1]
     norm = _Norm(parts.norm2, x1, dt)
     w1, b1 = _stacked(parts.fc1, dt)
@@ -350,14 +377,14 @@ def _mlp_half_backward(
 
     act = parts.hidden_of_stacked if parts.gated else parts.act
     grad_rows, gw1, gb1, gw2, gb2 = mlp_backward(
-        norm.rows(), w1, b1, fc2.weight.to(dt), b2, act, cfg, generator, output_grad, act_norms
+        norm.rows(), w1, b1, fc2.weight.to(dt), b2, act, sampler, output_grad, act_norms
     )
     _store(grads, parts.fc1, gw1, gb1)
     _store(grads, [fc2], gw2, gb2)
     return norm.backward(grad_rows, grads)
 
 
-def _mlp_half_autograd(parts: BlockParts, cfg: CRSConfig, generator, x1: Tensor, g: Tensor, rng, grads):
+def _mlp_half_autograd(parts: BlockParts, sampler: Sampler, x1: Tensor, g: Tensor, rng, grads):
     """The MLP half recomputed whole under autograd (with the forward's masks), its linears' weight
     gradients sampled: for MLPs with something between the activation and fc2 (timm's dropout, norm)."""
     params = [
@@ -369,9 +396,9 @@ def _mlp_half_autograd(parts: BlockParts, cfg: CRSConfig, generator, x1: Tensor,
     ]
     with replayed(rng, x1.device), torch.enable_grad():
         x1_leaf = x1.detach().requires_grad_()
-        u = _sampled_in_backward(parts.norm2(x1_leaf), parts.fc1, cfg, generator)
+        u = _sampled_in_backward(parts.norm2(x1_leaf), parts.fc1, sampler, "fc1")
         hidden = chain(parts.pre_fc2, parts.hidden(u))
-        (m,) = _sampled_in_backward(hidden, [parts.fc2], cfg, generator)
+        (m,) = _sampled_in_backward(hidden, [parts.fc2], sampler, "fc2")
         out = chain(parts.post_mlp, m)
     g_x1, *g_params = torch.autograd.grad(out, [x1_leaf, *params], g, allow_unused=True)
     _add(grads, params, g_params)
@@ -470,7 +497,7 @@ class _AttentionHalf:
         g_qkv, self.qkv = self.qkv, None
         return g_qkv, ctx
 
-    def backward(self, g_x1: Tensor, cfg: CRSConfig, generator, grads: Grads) -> Tensor:
+    def backward(self, g_x1: Tensor, sampler: Sampler, grads: Grads) -> Tensor:
         """The gradient of x through the attention branch, given that of x1; adds the parameter gradients."""
         parts, dt = self.parts, self.dt
         if self.o is not None:
@@ -486,17 +513,23 @@ class _AttentionHalf:
         del g_ctx
         self.qkv = self.ctx = None
         ctx_rows = ctx.reshape(-1, ctx.shape[-1]).to(dt)
-        gw = sampled_weight_grad(go, ctx_rows, cfg, generator)
+        gw = sampled_weight_grad(go, ctx_rows, sampler, "proj")
         _store(grads, [proj], gw, go.sum(0, dtype=torch.float32))
         del go, ctx_rows, ctx
         gq = g_qkv.reshape(-1, g_qkv.shape[-1]).to(dt)
         del g_qkv
-        gw = sampled_weight_grad(gq, self.rows, cfg, generator)
+        gw = sampled_weight_grad(gq, self.rows, sampler, "qkv")
         _store(grads, parts.qkv, gw, gq.sum(0, dtype=torch.float32))
         w, _ = _stacked(parts.qkv, dt)
         g_norm = gq @ w
         del gq
         return self.norm.backward(g_norm, grads)
+
+
+def block_sampler(block, device: torch.device) -> Sampler:
+    """The `Sampler` of a CRS block's lean ops on `device`: its model's config, stream and budget."""
+    state = block.crs
+    return Sampler(state.config, state.generator.for_device(device), state.budget, block.budget_ids)
 
 
 def _param_grads(params: Sequence[Tensor], grads: Grads) -> list[Tensor | None]:
@@ -544,8 +577,7 @@ class _LeanBlock(torch.autograd.Function):
     def backward(ctx, g):
         x, x1, act_norms = ctx.saved_tensors
         block = ctx.block
-        state = block.crs
-        cfg, generator = state.config, state.generator.for_device(x.device)
+        sampler = block_sampler(block, x.device)
         grads: Grads = {}
         device_type, enabled, dtype = ctx.amp
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
@@ -555,13 +587,11 @@ class _LeanBlock(torch.autograd.Function):
                 x1 = x + att.branch.detach()
                 if att.o is None:  # the branch was only needed for x1
                     att.branch = None
-            g_x1 = _mlp_half_backward(
-                block.parts, cfg, generator, x1, g, ctx.rng[1], ctx.dt, grads, act_norms
-            )
+            g_x1 = _mlp_half_backward(block.parts, sampler, x1, g, ctx.rng[1], ctx.dt, grads, act_norms)
             del x1
             g_x1 = g_x1.to(g.dtype).add_(g)  # the residual path
             att = att or _AttentionHalf(block, x, ctx.mask, ctx.rng[0], ctx.dt, need_branch=False)
-            g_x = att.backward(g_x1, cfg, generator, grads).to(x.dtype).add_(g_x1)
+            g_x = att.backward(g_x1, sampler, grads).to(x.dtype).add_(g_x1)
         return g_x, None, None, None, *_param_grads(ctx.params, grads)
 
 
@@ -581,13 +611,11 @@ class _LeanMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x1, act_norms = ctx.saved_tensors
-        state = ctx.block.crs
         grads: Grads = {}
         device_type, enabled, dtype = ctx.amp
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            generator = state.generator.for_device(x1.device)
-            parts, cfg = ctx.block.parts, state.config
-            g_x1 = _mlp_half_backward(parts, cfg, generator, x1, g, ctx.rng, ctx.dt, grads, act_norms)
+            sampler = block_sampler(ctx.block, x1.device)
+            g_x1 = _mlp_half_backward(ctx.block.parts, sampler, x1, g, ctx.rng, ctx.dt, grads, act_norms)
         return g_x1.to(x1.dtype), None, *_param_grads(ctx.params, grads)
 
 
