@@ -9,8 +9,9 @@ checkpointing alone.
     python scripts/lean_block_speed.py --attn eager --precision fp32 --layers 2 --batch-size 8 --rounds 4
 
 Variants (--variants, comma-separated), parts joined by "+": exact; lean@R (the lean block at ratio R;
-lean@R:split with crs.budget=split); leanx@R (the lean block keeping its input alone, crs.keep_mid=false); ckpt (activation checkpointing);
-inbwd (the AdamW update inside backward, optim.in_backward; implies --optimizer for that variant).
+lean@R:split with crs.budget=split); leanx@R (the lean block keeping its input alone, crs.keep_mid=false);
+ckpt (activation checkpointing); inbwd (the AdamW update inside backward, optim.in_backward; implies
+--optimizer for that variant).
 """
 
 from __future__ import annotations
