@@ -87,18 +87,24 @@ def tiny_vit_config() -> dict[str, int]:
     return dict(TINY_VIT)
 
 
+def compose_config(config_name: str, *overrides: str, hydra_node: bool = False) -> DictConfig:
+    """conf/`config_name` (config or fidelity) composed with `overrides`, as the app would compose it
+    (`vitcrs.conf.register` first); with `hydra_node`, Hydra's own node too."""
+    from vitcrs.conf import register
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides), return_hydra_config=hydra_node)
+
+
 @pytest.fixture
 def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
-    """compose_cfg(*overrides) -> the composed config, with run_dir and data.root in tmp_path."""
+    """compose_cfg(*overrides) -> the composed training config, with run_dir and data.root in tmp_path."""
 
     def _compose(*overrides: str) -> DictConfig:
-        import vitcrs.conf  # noqa: F401  (stores the crs defaults node, crs/crs_config)
-
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(
-                "config",
-                overrides=[f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", *overrides],
-            )
+        return compose_config(
+            "config", f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", *overrides
+        )
 
     return _compose
 

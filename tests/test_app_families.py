@@ -19,8 +19,8 @@ from vitcrs.conf import check_added_keys
 from vitcrs.crs import CRSConfig, sample_cache_bytes_per_image
 from vitcrs.errors import ConfigError
 from vitcrs.fidelity.meter import Configuration, measure
-from vitcrs.fidelity.metric import measured_parameters, parameter_block, parameter_kind
 from vitcrs.models import FAMILIES, ViTClassifier, model_family
+from vitcrs.models.fidelity import measured_parameters, parameter_block, parameter_kind
 from vitcrs.train import train, validate
 
 # timm is an optional extra (pip install "vitcrs[timm]"); make install has it
@@ -161,7 +161,7 @@ def test_timm_vit_loads_local_weights_with_a_fresh_head(compose_cfg, tmp_path):
     config = "{" + ",".join(f"{k}:{v}" for k, v in TIMM_TINY.items()) + "}"
     cfg = compose_cfg("model=timm_vit", f"model.name={name}", f"model.weights={weights}",
                       f"model.config={config}", "dataset=synthetic")  # fmt: skip
-    datamodule = validate(cfg).datamodule
+    datamodule = validate(cfg).settings.datamodule
     assert datamodule.image_size == 32 and list(datamodule.mean) == [0.5, 0.5, 0.5]  # timm's pretrained cfg
     node = OmegaConf.to_container(cfg.model)
     torch.manual_seed(2)

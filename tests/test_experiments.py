@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from cifar_archives import write_cifar10, write_cifar100
-from conftest import CONF_DIR, quiet_env
+from conftest import CONF_DIR, compose_config, quiet_env
 from vitcrs.crs import TARGET_SETS, validate_targets
 from vitcrs.errors import ConfigError
 from vitcrs.train import validate
@@ -40,8 +39,7 @@ FEW_BATCHES = [
 def sweep_jobs(experiment: str, *cli: str) -> list[list[str]]:
     """The jobs of `python -m vitcrs.train -m experiment=<experiment> *cli`: the experiment's
     hydra.sweeper.params followed by the command line, expanded as Hydra's BasicSweeper does."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    cfg = compose_config("config", f"experiment={experiment}", hydra_node=True)
     params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.params or {}).items()]
     overrides = OverridesParser.create().parse_overrides([*params, f"experiment={experiment}", *cli])
     (jobs,) = BasicSweeper.split_arguments(overrides, max_batch_size=None)

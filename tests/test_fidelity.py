@@ -12,16 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from conftest import CONF_DIR, QUICK, TINY_VIT, quiet_env
+from conftest import QUICK, TINY_VIT, compose_config, quiet_env
 from vitcrs.callbacks import GradFidelityMonitor
 from vitcrs.crs import CRSConfig, crs_linear
 from vitcrs.errors import ConfigError
-from vitcrs.fidelity import grad_fidelity, parameter_block, parameter_kind
 from vitcrs.fidelity.cli import configurations
 from vitcrs.fidelity.meter import Configuration, Groups, compare_draws, measure
 from vitcrs.models import build_vit
+from vitcrs.models.fidelity import grad_fidelity, parameter_block, parameter_kind
 from vitcrs.record import RunRecord
 from vitcrs.train import train
 
@@ -169,8 +168,7 @@ def test_each_configuration_is_reproducible_on_its_own(vit_results):
 
 
 def _compose_fidelity(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("fidelity", overrides=["out_dir=unused", *overrides])
+    return compose_config("fidelity", "out_dir=unused", *overrides)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import tarfile
 import pytest
 import torch
 
-from conftest import CONF_DIR, REPO, quiet_env
+from conftest import CONF_DIR, REPO, compose_config, quiet_env
 from vitcrs.bench.grid import BENCH_TARGET_SETS
 from vitcrs.gpu_check import cli
 from vitcrs.gpu_check.plan import make_plan, override_value, train_runs
@@ -122,19 +122,16 @@ def test_a_failed_fidelity_step_fails_the_check(tmp_path, monkeypatch):
 def test_the_dry_run_fidelity_step_fits_its_payload(tmp_path, one_thread):
     """The meter with the dry run's settings on the dry payload (43 training images) measures (in process:
     the step's command without the process)."""
-    from hydra import compose, initialize_config_dir
-
     from vitcrs.fidelity.cli import run
     from vitcrs.gpu_check.fixtures import extract, write_dry_run_payload
 
     payload = write_dry_run_payload(tmp_path / "payload")
     tree = extract(payload.archive, tmp_path / "work")
     overrides = make_plan(True, None, 10, 1, None).fidelity_overrides
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("fidelity", overrides=[
-            f"out_dir={tmp_path / 'out'}", "model=vit_tiny", f"model.name_or_path={payload.model}",
-            "dataset=imagefolder", f"data.root={tree}", *overrides,
-        ])  # fmt: skip
+    cfg = compose_config("fidelity",
+        f"out_dir={tmp_path / 'out'}", "model=vit_tiny", f"model.name_or_path={payload.model}",
+        "dataset=imagefolder", f"data.root={tree}", *overrides,
+    )  # fmt: skip
     out = run(cfg)
     results = json.loads((out / "fidelity.json").read_text())
     assert len(results["configurations"]) == 3 and results["exact"]["batches"] == 2

@@ -17,11 +17,7 @@ from vitcrs.data import (
     TrainLoader,
     VisionDataModule,
 )
-from vitcrs.resume import (
-    checkpoint_run_dir,
-    hydra_output_subdir,
-    resolve_ckpt_path,
-)
+from vitcrs.run_dir import checkpoint_run_dir, hydra_output_subdir, resolve_ckpt_path
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning")
 

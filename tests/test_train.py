@@ -11,8 +11,9 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from conftest import QUICK
-from vitcrs.callbacks import MetricsFile, PeakMemoryMonitor, write_json_atomic
+from vitcrs.callbacks import MetricsFile, PeakMemoryMonitor
 from vitcrs.errors import ConfigError
+from vitcrs.files import write_json_atomic
 from vitcrs.models import ViTClassifier
 from vitcrs.record import METRICS_KEYS, RunRecord
 from vitcrs.train import train

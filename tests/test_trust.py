@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from cifar_archives import tar_archive, write_cifar10
-from conftest import CONF_DIR, QUICK
+from conftest import CONF_DIR, QUICK, compose_config
 from vitcrs.errors import ConfigError
 from vitcrs.resume import crs_changes
 from vitcrs.train import train, validate
@@ -41,10 +40,7 @@ RUN = [*QUICK, "callbacks.progress_bar=null", "crs.prob=sample_cache", "crs.cach
 
 
 def _compose(run_dir: Path, *overrides: str) -> DictConfig:
-    import vitcrs.conf  # noqa: F401  (stores the crs defaults node)
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"run_dir={run_dir}", *overrides])
+    return compose_config("config", f"run_dir={run_dir}", *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +160,8 @@ def _record_of(cfg: DictConfig):
     """The record the run of `cfg` starts with, and its pre-flight."""
     from vitcrs.callbacks import describe_run
 
-    run = validate(cfg)
-    return describe_run(cfg, run.datamodule, run.crs_before_resume, run.crs), run
+    run = validate(cfg).settings
+    return describe_run(run), run
 
 
 def test_settings_the_lean_block_ignores_are_recorded_at_their_defaults(compose_cfg, tiny_vit_config):
@@ -264,11 +260,10 @@ def test_a_resume_refused_late_leaves_the_record_as_it_was(finished_run, tmp_pat
 def _attached(cfg: DictConfig):
     """The record of `cfg` once its trainer is built (what metrics.json starts with), and the trainer."""
     from vitcrs.callbacks import MetricsFile
-    from vitcrs.trainer import build_trainer
 
-    record, _ = _record_of(cfg)
+    record, settings = _record_of(cfg)
     metrics = MetricsFile(Path(cfg.run_dir) / "metrics.json", record)
-    trainer, _ = build_trainer(cfg, [metrics])
+    trainer, _ = settings.trainer.build([metrics])
     metrics.attach(trainer)
     return metrics.record, trainer
 
@@ -407,9 +402,9 @@ def test_a_report_without_a_complete_run_exits_non_zero(tmp_path, capsys, runs):
 
 
 def _fidelity_cfg(out: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("fidelity", overrides=[f"out_dir={out}", "model=vit_micro", "dataset=synthetic",
-                                              "data.batch_size=8", *overrides])  # fmt: skip
+    return compose_config(
+        "fidelity", f"out_dir={out}", "model=vit_micro", "dataset=synthetic", "data.batch_size=8", *overrides
+    )
 
 
 REFUSED_ROWS = {

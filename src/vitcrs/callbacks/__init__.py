@@ -6,7 +6,7 @@ from .faults import FaultInjector
 from .grad_fidelity import GradFidelityMonitor
 from .interrupt import CheckpointOnSigterm
 from .memory import PeakMemoryMonitor
-from .metrics_file import MetricsFile, describe_run, record_config_failure, write_json_atomic
+from .metrics_file import MetricsFile, describe_run, record_refusal
 
 __all__ = [
     "CheckpointOnSigterm",
@@ -16,6 +16,5 @@ __all__ = [
     "PeakMemoryMonitor",
     "RunDirCheckpoint",
     "describe_run",
-    "record_config_failure",
-    "write_json_atomic",
+    "record_refusal",
 ]

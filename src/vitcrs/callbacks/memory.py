@@ -12,7 +12,7 @@ from torch import Tensor
 
 from vitcrs.crs import SavedTensorsMeter, crs_state, uninjected
 from vitcrs.distributed import gather_objects, sync_logged_metrics
-from vitcrs.errors import ConfigError
+from vitcrs.errors import check_int
 from vitcrs.record import RunRecord
 from vitcrs.units import GIB
 
@@ -41,12 +41,7 @@ class PeakMemoryMonitor(Callback):
     """
 
     def __init__(self, warmup_batches: int = 2) -> None:
-        if isinstance(warmup_batches, bool) or not isinstance(warmup_batches, int) or warmup_batches < 0:
-            raise ConfigError(
-                f"callbacks.memory.warmup_batches={warmup_batches!r} is invalid: it must be an integer >= 0 "
-                "(the first training batches left out of images/s), e.g. callbacks.memory.warmup_batches=2."
-            )
-        self.warmup_batches = warmup_batches
+        self.warmup_batches = check_int("callbacks.memory.warmup_batches", warmup_batches, 0, example=2)
         self.peak_allocated_gib: float | None = None
         self.peak_reserved_gib: float | None = None
         self.saved_bytes_per_step: int | None = None

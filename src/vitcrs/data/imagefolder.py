@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from vitcrs.data.source import DataSource, Splits, need_int
-from vitcrs.errors import ConfigError
+from vitcrs.data.source import DataSource, Splits
+from vitcrs.errors import ConfigError, check_int
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +237,10 @@ class ImageFolderSource(DataSource):
         return class_names(root)
 
     def check(self, root: Path) -> None:
-        need_int("data.source.load_size", self.load_size, 8)
+        check_int("data.source.load_size", self.load_size, 8)
         check(root)
 
     def load(self, root: Path) -> Splits:
-        need_int("data.source.load_size", self.load_size, 8)
+        check_int("data.source.load_size", self.load_size, 8)
         data = load(root, self.load_size, threads=os.cpu_count())
         return (*data["train"], *data["test"])

@@ -22,38 +22,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from vitcrs.crs import CRSBlock, find_blocks
+from vitcrs.data.inputs import ModelInputs
 from vitcrs.errors import ConfigError
 
 MISSING = "???"  # an OmegaConf value that must be given on the command line
-
-
-@dataclass(frozen=True)
-class ModelInputs:
-    """What the network expects of its input: its square side in pixels (the checkpoint's), per-channel
-    normalisation, and the patch side (another input side must be a multiple of it)."""
-
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    patch_size: int = 16
-
-    def check_image_size(self, size: Any) -> None:
-        """ConfigError unless `size` (data.image_size) is a positive multiple of the patch side.
-
-        Another size than the checkpoint's is fine-tuned with interpolated position embeddings (each family's
-        `logits` / `build`); the image must still cut into whole patches.
-        """
-        patch = self.patch_size
-        whole = isinstance(size, int) and not isinstance(size, bool)
-        if whole and size >= 1 and not size % patch:
-            return
-        below = max(patch, size // patch * patch) if whole else 0
-        example = f"data.image_size={below} or {below + patch}" if below else f"data.image_size={patch * 14}"
-        raise ConfigError(
-            f"data.image_size={size!r} is invalid: it must be a positive multiple of the model's patch size "
-            f"{patch} (the model cuts images into {patch}x{patch} patches; its checkpoint size is "
-            f"{self.image_size}). Fix: e.g. {example}, or data.image_size=null for the model's own size."
-        )
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,10 @@ from transformers import (
 from transformers.utils import is_flash_attn_2_available
 from transformers.utils import logging as hf_logging
 
+from vitcrs.data.inputs import ModelInputs
 from vitcrs.errors import ConfigError
 
-from .family import ModelFamily, ModelInputs
+from .family import ModelFamily
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vitcrs.data.inputs import ModelInputs
 from vitcrs.errors import ConfigError
 
-from .family import ModelFamily, ModelInputs
+from .family import ModelFamily
 
 log = logging.getLogger(__name__)
 
