@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from vitcrs.errors import ConfigError
-from vitcrs.record import METRICS_KEYS, RunRecord, markdown_table
+from vitcrs.record import METRICS_KEYS, RunRecord, schema_table
 from vitcrs.report import build_report, main
 from vitcrs.report.data import Column, Group, config_diff, differing_keys, find_metrics, read_run
 
@@ -379,9 +379,9 @@ def test_readme_metrics_table_is_generated_from_the_record(capsys: pytest.Captur
     """README's metrics.json table is `python -m vitcrs.report --schema`: one row per RunRecord field."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     start = readme.index("| key | meaning |\n")
-    assert readme[start : readme.index("\n\n", start) + 1] == markdown_table()
-    assert main(["--schema"]) == 0 and capsys.readouterr().out == markdown_table()
-    rows = markdown_table().splitlines()[2:]
+    assert readme[start : readme.index("\n\n", start) + 1] == schema_table()
+    assert main(["--schema"]) == 0 and capsys.readouterr().out == schema_table()
+    rows = schema_table().splitlines()[2:]
     assert [row.split("`")[1] for row in rows] == [*METRICS_KEYS, "error"]
     assert all(row.split(" | ")[1].strip(" |") for row in rows)  # every key has its meaning
     with pytest.raises(SystemExit):

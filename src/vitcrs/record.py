@@ -2,7 +2,7 @@
 
 The one home of the metrics.json schema: the callbacks fill a record's attributes, `MetricsFile` writes
 `to_json()`, `vitcrs.report` reads files back with `from_json`, and README's metrics.json table is
-`markdown_table()` (`python -m vitcrs.report --schema`). Pure: no torch, Lightning or Hydra import.
+`schema_table()` (`python -m vitcrs.report --schema`). Pure: no torch, Lightning or Hydra import.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, get_type_hints
+
+from vitcrs.tables import markdown_table
 
 METRICS_FILE = "metrics.json"  # <run_dir>/metrics.json
 STATUSES = ("incomplete", "complete", "failed", "interrupted")
@@ -168,7 +170,9 @@ _OMITTED_WHILE_NULL = {
 METRICS_KEYS = tuple(name for name in DOCS if name not in _OMITTED_WHILE_NULL)
 
 
-def markdown_table() -> str:
+def schema_table() -> str:
     """README's metrics.json table: one row per key with its doc."""
-    rows = [f"| `{name}` | {doc} |" for name, doc in DOCS.items()]
-    return "\n".join(["| key | meaning |", "| --- | --- |", *rows]) + "\n"
+    return (
+        "\n".join(markdown_table(["key", "meaning"], [[f"`{name}`", doc] for name, doc in DOCS.items()]))
+        + "\n"
+    )

@@ -23,6 +23,7 @@ from vitcrs.report.data import (
     differing_keys,
     lean,
 )
+from vitcrs.tables import latex_table, markdown_table
 from vitcrs.units import GIB, MIB
 
 
@@ -175,32 +176,6 @@ def one_line(text: str, limit: int = 300) -> str:
 def unfinished_runs(group: Group) -> list[Run]:
     """The group's runs without a usable result: failed, incomplete, or complete without test_acc."""
     return [r for r in group.runs if r.status != "complete" or r.test_acc is None]
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
-    """Markdown table lines; the first `left` columns are left-aligned, the others right-aligned."""
-    align = ["---"] * left + ["---:"] * (len(header) - left)
-    lines = [header, align, *rows]
-    return ["| " + " | ".join(line) + " |" for line in lines]
-
-
-def tex_table(header: Sequence[str], rows: Sequence[Sequence[str]], caption: str, left: int = 1) -> list[str]:
-    """A booktabs `table` environment; cells are taken as already escaped."""
-    spec = "l" * left + "r" * (len(header) - left)
-    body = [" & ".join(r) + r" \\" for r in rows]
-    return [
-        r"\begin{table}[t]",
-        r"\centering",
-        f"\\caption{{{caption}}}",
-        f"\\begin{{tabular}}{{{spec}}}",
-        r"\toprule",
-        " & ".join(header) + r" \\",
-        r"\midrule",
-        *body,
-        r"\bottomrule",
-        r"\end{tabular}",
-        r"\end{table}",
-    ]
 
 
 def accuracy_counts(group: Group) -> set[int]:
@@ -374,7 +349,7 @@ def markdown_report(
     lines = [f"# {title}", "", note, "", *_groups_intro_md(groups)]
     for group in groups:
         header, body = rows(group, MD)
-        lines += [*_group_preamble(group, groups), *md_table(header, body, left)]
+        lines += [*_group_preamble(group, groups), *markdown_table(header, body, left)]
         if shared := shared_lines(group):
             lines += ["", *(f"Note: {line}" for line in shared)]
         if unfinished := unfinished_lines(group):
@@ -398,7 +373,7 @@ def tex_report(
         caption = _tex_escape(
             f"{title}. {group_title(group, groups)}. Settings: {settings}" + (f". {notes}" if notes else "")
         )
-        lines += tex_table(header, body, caption, left)
+        lines += latex_table(header, body, caption, left)
         lines += [f"% {line}" for line in unfinished_lines(group, markdown=False)]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
