@@ -29,7 +29,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 lint: install
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests tools
 
 demo: install
 	$(PY) -m vitcrs.train experiment=demo

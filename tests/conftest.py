@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,20 +14,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-REPO = Path(__file__).resolve().parents[1]
+from support.processes import Finished, run_command
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
 CONF_DIR = REPO / "conf"
 
-# A few batches of the offline demo: the end-to-end runs of the tests.
-QUICK = [
-    "experiment=demo",
-    # the study's targets: sampled ops with running gradient-norm estimates and the attention matmuls, so
-    # these runs exercise every piece of CRS state (the demo's default, the lean block, keeps none)
-    "crs.targets=[query,key,value,scores,context]",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-]
+# A few batches of the offline demo with the study's targets (conf/experiment/smoke.yaml): the tests' runs.
+QUICK = ["experiment=smoke"]
 
 # A ViT small enough to build in milliseconds: 32 px, 8 px patches (17 tokens), 2 blocks.
 TINY_VIT = {
@@ -41,16 +34,33 @@ TINY_VIT = {
 }
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="the torch device of the device tests (the `device` fixture), e.g. cuda: the GPU check runs "
+        "`pytest --device cuda -m 'device or cuda'`",
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every CUDA test `cuda`, so `pytest -m cuda` runs the CUDA variants of the suite (the GPU check's
-    step 1): a test parametrized with a CUDA device, or one skipped unless CUDA is there."""
+    """Mark the tests that run on `--device` (they take the `device` fixture) `device`, and those that need
+    CUDA whatever the option (skipped without it) `cuda`: `-m "device or cuda"` selects the GPU check's."""
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        on_cuda = callspec is not None and any(str(v).startswith("cuda") for v in callspec.params.values())
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
         reasons = (str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif"))
-        needs_cuda = any("cuda" in reason for reason in reasons)
-        if on_cuda or needs_cuda:
+        if any("cuda" in reason for reason in reasons):
             item.add_marker(pytest.mark.cuda)
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig: pytest.Config) -> torch.device:
+    """The device of `--device` (default cpu); the run stops when it names CUDA and there is none."""
+    dev = torch.device(pytestconfig.getoption("--device"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.exit(f"--device {dev}: torch sees no CUDA device here", returncode=4)
+    return dev
 
 
 @pytest.fixture(autouse=True)
@@ -125,35 +135,28 @@ def vit_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def quiet_env() -> dict[str, str]:
-    """Environment for training subprocesses: offline, one thread (robust on a busy 2-core machine)."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    """Environment for the tests' subprocesses: offline, one thread (robust on a busy 2-core machine), and
+    tests/ on the path (a run may add `support.faults.FaultInjector` as a callback)."""
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
 
 
-def run_command(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `cmd` in its own process group; on a timeout (or the test's own) kill the whole group (the data
-    parallel ranks it started too) and fail, instead of leaving processes hanging."""
-    proc = subprocess.Popen(
-        cmd, cwd=cwd, env=quiet_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"{' '.join(cmd[2:])} did not finish in {timeout} s\n{stdout[-2000:]}\n{stderr[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+def run(cmd: list[str], cwd: Path, timeout: float = 300, **env: str) -> Finished:
+    """`cmd` run to its end in `quiet_env` and `env` (`support.processes.run_command`); a run over `timeout`
+    seconds (a hang) is stopped with every process it started and fails the test."""
+    done = run_command(cmd, cwd=cwd, env={**quiet_env(), **env}, timeout=timeout, grace_s=5.0)
+    if done.timed_out:
+        output = f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        pytest.fail(f"{shlex.join(cmd[2:])} did not finish in {timeout} s\n{output}")
+    return done
 
 
 @pytest.fixture
-def run_train() -> Callable[..., subprocess.CompletedProcess]:
-    """run_train(*args, cwd) -> the finished `python -m vitcrs.train *args` (exit 0 unless check=False).
+def run_train() -> Callable[..., Finished]:
+    """run_train(*args, cwd) -> the finished `python -m vitcrs.train *args` (exit 0 unless check=False)."""
 
-    A run over `timeout` seconds (a hang) is killed with every process it started, failing the test.
-    """
-
-    def _run(*args: str, cwd: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-        proc = run_command([sys.executable, "-m", "vitcrs.train", *args], cwd, timeout)
+    def _run(*args: str, cwd: Path, check: bool = True, timeout: float = 300) -> Finished:
+        proc = run([sys.executable, "-m", "vitcrs.train", *args], cwd, timeout)
         if check:
             assert proc.returncode == 0, (
                 f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
-import subprocess
+import runpy
 import sys
 import weakref
 
@@ -267,8 +267,10 @@ def test_cli_refuses_an_out_file_before_measuring(tmp_path, capsys, monkeypatch)
     assert (tmp_path / "results.json").read_text() == "mine"
 
 
-def test_module_entry_point():
-    out = subprocess.run(
-        [sys.executable, "-m", "vitcrs.bench", "--help"], capture_output=True, text=True, check=True
-    ).stdout
-    assert "--grid" in out and "--find-max-batch" in out
+def test_module_entry_point(monkeypatch, capsys):
+    """`python -m vitcrs.bench --help` (its __main__, run in this process)."""
+    monkeypatch.setattr(sys, "argv", ["vitcrs.bench", "--help"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("vitcrs.bench", run_name="__main__")
+    out = capsys.readouterr().out
+    assert exited.value.code == 0 and "--grid" in out and "--find-max-batch" in out

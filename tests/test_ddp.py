@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from support.faults import FAULT
 from vitcrs.crs import SamplingGenerator
 from vitcrs.crs.sampling import sample
 from vitcrs.models import ViTClassifier
@@ -130,7 +131,7 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_step(run_train, tmp_
     proc = run_train("experiment=demo", *DDP, "data.batch_size=16", "trainer.max_epochs=1",
                      "trainer.limit_train_batches=4", "trainer.num_sanity_val_steps=0",
                      "callbacks.step_checkpoint.every_n_train_steps=1",
-                     "+callbacks.fault._target_=vitcrs.callbacks.FaultInjector",
+                     FAULT,
                      "+callbacks.fault.nan_at_step=2", "+callbacks.fault.nan_on_rank=1",
                      f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False,
                      timeout=DDP_TIMEOUT_S)  # fmt: skip

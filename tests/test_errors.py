@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import vitcrs.train as app
 from conftest import CONF_DIR, compose_config, quiet_env
 from conftest import QUICK as DEMO_BATCHES
+from support.faults import FAULT
 from vitcrs.callbacks import describe_run
 from vitcrs.conf import check_added_keys, container
 from vitcrs.data import cifar
@@ -441,7 +442,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(run_train, tm
         *QUICK,
         "trainer.limit_train_batches=6",
         "callbacks.step_checkpoint.every_n_train_steps=1",
-        "+callbacks.fault._target_=vitcrs.callbacks.FaultInjector",
+        FAULT,
         "+callbacks.fault.nan_at_step=3",
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,

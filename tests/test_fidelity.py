@@ -6,14 +6,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import QUICK, TINY_VIT, compose_config, quiet_env
+from conftest import QUICK, TINY_VIT, compose_config
 from vitcrs.callbacks import GradFidelityMonitor
 from vitcrs.crs import CRSConfig, crs_linear
 from vitcrs.errors import ConfigError
@@ -254,17 +254,18 @@ def test_callback_off_reports_null():
 # --- python -m vitcrs.fidelity ----------------------------------------------------------------------------
 
 
-def test_meter_app_writes_its_three_files(tmp_path):
+def test_meter_app_writes_its_three_files(tmp_path, monkeypatch, one_thread):
+    """`python -m vitcrs.fidelity ...` (its __main__ and Hydra app, run in this process)."""
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "vitcrs.fidelity", "model=vit_micro", "dataset=synthetic", "data.batch_size=8",
-         "fidelity.draws=3", "fidelity.noise_batches=2", "fidelity.warmup_steps=1", "fidelity.prime_passes=1",
-         "fidelity.configs=[{method: crs, targets: [query, key, value, scores, context], ratio: 0.3},"
-         "{targets: [query, key, value, attn_output, mlp], ratio: 0.3, prob: norm_grad}]",
-         f"hydra.run.dir={out}"],
-        cwd=tmp_path, env=quiet_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [
+        "vitcrs.fidelity", "model=vit_micro", "dataset=synthetic", "data.batch_size=8",
+        "fidelity.draws=3", "fidelity.noise_batches=2", "fidelity.warmup_steps=1", "fidelity.prime_passes=1",
+        "fidelity.configs=[{method: crs, targets: [query, key, value, scores, context], ratio: 0.3},"
+        "{targets: [query, key, value, attn_output, mlp], ratio: 0.3, prob: norm_grad}]",
+        f"hydra.run.dir={out}",
+    ])  # fmt: skip
+    runpy.run_module("vitcrs.fidelity", run_name="__main__")
     data = json.loads((out / "fidelity.json").read_text())
     assert [c["label"] for c in data["configurations"]] == [
         "crs 0.3 query,key,value,scores,context norm",

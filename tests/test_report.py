@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import runpy
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -358,20 +358,28 @@ def test_missing_path_or_no_metrics_is_an_error(tmp_path: Path, capsys: pytest.C
     assert "error: paths:" in capsys.readouterr().err
 
 
-def test_cli_prints_the_report_folder(tmp_path: Path) -> None:
+def _report_command(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    """Exit status and stdout of `python -m vitcrs.report *argv` (its __main__, run in this process)."""
+    monkeypatch.setattr(sys, "argv", ["vitcrs.report", *argv])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("vitcrs.report", run_name="__main__")
+    return exited.value.code, capsys.readouterr().out
+
+
+def test_cli_prints_the_report_folder(tmp_path: Path, monkeypatch, capsys) -> None:
     runs = write_study(tmp_path / "runs")
-    cmd = [sys.executable, "-m", "vitcrs.report", str(runs)]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr
-    out = Path(done.stdout.strip())
+    monkeypatch.chdir(tmp_path)
+    code, stdout = _report_command([str(runs)], monkeypatch, capsys)
+    assert code == 0
+    out = Path(stdout.strip())
     assert out.parent == tmp_path / "reports" and out.is_dir()
     assert (out / "accuracy.md").read_text().count("(−") == 6
     assert f"python -m vitcrs.report {runs}" in (out / "index.md").read_text()
     explicit = tmp_path / "explicit"
-    done = subprocess.run(
-        [*cmd, "--out", str(explicit)], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0 and done.stdout == f"{explicit}\n"
+    code, stdout = _report_command([str(runs), "--out", str(explicit)], monkeypatch, capsys)
+    assert code == 0 and stdout == f"{explicit}\n"
     assert {p.name for p in explicit.iterdir()} >= {"accuracy.md", "memory.tex", "accuracy_vs_memory.png"}
 
 

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from conftest import QUICK
+from support.faults import FAULT
 from vitcrs.callbacks import MetricsFile, PeakMemoryMonitor
 from vitcrs.errors import ConfigError
 from vitcrs.files import write_json_atomic
@@ -270,7 +271,7 @@ def test_sigterm_exits_143_with_a_current_last_ckpt_and_an_interrupted_record(ru
     # no step checkpoints: last.ckpt can only come from the SIGTERM
     proc = run_train(*QUICK, "trainer.limit_train_batches=6", "data.batch_size=16",
                      "callbacks.progress_bar=null", "callbacks.step_checkpoint.every_n_train_steps=0",
-                     "+callbacks.fault._target_=vitcrs.callbacks.FaultInjector",
+                     FAULT,
                      "+callbacks.fault.term_at_step=2", f"hydra.run.dir={run_dir}", cwd=tmp_path,
                      check=False)  # fmt: skip
     out = proc.stdout + proc.stderr

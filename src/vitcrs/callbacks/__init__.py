@@ -2,7 +2,6 @@
 follow a moved run dir and one on SIGTERM, and fault injection for tests."""
 
 from .checkpoint import RunDirCheckpoint
-from .faults import FaultInjector
 from .grad_fidelity import GradFidelityMonitor
 from .interrupt import CheckpointOnSigterm
 from .memory import PeakMemoryMonitor
@@ -10,7 +9,6 @@ from .metrics_file import MetricsFile, describe_run, record_refusal
 
 __all__ = [
     "CheckpointOnSigterm",
-    "FaultInjector",
     "GradFidelityMonitor",
     "MetricsFile",
     "PeakMemoryMonitor",
