@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import runpy
 import shlex
 import sys
-from collections.abc import Callable
+import time
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -151,12 +155,53 @@ def run(cmd: list[str], cwd: Path, timeout: float = 300, **env: str) -> Finished
     return done
 
 
-@pytest.fixture
-def run_train() -> Callable[..., Finished]:
-    """run_train(*args, cwd) -> the finished `python -m vitcrs.train *args` (exit 0 unless check=False)."""
+def run_module(module: str, args: Sequence[str], cwd: Path, capsys: pytest.CaptureFixture[str]) -> Finished:
+    """`python -m module *args` in `cwd`, run in this process (runpy: its __main__ and, for a Hydra app,
+    Hydra's own command line, run dir, saved config and logging), with its exit status and output; the
+    process's working directory, argv, logging and Hydra state are as they were afterwards."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
-    def _run(*args: str, cwd: Path, check: bool = True, timeout: float = 300) -> Finished:
-        proc = run([sys.executable, "-m", "vitcrs.train", *args], cwd, timeout)
+    root = logging.getLogger()
+    handlers, level, argv, where = root.handlers[:], root.level, sys.argv, os.getcwd()
+    capsys.readouterr()  # what earlier code printed is not this command's
+    start, code = time.monotonic(), 0
+    try:
+        os.chdir(cwd)
+        sys.argv = [module, *args]
+        with warnings.catch_warnings():  # runpy: the module is imported already (as the launchers import it)
+            warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    finally:
+        os.chdir(where)
+        sys.argv = argv
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        HydraConfig.instance().cfg = None
+        GlobalHydra.instance().clear()
+    out, err = capsys.readouterr()
+    return Finished((module, *args), code, time.monotonic() - start, out, err)
+
+
+@pytest.fixture
+def run_train(capsys: pytest.CaptureFixture[str]) -> Callable[..., Finished]:
+    """run_train(*args, cwd) -> the finished `python -m vitcrs.train *args` (exit 0 unless check=False): in
+    this process (`run_module`), or, with `process=True`, as a subprocess (`run`: for what needs a process of
+    its own: a kill, a signal, data-parallel ranks, launcher workers, the command line itself)."""
+
+    def _run(
+        *args: str, cwd: Path, check: bool = True, timeout: float = 300, process: bool = False
+    ) -> Finished:
+        if process:
+            proc = run([sys.executable, "-m", "vitcrs.train", *args], cwd, timeout)
+        else:
+            proc = run_module("vitcrs.train", args, cwd, capsys)
         if check:
             assert proc.returncode == 0, (
                 f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -568,8 +568,10 @@ def _has_joblib_launcher() -> bool:
 def test_a_failing_sweep_job_is_recorded_and_spares_the_others(run_train, tmp_path, launcher):
     sweep = tmp_path / "sweep"
     chosen = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
+    # joblib's workers unpickle the task function in processes of their own: from a process of its own too
     proc = run_train("-m", *chosen, *QUICK, "trainer.limit_train_batches=2", "crs.ratio=7,0.5",
-                     f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)  # fmt: skip
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False,
+                     process=launcher == "parallel")  # fmt: skip
     assert proc.returncode != 0  # the sweep reports its failed job
     failed = json.loads((sweep / "0" / "metrics.json").read_text())
     assert failed["status"] == "failed" and failed["error"].startswith("ConfigError: crs.ratio=7 is invalid")

@@ -49,7 +49,7 @@ def test_killed_run_resumes_to_the_same_result(run_train, tmp_path):
     unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
     run_train(*RUN, f"hydra.run.dir={unbroken}", cwd=tmp_path)
 
-    killed = run_train(*RUN, *KILL, f"hydra.run.dir={broken}", cwd=tmp_path, check=False)
+    killed = run_train(*RUN, *KILL, f"hydra.run.dir={broken}", cwd=tmp_path, check=False, process=True)
     assert killed.returncode == -signal.SIGKILL
     record = json.loads((broken / "metrics.json").read_text())
     assert record["status"] == "incomplete" and record["epochs"] == 1  # the kill left a whole, marked file
@@ -82,7 +82,7 @@ def test_a_moved_run_resumes_from_its_own_checkpoints_and_keeps_its_figures(run_
            "trainer.num_sanity_val_steps=0", "callbacks.progress_bar=null"]  # fmt: skip
     # Killed once training and selection are done, as the test split starts.
     kill = [FAULT, "+callbacks.fault.kill_at_test=true"]
-    killed = run_train(*run, *kill, f"hydra.run.dir={old}", cwd=tmp_path, check=False)
+    killed = run_train(*run, *kill, f"hydra.run.dir={old}", cwd=tmp_path, check=False, process=True)
     assert killed.returncode == -signal.SIGKILL
     before = json.loads((old / "metrics.json").read_text())
     assert before["status"] == "incomplete" and before["epochs"] == 1 and before["saved_bytes_per_step"] > 0

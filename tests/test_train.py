@@ -90,8 +90,14 @@ def test_multirun_writes_one_run_dir_per_job(run_train, tmp_path):
 
 
 def test_bad_setting_exits_with_a_clean_message(run_train, tmp_path):
+    """The command line itself (a process of its own): exit status 2 and the message, no traceback."""
     proc = run_train(
-        "experiment=demo", "crs.ratio=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False
+        "experiment=demo",
+        "crs.ratio=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        check=False,
+        process=True,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "crs.ratio=0 is invalid" in out and "Traceback" not in out
@@ -273,7 +279,7 @@ def test_sigterm_exits_143_with_a_current_last_ckpt_and_an_interrupted_record(ru
                      "callbacks.progress_bar=null", "callbacks.step_checkpoint.every_n_train_steps=0",
                      FAULT,
                      "+callbacks.fault.term_at_step=2", f"hydra.run.dir={run_dir}", cwd=tmp_path,
-                     check=False)  # fmt: skip
+                     check=False, process=True)  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == 143 and "Traceback" not in out, out[-3000:]
     last = run_dir / "checkpoints" / "last.ckpt"
