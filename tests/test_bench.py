@@ -23,16 +23,24 @@ pytestmark = pytest.mark.usefixtures("fresh_crs_stream")
 
 
 # ---------------------------------------------------------------- one ViT-B/16 block vs the analytic model
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_block_saved_bytes_are_within_5_percent_of_the_analytic_ideal(attn, precision):
-    """A ViT-B/16-shaped block (width 768, 12 heads, 197 tokens; batch 2) at ratio 0.3, each target set."""
-    spec = ModelSpec("vit_b16", overrides={"num_hidden_layers": 1})
+# one block of ViT-B/16 (width 768, 12 heads, 197 tokens), and of a small ViT of the same patch grid
+SMALL = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 256, "image_size": 64}
+BLOCKS = {"vit_b16": (197, 768, 12, 3072), "small": (17, 64, 4, 256)}
+
+
+@pytest.mark.parametrize(
+    ("attn", "precision", "block"),
+    [("eager", "fp32", "vit_b16"), ("eager", "bf16-mixed", "small"), ("sdpa", "fp32", "small"),
+     ("sdpa", "bf16-mixed", "small")],
+)  # fmt: skip
+def test_block_saved_bytes_are_within_5_percent_of_the_analytic_ideal(attn, precision, block):
+    """One block (batch 2) at ratio 0.3, each target set: ViT-B/16's in eager fp32, a small one otherwise."""
+    spec = ModelSpec("vit_b16", overrides={"num_hidden_layers": 1, **(SMALL if block == "small" else {})})
     batch = 2
     exact_cfg = bench.grid.exact_config(attn, precision, False)
     model = bench.build(spec, exact_cfg, torch.device("cpu"), seed=0)
     shape = bench.block_shape(bench.architecture(model), batch)
-    assert (shape.tokens, shape.hidden, shape.heads, shape.intermediate) == (197, 768, 12, 3072)
+    assert (shape.tokens, shape.hidden, shape.heads, shape.intermediate) == BLOCKS[block]
     autocast = precision == "bf16-mixed"
     exact = bench.measured_block_saved_bytes(model, batch, precision)
     exact_ideal = bench.analytic_block_saved_bytes(shape, attn, autocast)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 import weakref
 
 import pytest
@@ -358,19 +359,40 @@ def _block_saved(model: ViTForImageClassification, batch: int, tokens: int, auto
         return _saved(lambda: model.vit.layers[0](h), list(model.parameters()))
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_injected_block_saved_bytes_match_the_analytic_ideal(autocast):
-    """A ViT-B/16-shaped block (width 768, 12 heads, 197 tokens; batch 4 to stay fast)."""
-    cfg_v = ViTConfig(num_hidden_layers=1, num_labels=10, attn_implementation="eager")
-    base = ViTForImageClassification(cfg_v)
-    shape = (4, 197, 768, 12, 3072)
-    exact = _block_saved(base, 4, 197, autocast)
+# (batch, tokens, width, heads, MLP width): a small block for every case, a ViT-B/16 block for one
+SMALL_BLOCK = (4, 17, 64, 4, 256)
+VIT_B_BLOCK = (2, 197, 768, 12, 3072)
+
+
+def _block(shape: tuple[int, ...]) -> ViTForImageClassification:
+    _, tokens, width, heads, mlp = shape
+    side = 16 * math.isqrt(tokens - 1)  # patches of 16 px, plus [CLS]
+    config = ViTConfig(hidden_size=width, num_attention_heads=heads, intermediate_size=mlp, image_size=side,
+                       num_hidden_layers=1, num_labels=10, attn_implementation="eager")  # fmt: skip
+    return ViTForImageClassification(config)
+
+
+@pytest.mark.parametrize(
+    ("shape", "autocast", "ratios", "sets"),
+    [
+        (SMALL_BLOCK, False, (0.5, 0.3), ("study", "linears", "all", "lean_all")),
+        (SMALL_BLOCK, True, (0.5, 0.3), ("study", "linears", "all", "lean_all")),
+        (VIT_B_BLOCK, False, (0.3,), ("all", "lean_all")),
+    ],
+    ids=["small-fp32", "small-bf16", "vit_b16-fp32"],
+)
+def test_injected_block_saved_bytes_match_the_analytic_ideal(shape, autocast, ratios, sets):
+    """Measured bytes of one block, exact and injected, equal `vit_block_saved_bytes` to the byte."""
+    base = _block(shape)
+    batch, tokens = shape[:2]
+    exact = _block_saved(base, batch, tokens, autocast)
     assert exact == vit_block_saved_bytes(*shape, autocast=autocast)
-    for ratio in (0.5, 0.3):
+    for ratio in ratios:
         cfg = CRSConfig(ratio=ratio)
-        for targets in (TARGET_SETS["study"], LINEAR_TARGETS, ALL_TARGETS, LEAN_ALL):
+        for name in sets:
+            targets = TARGET_SETS[name]
             model = inject(copy.deepcopy(base), cfg, targets)
-            measured = _block_saved(model, 4, 197, autocast)
+            measured = _block_saved(model, batch, tokens, autocast)
             assert measured == vit_block_saved_bytes(*shape, cfg, targets, autocast)
             assert measured < exact
 

@@ -29,6 +29,18 @@ from vitcrs.trainer import TrainerSettings
 MAX_SEED = 2**32 - 1  # the largest seed Lightning's seed_everything takes (numpy's limit)
 
 
+def model_data(
+    family: ModelFamily, model: Mapping[str, Any], data: Mapping[str, Any], batch_indices: bool = False
+) -> tuple[VisionDataModule, Architecture]:
+    """The checked (unprepared) data module of the `data` node for the network of the `model` node (of
+    `family`), and that network's Architecture, read without weights and checked against the images' side
+    (`check_architecture`). batch_indices: as `build_datamodule`. Training's and the fidelity meter's."""
+    datamodule = build_datamodule(data, family.inputs(model), batch_indices)
+    arch = family.meta_architecture(model, datamodule.num_classes)
+    check_architecture(arch, int(datamodule.image_size))
+    return datamodule, arch
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """What one training run is, checked (`check`).
@@ -71,10 +83,7 @@ class RunSettings:
             trainer.trainer.get("accumulate_grad_batches"), trainer.trainer.get("gradient_clip_val"),
             trainer.precision, trainer.processes, trainer.fidelity_every,
         )  # fmt: skip
-        inputs = family.inputs(model)
-        datamodule = build_datamodule(config["data"], inputs, batch_indices=crs.prob == "sample_cache")
-        arch = family.meta_architecture(model, datamodule.num_classes)
-        check_architecture(arch, datamodule.image_size)
+        datamodule, arch = model_data(family, model, config["data"], batch_indices=crs.prob == "sample_cache")
         crs.check_sampled(arch, datamodule.image_size, datamodule.batch_size)
         allow = check_bool("allow_crs_change", config.get("allow_crs_change", False))
         label = model_label(model, model_choice)

@@ -213,6 +213,7 @@ class GPUCheck:
 
         # sound target sets: every activation gradient exact (no attention matmul sampled)
         sound = [name for name in BENCH_TARGET_SETS if not set(TARGET_SETS[name]) & set(MATMUL_TARGETS)]
+        sound = [name for name in sound if name in (self.plan.bench_targets or sound)]
         record = self.records[step]
         folder = f"bench/{attn}_{precision}"
         grid = ["--methods", "wta_crs", "--ratios", self.plan.bench_ratios, "--targets", ",".join(sound)]

@@ -35,18 +35,11 @@ from rich.progress import (
 import vitcrs
 from vitcrs.conf import CONF_DIR, choice, container, register
 from vitcrs.crs import CRSConfig, target_set, validate_targets
-from vitcrs.data import VisionDataModule, build_datamodule
+from vitcrs.data import VisionDataModule
 from vitcrs.errors import ConfigError, check_int
 from vitcrs.files import write_json_atomic, write_text_atomic
-from vitcrs.models import (
-    Architecture,
-    ModelFamily,
-    OptimConfig,
-    check_architecture,
-    model_family,
-    model_label,
-)
-from vitcrs.settings import MAX_SEED
+from vitcrs.models import Architecture, ModelFamily, OptimConfig, model_family, model_label
+from vitcrs.settings import MAX_SEED, model_data
 from vitcrs.trainer import quiet_known_warnings
 
 from .meter import Batch, Configuration, measure, passes_needed
@@ -141,9 +134,7 @@ def validate(cfg: DictConfig) -> MeterSettings:
         raise ConfigError(f"fidelity.bias_alpha={alpha!r} is invalid: it must be in (0, 1), e.g. 0.001.")
     optim = OptimConfig.from_settings(container(cfg.optim))  # lr and weight_decay of the warm-up steps
     device = _device(f["device"])
-    datamodule = build_datamodule(container(cfg.data), family.inputs(model))
-    arch = family.meta_architecture(model, datamodule.num_classes)
-    check_architecture(arch, int(datamodule.image_size))
+    datamodule, arch = model_data(family, model, container(cfg.data))
     check_sampled(configs, arch, int(datamodule.image_size), int(datamodule.batch_size))
     return MeterSettings(
         seed,

@@ -53,6 +53,16 @@ class Architecture:
         return (side // self.patch_size) ** 2 + self.prefix_tokens
 
 
+def square_side(size: Any) -> int:
+    """An image or patch size (an int, or [height, width] / (height, width)) as one side; ConfigError for a
+    size that is not square (vitcrs feeds square images)."""
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ConfigError(f"model image size {list(size)} is not square: vitcrs feeds square images.")
+        size = size[0]
+    return int(size)
+
+
 def check_architecture(arch: Architecture, image_size: int) -> None:
     """ConfigError for a network (its `Architecture`) fed images of side `image_size` that its library would
     build or run otherwise than configured, silently: a hidden size its heads do not divide (narrower
@@ -138,13 +148,8 @@ class ModelFamily(ABC):
         """The network `build` would give, on the meta device: its architecture, no weights, no download."""
 
     @abstractmethod
-    def build(
-        self,
-        model: Mapping[str, Any],
-        num_labels: int,
-        class_names: list[str] | None = None,
-        image_size: int | None = None,
-    ) -> nn.Module:
+    def build(self, model: Mapping[str, Any], num_labels: int, class_names: list[str] | None = None,
+              image_size: int | None = None) -> nn.Module:  # fmt: skip
         """The network with a fresh `num_labels`-way head (label names `class_names`, default LABEL_i), fed
         images of side `image_size` (None: its own). Raises ConfigError when the weights cannot be had."""
 
