@@ -157,13 +157,16 @@ def run(cmd: list[str], cwd: Path, timeout: float = 300, **env: str) -> Finished
 
 def run_module(module: str, args: Sequence[str], cwd: Path, capsys: pytest.CaptureFixture[str]) -> Finished:
     """`python -m module *args` in `cwd`, run in this process (runpy: its __main__ and, for a Hydra app,
-    Hydra's own command line, run dir, saved config and logging), with its exit status and output; the
-    process's working directory, argv, logging and Hydra state are as they were afterwards."""
+    Hydra's own command line, run dir, saved config and logging) on one thread, as `quiet_env` runs a
+    subprocess (so that both compute alike, to the bit), with its exit status and output; the process's
+    working directory, argv, threads, logging and Hydra state are as they were afterwards."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
     root = logging.getLogger()
     handlers, level, argv, where = root.handlers[:], root.level, sys.argv, os.getcwd()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     capsys.readouterr()  # what earlier code printed is not this command's
     start, code = time.monotonic(), 0
     try:
@@ -177,6 +180,7 @@ def run_module(module: str, args: Sequence[str], cwd: Path, capsys: pytest.Captu
     finally:
         os.chdir(where)
         sys.argv = argv
+        torch.set_num_threads(threads)
         for handler in root.handlers[:]:
             if handler not in handlers:
                 root.removeHandler(handler)

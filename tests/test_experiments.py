@@ -91,7 +91,7 @@ def test_study_tiny_on_the_cifar10_jpeg_folder(compose_cfg, tmp_path):
         "model.name_or_path=/models/vit-tiny-patch16-224",
         "dataset=imagefolder",
         "data.root=/d/cifar10-jpeg",
-        "data.name=cifar10",  # a folder tree is recorded under its folder's name unless named (issue 13)
+        "data.name=cifar10",  # a folder tree is recorded under its folder's name unless named
     ]
     jobs = sweep_jobs("study_tiny", *cli)
     assert [job_value(j, "crs.ratio") for j in jobs] == ["1.0", "0.5", "0.3"]

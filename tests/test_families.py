@@ -171,9 +171,10 @@ def _step(model: nn.Module, x: torch.Tensor, precision: str) -> tuple[torch.Tens
 def test_every_target_set_of_every_family_is_exact_forward_and_unbiased_backward(
     name, target_set, precision, device
 ):
-    """On the device, in fp32 (to the bit) and bf16 autocast (within rounding): the sampled model's forward
-    at ratio 0.3 is the plain one, its gradients at ratio 1 are the plain ones, and its sampled gradients are
-    finite and unbiased (fp32: the mean of 16 draws within Monte-Carlo error of the exact gradient)."""
+    """On the device, in fp32 (to the bit on a CPU) and bf16 autocast (within rounding): the sampled model's
+    forward at ratio 0.3 is the plain one, its gradients at ratio 1 are the plain ones, and its sampled
+    gradients are finite and unbiased (fp32: the mean of 16 draws within Monte-Carlo error of the exact
+    gradient, `bias_ratio`)."""
     base = build(name, device)
     targets = TARGET_SETS[target_set]
     x = X.to(device)
@@ -182,9 +183,10 @@ def test_every_target_set_of_every_family_is_exact_forward_and_unbiased_backward
     sampled = injected(base, 0.3, targets)
     draws = [_step(sampled, x, precision) for _ in range(16 if precision == "fp32" else 2)]
     assert all(torch.isfinite(out).all() and torch.isfinite(g).all() for out, g in draws)
-    if precision == "fp32":
-        assert all(torch.equal(out, ref_logits) for out, _ in draws)
-        torch.testing.assert_close(at_one, exact, rtol=1e-5, atol=1e-6 * exact.abs().max().item())
+    if precision == "fp32":  # on the CPU to the bit; a GPU's kernels may round otherwise from call to call
+        tol = 0.0 if device.type == "cpu" else 1e-5
+        assert max(_rel(out, ref_logits) for out, _ in draws) <= tol
+        assert _rel(at_one, exact) <= 1e-5
     else:
         assert max(_rel(out, ref_logits) for out, _ in draws) <= BF16_TOL["forward"]
         assert _rel(at_one, exact) <= BF16_TOL["ratio_one"]
@@ -252,8 +254,8 @@ def test_lean_block_gradients_are_unbiased_with_regularisers_on(name, monkeypatc
     estimates = linear_weight_estimates(matched, rows)
     for linear, estimate in estimates.items():
         assert_same_estimate(params[f"{linear}.weight"].grad, estimate)
-    # sampled, not exact (the last fc2 may be: only its [CLS] rows have a gradient, and WTA keeps them all)
-    assert sum(not torch.equal(params[f"{n}.weight"].grad, exact[f"{n}.weight"]) for n in estimates) >= 7
+    # sampled, not exact (the last block's MLP may be: only its [CLS] rows have gradients, WTA keeps them)
+    assert max(_rel(params[f"{n}.weight"].grad, exact[f"{n}.weight"]) for n in estimates) > 1e-2
     redrawn = linear_weight_estimates(matched, rows, 2000)
     assert_unbiased(torch.cat([e.flatten(1) for e in redrawn.values()], 1),
                     torch.cat([exact[f"{n}.weight"].flatten() for n in redrawn]))  # fmt: skip

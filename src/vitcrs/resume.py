@@ -18,6 +18,7 @@ from lightning.pytorch import Trainer
 
 from vitcrs.crs import CRSConfig
 from vitcrs.errors import ConfigError
+from vitcrs.record import KEY
 from vitcrs.settings import RunSettings
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def checkpoint_epochs(ckpt: dict[str, Any]) -> int:
     """Training epochs done in the run that saved the checkpoint `ckpt` (its metrics record's count, else its
     epoch)."""
     state = ckpt.get("callbacks", {}).get("MetricsFile", {})
-    epochs = state.get("epochs") if isinstance(state, dict) else None
+    epochs = state.get(KEY.epochs) if isinstance(state, dict) else None
     return int(epochs) if isinstance(epochs, int) else int(ckpt.get("epoch", 0))
 
 
@@ -182,7 +183,7 @@ def checkpoint_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
     earlier version, those it shows (optim.* from its hyperparameters, the world size from its per-rank CRS
     states)."""
     state = ckpt.get("callbacks", {}).get("MetricsFile", {})
-    saved = state.get("settings") if isinstance(state, dict) else None
+    saved = state.get(KEY.settings) if isinstance(state, dict) else None
     if isinstance(saved, dict):
         return {k: v for k, v in saved.items() if k in RESUMED_KEYS}
     optim = ckpt.get("hyper_parameters", {}).get("optim")

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import vitcrs
 from vitcrs.errors import ConfigError
 from vitcrs.files import write_json_atomic
-from vitcrs.record import METRICS_FILE, STATUSES, RunRecord
+from vitcrs.record import KEY, METRICS_FILE, STATUSES, RunRecord
 from vitcrs.run_dir import last_checkpoint
 from vitcrs.settings import RunSettings
 
@@ -184,7 +184,7 @@ class MetricsFile(Callback):
             return
         settings["precision"] = str(trainer.precision)
         if trainer.world_size > 1:
-            settings["world_size"] = trainer.world_size
+            settings[KEY.world_size] = trainer.world_size
         batch = settings.get("batch_size")
         if isinstance(batch, int):
             effective = batch * int(trainer.accumulate_grad_batches) * trainer.world_size
@@ -209,8 +209,8 @@ class MetricsFile(Callback):
         self._trainer = trainer
         if self._restored is not None:  # resuming a run
             state, self._restored = self._restored, None
-            self.record.val_acc, self.record.epochs = state["val_acc"], state["epochs"]
-            self._earlier_s = state["wall_time_s"]
+            self.record.val_acc, self.record.epochs = state[KEY.val_acc], state[KEY.epochs]
+            self._earlier_s = state[KEY.wall_time_s]
         self._start = time.perf_counter()
         self.write("incomplete", device=describe_device(pl_module.device), world_size=trainer.world_size)
 
@@ -241,10 +241,10 @@ class MetricsFile(Callback):
             uncounted = epoch.ready > epoch.completed and ready >= trainer.num_training_batches
             epochs = trainer.current_epoch + int(uncounted)
         return {
-            "val_acc": self.record.val_acc,
-            "epochs": epochs,
-            "wall_time_s": self._earlier_s + elapsed,
-            "settings": dict(self.resume_settings),
+            KEY.val_acc: self.record.val_acc,
+            KEY.epochs: epochs,
+            KEY.wall_time_s: self._earlier_s + elapsed,
+            KEY.settings: dict(self.resume_settings),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -315,7 +315,8 @@ class VisionDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ reporting
 
     def describe(self) -> dict[str, Any]:
-        """What the app writes into metrics.json (loads the data if not done yet, for the split sizes)."""
+        """The data's settings and its splits' sizes, as logged when it is set up (loads the data if not
+        done yet, for the split sizes)."""
         if self.train_dataset is None:
             self.setup()
         train, val, test = self.train_dataset, self.val_dataset, self.test_dataset

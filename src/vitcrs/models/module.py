@@ -31,6 +31,7 @@ from vitcrs.crs import (
     set_training_batch,
 )
 from vitcrs.distributed import gather_objects
+from vitcrs.units import GIB
 
 from .family import Architecture, ModelFamily
 from .optim import AdamWInBackward, OptimConfig
@@ -412,6 +413,6 @@ class ViTClassifier(LightningModule):
             f"{summary['bytes_per_image']:,}",
             summary["format"],
             summary["images"],
-            total / 2**30,
+            total / GIB,
             " (entries restored from the checkpoint)" if entries else "",
         )

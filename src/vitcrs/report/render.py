@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vitcrs.record import KEY
 from vitcrs.report.data import (
     EXACT_RATIO,
     LEAN_TARGET,
@@ -98,7 +99,7 @@ def accuracy_cell(group: Group, cell: Cell, style: Style, show_n: bool) -> str:
     ", n=k" when `show_n`, then any failed/incomplete runs; the dash when the cell has no run."""
     if not cell.runs:
         return style.dash
-    acc = cell.stat("test_acc")
+    acc = cell.stat(KEY.test_acc)
     if acc is None:
         return status_text(cell, with_value=False, style=style)
     drop = group.drop_pts(cell)
@@ -185,7 +186,7 @@ def accuracy_counts(group: Group) -> set[int]:
         s.n
         for c in group.columns
         for r in group.table_ratios
-        if (s := group.table_cell(c, r).stat("test_acc"))
+        if (s := group.table_cell(c, r).stat(KEY.test_acc))
     }
 
 
@@ -206,9 +207,9 @@ def accuracy_rows(group: Group, style: Style) -> tuple[list[str], list[list[str]
 
 
 MEMORY_FIELDS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
-    ("peak_mem_allocated_gib", "Peak allocated", format_gib),
-    ("peak_mem_reserved_gib", "Peak reserved", format_gib),
-    ("saved_bytes_per_step", "Saved for backward / step", format_bytes),
+    (KEY.peak_mem_allocated_gib, "Peak allocated", format_gib),
+    (KEY.peak_mem_reserved_gib, "Peak reserved", format_gib),
+    (KEY.saved_bytes_per_step, "Saved for backward / step", format_bytes),
 )
 
 
@@ -224,8 +225,8 @@ def memory_fields(group: Group) -> list[tuple[str, str, Callable[[float], str]]]
 
 
 FIDELITY_FIELDS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
-    ("fidelity_rel_err", "Grad. rel. error", lambda v: f"{v:.3g}"),
-    ("fidelity_cos", "Grad. cos", lambda v: f"{v:.3f}"),
+    (KEY.fidelity_rel_err, "Grad. rel. error", lambda v: f"{v:.3g}"),
+    (KEY.fidelity_cos, "Grad. cos", lambda v: f"{v:.3f}"),
 )
 
 
@@ -246,7 +247,7 @@ def memory_rows(group: Group, style: Style) -> tuple[list[str], list[list[str]]]
         for ratio in group.table_ratios:
             cell = group.table_cell(column, ratio)
             mems = [memory_cell(group, cell, attr, fmt, style) for attr, _, fmt in fields]
-            ips = memory_cell(group, cell, "images_per_s", lambda v: f"{v:.1f}", style, factor=False)
+            ips = memory_cell(group, cell, KEY.images_per_s, lambda v: f"{v:.1f}", style, factor=False)
             fid = [memory_cell(group, cell, attr, fmt, style, factor=False) for attr, _, fmt in fidelity]
             label = ratio_label(ratio, ratio == EXACT_RATIO and column in group.shared)
             rows.append([style.escape(column.label), style.escape(label), *mems, ips, *fid])
@@ -405,12 +406,12 @@ def _stat_json(value: Stat | None) -> dict[str, Any] | None:
 
 def cell_json(group: Group, cell: Cell) -> dict[str, Any]:
     """One cell as plain data. Accuracies are fractions; the drop is in points; factors are exact / this."""
-    stats = ("test_acc", "val_acc", *(f for f, _, _ in MEMORY_FIELDS), "images_per_s")
+    stats = (KEY.test_acc, KEY.val_acc, *(f for f, _, _ in MEMORY_FIELDS), KEY.images_per_s)
     stats += tuple(f for f, _, _ in FIDELITY_FIELDS)
     return {
         "column": cell.column.label,
         "dataset": cell.column.dataset,
-        "label_type": cell.column.label_type,
+        KEY.label_type: cell.column.label_type,
         "ratio": cell.ratio,
         "n_runs": len(cell.runs),
         "n_complete": len(cell.complete),
@@ -430,7 +431,7 @@ def results_data(groups: Sequence[Group], problems: Sequence[Problem]) -> dict[s
         "groups": [
             {
                 "group": g.index,
-                "settings": g.config,
+                KEY.settings: g.config,
                 "differs": {k: g.config.get(k) for k in keys},
                 "cells": [
                     cell_json(g, cell) for c in g.columns for r in g.ratios if (cell := g.cell(c, r)).runs
@@ -439,7 +440,7 @@ def results_data(groups: Sequence[Group], problems: Sequence[Problem]) -> dict[s
                     {
                         "column": c.label,
                         "dataset": c.dataset,
-                        "label_type": c.label_type,
+                        KEY.label_type: c.label_type,
                         "from_group": s.group,
                         "differs": list(s.differs),
                         "cell": cell_json(g, s.cell),
