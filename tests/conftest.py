@@ -38,6 +38,13 @@ TINY_VIT = {
 }
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """torch on one thread, as the tests' subprocesses (`quiet_env`): their tensors are tiny, so a second
+    thread costs more than it gives, above all on a busy 2-core machine; and in-process runs then compute
+    what a subprocess computes, to the bit."""
+    torch.set_num_threads(1)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--device",
@@ -49,10 +56,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark the tests that run on `--device` (they take the `device` fixture) `device`, and those that need
-    CUDA whatever the option (skipped without it) `cuda`: `-m "device or cuda"` selects the GPU check's."""
+    CUDA whatever the option (skipped without it) `cuda`: `-m "device or cuda"` selects the GPU check's. The
+    tests that run `python -m vitcrs.train` (`run_train`, `ratio_sweep`) are `slow`, as are those marked so
+    (`make test-fast` leaves them out)."""
     for item in items:
-        if "device" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "device" in fixtures:
             item.add_marker(pytest.mark.device)
+        if {"run_train", "ratio_sweep"} & set(fixtures):  # a training run end to end, or a process of its own
+            item.add_marker(pytest.mark.slow)
         reasons = (str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif"))
         if any("cuda" in reason for reason in reasons):
             item.add_marker(pytest.mark.cuda)
@@ -84,15 +96,6 @@ def fresh_crs_stream():
     """Seed torch with 0 for the test: unseeded injected models (and the functional ops) draw from it."""
     torch.manual_seed(0)
     yield
-
-
-@pytest.fixture
-def one_thread():
-    """Run torch on one thread: in-process training stays fast on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -155,19 +158,19 @@ def run(cmd: list[str], cwd: Path, timeout: float = 300, **env: str) -> Finished
     return done
 
 
-def run_module(module: str, args: Sequence[str], cwd: Path, capsys: pytest.CaptureFixture[str]) -> Finished:
+def run_module(
+    module: str, args: Sequence[str], cwd: Path, capsys: pytest.CaptureFixture[str] | None = None
+) -> Finished:
     """`python -m module *args` in `cwd`, run in this process (runpy: its __main__ and, for a Hydra app,
-    Hydra's own command line, run dir, saved config and logging) on one thread, as `quiet_env` runs a
-    subprocess (so that both compute alike, to the bit), with its exit status and output; the process's
-    working directory, argv, threads, logging and Hydra state are as they were afterwards."""
+    Hydra's own command line, run dir, saved config and logging), with its exit status and output; the
+    process's working directory, argv, logging and Hydra state are as they were afterwards."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
     root = logging.getLogger()
     handlers, level, argv, where = root.handlers[:], root.level, sys.argv, os.getcwd()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    capsys.readouterr()  # what earlier code printed is not this command's
+    if capsys is not None:
+        capsys.readouterr()  # what earlier code printed is not this command's
     start, code = time.monotonic(), 0
     try:
         os.chdir(cwd)
@@ -180,7 +183,6 @@ def run_module(module: str, args: Sequence[str], cwd: Path, capsys: pytest.Captu
     finally:
         os.chdir(where)
         sys.argv = argv
-        torch.set_num_threads(threads)
         for handler in root.handlers[:]:
             if handler not in handlers:
                 root.removeHandler(handler)
@@ -189,8 +191,25 @@ def run_module(module: str, args: Sequence[str], cwd: Path, capsys: pytest.Captu
         root.setLevel(level)
         HydraConfig.instance().cfg = None
         GlobalHydra.instance().clear()
-    out, err = capsys.readouterr()
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
     return Finished((module, *args), code, time.monotonic() - start, out, err)
+
+
+@pytest.fixture(scope="session")
+def ratio_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sweep dir of `python -m vitcrs.train -m experiment=smoke crs.ratio=1.0,0.3`, run once (in this
+    process) for the tests that read a two-job sweep: its run dirs, its report."""
+    where = tmp_path_factory.mktemp("ratio_sweep")
+    args = [
+        "-m",
+        *QUICK,
+        "crs.ratio=1.0,0.3",
+        "callbacks.progress_bar=null",
+        f"hydra.sweep.dir={where / 'sweep'}",
+    ]
+    done = run_module("vitcrs.train", args, where)
+    assert done.returncode == 0, "the two-ratio sweep failed"
+    return where / "sweep"
 
 
 @pytest.fixture

@@ -46,9 +46,10 @@ def timm_node(**config) -> dict:
 # --- training and resuming, each family ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 @pytest.mark.parametrize("model", MICRO)
-def test_each_family_trains_and_its_checkpoint_resumes(compose_cfg, tmp_path, one_thread, model):
+def test_each_family_trains_and_its_checkpoint_resumes(compose_cfg, tmp_path, model):
     """model=X dataset=synthetic crs.ratio=0.3 (QUICK: the demo's data, a few batches) writes a complete
     record; its checkpoint passes the resume check (the architecture read through the family) and reloads
     exactly."""
@@ -72,9 +73,10 @@ def test_each_family_trains_and_its_checkpoint_resumes(compose_cfg, tmp_path, on
     assert all(torch.equal(v, saved[k]) for k, v in restored.state_dict().items())
 
 
+@pytest.mark.slow
 @needs_timm
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
-def test_a_timm_run_resumes_to_its_second_epoch(compose_cfg, tmp_path, one_thread):
+def test_a_timm_run_resumes_to_its_second_epoch(compose_cfg, tmp_path):
     """Fit goes on from a timm checkpoint (weights, optimizer, CRS state with drop path and layer scale)."""
     run = [*QUICK, "model=timm_micro", "callbacks.progress_bar=null", "crs.prob=norm_grad"]
     train(compose_cfg(*run))
@@ -301,7 +303,7 @@ def test_parameter_kinds_and_blocks_of_every_family():
 
 
 @needs_timm
-def test_fidelity_meter_on_a_timm_model(one_thread):
+def test_fidelity_meter_on_a_timm_model():
     torch.manual_seed(0)
     model = FAMILIES["timm"].build(timm_node(init_values=0.5), 4)
     assert {n.split(".")[0] for n, _ in measured_parameters(model)} >= {"blocks", "cls_token"}

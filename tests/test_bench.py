@@ -33,6 +33,7 @@ BLOCKS = {"vit_b16": (197, 768, 12, 3072), "small": (17, 64, 4, 256)}
     [("eager", "fp32", "vit_b16"), ("eager", "bf16-mixed", "small"), ("sdpa", "fp32", "small"),
      ("sdpa", "bf16-mixed", "small")],
 )  # fmt: skip
+@pytest.mark.slow
 def test_block_saved_bytes_are_within_5_percent_of_the_analytic_ideal(attn, precision, block):
     """One block (batch 2) at ratio 0.3, each target set: ViT-B/16's in eager fp32, a small one otherwise."""
     spec = ModelSpec("vit_b16", overrides={"num_hidden_layers": 1, **(SMALL if block == "small" else {})})
@@ -115,6 +116,7 @@ def _run(tmp_path, *args: str) -> tuple[dict, str]:
     return result, (tmp_path / "bench.md").read_text()
 
 
+@pytest.mark.slow
 def test_cli_on_cpu_writes_one_row_per_configuration(tmp_path, capsys):
     result, md = _run(tmp_path, "--grid", "quick", "--ratios", "0.3", "--checkpointing", "off,on")
     configs = expand(("wta_crs",), (0.3,), tuple(bench.BENCH_TARGET_SETS), ("eager", "sdpa"),
@@ -155,6 +157,7 @@ def test_cli_on_cpu_writes_one_row_per_configuration(tmp_path, capsys):
     assert "n/a" in md and result["meta"]["command"] in md
 
 
+@pytest.mark.slow
 def test_cli_on_cpu_times_steps_and_estimates_the_max_batch(tmp_path):
     result, md = _run(
         tmp_path,
@@ -176,6 +179,7 @@ def test_cli_on_cpu_times_steps_and_estimates_the_max_batch(tmp_path):
     assert "CPU estimate" in md and "max batch @ 0.25 GiB" in md
 
 
+@pytest.mark.slow
 def test_cli_timing_rounds_interleave_the_configurations(tmp_path):
     """--rounds 2: each row's steps are timed twice (two rounds); the lean block under checkpointing is
     modelled (realised saved bytes = its analytic ideal)."""
@@ -211,6 +215,7 @@ def test_cpu_peak_bytes_counts_live_tensors_and_the_highest_net_allocation():
     assert measure.cpu_peak_bytes(step, [kept, kept[:10]]) == 4000 + 3 * 2**20  # a view counts once
 
 
+@pytest.mark.slow
 def test_cli_on_cpu_measures_the_peak_of_a_training_step(tmp_path):
     result, md = _run(
         tmp_path,

@@ -38,6 +38,7 @@ def _options(group: str) -> list[str]:
 @pytest.mark.parametrize(
     ("group", "option"), [(g, o) for g in GROUPS for o in _options(g)], ids=lambda v: str(v)
 )
+@pytest.mark.slow
 def test_every_group_option_composes(compose_cfg, group, option):
     cfg = compose_cfg(f"{group}={option}")
     # Resolve everything except values that must be given on the command line (???).

@@ -171,6 +171,7 @@ def test_crs_linear_weight_gradient_is_unbiased(method, prob, monkeypatch):
     assert_unbiased(weight_estimates(draw.redraw(DRAWS), grads, rows), exact)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_lean_mlp_gradients_are_unbiased_and_exact_at_ratio_one(method, monkeypatch):
     """The `mlp` target (`lean_mlp`: LayerNorm + MLP keeping only its input): forward exact, grads of the

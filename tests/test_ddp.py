@@ -16,6 +16,7 @@ from vitcrs.crs.sampling import sample
 from vitcrs.models import ViTClassifier
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning"),
     pytest.mark.skipif(
         not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo needed"

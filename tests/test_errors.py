@@ -272,7 +272,7 @@ def test_offline_download_says_where_to_put_the_files(compose_cfg, tmp_path, mon
     assert "cifar-100-python.tar.gz" in str(err.value) and str(tmp_path / "data") in str(err.value)
 
 
-def test_corrupt_archive_without_checksum_stops_before_training(compose_cfg, tmp_path, one_thread):
+def test_corrupt_archive_without_checksum_stops_before_training(compose_cfg, tmp_path):
     """An archive that is only extracted (verify_checksum=false) is checked before anything is written."""
     _corrupt_tarball(tmp_path / "data")
     cfg = compose_cfg(*QUICK, "dataset=cifar10", "data.source.verify_checksum=false")
@@ -471,7 +471,7 @@ class _InfGradient(Callback):
 
 
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
-def test_non_finite_gradients_stop_before_the_optimizer_step(tiny_vit_config, tmp_path, one_thread):
+def test_non_finite_gradients_stop_before_the_optimizer_step(tiny_vit_config, tmp_path):
     module = ViTClassifier(
         model={"name_or_path": None, "attn_implementation": "eager", "config": tiny_vit_config},
         crs={"ratio": 0.5, "targets": ["query", "fc1"]},
@@ -504,9 +504,7 @@ class _InfWeight(Callback):
 
 
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
-def test_non_finite_weights_after_a_step_stop_before_any_checkpoint_holds_them(
-    tiny_vit_config, tmp_path, one_thread
-):
+def test_non_finite_weights_after_a_step_stop_before_any_checkpoint_holds_them(tiny_vit_config, tmp_path):
     module = ViTClassifier(
         model={"name_or_path": None, "attn_implementation": "eager", "config": tiny_vit_config},
         crs={"ratio": 0.5, "targets": ["query", "fc1"]},
@@ -526,9 +524,7 @@ def test_non_finite_weights_after_a_step_stop_before_any_checkpoint_holds_them(
 
 
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
-def test_a_nan_loss_before_any_update_blames_the_input_not_the_learning_rate(
-    tiny_vit_config, tmp_path, one_thread
-):
+def test_a_nan_loss_before_any_update_blames_the_input_not_the_learning_rate(tiny_vit_config, tmp_path):
     module = ViTClassifier(
         model={"name_or_path": None, "attn_implementation": "eager", "config": tiny_vit_config},
         crs={"ratio": 1.0, "targets": []},

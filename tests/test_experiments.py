@@ -52,6 +52,7 @@ def job_value(job: list[str], key: str) -> str:
 # --- composition: the grids -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_study_is_three_datasets_by_three_ratios(compose_cfg):
     jobs = sweep_jobs("study")
     grid = {(job_value(j, "dataset"), job_value(j, "crs.ratio")) for j in jobs}
@@ -85,6 +86,7 @@ def test_study_takes_seeds_and_command_line_lists(compose_cfg):
     assert cfg.crs.method == "crs" and cfg.crs.ratio == 0.5
 
 
+@pytest.mark.slow
 def test_study_tiny_on_the_cifar10_jpeg_folder(compose_cfg, tmp_path):
     assert len(sweep_jobs("study_tiny")) == 9
     cli = [
@@ -113,6 +115,7 @@ def test_study_tiny_on_the_cifar10_jpeg_folder(compose_cfg, tmp_path):
         validate(cfg)
 
 
+@pytest.mark.slow
 def test_targets_ablation_grid_has_only_valid_jobs(compose_cfg):
     jobs = sweep_jobs("targets_ablation")
     assert len(jobs) == 24
@@ -143,6 +146,7 @@ def test_targets_ablation_grid_has_only_valid_jobs(compose_cfg):
     assert len(sweep_jobs("targets_ablation", "crs.ratio=1.0,0.5,0.3")) == 36
 
 
+@pytest.mark.slow
 def test_conf_names_target_sets_from_the_catalogue(compose_cfg):
     """conf names sets of vitcrs.crs.TARGET_SETS (`${vitcrs.targets:NAME}`): a list on the command line still
     replaces one, a set can be named there too, and OmegaConf.resolve (`--cfg job --resolve`) works."""
@@ -180,12 +184,9 @@ def md_rows(text: str) -> list[list[str]]:
     ]
 
 
-def test_two_ratio_multirun_report_shows_drop_and_memory_reduction(run_train, tmp_path):
-    sweep = tmp_path / "sweep"
-    run_train(
-        "-m", "experiment=demo", "crs.ratio=1.0,0.3", *FEW_BATCHES, f"hydra.sweep.dir={sweep}", cwd=tmp_path
-    )
-    accuracy, memory = report(sweep, tmp_path / "report")
+def test_two_ratio_multirun_report_shows_drop_and_memory_reduction(ratio_sweep, tmp_path):
+    """The report of a `-m ... crs.ratio=1.0,0.3` sweep (conftest.ratio_sweep)."""
+    accuracy, memory = report(ratio_sweep, tmp_path / "report")
     assert accuracy.count("## Group") == 1  # both runs in one section, so in one table
     rows = md_rows(accuracy)
     assert rows[0] == ["Ratio", "synthetic"]

@@ -49,7 +49,6 @@ from vitcrs.crs import (
 )
 from vitcrs.crs import lean as crs_lean
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 # timm is an optional extra (pip install "vitcrs[timm]"; make install has it): its families need it
 needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason='pip install -e ".[timm]"')
 SIDE, PATCH, WIDTH, HEADS = 16, 4, 32, 4
@@ -166,6 +165,7 @@ def _step(model: nn.Module, x: torch.Tensor, precision: str) -> tuple[torch.Tens
     return out.detach(), torch.cat(grads).double()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize(("name", "target_set"), FAMILY_SETS)
 def test_every_target_set_of_every_family_is_exact_forward_and_unbiased_backward(
@@ -235,6 +235,7 @@ def test_lean_block_at_ratio_one_gives_autograds_gradients(name, keep_only_x, mo
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=atol, msg=pname)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["hf_vit", "hf_dinov2_swiglu", pytest.param("timm", marks=needs_timm)])
 def test_lean_block_gradients_are_unbiased_with_regularisers_on(name, monkeypatch):
     """Ratio 0.3, drop path / dropout on (the same masks in the plain pass and the sampled one): each linear's

@@ -61,6 +61,7 @@ def _linear_sampler(cfg: CRSConfig, scale: float = 1.0, coherent: bool = False):
     return sample, exact, (x, r)
 
 
+@pytest.mark.slow
 def test_meter_error_equals_the_analytic_crs_variance(fresh_crs_stream):
     """Plain CRS, p_i ∝ ‖x_i‖, k i.i.d. draws, Ĝ = (1/k) Σ_t g_{i_t} x_{i_t}ᵀ / p_{i_t}:
     E‖Ĝ − G‖² = (1/k) (Σ_i ‖g_i‖² ‖x_i‖² / p_i − ‖G‖²) = (1/k) ((Σ_j ‖x_j‖)(Σ_i ‖g_i‖² ‖x_i‖) − ‖G‖²);
@@ -80,6 +81,7 @@ def test_meter_error_equals_the_analytic_crs_variance(fresh_crs_stream):
     assert not result["bias"]["biased"]
 
 
+@pytest.mark.slow
 def test_bias_check_flags_a_planted_5_percent_scale_bias(fresh_crs_stream):
     cfg = CRSConfig(ratio=0.5, method="crs")
     groups = Groups.of(["weight", "bias"])
@@ -121,13 +123,8 @@ def _measure_tiny_vit(configs: list[Configuration]) -> dict:
     batches = [
         (torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)
     ]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return measure(model, batches, configs, draws=4, prime_passes=1, seed=0, warmup_batches=batches[1:2],
-                       lr=1e-3)  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    return measure(model, batches, configs, draws=4, prime_passes=1, seed=0, warmup_batches=batches[1:2],
+                   lr=1e-3)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +212,9 @@ def _csv_rows(run_dir: Path) -> list[dict[str, str]]:
         return [row for row in csv.DictReader(f) if row.get("fidelity/rel_err")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio", [1.0, 0.3])
-def test_callback_logs_fidelity_under_gradient_accumulation(compose_cfg, tmp_path, one_thread, caplog, ratio):
+def test_callback_logs_fidelity_under_gradient_accumulation(compose_cfg, tmp_path, caplog, ratio):
     """Every optimizer step (2 micro-batches each) logs fidelity/rel_err and fidelity/cos; at ratio 1 the
     sampled gradient is the exact one, so rel_err is exactly 0 only if the callback replays the same
     micro-batches with the same scaling."""
@@ -254,7 +252,8 @@ def test_callback_off_reports_null():
 # --- python -m vitcrs.fidelity ----------------------------------------------------------------------------
 
 
-def test_meter_app_writes_its_three_files(tmp_path, monkeypatch, one_thread):
+@pytest.mark.slow
+def test_meter_app_writes_its_three_files(tmp_path, monkeypatch):
     """`python -m vitcrs.fidelity ...` (its __main__ and Hydra app, run in this process)."""
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path)

@@ -16,6 +16,7 @@ from gpu_check.steps import NOT_RUN
 STEP_NAMES = ["setup", "tests", "bench_eager_fp32", "bench_sdpa_bf16", "train", "report", "fidelity"]
 
 
+@pytest.mark.slow
 def test_dry_run_writes_every_step_result_and_the_summary(tmp_path):
     """bash scripts/gpu_check.sh OUT --dry-run, from the repository root: every step on the CPU at tiny
     shapes (the tests step collects the device tests), all its files."""
@@ -105,7 +106,8 @@ def test_a_failed_fidelity_step_fails_the_check(tmp_path, monkeypatch):
     assert "failed: fidelity" in (tmp_path / "out/gpu_check.log").read_text()
 
 
-def test_the_dry_run_fidelity_step_fits_its_payload(tmp_path, one_thread):
+@pytest.mark.slow
+def test_the_dry_run_fidelity_step_fits_its_payload(tmp_path):
     """The meter with the dry run's settings on the dry payload (43 training images) measures (in process:
     the step's command without the process)."""
     from gpu_check.fixtures import extract, write_dry_run_payload

@@ -34,7 +34,7 @@ from vitcrs.crs import functional as crs_functional
 from vitcrs.crs import lean as crs_lean
 from vitcrs.crs.lean import _batch_chunks, mlp_backward
 
-pytestmark = pytest.mark.usefixtures("fresh_crs_stream", "one_thread")
+pytestmark = pytest.mark.usefixtures("fresh_crs_stream")
 ATTNS = ["eager", "sdpa"]
 WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
 
@@ -193,6 +193,7 @@ def test_lean_block_weight_gradients_are_unbiased(attn, method, monkeypatch):
                     torch.cat([exact_by_name[f"{n}.weight"].flatten() for n in redrawn]))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_lean_block_has_lower_weight_gradient_variance_than_norm_sampled_linears(monkeypatch):
     """Same block, same input and output gradient, ratio 0.3: p ∝ ‖g‖·‖x‖ (lean) against the linears'
     p ∝ ‖x‖ (`prob="norm"`, q/k/v sharing one draw), summed over the six weight gradients (2,000 draws of
@@ -216,6 +217,7 @@ def test_lean_block_has_lower_weight_gradient_variance_than_norm_sampled_linears
 
 
 # ---------------------------------------------------------------- saved bytes = the analytic model
+@pytest.mark.slow
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("attn", ATTNS)
 def test_lean_block_saved_bytes_equal_the_analytic_model(attn, autocast):

@@ -261,6 +261,7 @@ def test_different_settings_land_in_different_sections(tmp_path: Path) -> None:
     assert table(md, crs)[2:] == ["| 1 (exact) | 97.00 |", "| 0.5 | 90.00 (−7.00) |"]
 
 
+@pytest.mark.slow
 def test_device_and_versions_split_groups_too(tmp_path: Path) -> None:
     write_run(tmp_path / "runs", "a")
     write_run(tmp_path / "runs", "b", device="NVIDIA H200")
@@ -481,6 +482,7 @@ def section(md: str, index: int) -> str:
     return md[start : None if end < 0 else end]
 
 
+@pytest.mark.slow
 def test_ablation_groups_share_one_exact_baseline(tmp_path: Path) -> None:
     out = report(tmp_path, write_ablation(tmp_path / "runs"))
     md = (out / "accuracy.md").read_text()
@@ -529,6 +531,7 @@ def test_ablation_groups_share_one_exact_baseline(tmp_path: Path) -> None:
     assert half["reduction"]["peak_mem_allocated_gib"] == pytest.approx(2.0)
 
 
+@pytest.mark.slow
 def test_mlp_groups_neither_borrow_nor_lend_an_exact_baseline(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     write_run(runs, "0", test_acc=0.99, settings={"targets": QKV})  # group 1: the only usable CIFAR-10 exact
@@ -559,6 +562,7 @@ def test_mlp_groups_neither_borrow_nor_lend_an_exact_baseline(tmp_path: Path) ->
     assert [s["column"] for s in groups[3]["shared_exact"]] == ["CIFAR-10"]
 
 
+@pytest.mark.slow
 def test_no_sharing_across_attention_or_other_settings(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     write_run(runs, "0", test_acc=0.99, settings={"targets": LINEARS})  # eager, batch 64: the only exact
@@ -575,6 +579,7 @@ def test_no_sharing_across_attention_or_other_settings(tmp_path: Path) -> None:
     assert table(section(md, 5))[2:] == ["| 1 (exact, shared) | 99.00 |", "| 0.5 | 98.00 (−1.00) |"]
 
 
+@pytest.mark.slow
 def test_shared_baseline_prefers_identical_targets_then_fewest_differences(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     write_run(runs, "0", test_acc=0.90, settings={"targets": LINEARS, "method": "crs"})  # group 1

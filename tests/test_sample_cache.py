@@ -196,8 +196,9 @@ def _run(compose_cfg, tmp_path, *overrides: str) -> dict:
     return json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
-def test_a_run_with_the_cache_reports_its_memory_and_resumes_exactly(compose_cfg, tmp_path, one_thread):
+def test_a_run_with_the_cache_reports_its_memory_and_resumes_exactly(compose_cfg, tmp_path):
     unbroken = _run(compose_cfg, tmp_path, f"run_dir={tmp_path / 'unbroken'}")
     # demo's vit_micro: 65 tokens, width 64, 4 heads, 4 blocks, the study's targets: per block a [65] row for
     # q/k/v, two [4, 65] for the scores, [4, 16] for the context; bf16

@@ -80,13 +80,11 @@ def test_demo_run_writes_every_output(run_train, tmp_path):
     assert not re.findall(r"\.py:\d+: .*", proc.stderr), proc.stderr[-3000:]
 
 
-def test_multirun_writes_one_run_dir_per_job(run_train, tmp_path):
-    sweep = tmp_path / "sweep"
-    run_train("-m", *QUICK, "crs.ratio=1.0,0.5", "callbacks.progress_bar=null", f"hydra.sweep.dir={sweep}",
-              cwd=tmp_path)  # fmt: skip
-    check_complete_record(sweep / "0", 1.0)
-    check_complete_record(sweep / "1", 0.5)
-    assert (sweep / "multirun.yaml").is_file()
+def test_multirun_writes_one_run_dir_per_job(ratio_sweep):
+    """`-m ... crs.ratio=1.0,0.3` (conftest.ratio_sweep): a run dir per job, each with its whole record."""
+    check_complete_record(ratio_sweep / "0", 1.0)
+    check_complete_record(ratio_sweep / "1", 0.3)
+    assert (ratio_sweep / "multirun.yaml").is_file()
 
 
 def test_bad_setting_exits_with_a_clean_message(run_train, tmp_path):
@@ -114,7 +112,7 @@ def test_bad_setting_fails_before_writing_anything(compose_cfg, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_failed_run_is_marked_failed(compose_cfg, tmp_path, monkeypatch, one_thread):
+def test_failed_run_is_marked_failed(compose_cfg, tmp_path, monkeypatch):
     real = ViTClassifier.loss
 
     def nan_loss(self, batch):
@@ -130,8 +128,9 @@ def test_failed_run_is_marked_failed(compose_cfg, tmp_path, monkeypatch, one_thr
     assert m["test_acc"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
-def test_resume_continues_the_run(compose_cfg, tmp_path, one_thread):
+def test_resume_continues_the_run(compose_cfg, tmp_path):
     first = compose_cfg(*QUICK, "callbacks.progress_bar=null", "crs.prob=norm_grad")
     train(first)
     before = json.loads((tmp_path / "run" / "metrics.json").read_text())
