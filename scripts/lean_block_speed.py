@@ -8,9 +8,10 @@ checkpointing alone.
 
     python scripts/lean_block_speed.py --attn eager --precision fp32 --layers 2 --batch-size 8 --rounds 4
 
-Variants (--variants, comma-separated), parts joined by "+": exact; lean@R (the lean block at ratio R);
-leanx@R (the lean block keeping its input alone, crs.keep_mid=false); ckpt (activation checkpointing);
-inbwd (the AdamW update inside backward, optim.in_backward; implies --optimizer for that variant).
+Variants (--variants, comma-separated), parts joined by "+": exact; lean@R (the lean block at ratio R;
+lean@R:split with crs.budget=split); leanx@R (the lean block keeping its input alone, crs.keep_mid=false);
+ckpt (activation checkpointing); inbwd (the AdamW update inside backward, optim.in_backward; implies
+--optimizer for that variant).
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ def build(base: ViTForImageClassification, name: str, optimizer: bool):
     model = copy.deepcopy(base)
     parts = name.split("+")
     for part in parts:
-        kind, _, ratio = part.partition("@")
+        kind, _, setting = part.partition("@")
+        ratio, _, budget = setting.partition(":")
         if kind in ("lean", "leanx"):
-            inject(model, CRSConfig(ratio=float(ratio), keep_mid=kind == "lean"), ["lean_block"])
+            cfg = CRSConfig(ratio=float(ratio), keep_mid=kind == "lean", budget=budget or "uniform")
+            inject(model, cfg, ["lean_block"])
         elif part == "ckpt":
             model.activation_checkpointing_enable()
     config = OptimConfig(lr=1e-5, in_backward="inbwd" in parts)

@@ -153,7 +153,7 @@ def test_cli_on_cpu_writes_one_row_per_configuration(tmp_path, capsys):
     table = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith(("| attn", "| ---"))]
     assert len(table) == len(measured)
     assert sum(ln.startswith("- sdpa/") for ln in md.splitlines()) == len(skipped)
-    assert "| eager | fp32 | no | exact | 1 | - |" in md and "1.00x" in md
+    assert "| eager | fp32 | no | default | exact | 1 | - |" in md and "1.00x" in md
     assert "n/a" in md and result["meta"]["command"] in md
 
 
@@ -287,3 +287,31 @@ def test_module_entry_point(monkeypatch, capsys):
         runpy.run_module("vitcrs.bench", run_name="__main__")
     out = capsys.readouterr().out
     assert exited.value.code == 0 and "--grid" in out and "--find-max-batch" in out
+
+
+@pytest.mark.slow
+def test_memory_modes_are_rows_and_the_peak_is_split_into_its_parts(tmp_path):
+    """--memory: keeping the lean block's input alone (lean-block rows only) and updating inside backward
+    (every row); --cpu-peak splits each peak into weights, optimizer state, batch, gradients, kept activations
+    and transient workspace at the moment of the peak."""
+    result, md = _run(
+        tmp_path,
+        *("--attn", "eager", "--precision", "fp32", "--targets", "lean_block", "--ratios", "0.3"),
+        *("--methods", "wta_crs", "--memory", "default,keep_input,floor", "--cpu-peak"),
+        *("--batch-size", "16", "--image-size", "64"),
+    )
+    rows = {r["name"]: r for r in result["rows"]}
+    lean = "eager/fp32/wta_crs@0.3/lean_block"
+    assert list(rows) == ["eager/fp32/exact", lean, f"{lean}/keep_input", f"{lean}/floor"]
+    for r in rows.values():
+        parts = r["peak_breakdown"]
+        assert sum(parts.values()) == r["peak_allocated_bytes"] and min(parts.values()) >= 0
+        assert parts["weights"] == r["param_bytes"] and parts["optimizer_state"] == 2 * r["param_bytes"]
+    # keeping the input alone halves what each lean block keeps (the analytic model says so too)
+    assert rows[f"{lean}/keep_input"]["saved_bytes"] < rows[lean]["saved_bytes"]
+    assert rows[f"{lean}/keep_input"]["realised_over_ideal"] == pytest.approx(1.0)
+    # updated inside backward, no more than one block's gradients live at once
+    floor = rows[f"{lean}/floor"]
+    assert floor["peak_breakdown"]["gradients"] < 0.25 * floor["param_bytes"]
+    assert floor["peak_allocated_bytes"] < rows[lean]["peak_allocated_bytes"]
+    assert "| memory |" in md and "transient workspace GiB" in md and "| floor |" in md

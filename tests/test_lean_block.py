@@ -4,6 +4,7 @@ lower-variance sampled weight gradients, and saved-for-backward bytes equal to t
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from vitcrs.crs import (
     LINEAR_TARGETS,
     CRSBlock,
     CRSConfig,
+    SamplingBudget,
     SavedTensorsMeter,
     crs_state,
     inject,
@@ -32,7 +34,7 @@ from vitcrs.crs import (
 )
 from vitcrs.crs import functional as crs_functional
 from vitcrs.crs import lean as crs_lean
-from vitcrs.crs.lean import _batch_chunks, mlp_backward
+from vitcrs.crs.lean import Sampler, _batch_chunks, mlp_backward
 
 pytestmark = pytest.mark.usefixtures("fresh_crs_stream")
 ATTNS = ["eager", "sdpa"]
@@ -245,7 +247,7 @@ def test_lean_block_saved_bytes_equal_the_analytic_model(attn, autocast):
             assert ideal == vit_block_saved_bytes(
                 2, 197, 768, 12, 3072, cfg, ["lean_block"], autocast, checkpointing
             )
-            assert measured == ideal == 197 * 2 * 768 * 4 * (1 if checkpointing else 2)
+            assert measured == ideal == 197 * 2 * (768 * 4 * (1 if checkpointing else 2) + 4)  # + act norms
             assert exact / measured > (8 if checkpointing else 4)
         model.activation_checkpointing_disable()
 
@@ -268,7 +270,7 @@ def test_shared_mlp_backward_is_exact_at_ratio_one_for_any_activation(act):
     params = (x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
     want = torch.autograd.grad((fc2(act(fc1(x))) * g).sum(), params)
     with torch.no_grad():
-        args = (x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act, CRSConfig(ratio=1.0), None)
+        args = (x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act, Sampler(CRSConfig(ratio=1.0)))
         got = mlp_backward(*args, output_grad=lambda output: g)
     for u, v in zip(got, want, strict=True):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
@@ -288,3 +290,51 @@ def test_lean_block_at_ratio_one_is_the_plain_block():
     expected.square().sum().backward()
     for p, q in zip(base.parameters(), model.parameters(), strict=True):
         assert torch.equal(q.grad, p.grad)
+
+
+# ---------------------------------------------------------------- one sampling budget split over the blocks
+def test_a_split_budget_gives_each_product_rows_by_its_norms_at_the_uniform_cost():
+    """k_j ∝ S_j / √c_j at the uniform split's cost; a product whose share exceeds n keeps all n rows and the
+    others share the rest; uniform until every product has an estimate."""
+    budget = SamplingBudget(CRSConfig(ratio=0.3, budget="split"))
+    costs = [9, 4, 4, 1]
+    for c in costs:
+        budget.add(c)
+    assert budget.split(100) == [30, 30, 30, 30]  # nothing observed yet
+    for j, s in enumerate([3.0, 2.0, 2.0, 50.0]):  # S/√c: 1, 1, 1, 50
+        budget.observe(j, torch.tensor(s))
+    # the last one's share (403 rows) is capped at n = 100; the others share the rest equally
+    assert budget.split(100) == [26, 26, 26, 100]
+    cost = sum(c * k for c, k in zip(costs, budget.split(100), strict=True))
+    assert 30 * sum(costs) <= cost <= 30 * sum(costs) + sum(costs)  # the uniform cost, rounded up
+    budget.observe(0, torch.tensor(float("nan")))  # a non-finite S is left out
+    assert budget.estimate[0] == 3.0
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+def test_lean_block_with_a_split_budget_is_unbiased_and_learns_its_split(attn):
+    """crs.budget=split: after the first pass each block's linears keep rows by their S; the estimates stay
+    unbiased (each k fixed before its draw) and the gradient error falls at the same cost."""
+    base = tiny_vit(attn, layers=2)
+    x, y = torch.randn(4, 3, 16, 16), torch.arange(4) % 5
+    weights = [n for n, p in base.named_parameters() if p.dim() == 2 and ".layers." in n]
+
+    def grads(model):
+        params = dict(model.named_parameters())
+        loss = torch.nn.functional.cross_entropy(model(x).logits, y)
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, [params[n] for n in weights])])
+
+    exact = grads(base).double()
+    models = {
+        b: inject(copy.deepcopy(base), CRSConfig(ratio=0.3, budget=b), ["lean_block"])
+        for b in ("uniform", "split")
+    }
+    draws = {b: torch.stack([grads(m).double() for _ in range(300)]) for b, m in models.items()}
+    budget = crs_state(models["split"]).budget
+    assert len(budget.costs) == 2 * 4 and not budget.estimate.isnan().any()
+    assert len(set(budget.split(4 * 17))) > 1  # the products keep different numbers of rows
+    se = draws["split"].std(0) / math.sqrt(300)
+    worst = ((draws["split"].mean(0) - exact).abs() / (5.5 * se + 1e-6 * exact.abs().max())).max().item()
+    assert worst <= 1.0, f"estimate off by {worst:.2f} x the 5.5-sigma tolerance"
+    error = {b: (d - exact).square().sum(1).mean().item() for b, d in draws.items()}
+    assert error["split"] < error["uniform"], error

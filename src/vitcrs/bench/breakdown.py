@@ -40,9 +40,9 @@ class PeakBreakdown:
 class _Samples:
     """Time-stamped (kept activation bytes, gradient bytes) of one step, recorded by autograd hooks."""
 
-    def __init__(self, params: list[nn.Parameter]) -> None:
+    def __init__(self, params: list[nn.Parameter], batch: list[Tensor]) -> None:
         self.params = params
-        self.excluded = {p.untyped_storage().data_ptr() for p in params}
+        self.excluded = {t.untyped_storage().data_ptr() for t in [*params, *batch]}  # counted as they are
         self.saved: dict[int, tuple[StorageWeakRef, int]] = {}
         self.times: list[int] = []
         self.values: list[tuple[int, int]] = []
@@ -90,8 +90,9 @@ def cpu_peak_breakdown(
     state = storage_bytes(
         v for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor) and v.dim() > 0
     )
+    batch = list(batch)
     batch_bytes = storage_bytes(batch)
-    samples = _Samples(params)
+    samples = _Samples(params, batch)
     trained = [p for p in params if p.requires_grad]
     hooks = [p.register_post_accumulate_grad_hook(lambda _: samples.sample()) for p in trained]
     try:

@@ -15,7 +15,7 @@ from vitcrs.crs import METHODS, TARGET_SETS
 from vitcrs.errors import ConfigError
 from vitcrs.models import model_family
 
-from .grid import ATTNS, GRIDS, PRECISIONS, expand
+from .grid import ATTNS, GRIDS, MEMORY_MODES, PRECISIONS, expand
 from .measure import MODELS, ModelSpec, model_configs
 from .render import markdown
 from .runner import BenchOptions, run_bench
@@ -61,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
         description="Memory and speed of exact vs CRS / WTA-CRS training steps of a ViT, one "
         "configuration after the other on one synthetic batch. On CUDA: peak memory, images/s and "
         "saved-for-backward bytes; on CPU: saved-for-backward bytes, and with --cpu-peak the peak bytes of "
-        "live tensors. Writes bench.json and bench.md "
+        "live tensors and where they go (weights, optimizer state, batch, gradients, kept activations, "
+        "transient workspace). Writes bench.json and bench.md "
         "and prints the table.",
     )
     m = p.add_argument_group("model")
@@ -87,6 +88,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--attn", type=_choices("--attn", ATTNS), help="eager,sdpa")
     g.add_argument("--precision", type=_choices("--precision", PRECISIONS), help="fp32,bf16-mixed")
     g.add_argument("--checkpointing", type=_switches, help="off, on or off,on")
+    g.add_argument(
+        "--memory",
+        type=_choices("--memory", tuple(MEMORY_MODES)),
+        help="memory modes, comma-separated: default (the lean block keeps x and x1; AdamW after backward), "
+        "keep_input (the lean block keeps its input alone: crs.keep_mid=false), in_backward (each "
+        "parameter's AdamW update inside backward: optim.in_backward=true; every row), floor (both)",
+    )
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--warmup", type=int, default=3, help="warm-up steps per configuration")
@@ -176,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     grid = dict(GRIDS[args.grid])
-    for key in ("methods", "ratios", "targets", "attn", "precision", "checkpointing"):
+    for key in ("methods", "ratios", "targets", "attn", "precision", "checkpointing", "memory"):
         if getattr(args, key) is not None:
             grid[key] = getattr(args, key)
     configs = expand(**grid)

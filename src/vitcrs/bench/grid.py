@@ -13,6 +13,14 @@ ATTNS = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16-mixed")
 RATIOS = (0.5, 0.3, 0.1)
 
+# --memory: how a step keeps what it needs; (crs.keep_mid, optim.in_backward) of each mode
+MEMORY_MODES: dict[str, tuple[bool, bool]] = {
+    "default": (True, False),  # the lean block keeps x and x1; AdamW steps after backward
+    "keep_input": (False, False),  # the lean block keeps its input alone (crs.keep_mid=false)
+    "in_backward": (True, True),  # each parameter's AdamW update inside backward (optim.in_backward=true)
+    "floor": (False, True),  # both
+}
+
 GRIDS: dict[str, dict[str, tuple]] = {
     # CPU: saved-for-backward bytes of every target set and ratio, one sampler (the bytes do not depend on it)
     "quick": {
@@ -22,6 +30,7 @@ GRIDS: dict[str, dict[str, tuple]] = {
         "attn": ATTNS,
         "precision": PRECISIONS,
         "checkpointing": (False,),
+        "memory": ("default",),
     },
     # GPU table: both samplers (they differ in speed), with and without gradient checkpointing
     "full": {
@@ -31,13 +40,15 @@ GRIDS: dict[str, dict[str, tuple]] = {
         "attn": ATTNS,
         "precision": PRECISIONS,
         "checkpointing": (False, True),
+        "memory": ("default",),
     },
 }
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One benchmarked configuration. method "exact" (ratio 1, no targets), "crs" or "wta_crs"."""
+    """One benchmarked configuration. method "exact" (ratio 1, no targets), "crs" or "wta_crs"; memory: a
+    mode of `MEMORY_MODES`."""
 
     method: str
     ratio: float
@@ -45,6 +56,15 @@ class BenchConfig:
     attn: str
     precision: str
     checkpointing: bool
+    memory: str = "default"
+
+    @property
+    def keep_mid(self) -> bool:
+        return MEMORY_MODES[self.memory][0]
+
+    @property
+    def in_backward(self) -> bool:
+        return MEMORY_MODES[self.memory][1]
 
     @property
     def exact(self) -> bool:
@@ -67,7 +87,7 @@ class BenchConfig:
     @property
     def crs_config(self) -> CRSConfig | None:
         """The sampling the targets are injected with; None for exact."""
-        return None if self.exact else CRSConfig(ratio=self.ratio, method=self.method)
+        return None if self.exact else CRSConfig(ratio=self.ratio, method=self.method, keep_mid=self.keep_mid)
 
     @property
     def reference(self) -> BenchConfig:
@@ -77,7 +97,8 @@ class BenchConfig:
     @property
     def name(self) -> str:
         what = "exact" if self.exact else f"{self.method}@{self.ratio:g}/{self.targets}"
-        return f"{self.attn}/{self.precision}/{what}" + ("/ckpt" if self.checkpointing else "")
+        memory = "" if self.memory == "default" else f"/{self.memory}"
+        return f"{self.attn}/{self.precision}/{what}" + ("/ckpt" if self.checkpointing else "") + memory
 
     def skip_reason(self) -> str | None:
         """Why this combination cannot run, or None."""
@@ -104,21 +125,28 @@ def expand(
     attn: Sequence[str],
     precision: Sequence[str],
     checkpointing: Sequence[bool],
+    memory: Sequence[str] = ("default",),
 ) -> list[BenchConfig]:
-    """Every combination, attention → precision → checkpointing → method → targets → ratio.
+    """Every combination, attention → precision → checkpointing → method → targets → ratio → memory mode.
 
-    The exact reference (no checkpointing) of each attention × precision is always included, first; invalid
-    combinations are kept (their `skip_reason()` says why) so the report can list them.
+    The exact reference (no checkpointing, default memory) of each attention × precision is always included,
+    first; invalid combinations are kept (their `skip_reason()` says why) so the report can list them. A
+    memory mode that keeps the lean block's input alone is run for lean-block rows only (it changes nothing
+    else); one that updates in backward for every row, exact ones included.
     """
     out: list[BenchConfig] = []
+
+    def modes(lean: bool) -> list[str]:
+        return [mode for mode in memory if MEMORY_MODES[mode][0] or lean]
+
     for a in attn:
         for p in precision:
             out.append(exact_config(a, p, False))
             for ckpt in checkpointing:
-                if ckpt:
-                    out.append(exact_config(a, p, True))
+                out += [BenchConfig("exact", 1.0, "-", a, p, bool(ckpt), mem) for mem in modes(False)]
                 for m in methods:
                     for t in targets:
+                        lean = "lean_block" in TARGET_SETS[t]
                         for r in ratios:
-                            out.append(BenchConfig(m, float(r), t, a, p, bool(ckpt)))
+                            out += [BenchConfig(m, float(r), t, a, p, bool(ckpt), mem) for mem in modes(lean)]
     return list(dict.fromkeys(out))

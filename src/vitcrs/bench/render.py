@@ -49,6 +49,7 @@ def markdown(result: dict) -> str:
         "attn",
         "precision",
         "ckpt",
+        "memory",
         "method",
         "ratio",
         "targets",
@@ -69,8 +70,8 @@ def markdown(result: dict) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in ok:
         if r["status"] != "ok":
-            cells = [r["attn"], r["precision"], "yes" if r["checkpointing"] else "no", r["method"]]
-            cells += [f"{r['ratio']:g}", r["targets"], f"{r['status']}: {r['reason']}"]
+            cells = [r["attn"], r["precision"], "yes" if r["checkpointing"] else "no", _memory(r)]
+            cells += [r["method"], f"{r['ratio']:g}", r["targets"], f"{r['status']}: {r['reason']}"]
             cells += [""] * (len(header) - len(cells))
             lines.append("| " + " | ".join(cells) + " |")
             continue
@@ -78,6 +79,7 @@ def markdown(result: dict) -> str:
             r["attn"],
             r["precision"],
             "yes" if r["checkpointing"] else "no",
+            _memory(r),
             r["method"],
             f"{r['ratio']:g}",
             r["targets"],
@@ -96,11 +98,51 @@ def markdown(result: dict) -> str:
         if max_batch:
             cells += [_num(r.get("max_batch"), "{:d}"), _num(r.get("max_batch_images_per_s"))]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _breakdown([r for r in ok if r.get("peak_breakdown")])
     skipped = [r for r in rows if r["status"] == "skipped"]
     if skipped:
         lines += ["", f"Skipped ({len(skipped)}):", ""]
         lines += [f"- {r['name']}: {r['reason']}" for r in skipped]
     return "\n".join(lines) + "\n"
+
+
+def _memory(row: dict) -> str:
+    return row.get("memory", "default")
+
+
+BREAKDOWN = {
+    "weights": "weights",
+    "optimizer_state": "optimizer state",
+    "batch": "batch",
+    "gradients": "gradients",
+    "kept_activations": "kept activations",
+    "transient": "transient workspace",
+}
+
+
+def _breakdown(rows: list[dict]) -> list[str]:
+    """The peak of each row split into its parts at the moment of the peak (`vitcrs.bench.breakdown`)."""
+    if not rows:
+        return []
+    header = ["attn", "precision", "ckpt", "memory", "method", "ratio", "targets", "peak GiB"]
+    header += [f"{name} GiB" for name in BREAKDOWN.values()]
+    lines = [
+        "",
+        "Where the peak goes (GiB at the moment of the peak; the parts sum to the peak): weights, AdamW's "
+        "two moments, the batch; the gradients alive then; the bytes saved for backward still alive then "
+        "(kept activations); the rest, the transient workspace (recomputations in backward, the temporaries "
+        "of the op running at the peak, the loss).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+    ]
+    for r in rows:
+        parts = r["peak_breakdown"]
+        cells = [r["attn"], r["precision"], "yes" if r["checkpointing"] else "no", _memory(r), r["method"]]
+        cells += [f"{r['ratio']:g}", r["targets"], _bytes(r["peak_allocated_bytes"], GIB)]
+        cells += [_bytes(parts[key], GIB) for key in BREAKDOWN]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _notes(meta: dict) -> list[str]:

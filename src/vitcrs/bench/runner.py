@@ -7,7 +7,8 @@ import platform
 import shlex
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -16,6 +17,7 @@ import transformers
 
 from vitcrs.models import ModelFamily, family_of
 from vitcrs.models.family import dropout_rate
+from vitcrs.models.optim import AdamWInBackward
 from vitcrs.units import GIB
 
 from .analytic import (
@@ -24,13 +26,13 @@ from .analytic import (
     ideal_model_saved_bytes,
     max_batch_from_estimate,
 )
+from .breakdown import PeakBreakdown, cpu_peak_breakdown
 from .grid import BenchConfig
 from .measure import (
     ModelSpec,
     architecture,
     block_shape,
     build,
-    cpu_peak_bytes,
     cuda_max_batch,
     free_memory,
     images_per_s,
@@ -72,8 +74,18 @@ def device_description(device: torch.device) -> str:
     return f"CPU ({cores} cores{gpu})" + (f": {model}" if model else "")
 
 
-def _adamw(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=lr)
+@contextmanager
+def _adamw(model: torch.nn.Module, lr: float, cfg: BenchConfig) -> Iterator[torch.optim.Optimizer]:
+    """AdamW for the block (updating inside backward for the in-backward memory modes: `AdamWInBackward`,
+    whose hooks are removed after it); the model's gradients are dropped after it."""
+    adamw = AdamWInBackward if cfg.in_backward else torch.optim.AdamW
+    opt = adamw(model.parameters(), lr=lr)
+    try:
+        yield opt
+    finally:
+        if isinstance(opt, AdamWInBackward):
+            opt.remove_hooks()
+        model.zero_grad(set_to_none=True)
 
 
 def run_config(
@@ -90,18 +102,20 @@ def run_config(
     try:
         if timed:
             free_memory(device)  # also resets the CUDA peak statistics
-            opt = _adamw(model, opts.lr)
-            times = time_steps(make_step(model, opt, x, y, cfg.precision), opts.warmup, opts.steps, device)
+            with _adamw(model, opts.lr, cfg) as opt:
+                step = make_step(model, opt, x, y, cfg.precision)
+                times = time_steps(step, opts.warmup, opts.steps, device)
             row["step_times_s"] = times
             row["images_per_s"] = images_per_s(opts.batch_size, times)
             if device.type == "cuda":
                 row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
                 row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
-            del opt
-            model.zero_grad(set_to_none=True)
+            del opt, step
             free_memory(device)
         if device.type == "cpu" and opts.cpu_peak:
-            row["peak_allocated_bytes"] = _cpu_peak(model, cfg, opts, x, y)
+            peak = _cpu_peak(model, cfg, opts, x, y)
+            row["peak_allocated_bytes"] = peak.peak
+            row["peak_breakdown"] = {part: getattr(peak, part) for part in PeakBreakdown.PARTS}
         row["saved_bytes"] = model_saved_bytes(model, x, y, cfg.precision)
         _analytic(row, cfg, shape)
         if opts.find_max_batch:
@@ -121,31 +135,26 @@ def _timing_round(
 ) -> list[float]:
     """One more round of `--warmup` + `--steps` timed steps of `cfg` on a fresh model (same seed)."""
     model = build(spec, cfg, device, opts.seed)
-    opt = _adamw(model, opts.lr)
     try:
-        return time_steps(make_step(model, opt, *batch, cfg.precision), opts.warmup, opts.steps, device)
+        with _adamw(model, opts.lr, cfg) as opt:
+            return time_steps(make_step(model, opt, *batch, cfg.precision), opts.warmup, opts.steps, device)
     finally:
-        del model, opt
+        del model
         free_memory(device)
 
 
 def _cpu_peak(
     model: torch.nn.Module, cfg: BenchConfig, opts: BenchOptions, x: torch.Tensor, y: torch.Tensor
-) -> int:
-    """Peak bytes of live tensors in one steady-state training step on the CPU (`cpu_peak_bytes`).
+) -> PeakBreakdown:
+    """Peak bytes of live tensors in one steady-state training step on the CPU, and where they go
+    (`cpu_peak_breakdown`; its peak is `cpu_peak_bytes`').
 
     A first step on two images creates AdamW's state, as the warm-up steps do on a GPU; the measured step then
     starts with parameters, optimizer state and the batch alive, and no gradients (`set_to_none`).
     """
-    opt = _adamw(model, opts.lr)
-    try:
+    with _adamw(model, opts.lr, cfg) as opt:
         make_step(model, opt, x[:2], y[:2], cfg.precision)()
-        state = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        live = [*model.parameters(), *state, x, y]
-        return cpu_peak_bytes(make_step(model, opt, x, y, cfg.precision), live)
-    finally:
-        del opt
-        model.zero_grad(set_to_none=True)
+        return cpu_peak_breakdown(model, opt, make_step(model, opt, x, y, cfg.precision), [x, y])
 
 
 def _analytic(row: dict, cfg: BenchConfig, shape: BlockShape) -> None:
@@ -171,23 +180,19 @@ def _max_batch(
 
         def trial(b: int) -> None:
             xb, yb = synthetic_batch(b, image_size, labels, device, opts.seed)
-            opt = _adamw(model, opts.lr)
-            try:
+            with _adamw(model, opts.lr, cfg) as opt:
                 step = make_step(model, opt, xb, yb, cfg.precision)
                 step()
                 step()
-            finally:
-                model.zero_grad(set_to_none=True)
-                del opt
 
         best = cuda_max_batch(trial, device, budget, opts.batch_size)
         row["max_batch"], row["max_batch_method"] = best, "cuda: largest batch whose steps ran within budget"
         if best > 0:
             xb, yb = synthetic_batch(best, image_size, labels, device, opts.seed)
-            opt = _adamw(model, opts.lr)
-            times = time_steps(make_step(model, opt, xb, yb, cfg.precision), opts.warmup, opts.steps, device)
-            del opt, xb, yb
-            model.zero_grad(set_to_none=True)
+            with _adamw(model, opts.lr, cfg) as opt:
+                step = make_step(model, opt, xb, yb, cfg.precision)
+                times = time_steps(step, opts.warmup, opts.steps, device)
+            del opt, step, xb, yb
             row["max_batch_images_per_s"] = images_per_s(best, times)
         return
 

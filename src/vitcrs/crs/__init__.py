@@ -9,7 +9,8 @@ crs_state(model).generator.manual_seed(0)     # the model's own sampling stream 
 
 from .adapters import ADAPTERS, BlockAdapter, BlockParts, adapter_for
 from .block import CRSBlock
-from .config import CACHE_FORMATS, CACHE_WARMUPS, METHODS, PROBS, CRSConfig
+from .budget import SamplingBudget
+from .config import BUDGETS, CACHE_FORMATS, CACHE_WARMUPS, METHODS, PROBS, CRSConfig
 from .functional import crs_linear, crs_linear_shared, crs_matmul
 from .generator import SamplingGenerator
 from .grad_norm import GradNormEMA
@@ -44,6 +45,7 @@ __all__ = [
     "ADAPTERS",
     "ALL_TARGETS",
     "BLOCK_TARGETS",
+    "BUDGETS",
     "CACHE_FORMATS",
     "CACHE_WARMUPS",
     "KNOWN_TARGETS",
@@ -61,6 +63,7 @@ __all__ = [
     "CRSState",
     "GradNormEMA",
     "SampleGradCache",
+    "SamplingBudget",
     "SamplingGenerator",
     "SavedTensorsMeter",
     "adapter_for",

@@ -72,6 +72,19 @@ class CRSBlock(nn.Module):
         self.__dict__.update(original=block, crs=state, sources=sources)
         self.adapter = adapter
         self.parts: BlockParts = adapter.parts(self)
+        self.budget_ids = self._budget_products(state)
+
+    def _budget_products(self, state: CRSState) -> dict[str, int]:
+        """This block's weight-gradient products in the model's sampling budget (`crs.budget="split"`), by op,
+        each registered with its cost (d_in · d_out summed over its linears); {} without a budget."""
+        if state.budget is None:
+            return {}
+        parts = self.parts
+        products = {"fc2": [parts.fc2], "fc1": parts.fc1}
+        if "lean_block" in state.targets:
+            products |= {"proj": [parts.proj], "qkv": parts.qkv}
+        cost = {op: sum(lin.in_features * lin.out_features for lin in lins) for op, lins in products.items()}
+        return {op: state.budget.add(c) for op, c in cost.items()}
 
     def restore(self) -> nn.Module:
         """The original block, holding this block's current submodules, parameters and settings."""

@@ -16,6 +16,7 @@ PROBS = ("norm", "norm_grad", "sample_cache")
 GRAD_PROBS = ("norm_grad", "sample_cache")  # the probabilities that use output-gradient norms
 CACHE_FORMATS = ("bfloat16", "uint8")
 CACHE_WARMUPS = ("norm", "exact")
+BUDGETS = ("uniform", "split")
 CACHE_FIELDS = ("cache_format", "cache_warmup", "cache_in_checkpoint")  # read with prob="sample_cache" only
 
 
@@ -43,6 +44,10 @@ class CRSConfig:
     cache_in_checkpoint: checkpoints also hold every rank's cache entries (GBs for a large training set), so
         a resumed run samples exactly as an unbroken one; False: a resumed run starts with an empty cache
         (its stand-in is kept), unbiased, but drawing other rows than the unbroken run.
+    budget: how the lean block and lean MLP spread their rows over the linears of all blocks: "uniform"
+        (each keeps k = max(min_k, ceil(ratio · n))) or "split" (the same total cost in rows × GEMM width,
+        each linear's k ∝ S / √(d_in · d_out) with S = Σ_i ‖g_i‖·‖x_i‖ from earlier steps: the split that
+        minimises the summed variance of the weight gradients; `vitcrs.crs.budget`).
     keep_mid: the lean block keeps, besides its input x, the residual stream between its two halves
         (x1 = x + attention branch: one more [batch, tokens, d] tensor per block) rather than recomputing the
         attention half's output in backward (one more linear and attention forward per block). False halves
@@ -61,6 +66,7 @@ class CRSConfig:
     cache_format: str = "bfloat16"
     cache_warmup: str = "norm"
     cache_in_checkpoint: bool = False
+    budget: str = "uniform"
     keep_mid: bool = True
     targets: tuple[str, ...] = ("lean_block",)
 
@@ -89,6 +95,8 @@ class CRSConfig:
         if self.cache_warmup not in CACHE_WARMUPS:
             allowed = ", ".join(CACHE_WARMUPS)
             raise ValueError(f"crs.cache_warmup={self.cache_warmup!r} is unknown: choose one of {allowed}.")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"crs.budget={self.budget!r} is unknown: choose one of {', '.join(BUDGETS)}.")
         if not isinstance(self.keep_mid, bool):
             raise ValueError(f"crs.keep_mid={self.keep_mid!r} is invalid: it must be true or false.")
         if not isinstance(self.cache_in_checkpoint, bool):
@@ -107,8 +115,8 @@ class CRSConfig:
         """These settings with those that change nothing at their defaults, so that runs that sample alike are
         configured and recorded alike: prob, grad_ema and cache_* when no target draws by `prob` ("mlp" and
         "lean_block" draw with p ∝ ‖g‖·‖x‖ whatever it says), grad_ema with prob="norm", cache_* unless
-        prob="sample_cache", keep_mid without "lean_block". ratio, method, min_k and targets stay as they
-        are."""
+        prob="sample_cache", keep_mid without "lean_block", budget without "lean_block" or "mlp". ratio,
+        method, min_k and targets stay as they are."""
         unused = set()
         if not set(self.targets) & set(ALL_TARGETS):
             unused = {"prob", "grad_ema", *CACHE_FIELDS}
@@ -116,6 +124,8 @@ class CRSConfig:
             unused = {*CACHE_FIELDS, *(("grad_ema",) if self.prob == "norm" else ())}
         if "lean_block" not in self.targets:
             unused.add("keep_mid")
+        if not set(self.targets) & {"lean_block", "mlp"}:
+            unused.add("budget")
         default = CRSConfig()
         return replace(self, **{k: getattr(default, k) for k in unused})
 

@@ -89,8 +89,9 @@ def inject(
     sampling stream (default: the one of an earlier `inject` on this model, else a new unseeded one). Calling
     it again replaces the settings. At ratio 1 the numerics equal the plain model's.
     """
-    targets = validate_targets(crs_config.targets if targets is None else targets, None)
-    config = dataclasses.replace(crs_config, targets=targets)
+    if targets is not None:  # the targets asked for here replace the config's
+        crs_config = dataclasses.replace(crs_config, targets=validate_targets(targets, None))
+    targets = crs_config.targets
     earlier = crs_state(model)
     if earlier is not None:
         generator = generator or earlier.generator
@@ -98,7 +99,7 @@ def inject(
     blocks = find_blocks(model)
     for _, block, adapter in blocks:
         adapter.check_targets(block, targets)
-    state = CRSState(config, generator)
+    state = CRSState(crs_config, generator)
     ops = sampled_ops(targets)
     for path, block, adapter in blocks:
         parent, name = _parent(model, path)
@@ -111,8 +112,8 @@ def inject(
         blocks[0][0],
         blocks[-1][0],
         ",".join(targets) or "nothing",
-        float(config.ratio),
-        config.method,
+        float(crs_config.ratio),
+        crs_config.method,
     )
     return model
 

@@ -11,6 +11,7 @@ k = ceil(ratio · n) of its n = batch · tokens rows drawn with the optimal CRS 
 - `lean_block(block, x, mask, keep_mid)`: the whole block; keeps x and, with `keep_mid`, the stream between
   the two halves x1 = x + attention branch (else it recomputes the attention half first to get x1).
 - `lean_mlp(block, x1)`: the MLP branch alone (the `mlp` target), keeping x1.
+Both also keep ‖act(h_i)‖ per row (n floats, fc2's sampling probabilities), recorded in the forward.
 
 The MLP half works on its hidden activation [n, f] in `MLP_CHUNKS` row chunks (one [n, f] buffer plus one
 chunk's temporaries), unless something between the activation and fc2 needs the whole tensor (timm's MLP
@@ -20,14 +21,16 @@ dropout or norm): then it is recomputed under autograd, with the linears' weight
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters.base import BlockParts, active, chain, chain_params, linear_params
+from .budget import SamplingBudget
 from .config import CRSConfig
 from .sampling import sample
 
@@ -36,28 +39,152 @@ RNGState = tuple[Tensor, Tensor | None]  # CPU generator state, and the CUDA dev
 
 
 # ---------------------------------------------------------------- weight gradients with p ∝ ‖g‖·‖x‖
-def _row_sample(g: Tensor, x_norms: Tensor, cfg: CRSConfig, generator) -> tuple[Tensor, Tensor] | None:
-    """k of g's n rows drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal CRS p for gᵀ x), or None when k = n."""
-    k = cfg.num_samples(g.shape[0])
-    if k >= g.shape[0]:
-        return None
-    norms = torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32) * x_norms
-    return sample(norms, k, cfg.method, generator)
+@dataclass
+class Sampler:
+    """How the lean ops draw the rows of their weight gradients: `cfg`'s method, ratio and min_k, the model's
+    sampling stream (`generator`; None: torch's global RNG) and, with `crs.budget="split"`, the model's
+    `SamplingBudget` with this block's product indices by op ("qkv", "proj", "fc1", "fc2")."""
+
+    cfg: CRSConfig
+    generator: torch.Generator | None = None
+    budget: SamplingBudget | None = None
+    ids: dict[str, int] = field(default_factory=dict)
+
+    def _index(self, op: str) -> int | None:
+        return self.ids.get(op) if self.budget is not None else None
+
+    def k(self, op: str, n: int) -> int:
+        """The rows product `op` keeps of its n (the budget's split, else max(min_k, ceil(ratio · n)))."""
+        j = self._index(op)
+        return self.cfg.num_samples(n) if j is None else self.budget.k(j, n)
+
+    def keeps_all(self, op: str, n: int) -> bool:
+        """Whether `op` keeps every row and observes nothing: its exact product needs no norms."""
+        return self._index(op) is None and self.k(op, n) >= n
+
+    def draw(self, op: str, g: Tensor, x_norms: Tensor) -> tuple[Tensor, Tensor] | None:
+        """k of g's n rows drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal CRS p for gᵀ x), or None when k = n; the
+        budget gets this product's S = Σ_i ‖g_i‖·‖x_i‖."""
+        n = g.shape[0]
+        norms = torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32) * x_norms
+        if (j := self._index(op)) is not None:
+            self.budget.observe(j, norms.sum())
+        k = self.k(op, n)
+        return None if k >= n else sample(norms, k, self.cfg.method, self.generator)
 
 
 def _scaled_rows(t: Tensor, idx: Tensor, scale: Tensor) -> Tensor:
     return t.index_select(0, idx) * scale.unsqueeze(-1).to(t.dtype)
 
 
-def sampled_weight_grad(
-    g: Tensor, x: Tensor, cfg: CRSConfig, generator: torch.Generator | None = None
-) -> Tensor:
-    """gᵀ x ([n, o] and [n, i] → [o, i]) from k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal
-    CRS probabilities for this product); exact gᵀ x at ratio 1. generator: None: torch's global RNG."""
-    if cfg.num_samples(g.shape[0]) >= g.shape[0]:
-        return g.t() @ x
-    idx, scale = _row_sample(g, torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32), cfg, generator)
-    return _scaled_rows(g, idx, scale).t() @ x.index_select(0, idx)
+# Sampled weight gradients gather their k rows in this many chunks: one chunk's gathered rows exist at a time.
+GATHER_CHUNKS = 4
+
+
+class Rows:
+    """The rows [n, i] of a linear's input, formed when asked for: `whole()` (its row norms are taken then)
+    and `at(idx)` (the rows `idx` only), so that a recomputable input need not stay whole in memory."""
+
+    def __init__(self, whole: Callable[[], Tensor], at: Callable[[Tensor], Tensor]) -> None:
+        self._whole, self._at, self._norms = whole, at, None
+
+    @classmethod
+    def of(cls, t: Tensor) -> Rows:
+        """The rows of a tensor at hand, [n, i]."""
+        return cls(lambda: t, lambda idx: t.index_select(0, idx))
+
+    def whole(self) -> Tensor:
+        t = self._whole()
+        if self._norms is None:
+            self._norms = torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32)
+        return t
+
+    @property
+    def norms(self) -> Tensor:
+        """‖x_i‖ of every row (fp32 [n])."""
+        if self._norms is None:
+            self.whole()
+        return self._norms
+
+    def at(self, idx: Tensor) -> Tensor:
+        return self._at(idx)
+
+
+def sampled_weight_grad(g: Tensor, x: Tensor | Rows, sampler: Sampler, op: str = "") -> Tensor:
+    """gᵀ x ([n, o] and [n, i] → [o, i]) from the k rows `sampler` gives product `op` (k = ceil(ratio · n)
+    unless a budget splits them), drawn with p ∝ ‖g_i‖·‖x_i‖ (the optimal CRS probabilities for this product);
+    exact gᵀ x when k = n. The k rows are gathered `GATHER_CHUNKS` at a time. x: the rows, or `Rows` that form
+    them on demand."""
+    rows = x if isinstance(x, Rows) else Rows.of(x)
+    if sampler.keeps_all(op, g.shape[0]):
+        return g.t() @ rows.whole()
+    pick = sampler.draw(op, g, rows.norms)
+    return g.t() @ rows.whole() if pick is None else _gathered_product(g, *pick, rows.at)
+
+
+def _gathered_product(g: Tensor, idx: Tensor, scale: Tensor, rows_at: Callable[[Tensor], Tensor]) -> Tensor:
+    """Σ_t scale_t g_{idx_t}ᵀ x_{idx_t} with x's rows from `rows_at`, a chunk of the draw at a time."""
+    step = -(-idx.numel() // GATHER_CHUNKS)
+    out = None
+    for i in range(0, idx.numel(), step):
+        part = _scaled_rows(g, idx[i : i + step], scale[i : i + step]).t() @ rows_at(idx[i : i + step])
+        out = part if out is None else out.add_(part)
+    return out
+
+
+class _Norm:
+    """A block's LayerNorm of the kept stream x, recomputed in backward keeping only its statistics: its
+    output is handed out once (`rows().whole()`) and formed again at the rows asked for (`rows().at`), its
+    backward is LayerNorm's own kernel. Another norm keeps its output and goes through autograd."""
+
+    def __init__(self, norm: nn.Module, x: Tensor, dt: torch.dtype) -> None:
+        self.norm, self.x, self.dt, self.d = norm, x, dt, x.shape[-1]
+        self.native = isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+        if self.native:
+            self._out, self.mean, self.rstd = torch.ops.aten.native_layer_norm(
+                x, [self.d], norm.weight, norm.bias, norm.eps
+            )
+        else:
+            with torch.enable_grad():
+                self.leaf = x.detach().requires_grad_()
+                self.out = norm(self.leaf)
+
+    def _whole(self) -> Tensor:
+        if not self.native:
+            return self.out.detach().reshape(-1, self.d).to(self.dt)
+        out, self._out = self._out, None  # handed out: this object keeps no reference to it
+        if out is None:
+            out = torch.ops.aten.native_layer_norm(self.x, [self.d], self.norm.weight, self.norm.bias,
+                                                   self.norm.eps)[0]  # fmt: skip
+        return out.reshape(-1, self.d).to(self.dt)
+
+    def _at(self, idx: Tensor) -> Tensor:
+        if not self.native:
+            return self.out.detach().reshape(-1, self.d).index_select(0, idx).to(self.dt)
+        n = self.norm
+        rows = self.x.reshape(-1, self.d).index_select(0, idx)
+        return torch.ops.aten.native_layer_norm(rows, [self.d], n.weight, n.bias, n.eps)[0].to(self.dt)
+
+    def rows(self) -> Rows:
+        return Rows(self._whole, self._at)
+
+    def backward(self, grad: Tensor, grads: Grads) -> Tensor:
+        """The gradient of x given that of the norm's output ([n, d] rows); adds the norm's parameters'."""
+        params = list(self.norm.parameters())
+        if not self.native:
+            g_x, *g_params = torch.autograd.grad(self.out, [self.leaf, *params], grad.view_as(self.out))
+            _add(grads, params, g_params)
+            return g_x
+        n = self.norm
+        mask = [True, n.weight is not None, n.bias is not None]
+        g_x, g_w, g_b = torch.ops.aten.native_layer_norm_backward(
+            grad.reshape(self.x.shape).to(self.x.dtype), self.x, [self.d], self.mean, self.rstd, n.weight,
+            n.bias, mask,
+        )  # fmt: skip
+        _add(
+            grads, [p for p in (n.weight, n.bias) if p is not None], [t for t in (g_w, g_b) if t is not None]
+        )
+        return g_x
 
 
 # The MLP half's backward works on its hidden activation [n, f] in this many row chunks: besides one full-size
@@ -82,46 +209,52 @@ def _act_backward_(act, h: Tensor, grad: Tensor) -> None:
 
 
 def mlp_backward(
-    x2: Tensor,
+    x2: Tensor | Rows,
     w1: Tensor,
     b1: Tensor | None,
     w2: Tensor,
     b2: Tensor | None,
     act,
-    cfg: CRSConfig,
-    generator: torch.Generator | None,
+    sampler: Sampler,
     output_grad,
+    act_norms: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of `fc2(act(fc1(x2)))` from its input alone: recomputes the hidden activation, chunk by chunk.
 
-    x2: [n, d] MLP input; w1 [f, d] (a gated MLP: gate and up stacked, [2f, d], act taking both halves),
-    b1, w2 [d, f], b2 in the compute dtype. output_grad(output): the gradient [n, d] of the MLP's output,
-    given a function that recomputes that output (called only when the caller needs it: a layer scale's
-    gradient). Returns (grad_x2, grad_w1, grad_b1, grad_w2, grad_b2): the grads of x2 and of the biases
-    (fp32 sums) exact, the two weight grads from k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖input_i‖
-    (exact at ratio 1). Memory: one [n, f] buffer (the pre-activation, overwritten by its gradient) plus one
-    chunk's temporaries.
+    x2: [n, d] MLP input, or `Rows` forming it (whole once, then at fc1's sampled rows); w1 [f, d] (a gated
+    MLP: gate and up stacked, [2f, d], act taking both halves), b1, w2 [d, f], b2 in the compute dtype.
+    output_grad(output): the gradient [n, d] of the MLP's output, given a function that recomputes that output
+    (called only when the caller needs it: a layer scale's gradient). Returns (grad_x2, grad_w1, grad_b1,
+    grad_w2, grad_b2): the grads of x2 and of the biases (fp32 sums) exact, the two weight grads from
+    k = ceil(ratio · n) rows drawn with p ∝ ‖g_i‖·‖input_i‖ (exact at ratio 1). Memory: one [n, f] buffer
+    (the pre-activation, overwritten by its gradient) plus one chunk's temporaries. act_norms: ‖act(h_i)‖ per
+    row (fp32 [n]) when the forward recorded them (`record_act_norms`), else formed here a chunk at a time.
     """
-    h = F.linear(x2, w1, b1)  # pre-activation [n, f]
+    x2 = x2 if isinstance(x2, Rows) else Rows.of(x2)
+    h = F.linear(x2.whole(), w1, b1)  # pre-activation [n, f]
     step = -(-h.shape[0] // MLP_CHUNKS)
     rows = [slice(i, i + step) for i in range(0, h.shape[0], step)]
     g2 = output_grad(lambda: torch.cat([F.linear(act(h[r]), w2, b2) for r in rows]))
 
     # grad_w2 = gᵀ act(h): act(h) formed a chunk at a time (for its row norms), then at sampled rows only
-    a_norms = torch.cat([torch.linalg.vector_norm(act(h[r]), dim=-1, dtype=torch.float32) for r in rows])
-    pick = _row_sample(g2, a_norms, cfg, generator)
+    pick = None
+    if not sampler.keeps_all("fc2", h.shape[0]):
+        if act_norms is None or act_norms.shape[0] != h.shape[0]:
+            act_norms = torch.cat(
+                [torch.linalg.vector_norm(act(h[r]), dim=-1, dtype=torch.float32) for r in rows]
+            )
+        pick = sampler.draw("fc2", g2, act_norms)
     if pick is None:
         grad_w2 = sum(g2[r].t() @ act(h[r]) for r in rows)
     else:
-        idx, scale = pick
-        grad_w2 = _scaled_rows(g2, idx, scale).t() @ act(h.index_select(0, idx))
+        grad_w2 = _gathered_product(g2, *pick, lambda idx: act(h.index_select(0, idx)))
 
     # grad_h = act'(h) ⊙ (g W2), written over h chunk by chunk
     for r in rows:
         _act_backward_(act, h[r], g2[r] @ w2)
     grad_h, h = h, None
 
-    grad_w1 = sampled_weight_grad(grad_h, x2, cfg, generator)
+    grad_w1 = sampled_weight_grad(grad_h, x2, sampler, "fc1")
     grad_b1 = grad_h.sum(0, dtype=torch.float32)
     grad_b2 = g2.sum(0, dtype=torch.float32)
     grad_x2 = grad_h @ w1
@@ -133,10 +266,10 @@ class _LinearSampledInBackward(torch.autograd.Function):
     the W_j grads from one draw of k rows with p ∝ ‖[G_1 … G_J]_i‖·‖X_i‖. For recomputations in backward."""
 
     @staticmethod
-    def forward(ctx, x, cfg: CRSConfig, generator, *params):
+    def forward(ctx, x, sampler: Sampler, op: str, *params):
         weights, biases = params[0::2], params[1::2]
         ctx.save_for_backward(x, *weights)
-        ctx.cfg, ctx.generator, ctx.has_bias = cfg, generator, [b is not None for b in biases]
+        ctx.sampler, ctx.op, ctx.has_bias = sampler, op, [b is not None for b in biases]
         return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
 
     @staticmethod
@@ -145,7 +278,7 @@ class _LinearSampledInBackward(torch.autograd.Function):
         g = torch.cat([t.reshape(-1, t.shape[-1]) for t in grads], dim=-1)
         w = torch.cat(weights).to(g.dtype)
         grad_x = (g @ w).reshape(x.shape).to(x.dtype)
-        gw = sampled_weight_grad(g, x.reshape(-1, x.shape[-1]).to(g.dtype), ctx.cfg, ctx.generator)
+        gw = sampled_weight_grad(g, x.reshape(-1, x.shape[-1]).to(g.dtype), ctx.sampler, ctx.op)
         gb = g.sum(0, dtype=torch.float32)
         out, start = [], 0
         for weight, has_bias in zip(weights, ctx.has_bias, strict=True):
@@ -155,8 +288,8 @@ class _LinearSampledInBackward(torch.autograd.Function):
         return grad_x, None, None, *out
 
 
-def _sampled_in_backward(x: Tensor, linears: Sequence[nn.Linear], cfg: CRSConfig, generator) -> tuple:
-    return _LinearSampledInBackward.apply(x, cfg, generator, *linear_params(linears))
+def _sampled_in_backward(x: Tensor, linears: Sequence[nn.Linear], sampler: Sampler, op: str) -> tuple:
+    return _LinearSampledInBackward.apply(x, sampler, op, *linear_params(linears))
 
 
 # ---------------------------------------------------------------- replaying the forward's state
@@ -218,16 +351,13 @@ def _store(grads: Grads, linears: Sequence[nn.Linear], gw: Tensor, gb: Tensor) -
 
 # ---------------------------------------------------------------- the two halves' backward
 def _mlp_half_backward(
-    parts: BlockParts, cfg: CRSConfig, generator, x1: Tensor, g: Tensor, rng, dt, grads: Grads
+    parts: BlockParts, sampler: Sampler, x1: Tensor, g: Tensor, rng, dt, grads: Grads, act_norms=None
 ) -> Tensor:
     """The gradient of x1 through the MLP branch; adds the branch's parameter gradients to `grads`."""
     if active(parts.pre_fc2):
-        return _mlp_half_autograd(parts, cfg, generator, x1, g, rng, grads)
+        return _mlp_half_autograd(parts, sampler, x1, g, rng, grads)
     d = x1.shape[-1]
-    with torch.enable_grad():
-        x1_leaf = x1.detach().requires_grad_()
-        norm = parts.norm2(x1_leaf)
-    rows = norm.detach().reshape(-1, d).to(dt)
+    norm = _Norm(parts.norm2, x1, dt)
     w1, b1 = _stacked(parts.fc1, dt)
     fc2 = parts.fc2
     b2 = None if fc2.bias is None else fc2.bias.to(dt)
@@ -237,7 +367,7 @@ def _mlp_half_backward(
         if not active(post):
             return g.reshape(-1, d).to(dt)
         params = chain_params(post)
-        m = output() if params else torch.zeros(rows.shape, dtype=dt, device=rows.device)
+        m = output() if params else torch.zeros((g.numel() // d, d), dtype=dt, device=g.device)
         with replayed(rng, x1.device), torch.enable_grad():  # the branch's draws, after the MLP's own (none)
             m_leaf = m.view_as(x1).requires_grad_()
             out = chain(post, m_leaf)
@@ -247,17 +377,14 @@ def _mlp_half_backward(
 
     act = parts.hidden_of_stacked if parts.gated else parts.act
     grad_rows, gw1, gb1, gw2, gb2 = mlp_backward(
-        rows, w1, b1, fc2.weight.to(dt), b2, act, cfg, generator, output_grad
+        norm.rows(), w1, b1, fc2.weight.to(dt), b2, act, sampler, output_grad, act_norms
     )
     _store(grads, parts.fc1, gw1, gb1)
     _store(grads, [fc2], gw2, gb2)
-    n2 = list(parts.norm2.parameters())
-    g_x1, *g_n2 = torch.autograd.grad(norm, [x1_leaf, *n2], grad_rows.view_as(norm).to(norm.dtype))
-    _add(grads, n2, g_n2)
-    return g_x1
+    return norm.backward(grad_rows, grads)
 
 
-def _mlp_half_autograd(parts: BlockParts, cfg: CRSConfig, generator, x1: Tensor, g: Tensor, rng, grads):
+def _mlp_half_autograd(parts: BlockParts, sampler: Sampler, x1: Tensor, g: Tensor, rng, grads):
     """The MLP half recomputed whole under autograd (with the forward's masks), its linears' weight
     gradients sampled: for MLPs with something between the activation and fc2 (timm's dropout, norm)."""
     params = [
@@ -269,9 +396,9 @@ def _mlp_half_autograd(parts: BlockParts, cfg: CRSConfig, generator, x1: Tensor,
     ]
     with replayed(rng, x1.device), torch.enable_grad():
         x1_leaf = x1.detach().requires_grad_()
-        u = _sampled_in_backward(parts.norm2(x1_leaf), parts.fc1, cfg, generator)
+        u = _sampled_in_backward(parts.norm2(x1_leaf), parts.fc1, sampler, "fc1")
         hidden = chain(parts.pre_fc2, parts.hidden(u))
-        (m,) = _sampled_in_backward(hidden, [parts.fc2], cfg, generator)
+        (m,) = _sampled_in_backward(hidden, [parts.fc2], sampler, "fc2")
         out = chain(parts.post_mlp, m)
     g_x1, *g_params = torch.autograd.grad(out, [x1_leaf, *params], g, allow_unused=True)
     _add(grads, params, g_params)
@@ -306,8 +433,8 @@ class _AttentionHalf:
     (graph: the family's attention, its dropout replayed) → o = ctx · W_oᵀ → branch = post_attention(o)
     (graph when the chain does anything: dropout, layer scale, drop path). o and the branch are formed only
     when needed (`need_branch`: x1 = x + branch is recomputed; or an active chain). Eager attention without
-    dropout is formed here without a graph, and recomputed with one chunk by chunk in `backward`
-    (`ATTENTION_CHUNKS`).
+    dropout is recomputed with its graph chunk by chunk in `backward` (`ATTENTION_CHUNKS`), forming the
+    attention output on the way, unless o was needed here (then it is formed here once more, without a graph).
     """
 
     def __init__(self, block, x: Tensor, mask, rng, dt, need_branch: bool) -> None:
@@ -315,19 +442,19 @@ class _AttentionHalf:
         self.block, self.parts, self.dt, self.mask = block, parts, dt, mask
         self.chunks = _batch_chunks(block, x)
         with replayed(rng, x.device), torch.enable_grad():
-            self.x = x.detach().requires_grad_()
-            self.norm = parts.norm1(self.x)
+            self.norm = _Norm(parts.norm1, x, dt)
+            self.rows = self.norm.rows()  # LayerNorm(x): formed here for q/k/v, again at their sampled rows
             with torch.no_grad():
                 w, b = _stacked(parts.qkv, dt)
-                qkv = F.linear(self.norm.detach().to(dt), w, b)
-            self.qkv = qkv.requires_grad_()
+                qkv = F.linear(self.rows.whole(), w, b)
+            self.qkv = qkv.view(*x.shape[:-1], -1).requires_grad_()
+            chained = active(parts.post_attention)
+            self.ctx = self.o = self.branch = None
             if len(self.chunks) == 1:
                 self.ctx = block.adapter.attend(block, self._split(self.qkv), mask, None)
-            else:
+            elif chained or need_branch:  # the attention output is needed now (else formed in `backward`)
                 with torch.no_grad():
                     self.ctx = torch.cat([self._attend(self.qkv[rows], rows) for rows in self.chunks])
-            self.o = self.branch = None
-            chained = active(parts.post_attention)
             if chained or need_branch:
                 proj = parts.proj
                 bias = None if proj.bias is None else proj.bias.to(dt)
@@ -346,26 +473,31 @@ class _AttentionHalf:
         mask = _rows(self.mask, rows, self.qkv.shape[0])
         return self.block.adapter.attend(self.block, self._split(qkv), mask, None)
 
-    def _qkv_grad(self, g_ctx: Tensor, grads: Grads) -> Tensor:
-        """The gradient of the stacked q/k/v given that of the attention output (chunk by chunk if chunked);
-        adds the attention core's parameter gradients (qk-norms)."""
-        core = self.parts.attn_core_params
+    def _qkv_grad(self, g_ctx: Tensor, grads: Grads) -> tuple[Tensor, Tensor]:
+        """(the gradient of the stacked q/k/v given that of the attention output, the attention output),
+        chunk by chunk if chunked (the output formed on the way when it was not formed before); adds the
+        attention core's parameter gradients (qk-norms)."""
+        core, ctx = self.parts.attn_core_params, self.ctx
         if len(self.chunks) == 1:
-            g_qkv, *g_core = torch.autograd.grad(self.ctx, [self.qkv, *core], g_ctx.to(self.ctx.dtype))
+            g_qkv, *g_core = torch.autograd.grad(ctx, [self.qkv, *core], g_ctx.to(ctx.dtype))
             _add(grads, core, g_core)
-            return g_qkv
-        g_qkv = torch.empty_like(self.qkv)
+            return g_qkv, ctx.detach()
+        keep = ctx is None
         for rows in self.chunks:
             with torch.enable_grad():
                 leaf = self.qkv[rows].detach().requires_grad_()
                 out = self._attend(leaf, rows)
+            if keep:
+                ctx = torch.empty(g_ctx.shape, dtype=out.dtype, device=out.device) if ctx is None else ctx
+                ctx[rows] = out.detach()
             g_rows, *g_core = torch.autograd.grad(out, [leaf, *core], g_ctx[rows].to(out.dtype))
-            g_qkv[rows] = g_rows
+            self.qkv[rows] = g_rows  # these rows of q/k/v are done with: their gradient takes their place
             _add(grads, core, g_core)
-            del out, g_rows
-        return g_qkv
+            del out, g_rows, leaf
+        g_qkv, self.qkv = self.qkv, None
+        return g_qkv, ctx
 
-    def backward(self, g_x1: Tensor, cfg: CRSConfig, generator, grads: Grads) -> Tensor:
+    def backward(self, g_x1: Tensor, sampler: Sampler, grads: Grads) -> Tensor:
         """The gradient of x through the attention branch, given that of x1; adds the parameter gradients."""
         parts, dt = self.parts, self.dt
         if self.o is not None:
@@ -374,30 +506,55 @@ class _AttentionHalf:
             _add(grads, params, g_params)
         else:
             g_o = g_x1
-        proj, width = parts.proj, self.ctx.shape[-1]
+        proj = parts.proj
         go = g_o.reshape(-1, g_o.shape[-1]).to(dt)
-        ctx_rows = self.ctx.detach().reshape(-1, width)
-        gw = sampled_weight_grad(go, ctx_rows.to(dt), cfg, generator)
-        _store(grads, [proj], gw, go.sum(0, dtype=torch.float32))
-        g_ctx = (go @ proj.weight.to(dt)).view_as(self.ctx)
-        del go, ctx_rows
-        g_qkv = self._qkv_grad(g_ctx, grads)
+        g_ctx = (go @ proj.weight.to(dt)).view(*self.qkv.shape[:-1], -1)
+        g_qkv, ctx = self._qkv_grad(g_ctx, grads)
         del g_ctx
+        self.qkv = self.ctx = None
+        ctx_rows = ctx.reshape(-1, ctx.shape[-1]).to(dt)
+        gw = sampled_weight_grad(go, ctx_rows, sampler, "proj")
+        _store(grads, [proj], gw, go.sum(0, dtype=torch.float32))
+        del go, ctx_rows, ctx
         gq = g_qkv.reshape(-1, g_qkv.shape[-1]).to(dt)
-        rows = self.norm.detach().reshape(-1, self.norm.shape[-1]).to(dt)
-        gw = sampled_weight_grad(gq, rows, cfg, generator)
+        del g_qkv
+        gw = sampled_weight_grad(gq, self.rows, sampler, "qkv")
         _store(grads, parts.qkv, gw, gq.sum(0, dtype=torch.float32))
         w, _ = _stacked(parts.qkv, dt)
-        g_norm = (gq @ w).view_as(self.norm)
-        del gq, rows
-        n1 = list(parts.norm1.parameters())
-        g_x, *g_n1 = torch.autograd.grad(self.norm, [self.x, *n1], g_norm.to(self.norm.dtype))
-        _add(grads, n1, g_n1)
-        return g_x
+        g_norm = gq @ w
+        del gq
+        return self.norm.backward(g_norm, grads)
+
+
+def block_sampler(block, device: torch.device) -> Sampler:
+    """The `Sampler` of a CRS block's lean ops on `device`: its model's config, stream and budget."""
+    state = block.crs
+    return Sampler(state.config, state.generator.for_device(device), state.budget, block.budget_ids)
 
 
 def _param_grads(params: Sequence[Tensor], grads: Grads) -> list[Tensor | None]:
     return [None if (t := grads.get(p)) is None else t.to(p.dtype) for p in params]
+
+
+@contextmanager
+def record_act_norms(parts: BlockParts) -> Iterator[list[Tensor]]:
+    """Inside, the MLP activation module's output row norms ‖act(h_i)‖ (fp32 [n]) of each call are appended to
+    the yielded list (fc2's sampling probabilities need them in backward; recording them in the forward
+    spares forming act(h) once more). Nothing is recorded for a gated MLP or a plain-function activation."""
+    norms: list[Tensor] = []
+    act = parts.act
+    if parts.gated or not isinstance(act, nn.Module):
+        yield norms
+        return
+
+    def hook(module, inputs, out: Tensor) -> None:
+        norms.append(torch.linalg.vector_norm(out.reshape(-1, out.shape[-1]), dim=-1, dtype=torch.float32))
+
+    handle = act.register_forward_hook(hook)
+    try:
+        yield norms
+    finally:
+        handle.remove()
 
 
 class _LeanBlock(torch.autograd.Function):
@@ -409,18 +566,18 @@ class _LeanBlock(torch.autograd.Function):
         rng1 = rng_state(x.device) if training else None
         x1 = x + adapter.attention_branch(block, x, mask)
         rng2 = rng_state(x.device) if training else None
-        y = x1 + adapter.mlp_branch(block, x1)
-        ctx.save_for_backward(x, x1 if keep_mid else None)
+        with record_act_norms(block.parts) as act_norms:
+            y = x1 + adapter.mlp_branch(block, x1)
+        ctx.save_for_backward(x, x1 if keep_mid else None, act_norms[0] if len(act_norms) == 1 else None)
         ctx.block, ctx.mask, ctx.rng, ctx.params = block, mask, (rng1, rng2), params
         ctx.amp, ctx.dt = _autocast_state(x.device), _compute_dtype(x)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, x1 = ctx.saved_tensors
+        x, x1, act_norms = ctx.saved_tensors
         block = ctx.block
-        state = block.crs
-        cfg, generator = state.config, state.generator.for_device(x.device)
+        sampler = block_sampler(block, x.device)
         grads: Grads = {}
         device_type, enabled, dtype = ctx.amp
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
@@ -428,10 +585,13 @@ class _LeanBlock(torch.autograd.Function):
             if x1 is None:  # kept only x: the attention half is recomputed first, for x1 = x + its branch
                 att = _AttentionHalf(block, x, ctx.mask, ctx.rng[0], ctx.dt, need_branch=True)
                 x1 = x + att.branch.detach()
-            g_x1 = _mlp_half_backward(block.parts, cfg, generator, x1, g, ctx.rng[1], ctx.dt, grads)
+                if att.o is None:  # the branch was only needed for x1
+                    att.branch = None
+            g_x1 = _mlp_half_backward(block.parts, sampler, x1, g, ctx.rng[1], ctx.dt, grads, act_norms)
+            del x1
             g_x1 = g_x1.to(g.dtype).add_(g)  # the residual path
             att = att or _AttentionHalf(block, x, ctx.mask, ctx.rng[0], ctx.dt, need_branch=False)
-            g_x = att.backward(g_x1, cfg, generator, grads).to(x.dtype).add_(g_x1)
+            g_x = att.backward(g_x1, sampler, grads).to(x.dtype).add_(g_x1)
         return g_x, None, None, None, *_param_grads(ctx.params, grads)
 
 
@@ -441,21 +601,21 @@ class _LeanMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x1, block, *params):
         ctx.rng = rng_state(x1.device) if block.training else None
-        branch = block.adapter.mlp_branch(block, x1)
-        ctx.save_for_backward(x1)
+        with record_act_norms(block.parts) as act_norms:
+            branch = block.adapter.mlp_branch(block, x1)
+        ctx.save_for_backward(x1, act_norms[0] if len(act_norms) == 1 else None)
         ctx.block, ctx.params = block, params
         ctx.amp, ctx.dt = _autocast_state(x1.device), _compute_dtype(x1)
         return branch
 
     @staticmethod
     def backward(ctx, g):
-        (x1,) = ctx.saved_tensors
-        state = ctx.block.crs
+        x1, act_norms = ctx.saved_tensors
         grads: Grads = {}
         device_type, enabled, dtype = ctx.amp
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            generator = state.generator.for_device(x1.device)
-            g_x1 = _mlp_half_backward(ctx.block.parts, state.config, generator, x1, g, ctx.rng, ctx.dt, grads)
+            sampler = block_sampler(ctx.block, x1.device)
+            g_x1 = _mlp_half_backward(ctx.block.parts, sampler, x1, g, ctx.rng, ctx.dt, grads, act_norms)
         return g_x1.to(x1.dtype), None, *_param_grads(ctx.params, grads)
 
 

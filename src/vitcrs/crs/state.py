@@ -9,6 +9,7 @@
   `ModuleDict` per block (op name -> source), their estimates non-persistent buffers (they move with `.to()`,
   stay out of `state_dict`: the model's checkpoint keys are the plain model's);
 - `batch`: the training batch the sample caches read and write (`prob="sample_cache"`), else None;
+- `budget`: the `SamplingBudget` the lean ops split their rows by (`budget="split"`), else None;
 - `enabled`: False inside `disabled()` (`vitcrs.crs.uninjected`): every block then runs its plain forward.
 """
 
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .budget import SamplingBudget
 from .config import CRSConfig
 from .generator import SamplingGenerator
 from .grad_norm import GradNormEMA
@@ -36,6 +38,8 @@ class CRSState(nn.Module):
         self.batch = TrainingBatch() if config.prob == "sample_cache" else None
         self.sources = nn.ModuleList()
         self.block_names: list[str] = []  # module path of each block, in `sources` order
+        lean = bool(set(config.targets) & {"lean_block", "mlp"})
+        self.budget = SamplingBudget(config) if config.budget == "split" and lean else None
         self.enabled = True
 
     @property

@@ -60,15 +60,22 @@ class Configuration:
     prob: str = "norm"
     min_k: int = 1
     grad_ema: float = 0.9
+    budget: str = "uniform"
 
     @property
     def crs_config(self) -> CRSConfig:
         return CRSConfig(**asdict(self))  # every field is one of CRSConfig's
 
     @property
+    def primed(self) -> bool:
+        """Whether it learns from earlier passes (gradient-norm estimates, a split budget): primed first."""
+        return self.prob not in STATELESS_PROBS or self.budget != "uniform"
+
+    @property
     def label(self) -> str:
-        """E.g. "wta_crs 0.3 query,key,value norm"."""
-        return f"{self.method} {self.ratio:g} {','.join(self.targets)} {self.prob}"
+        """E.g. "wta_crs 0.3 query,key,value norm" (", split" with a split budget)."""
+        split = f" {self.budget}" if self.budget != "uniform" else ""
+        return f"{self.method} {self.ratio:g} {','.join(self.targets)} {self.prob}{split}"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "targets": list(self.targets), "label": self.label}
@@ -267,7 +274,7 @@ def measure_configuration(
     prime_times = []
     try:
         with training_batch(passes.model, torch.arange(images)):
-            if config.prob not in STATELESS_PROBS:
+            if config.primed:
                 for _ in range(prime_passes):
                     prime_times.append(passes.grads(batch)[1])
                     tick()
@@ -335,5 +342,5 @@ def measure(
 def passes_needed(configurations: Sequence[Configuration], draws: int, prime_passes: int, noise: int,
                   warmup: int) -> int:  # fmt: skip
     """Forward + backward passes `measure` runs (the progress bar's total)."""
-    primed = sum(c.prob not in STATELESS_PROBS for c in configurations)
+    primed = sum(c.primed for c in configurations)
     return warmup + noise + len(configurations) * draws + primed * prime_passes

@@ -340,8 +340,10 @@ class ViTClassifier(LightningModule):
         torch_rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             torch_rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        budget = self.crs.budget
         state = {
             "grad_norm": {name: s.estimate.cpu() for name, s in grad_norm_sources(self.net).items()},
+            "budget": None if budget is None else budget.estimate.cpu(),
             "generator": self.crs.generator.get_state(),
             "torch_rng": torch_rng,
         }
@@ -373,6 +375,9 @@ class ViTClassifier(LightningModule):
         for name, estimate in mine["grad_norm"].items():
             if name in sources:
                 sources[name].estimate = estimate.to(sources[name].estimate.device)
+        budget, saved = self.crs.budget, mine.get("budget")
+        if budget is not None and saved is not None and saved.shape == budget.estimate.shape:
+            budget.estimate = saved.to(budget.estimate.device)
         if mine["generator"] is not None:
             self.crs.generator.set_state(mine["generator"])
         elif self.hparams.get("seed") is not None:
