@@ -7,11 +7,12 @@ TORCH_SPEC ?= "torch>=2.4,<2.15" "torchvision>=0.19,<0.30"
 # dev tools, both sweep launchers and the timm model family, so that every test runs
 EXTRAS ?= dev,joblib,slurm,timm
 
-.PHONY: help install test lint demo sweep clean
+.PHONY: help install test test-fast lint demo sweep clean
 
 help:
 	@echo "make install  create $(VENV) and install vitcrs with its dev tools, sweep launchers and timm"
-	@echo "make test     run the test suite (CPU, ~10 min)"
+	@echo "make test     run the test suite (CPU, a few minutes; what CI runs)"
+	@echo "make test-fast  the suite without its slow end-to-end tests (the inner loop, about a minute)"
 	@echo "make lint     ruff check"
 	@echo "make demo     offline CPU demo: synthetic data, vit_micro, WTA-CRS at ratio 0.3"
 	@echo "make sweep    the study's sweep (3 datasets x ratios 1.0/0.5/0.3, ViT-B/16 from the Hub)"
@@ -28,8 +29,11 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q tests
 
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
 lint: install
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests tools
 
 demo: install
 	$(PY) -m vitcrs.train experiment=demo

@@ -1,4 +1,4 @@
-"""Counts behind issue 12's before/after: `python scripts/architecture_census.py [REPO]` (default: here).
+"""Structure counts of a checkout: `python scripts/architecture_census.py [REPO]` (default: this one).
 
 Prints the lines of train.py, the data module's constructor arguments, the lines of src/, conf/ and scripts/
 that spell out a target set (three or more target names in one list: a proxy, docstrings included), and the

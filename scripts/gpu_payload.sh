@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PAYLOAD=${1:-.carry}
 if [ -z "${SHARED:-}" ]; then
-  for candidate in shared ../shared /work/shared; do
+  for candidate in shared ../shared; do
     if [ -d "$candidate/models" ]; then SHARED=$candidate; break; fi
   done
 fi

@@ -4,7 +4,7 @@
 #   scripts/gpu_results.sh OUT_DIR_OR_BUNDLE [DEST]
 #
 # OUT_DIR_OR_BUNDLE: the check's OUT_DIR, or the folder its --bundle wrote (gpu_check.tar.gz is unpacked).
-# Copied: summary.md/.json, gpu_check.log, env.json, nvidia-smi.txt, smoke/smoke.json, bench/ (bench.md and each
+# Copied: summary.md/.json, gpu_check.log, env.json, nvidia-smi.txt, tests/junit.xml, bench/ (bench.md and each
 # run's bench.json/.md), report/, and per training run metrics.json and .hydra/overrides.yaml (runs/<run>/).
 # Not copied: checkpoints, TensorBoard/CSV logs, each command's full log (logs/).
 set -euo pipefail
@@ -23,7 +23,7 @@ gpu=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1])).get('gpu',
 day=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['meta']['started'][:10])" "$SRC/summary.json")
 DEST=${2:-docs/results/gpu/${day}_${gpu}}
 mkdir -p "$DEST"
-for f in summary.md summary.json gpu_check.log env.json nvidia-smi.txt smoke/smoke.json; do
+for f in summary.md summary.json gpu_check.log env.json nvidia-smi.txt tests/junit.xml; do
   if [ -f "$SRC/$f" ]; then mkdir -p "$DEST/$(dirname "$f")"; cp "$SRC/$f" "$DEST/$f"; fi
 done
 for d in bench report; do

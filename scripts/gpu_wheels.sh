@@ -4,7 +4,7 @@
 #   scripts/gpu_wheels.sh [PAYLOAD_DIR]      # default .carry (git-ignored); the wheels go to PAYLOAD_DIR/wheels
 #
 # Which packages: vitcrs's dependencies (pyproject.toml) and theirs that such an image does not hold. The
-# workplace's CUDA image (/work/.library/device/KINDS.md: Python 3.12, torch, transformers, lightning,
+# workplace's CUDA image (Python 3.12, torch, transformers, lightning,
 # torchmetrics, tensorboard, rich, matplotlib, safetensors, pyyaml, packaging, pytest, pytest-timeout) lacks
 # hydra-core, omegaconf and omegaconf's antlr4-python3-runtime. The versions are the ones this checkout's
 # environment has installed (PYTHON), else the newest that pyproject.toml allows. Wheels are for Python 3.12,

@@ -19,8 +19,8 @@ from vitcrs.conf import check_added_keys
 from vitcrs.crs import CRSConfig, sample_cache_bytes_per_image
 from vitcrs.errors import ConfigError
 from vitcrs.fidelity.meter import Configuration, measure
-from vitcrs.fidelity.metric import measured_parameters, parameter_block, parameter_kind
 from vitcrs.models import FAMILIES, ViTClassifier, model_family
+from vitcrs.models.fidelity import measured_parameters, parameter_block, parameter_kind
 from vitcrs.train import train, validate
 
 # timm is an optional extra (pip install "vitcrs[timm]"); make install has it
@@ -46,9 +46,10 @@ def timm_node(**config) -> dict:
 # --- training and resuming, each family ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 @pytest.mark.parametrize("model", MICRO)
-def test_each_family_trains_and_its_checkpoint_resumes(compose_cfg, tmp_path, one_thread, model):
+def test_each_family_trains_and_its_checkpoint_resumes(compose_cfg, tmp_path, model):
     """model=X dataset=synthetic crs.ratio=0.3 (QUICK: the demo's data, a few batches) writes a complete
     record; its checkpoint passes the resume check (the architecture read through the family) and reloads
     exactly."""
@@ -72,9 +73,10 @@ def test_each_family_trains_and_its_checkpoint_resumes(compose_cfg, tmp_path, on
     assert all(torch.equal(v, saved[k]) for k, v in restored.state_dict().items())
 
 
+@pytest.mark.slow
 @needs_timm
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
-def test_a_timm_run_resumes_to_its_second_epoch(compose_cfg, tmp_path, one_thread):
+def test_a_timm_run_resumes_to_its_second_epoch(compose_cfg, tmp_path):
     """Fit goes on from a timm checkpoint (weights, optimizer, CRS state with drop path and layer scale)."""
     run = [*QUICK, "model=timm_micro", "callbacks.progress_bar=null", "crs.prob=norm_grad"]
     train(compose_cfg(*run))
@@ -161,7 +163,7 @@ def test_timm_vit_loads_local_weights_with_a_fresh_head(compose_cfg, tmp_path):
     config = "{" + ",".join(f"{k}:{v}" for k, v in TIMM_TINY.items()) + "}"
     cfg = compose_cfg("model=timm_vit", f"model.name={name}", f"model.weights={weights}",
                       f"model.config={config}", "dataset=synthetic")  # fmt: skip
-    datamodule = validate(cfg).datamodule
+    datamodule = validate(cfg).settings.datamodule
     assert datamodule.image_size == 32 and list(datamodule.mean) == [0.5, 0.5, 0.5]  # timm's pretrained cfg
     node = OmegaConf.to_container(cfg.model)
     torch.manual_seed(2)
@@ -301,7 +303,7 @@ def test_parameter_kinds_and_blocks_of_every_family():
 
 
 @needs_timm
-def test_fidelity_meter_on_a_timm_model(one_thread):
+def test_fidelity_meter_on_a_timm_model():
     torch.manual_seed(0)
     model = FAMILIES["timm"].build(timm_node(init_values=0.5), 4)
     assert {n.split(".")[0] for n, _ in measured_parameters(model)} >= {"blocks", "cls_token"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
-import subprocess
+import runpy
 import sys
 import weakref
 
@@ -23,16 +23,25 @@ pytestmark = pytest.mark.usefixtures("fresh_crs_stream")
 
 
 # ---------------------------------------------------------------- one ViT-B/16 block vs the analytic model
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_block_saved_bytes_are_within_5_percent_of_the_analytic_ideal(attn, precision):
-    """A ViT-B/16-shaped block (width 768, 12 heads, 197 tokens; batch 2) at ratio 0.3, each target set."""
-    spec = ModelSpec("vit_b16", overrides={"num_hidden_layers": 1})
+# one block of ViT-B/16 (width 768, 12 heads, 197 tokens), and of a small ViT of the same patch grid
+SMALL = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 256, "image_size": 64}
+BLOCKS = {"vit_b16": (197, 768, 12, 3072), "small": (17, 64, 4, 256)}
+
+
+@pytest.mark.parametrize(
+    ("attn", "precision", "block"),
+    [("eager", "fp32", "vit_b16"), ("eager", "bf16-mixed", "small"), ("sdpa", "fp32", "small"),
+     ("sdpa", "bf16-mixed", "small")],
+)  # fmt: skip
+@pytest.mark.slow
+def test_block_saved_bytes_are_within_5_percent_of_the_analytic_ideal(attn, precision, block):
+    """One block (batch 2) at ratio 0.3, each target set: ViT-B/16's in eager fp32, a small one otherwise."""
+    spec = ModelSpec("vit_b16", overrides={"num_hidden_layers": 1, **(SMALL if block == "small" else {})})
     batch = 2
     exact_cfg = bench.grid.exact_config(attn, precision, False)
     model = bench.build(spec, exact_cfg, torch.device("cpu"), seed=0)
     shape = bench.block_shape(bench.architecture(model), batch)
-    assert (shape.tokens, shape.hidden, shape.heads, shape.intermediate) == (197, 768, 12, 3072)
+    assert (shape.tokens, shape.hidden, shape.heads, shape.intermediate) == BLOCKS[block]
     autocast = precision == "bf16-mixed"
     exact = bench.measured_block_saved_bytes(model, batch, precision)
     exact_ideal = bench.analytic_block_saved_bytes(shape, attn, autocast)
@@ -107,6 +116,7 @@ def _run(tmp_path, *args: str) -> tuple[dict, str]:
     return result, (tmp_path / "bench.md").read_text()
 
 
+@pytest.mark.slow
 def test_cli_on_cpu_writes_one_row_per_configuration(tmp_path, capsys):
     result, md = _run(tmp_path, "--grid", "quick", "--ratios", "0.3", "--checkpointing", "off,on")
     configs = expand(("wta_crs",), (0.3,), tuple(bench.BENCH_TARGET_SETS), ("eager", "sdpa"),
@@ -147,6 +157,7 @@ def test_cli_on_cpu_writes_one_row_per_configuration(tmp_path, capsys):
     assert "n/a" in md and result["meta"]["command"] in md
 
 
+@pytest.mark.slow
 def test_cli_on_cpu_times_steps_and_estimates_the_max_batch(tmp_path):
     result, md = _run(
         tmp_path,
@@ -168,6 +179,7 @@ def test_cli_on_cpu_times_steps_and_estimates_the_max_batch(tmp_path):
     assert "CPU estimate" in md and "max batch @ 0.25 GiB" in md
 
 
+@pytest.mark.slow
 def test_cli_timing_rounds_interleave_the_configurations(tmp_path):
     """--rounds 2: each row's steps are timed twice (two rounds); the lean block under checkpointing is
     modelled (realised saved bytes = its analytic ideal)."""
@@ -203,6 +215,7 @@ def test_cpu_peak_bytes_counts_live_tensors_and_the_highest_net_allocation():
     assert measure.cpu_peak_bytes(step, [kept, kept[:10]]) == 4000 + 3 * 2**20  # a view counts once
 
 
+@pytest.mark.slow
 def test_cli_on_cpu_measures_the_peak_of_a_training_step(tmp_path):
     result, md = _run(
         tmp_path,
@@ -267,13 +280,16 @@ def test_cli_refuses_an_out_file_before_measuring(tmp_path, capsys, monkeypatch)
     assert (tmp_path / "results.json").read_text() == "mine"
 
 
-def test_module_entry_point():
-    out = subprocess.run(
-        [sys.executable, "-m", "vitcrs.bench", "--help"], capture_output=True, text=True, check=True
-    ).stdout
-    assert "--grid" in out and "--find-max-batch" in out
+def test_module_entry_point(monkeypatch, capsys):
+    """`python -m vitcrs.bench --help` (its __main__, run in this process)."""
+    monkeypatch.setattr(sys, "argv", ["vitcrs.bench", "--help"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("vitcrs.bench", run_name="__main__")
+    out = capsys.readouterr().out
+    assert exited.value.code == 0 and "--grid" in out and "--find-max-batch" in out
 
 
+@pytest.mark.slow
 def test_memory_modes_are_rows_and_the_peak_is_split_into_its_parts(tmp_path):
     """--memory: keeping the lean block's input alone (lean-block rows only) and updating inside backward
     (every row); --cpu-peak splits each peak into weights, optimizer state, batch, gradients, kept activations

@@ -10,6 +10,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from conftest import compose_config
 from vitcrs.callbacks import describe_run
 from vitcrs.errors import ConfigError
 from vitcrs.train import validate
@@ -37,6 +38,7 @@ def _options(group: str) -> list[str]:
 @pytest.mark.parametrize(
     ("group", "option"), [(g, o) for g in GROUPS for o in _options(g)], ids=lambda v: str(v)
 )
+@pytest.mark.slow
 def test_every_group_option_composes(compose_cfg, group, option):
     cfg = compose_cfg(f"{group}={option}")
     # Resolve everything except values that must be given on the command line (???).
@@ -84,17 +86,18 @@ def test_every_key_has_a_comment(path: Path):
 
 def test_synthetic_datamodule_from_config(compose_cfg):
     cfg = compose_cfg("experiment=demo")
-    dm = validate(cfg).datamodule
+    settings = validate(cfg).settings
+    dm = settings.datamodule
     assert dm.num_classes == 10 and len(dm.class_names) == 10 and dm.name == "synthetic"
     # image size and normalisation come from the model: vit_micro is 32 px, random init -> 0.5
     assert dm.image_size == 32 and list(dm.mean) == [0.5, 0.5, 0.5]
-    record = describe_run(cfg, dm)
+    record = describe_run(settings)
     assert record.settings["model"] == "random-init" and record.ratio == 0.3
 
 
 def test_checkpoint_normalisation_reaches_the_data(compose_cfg, vit_checkpoint):
     cfg = compose_cfg("dataset=synthetic", f"model.name_or_path={vit_checkpoint}")
-    dm = validate(cfg).datamodule
+    dm = validate(cfg).settings.datamodule
     assert dm.image_size == 32
     assert list(dm.mean) == pytest.approx([0.4] * 3) and list(dm.std) == pytest.approx([0.3] * 3)
 
@@ -165,13 +168,8 @@ def _plugin(name: str) -> bool:
 
 @pytest.mark.skipif(not _plugin("hydra_submitit_launcher"), reason="pip install -e '.[slurm]'")
 def test_slurm_launcher_asks_for_one_task_per_device():
-    from hydra import compose, initialize_config_dir
-
-    import vitcrs.train  # noqa: F401  (registers the config's resolvers)
-
     overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    cfg = compose_config("config", *overrides, hydra_node=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (4, 4, 2)
@@ -180,10 +178,7 @@ def test_slurm_launcher_asks_for_one_task_per_device():
 
 @pytest.mark.skipif(not _plugin("hydra_joblib_launcher"), reason="pip install -e '.[joblib]'")
 def test_parallel_launcher_composes():
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=parallel"], return_hydra_config=True)
+    cfg = compose_config("config", "hydra/launcher=parallel", hydra_node=True)
     assert cfg.hydra.launcher._target_.endswith("joblib_launcher.JoblibLauncher")
     assert cfg.hydra.launcher.n_jobs == 2
 

@@ -12,6 +12,14 @@ import torch
 import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification
 
+from support.montecarlo import (
+    assert_same_estimate,
+    assert_unbiased,
+    linear_rows,
+    match_linear_draws,
+    record_draws,
+    weight_estimates,
+)
 from vitcrs.crs import (
     ALL_TARGETS,
     LINEAR_TARGETS,
@@ -34,9 +42,10 @@ from vitcrs.crs import (
     uninjected,
     vit_block_saved_bytes,
 )
+from vitcrs.crs import functional as crs_functional
+from vitcrs.crs import lean as crs_lean
 
 LEAN_ALL = ("query", "key", "value", "attn_output", "mlp", "scores", "context")
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 METHODS = ["crs", "wta_crs"]
 
 
@@ -58,7 +67,6 @@ def tiny_vit(attn: str = "eager", layers: int = 1, labels: int = 5) -> ViTForIma
 
 
 # ---------------------------------------------------------------- forward is exact
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(7, 5), (3, 11, 8), (2, 3, 9, 4)])
 @pytest.mark.parametrize("ratio", [1.0, 0.5, 0.3])
@@ -71,7 +79,6 @@ def test_crs_linear_forward_equals_torch(device, dtype, shape, ratio):
         assert torch.equal(y, F.linear(x, w, b))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shapes", [((5, 7), (7, 3)), ((2, 6, 4), (2, 4, 9)), ((2, 3, 8, 5), (2, 3, 5, 8))])
 def test_crs_matmul_forward_equals_torch(device, dtype, shapes):
@@ -82,7 +89,6 @@ def test_crs_matmul_forward_equals_torch(device, dtype, shapes):
             assert torch.equal(crs_matmul(a, b, CRSConfig(ratio=ratio, method=method)), a @ b)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_forward_exact_under_autocast_and_grad_dtypes(device):
     x = torch.randn(4, 10, 16, device=device, requires_grad=True)
     lin = torch.nn.Linear(16, 8).to(device)
@@ -90,7 +96,7 @@ def test_forward_exact_under_autocast_and_grad_dtypes(device):
     k = torch.randn(2, 2, 4, 10, device=device, requires_grad=True)
     block = inject(tiny_vit(), CRSConfig(ratio=0.3), ["mlp"]).to(device).vit.layers[0]
     h = torch.randn(4, 10, 32, device=device, requires_grad=True)
-    with torch.autocast(device, dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         y = crs_linear(x, lin.weight, lin.bias, CRSConfig(ratio=0.3))
         z = crs_matmul(q, k, CRSConfig(ratio=0.3))
         m = lean_mlp(block, h)
@@ -134,39 +140,40 @@ def test_injected_model_at_ratio_one_matches_plain_model(targets):
 
 
 # ---------------------------------------------------------------- unbiased, lower variance
-def _estimates(fn, draws: int) -> torch.Tensor:
-    return torch.stack([torch.cat([g.flatten() for g in fn()]) for _ in range(draws)]).double()
-
-
-def _assert_unbiased(samples: torch.Tensor, exact: torch.Tensor, z: float = 5.5) -> None:
-    """Every coordinate's mean within z Monte-Carlo standard errors of the exact value."""
-    mean = samples.mean(0)
-    se = samples.std(0) / math.sqrt(samples.shape[0])
-    tol = z * se + 1e-6 * exact.abs().max()
-    worst = ((mean - exact).abs() / tol).max().item()
-    assert worst <= 1.0, f"estimate off by {worst:.2f} x the {z}-sigma tolerance"
+# (tests/support/montecarlo.py: the op's gradient is Σ c_i g_iᵀ x_i for the draw it made, and thousands of
+# draws of c from the same probabilities are made in one batched call)
+DRAWS = 20_000
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("prob", ["norm", "norm_grad"])
-def test_crs_linear_weight_gradient_is_unbiased(method, prob):
+def test_crs_linear_weight_gradient_is_unbiased(method, prob, monkeypatch):
     x = skewed(4, 10, 6).requires_grad_()
     w = torch.randn(5, 6, requires_grad=True)
     g = torch.randn(4, 10, 5)
     cfg = CRSConfig(ratio=0.3, method=method, prob=prob)
     grad_norm = GradNormEMA(0.5)
-    exact = torch.autograd.grad((F.linear(x, w) * g).sum(), w)[0].flatten().double()
+    exact = torch.autograd.grad((F.linear(x, w) * g).sum(), w)[0]
 
-    def draw():
-        return torch.autograd.grad((crs_linear(x, w, None, cfg, grad_norm) * g).sum(), w)
+    def grad() -> torch.Tensor:
+        return torch.autograd.grad((crs_linear(x, w, None, cfg, grad_norm) * g).sum(), w)[0]
 
-    samples = _estimates(draw, 3000)
-    _assert_unbiased(samples, exact)
-    assert grad_norm.estimate.numel() > 0 or prob == "norm"
+    for _ in range(3):  # norm_grad: its running estimate learns from these
+        grad()
+    draws = record_draws(monkeypatch, crs_functional)
+    sampled = grad()
+    (draw,) = draws
+    rows, grads = x.detach().reshape(-1, 6), g.reshape(-1, 5)
+    assert_same_estimate(sampled, weight_estimates(draw.row_weights(), grads, rows))
+    norms = rows.norm(dim=-1)
+    by_norm = torch.allclose(draw.weights / draw.weights.sum(), norms / norms.sum())
+    assert by_norm == (prob == "norm")  # norm_grad draws with its estimate once it has one
+    assert_unbiased(weight_estimates(draw.redraw(DRAWS), grads, rows), exact)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_lean_mlp_gradients_are_unbiased_and_exact_at_ratio_one(method):
+def test_lean_mlp_gradients_are_unbiased_and_exact_at_ratio_one(method, monkeypatch):
     """The `mlp` target (`lean_mlp`: LayerNorm + MLP keeping only its input): forward exact, grads of the
     input, the norm and the biases exact, the two weight grads unbiased."""
     x = skewed(3, 8, 32).requires_grad_()
@@ -187,22 +194,35 @@ def test_lean_mlp_gradients_are_unbiased_and_exact_at_ratio_one(method):
     exact = torch.autograd.grad((block.mlp(norm(x)) * g).sum(), params)
     for u, v in zip(grads(1.0), exact, strict=True):  # exact; the chunked backward sums in another order
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+    rows = linear_rows(block.mlp, lambda: (block.mlp(norm(x)) * g).sum())
+    draws = record_draws(monkeypatch, crs_lean)
     sampled = grads(0.3)
     for i in (0, 2, 4, 5, 6):  # grads of x, the biases and the norm stay exact
         torch.testing.assert_close(sampled[i], exact[i])
-    samples = _estimates(lambda: [grads(0.3)[i] for i in (1, 3)], 1000)
-    _assert_unbiased(samples, torch.cat([exact[1].flatten(), exact[3].flatten()]).double())
+    matched = match_linear_draws(draws, rows)
+    assert [names for _, names in matched] == [["fc2"], ["fc1"]]  # fc2's gradient is drawn first
+    for draw, (name,) in matched:
+        x_rows, g_rows = rows[name]
+        i = 1 if name == "fc1" else 3
+        assert_same_estimate(sampled[i], weight_estimates(draw.row_weights(), g_rows, x_rows))
+        assert_unbiased(weight_estimates(draw.redraw(DRAWS), g_rows, x_rows), exact[i])
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_crs_matmul_gradients_are_unbiased(method):
-    a = skewed(2, 3, 12, 5).requires_grad_()
-    b = skewed(2, 3, 10, 5).transpose(-1, -2).requires_grad_()  # non-contiguous, skewed columns
+    """The op samples each leading slice on its own: 3,000 stacked copies of one product are 3,000 draws."""
+    a = skewed(2, 3, 12, 5)
+    b = skewed(2, 3, 10, 5).transpose(-1, -2)  # non-contiguous, skewed columns
     g = torch.randn(2, 3, 12, 10)
     cfg = CRSConfig(ratio=0.3, method=method)
-    exact = torch.cat([t.flatten() for t in torch.autograd.grad(((a @ b) * g).sum(), (a, b))]).double()
-    samples = _estimates(lambda: torch.autograd.grad((crs_matmul(a, b, cfg) * g).sum(), (a, b)), 3000)
-    _assert_unbiased(samples, exact)
+    a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    exact = torch.autograd.grad(((a1 @ b1) * g).sum(), (a1, b1))
+    copies = 3000
+    a_d = a.expand(copies, *a.shape).clone().requires_grad_()
+    b_d = b.expand(copies, *b.shape).transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+    grad_a, grad_b = torch.autograd.grad((crs_matmul(a_d, b_d, cfg) * g).sum(), (a_d, b_d))
+    assert_unbiased(grad_a, exact[0])
+    assert_unbiased(grad_b, exact[1])
 
 
 def test_sampled_gradients_are_stochastic_and_input_gradients_exact():
@@ -220,15 +240,15 @@ def test_sampled_gradients_are_stochastic_and_input_gradients_exact():
     assert torch.equal(gx1, gx2) and torch.equal(gb1, gb2)
 
 
-def test_wta_crs_has_lower_variance_than_crs_on_skewed_rows():
+def test_wta_crs_has_lower_variance_than_crs_on_skewed_rows(monkeypatch):
     x = skewed(8, 16, 6).requires_grad_()
     w = torch.randn(5, 6, requires_grad=True)
     g = torch.randn(8, 16, 5)
-    var = {}
-    for method in METHODS:
-        cfg = CRSConfig(ratio=0.3, method=method)
-        s = _estimates(lambda cfg=cfg: torch.autograd.grad((crs_linear(x, w, None, cfg) * g).sum(), w), 1500)
-        var[method] = s.var(0).sum().item()
+    draws = record_draws(monkeypatch, crs_functional)
+    torch.autograd.grad((crs_linear(x, w, None, CRSConfig(ratio=0.3)) * g).sum(), w)
+    (draw,) = draws  # the op's probabilities (p ∝ ‖x_i‖) and k: both methods draw from them
+    rows, grads = x.detach().reshape(-1, 6), g.reshape(-1, 5)
+    var = {m: weight_estimates(draw.redraw(DRAWS, m), grads, rows).var(0).sum().item() for m in METHODS}
     assert var["wta_crs"] < 0.8 * var["crs"], var
 
 
@@ -340,19 +360,40 @@ def _block_saved(model: ViTForImageClassification, batch: int, tokens: int, auto
         return _saved(lambda: model.vit.layers[0](h), list(model.parameters()))
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_injected_block_saved_bytes_match_the_analytic_ideal(autocast):
-    """A ViT-B/16-shaped block (width 768, 12 heads, 197 tokens; batch 4 to stay fast)."""
-    cfg_v = ViTConfig(num_hidden_layers=1, num_labels=10, attn_implementation="eager")
-    base = ViTForImageClassification(cfg_v)
-    shape = (4, 197, 768, 12, 3072)
-    exact = _block_saved(base, 4, 197, autocast)
+# (batch, tokens, width, heads, MLP width): a small block for every case, a ViT-B/16 block for one
+SMALL_BLOCK = (4, 17, 64, 4, 256)
+VIT_B_BLOCK = (2, 197, 768, 12, 3072)
+
+
+def _block(shape: tuple[int, ...]) -> ViTForImageClassification:
+    _, tokens, width, heads, mlp = shape
+    side = 16 * math.isqrt(tokens - 1)  # patches of 16 px, plus [CLS]
+    config = ViTConfig(hidden_size=width, num_attention_heads=heads, intermediate_size=mlp, image_size=side,
+                       num_hidden_layers=1, num_labels=10, attn_implementation="eager")  # fmt: skip
+    return ViTForImageClassification(config)
+
+
+@pytest.mark.parametrize(
+    ("shape", "autocast", "ratios", "sets"),
+    [
+        (SMALL_BLOCK, False, (0.5, 0.3), ("study", "linears", "all", "lean_all")),
+        (SMALL_BLOCK, True, (0.5, 0.3), ("study", "linears", "all", "lean_all")),
+        (VIT_B_BLOCK, False, (0.3,), ("all", "lean_all")),
+    ],
+    ids=["small-fp32", "small-bf16", "vit_b16-fp32"],
+)
+def test_injected_block_saved_bytes_match_the_analytic_ideal(shape, autocast, ratios, sets):
+    """Measured bytes of one block, exact and injected, equal `vit_block_saved_bytes` to the byte."""
+    base = _block(shape)
+    batch, tokens = shape[:2]
+    exact = _block_saved(base, batch, tokens, autocast)
     assert exact == vit_block_saved_bytes(*shape, autocast=autocast)
-    for ratio in (0.5, 0.3):
+    for ratio in ratios:
         cfg = CRSConfig(ratio=ratio)
-        for targets in (TARGET_SETS["study"], LINEAR_TARGETS, ALL_TARGETS, LEAN_ALL):
+        for name in sets:
+            targets = TARGET_SETS[name]
             model = inject(copy.deepcopy(base), cfg, targets)
-            measured = _block_saved(model, 4, 197, autocast)
+            measured = _block_saved(model, batch, tokens, autocast)
             assert measured == vit_block_saved_bytes(*shape, cfg, targets, autocast)
             assert measured < exact
 
@@ -442,7 +483,6 @@ def test_grad_norm_estimate_survives_a_device_change():
     assert torch.equal(ema.estimate.cpu(), torch.tensor([3.0, 6.0]))  # moved and averaged, not reset
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_estimates_move_with_the_model_and_the_cache_stays_in_host_memory(device):
     """The estimates are non-persistent buffers: `.to()` moves them (a dtype stands in for a device on a
     CPU machine), `state_dict` keeps the HF keys; the sample cache's entries stay in host memory."""
@@ -455,7 +495,7 @@ def test_estimates_move_with_the_model_and_the_cache_stays_in_host_memory(device
         assert len(sources) == 7 and all(s.estimate.numel() > 0 for s in sources.values())
         assert list(model.state_dict()) == list(tiny_vit(layers=1).state_dict())
         model.to(device, torch.float64)
-        assert all(s.estimate.device.type == device for s in sources.values())
+        assert all(s.estimate.device.type == device.type for s in sources.values())
         assert all(s.estimate.dtype == torch.float64 for s in sources.values())
         for cache in sample_caches(model).values():
             assert isinstance(cache, SampleGradCache) and cache.entries.device.type == "cpu"

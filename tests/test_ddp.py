@@ -10,11 +10,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from support.faults import FAULT
 from vitcrs.crs import SamplingGenerator
 from vitcrs.crs.sampling import sample
 from vitcrs.models import ViTClassifier
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning"),
     pytest.mark.skipif(
         not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo needed"
@@ -69,7 +71,7 @@ def test_two_processes_take_the_same_step_as_one_with_their_joint_batch(run_trai
     # The gradient-fidelity callback is on in the data-parallel run: its all-reduce of the exact gradient must
     # meet the other rank's, must leave the step untouched, and at ratio 1 it finds the gradient exact.
     run_train(*ONE_STEP, *EVAL_ALL, *DDP, "data.batch_size=16", "callbacks.grad_fidelity.every_n_steps=1",
-              f"hydra.run.dir={ddp}", cwd=tmp_path, timeout=DDP_TIMEOUT_S)  # fmt: skip
+              f"hydra.run.dir={ddp}", cwd=tmp_path, timeout=DDP_TIMEOUT_S, process=True)  # fmt: skip
 
     # One record, one config, one set of logs and checkpoints: written by rank 0 only.
     assert _files(ddp, "metrics.json") == [ddp / "metrics.json"]
@@ -104,36 +106,18 @@ def test_two_processes_take_the_same_step_as_one_with_their_joint_batch(run_trai
 
 
 @pytest.mark.timeout(2 * DDP_TIMEOUT_S + 60)
-def test_ranks_draw_from_their_own_crs_streams(run_train, tmp_path):
-    run_dir = tmp_path / "run"
-    run_train("experiment=demo", *DDP, "data.batch_size=16", "trainer.max_epochs=1",
-              "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
-              "callbacks.step_checkpoint.every_n_train_steps=1", "callbacks.grad_fidelity.every_n_steps=1",
-              f"hydra.run.dir={run_dir}", cwd=tmp_path,
-              timeout=DDP_TIMEOUT_S)  # fmt: skip
-    per_rank = _ckpt(run_dir)["crs"]
-    assert [r["generator"]["seed"] for r in per_rank] == [0, 1]  # seed + rank
-    states = [r["generator"]["states"]["cpu"] for r in per_rank]
-    fresh = [torch.Generator().manual_seed(s).get_state() for s in (0, 1)]
-    assert not torch.equal(states[0], states[1])
-    assert all(not torch.equal(s, f) for s, f in zip(states, fresh, strict=True))  # both ranks sampled
-    # The per-rank running gradient-norm estimates are kept too (each rank sees its own output gradients).
-    assert per_rank[0]["grad_norm"].keys() == per_rank[1]["grad_norm"].keys()
-    m = json.loads((run_dir / "metrics.json").read_text())
-    assert m["status"] == "complete" and m["ratio"] == 0.3
-    assert 0.0 < m["fidelity_rel_err"] < 1.0 and 0.0 < m["fidelity_cos"] < 1.0  # sampled, measured on 2 ranks
-
-
-@pytest.mark.timeout(2 * DDP_TIMEOUT_S + 60)
-def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_step(run_train, tmp_path):
+def test_ranks_draw_their_own_rows_and_a_nan_loss_on_one_rank_stops_every_rank(run_train, tmp_path):
+    """One data-parallel run (ratio 0.3, gradient fidelity measured at every step, a checkpoint after every
+    step) whose rank 1 gets a NaN batch at step 2: the ranks drew from their own CRS streams until then, and
+    every rank stops before that step."""
     run_dir = tmp_path / "run"
     proc = run_train("experiment=demo", *DDP, "data.batch_size=16", "trainer.max_epochs=1",
                      "trainer.limit_train_batches=4", "trainer.num_sanity_val_steps=0",
                      "callbacks.step_checkpoint.every_n_train_steps=1",
-                     "+callbacks.fault._target_=vitcrs.callbacks.FaultInjector",
-                     "+callbacks.fault.nan_at_step=2", "+callbacks.fault.nan_on_rank=1",
+                     "callbacks.grad_fidelity.every_n_steps=1",
+                     FAULT, "+callbacks.fault.nan_at_step=2", "+callbacks.fault.nan_on_rank=1",
                      f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False,
-                     timeout=DDP_TIMEOUT_S)  # fmt: skip
+                     timeout=DDP_TIMEOUT_S, process=True)  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     # rank 0's loss was finite: it stops because rank 1's was not, in the same step (no rank left waiting)
@@ -141,7 +125,17 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_step(run_train, tmp_
     ckpt = _ckpt(run_dir)
     assert ckpt["global_step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert m["status"] == "failed" and "non-finite on another rank" in m["error"]
+    assert m["status"] == "failed" and "non-finite on another rank" in m["error"] and m["ratio"] == 0.3
+    assert 0.0 < m["fidelity_rel_err"] < 1.0 and 0.0 < m["fidelity_cos"] < 1.0  # sampled, measured on 2 ranks
+
+    per_rank = ckpt["crs"]  # the two steps before: each rank drew from its own stream
+    assert [r["generator"]["seed"] for r in per_rank] == [0, 1]  # seed + rank
+    states = [r["generator"]["states"]["cpu"] for r in per_rank]
+    fresh = [torch.Generator().manual_seed(s).get_state() for s in (0, 1)]
+    assert not torch.equal(states[0], states[1])
+    assert all(not torch.equal(s, f) for s, f in zip(states, fresh, strict=True))  # both ranks sampled
+    # The per-rank running gradient-norm estimates are kept too (each rank sees its own output gradients).
+    assert per_rank[0]["grad_norm"].keys() == per_rank[1]["grad_norm"].keys()
 
 
 def test_rank_seeds_give_different_rows_and_the_module_seeds_by_rank(tiny_vit_config):

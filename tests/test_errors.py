@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, Trainer
@@ -21,9 +20,9 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 import vitcrs.train as app
-import vitcrs.trainer
-from conftest import CONF_DIR, quiet_env
+from conftest import CONF_DIR, compose_config, quiet_env
 from conftest import QUICK as DEMO_BATCHES
+from support.faults import FAULT
 from vitcrs.callbacks import describe_run
 from vitcrs.conf import check_added_keys, container
 from vitcrs.data import cifar
@@ -231,14 +230,8 @@ ADDED_KEYS = {
 @pytest.mark.parametrize("override", list(ADDED_KEYS))
 def test_an_added_key_that_nothing_reads_is_refused_with_the_known_keys(tmp_path, override):
     where, known = ADDED_KEYS[override]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        overrides = [
-            f"hydra.run.dir={tmp_path / 'run'}",
-            f"data.root={tmp_path}",
-            "experiment=demo",
-            override,
-        ]
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    overrides = [f"hydra.run.dir={tmp_path / 'run'}", f"data.root={tmp_path}", "experiment=demo", override]
+    cfg = compose_config("config", *overrides, hydra_node=True)
     HydraConfig.instance().set_config(cfg)  # as `python -m vitcrs.train ...` has it
     try:
         with pytest.raises(ConfigError) as err:
@@ -268,7 +261,7 @@ def test_keys_added_where_their_reader_checks_them_are_let_through(compose_cfg):
     check_added_keys(cfg, added)
     # ... but one the app sets itself is refused by its owner, rather than silently overridden
     with pytest.raises(ConfigError, match=r"data.batch_indices is set by vitcrs itself.*sample_cache"):
-        validate(cfg)
+        validate(compose_cfg("experiment=study_tiny", "model=vit_micro", "+data.batch_indices=true"))
 
 
 def test_offline_download_says_where_to_put_the_files(compose_cfg, tmp_path, monkeypatch):
@@ -279,7 +272,7 @@ def test_offline_download_says_where_to_put_the_files(compose_cfg, tmp_path, mon
     assert "cifar-100-python.tar.gz" in str(err.value) and str(tmp_path / "data") in str(err.value)
 
 
-def test_corrupt_archive_without_checksum_stops_before_training(compose_cfg, tmp_path, one_thread):
+def test_corrupt_archive_without_checksum_stops_before_training(compose_cfg, tmp_path):
     """An archive that is only extracted (verify_checksum=false) is checked before anything is written."""
     _corrupt_tarball(tmp_path / "data")
     cfg = compose_cfg(*QUICK, "dataset=cifar10", "data.source.verify_checksum=false")
@@ -297,7 +290,7 @@ def test_trainer_settings_lightning_refuses_are_config_errors(compose_cfg, tmp_p
 
 def test_data_parallel_in_a_sweep_is_refused(compose_cfg, tmp_path, monkeypatch):
     """Lightning would start rank 1 by re-running the whole `-m` command: refused, before anything runs."""
-    monkeypatch.setattr(vitcrs.trainer, "multirun", lambda: True)
+    monkeypatch.setattr(app, "multirun", lambda: True)  # a job of a -m sweep
     cfg = compose_cfg(*QUICK, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
     with pytest.raises(ConfigError, match=r"2 processes in a -m sweep.*hydra/launcher=slurm"):
         train(cfg)
@@ -340,10 +333,10 @@ def test_bad_resume_leaves_the_existing_run_untouched(run_train, tmp_path, extra
 def test_resuming_with_other_crs_settings_when_allowed_is_recorded(compose_cfg, tmp_path):
     ckpt = _vit_checkpoint(tmp_path / "old" / "checkpoints" / "last.ckpt", _vit_micro(), CRS_OF_DEMO_AT_HALF)
     cfg = compose_cfg("experiment=demo", f"ckpt_path={ckpt}", "allow_crs_change=true")
-    datamodule = validate(cfg).datamodule
+    run = validate(cfg)
     changed = crs_changes(torch.load(ckpt, weights_only=False)["hyper_parameters"], container(cfg.crs))
-    assert changed == {"ratio": 0.5}
-    record = describe_run(cfg, datamodule, changed)
+    assert changed == run.crs_before_resume == {"ratio": 0.5}
+    record = describe_run(run.settings, changed)
     assert record.ratio == 0.3 and record.settings["crs_before_resume"] == {"ratio": 0.5}
 
 
@@ -354,9 +347,9 @@ def test_an_image_folder_is_recorded_under_its_own_name_unless_named(compose_cfg
             (root / split / name).mkdir(parents=True)
     sized = ["data.image_size=32", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]
     cfg = compose_cfg("experiment=demo", "dataset=imagefolder", f"data.root={root}", *sized)
-    assert describe_run(cfg, instantiate(cfg.data)).dataset == "flowers"
+    assert instantiate(cfg.data).name == "flowers"  # the record's dataset (`describe_run`)
     cfg = compose_cfg("experiment=demo", "dataset=imagefolder", f"data.root={root}", *sized, "data.name=mine")
-    assert describe_run(cfg, instantiate(cfg.data)).dataset == "mine"
+    assert instantiate(cfg.data).name == "mine"
 
 
 RUN_DIR_CONFLICTS = {
@@ -449,7 +442,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(run_train, tm
         *QUICK,
         "trainer.limit_train_batches=6",
         "callbacks.step_checkpoint.every_n_train_steps=1",
-        "+callbacks.fault._target_=vitcrs.callbacks.FaultInjector",
+        FAULT,
         "+callbacks.fault.nan_at_step=3",
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
@@ -478,7 +471,7 @@ class _InfGradient(Callback):
 
 
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
-def test_non_finite_gradients_stop_before_the_optimizer_step(tiny_vit_config, tmp_path, one_thread):
+def test_non_finite_gradients_stop_before_the_optimizer_step(tiny_vit_config, tmp_path):
     module = ViTClassifier(
         model={"name_or_path": None, "attn_implementation": "eager", "config": tiny_vit_config},
         crs={"ratio": 0.5, "targets": ["query", "fc1"]},
@@ -511,9 +504,7 @@ class _InfWeight(Callback):
 
 
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
-def test_non_finite_weights_after_a_step_stop_before_any_checkpoint_holds_them(
-    tiny_vit_config, tmp_path, one_thread
-):
+def test_non_finite_weights_after_a_step_stop_before_any_checkpoint_holds_them(tiny_vit_config, tmp_path):
     module = ViTClassifier(
         model={"name_or_path": None, "attn_implementation": "eager", "config": tiny_vit_config},
         crs={"ratio": 0.5, "targets": ["query", "fc1"]},
@@ -533,9 +524,7 @@ def test_non_finite_weights_after_a_step_stop_before_any_checkpoint_holds_them(
 
 
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
-def test_a_nan_loss_before_any_update_blames_the_input_not_the_learning_rate(
-    tiny_vit_config, tmp_path, one_thread
-):
+def test_a_nan_loss_before_any_update_blames_the_input_not_the_learning_rate(tiny_vit_config, tmp_path):
     module = ViTClassifier(
         model={"name_or_path": None, "attn_implementation": "eager", "config": tiny_vit_config},
         crs={"ratio": 1.0, "targets": []},
@@ -575,8 +564,10 @@ def _has_joblib_launcher() -> bool:
 def test_a_failing_sweep_job_is_recorded_and_spares_the_others(run_train, tmp_path, launcher):
     sweep = tmp_path / "sweep"
     chosen = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
+    # joblib's workers unpickle the task function in processes of their own: from a process of its own too
     proc = run_train("-m", *chosen, *QUICK, "trainer.limit_train_batches=2", "crs.ratio=7,0.5",
-                     f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)  # fmt: skip
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False,
+                     process=launcher == "parallel")  # fmt: skip
     assert proc.returncode != 0  # the sweep reports its failed job
     failed = json.loads((sweep / "0" / "metrics.json").read_text())
     assert failed["status"] == "failed" and failed["error"].startswith("ConfigError: crs.ratio=7 is invalid")

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from cifar_archives import write_cifar10, write_cifar100
-from conftest import CONF_DIR, quiet_env
+from conftest import CONF_DIR, compose_config
 from vitcrs.crs import TARGET_SETS, validate_targets
 from vitcrs.errors import ConfigError
 from vitcrs.train import validate
@@ -40,8 +37,7 @@ FEW_BATCHES = [
 def sweep_jobs(experiment: str, *cli: str) -> list[list[str]]:
     """The jobs of `python -m vitcrs.train -m experiment=<experiment> *cli`: the experiment's
     hydra.sweeper.params followed by the command line, expanded as Hydra's BasicSweeper does."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    cfg = compose_config("config", f"experiment={experiment}", hydra_node=True)
     params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.params or {}).items()]
     overrides = OverridesParser.create().parse_overrides([*params, f"experiment={experiment}", *cli])
     (jobs,) = BasicSweeper.split_arguments(overrides, max_batch_size=None)
@@ -56,6 +52,7 @@ def job_value(job: list[str], key: str) -> str:
 # --- composition: the grids -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_study_is_three_datasets_by_three_ratios(compose_cfg):
     jobs = sweep_jobs("study")
     grid = {(job_value(j, "dataset"), job_value(j, "crs.ratio")) for j in jobs}
@@ -89,13 +86,14 @@ def test_study_takes_seeds_and_command_line_lists(compose_cfg):
     assert cfg.crs.method == "crs" and cfg.crs.ratio == 0.5
 
 
+@pytest.mark.slow
 def test_study_tiny_on_the_cifar10_jpeg_folder(compose_cfg, tmp_path):
     assert len(sweep_jobs("study_tiny")) == 9
     cli = [
         "model.name_or_path=/models/vit-tiny-patch16-224",
         "dataset=imagefolder",
         "data.root=/d/cifar10-jpeg",
-        "data.name=cifar10",  # a folder tree is recorded under its folder's name unless named (issue 13)
+        "data.name=cifar10",  # a folder tree is recorded under its folder's name unless named
     ]
     jobs = sweep_jobs("study_tiny", *cli)
     assert [job_value(j, "crs.ratio") for j in jobs] == ["1.0", "0.5", "0.3"]
@@ -117,6 +115,7 @@ def test_study_tiny_on_the_cifar10_jpeg_folder(compose_cfg, tmp_path):
         validate(cfg)
 
 
+@pytest.mark.slow
 def test_targets_ablation_grid_has_only_valid_jobs(compose_cfg):
     jobs = sweep_jobs("targets_ablation")
     assert len(jobs) == 24
@@ -147,6 +146,7 @@ def test_targets_ablation_grid_has_only_valid_jobs(compose_cfg):
     assert len(sweep_jobs("targets_ablation", "crs.ratio=1.0,0.5,0.3")) == 36
 
 
+@pytest.mark.slow
 def test_conf_names_target_sets_from_the_catalogue(compose_cfg):
     """conf names sets of vitcrs.crs.TARGET_SETS (`${vitcrs.targets:NAME}`): a list on the command line still
     replaces one, a set can be named there too, and OmegaConf.resolve (`--cfg job --resolve`) works."""
@@ -170,10 +170,10 @@ def test_conf_names_target_sets_from_the_catalogue(compose_cfg):
 
 
 def report(sweep: Path, out: Path) -> tuple[str, str]:
-    """accuracy.md and memory.md of `python -m vitcrs.report <sweep> --out <out>`."""
-    proc = subprocess.run([sys.executable, "-m", "vitcrs.report", str(sweep), "--out", str(out)],
-                          env=quiet_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0 and proc.stdout.strip() == str(out), proc.stderr[-3000:]
+    """accuracy.md and memory.md of `python -m vitcrs.report <sweep> --out <out>` (its main, in process)."""
+    from vitcrs.report import main
+
+    assert main([str(sweep), "--out", str(out)]) == 0
     return (out / "accuracy.md").read_text(), (out / "memory.md").read_text()
 
 
@@ -184,12 +184,9 @@ def md_rows(text: str) -> list[list[str]]:
     ]
 
 
-def test_two_ratio_multirun_report_shows_drop_and_memory_reduction(run_train, tmp_path):
-    sweep = tmp_path / "sweep"
-    run_train(
-        "-m", "experiment=demo", "crs.ratio=1.0,0.3", *FEW_BATCHES, f"hydra.sweep.dir={sweep}", cwd=tmp_path
-    )
-    accuracy, memory = report(sweep, tmp_path / "report")
+def test_two_ratio_multirun_report_shows_drop_and_memory_reduction(ratio_sweep, tmp_path):
+    """The report of a `-m ... crs.ratio=1.0,0.3` sweep (conftest.ratio_sweep)."""
+    accuracy, memory = report(ratio_sweep, tmp_path / "report")
     assert accuracy.count("## Group") == 1  # both runs in one section, so in one table
     rows = md_rows(accuracy)
     assert rows[0] == ["Ratio", "synthetic"]

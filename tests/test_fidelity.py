@@ -6,22 +6,21 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from conftest import CONF_DIR, QUICK, TINY_VIT, quiet_env
+from conftest import QUICK, TINY_VIT, compose_config
 from vitcrs.callbacks import GradFidelityMonitor
 from vitcrs.crs import CRSConfig, crs_linear
 from vitcrs.errors import ConfigError
-from vitcrs.fidelity import grad_fidelity, parameter_block, parameter_kind
 from vitcrs.fidelity.cli import configurations
 from vitcrs.fidelity.meter import Configuration, Groups, compare_draws, measure
 from vitcrs.models import build_vit
+from vitcrs.models.fidelity import grad_fidelity, parameter_block, parameter_kind
 from vitcrs.record import RunRecord
 from vitcrs.train import train
 
@@ -62,6 +61,7 @@ def _linear_sampler(cfg: CRSConfig, scale: float = 1.0, coherent: bool = False):
     return sample, exact, (x, r)
 
 
+@pytest.mark.slow
 def test_meter_error_equals_the_analytic_crs_variance(fresh_crs_stream):
     """Plain CRS, p_i ∝ ‖x_i‖, k i.i.d. draws, Ĝ = (1/k) Σ_t g_{i_t} x_{i_t}ᵀ / p_{i_t}:
     E‖Ĝ − G‖² = (1/k) (Σ_i ‖g_i‖² ‖x_i‖² / p_i − ‖G‖²) = (1/k) ((Σ_j ‖x_j‖)(Σ_i ‖g_i‖² ‖x_i‖) − ‖G‖²);
@@ -81,6 +81,7 @@ def test_meter_error_equals_the_analytic_crs_variance(fresh_crs_stream):
     assert not result["bias"]["biased"]
 
 
+@pytest.mark.slow
 def test_bias_check_flags_a_planted_5_percent_scale_bias(fresh_crs_stream):
     cfg = CRSConfig(ratio=0.5, method="crs")
     groups = Groups.of(["weight", "bias"])
@@ -122,13 +123,8 @@ def _measure_tiny_vit(configs: list[Configuration]) -> dict:
     batches = [
         (torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)
     ]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return measure(model, batches, configs, draws=4, prime_passes=1, seed=0, warmup_batches=batches[1:2],
-                       lr=1e-3)  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    return measure(model, batches, configs, draws=4, prime_passes=1, seed=0, warmup_batches=batches[1:2],
+                   lr=1e-3)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +165,7 @@ def test_each_configuration_is_reproducible_on_its_own(vit_results):
 
 
 def _compose_fidelity(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("fidelity", overrides=["out_dir=unused", *overrides])
+    return compose_config("fidelity", "out_dir=unused", *overrides)
 
 
 @pytest.mark.parametrize(
@@ -217,8 +212,9 @@ def _csv_rows(run_dir: Path) -> list[dict[str, str]]:
         return [row for row in csv.DictReader(f) if row.get("fidelity/rel_err")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio", [1.0, 0.3])
-def test_callback_logs_fidelity_under_gradient_accumulation(compose_cfg, tmp_path, one_thread, caplog, ratio):
+def test_callback_logs_fidelity_under_gradient_accumulation(compose_cfg, tmp_path, caplog, ratio):
     """Every optimizer step (2 micro-batches each) logs fidelity/rel_err and fidelity/cos; at ratio 1 the
     sampled gradient is the exact one, so rel_err is exactly 0 only if the callback replays the same
     micro-batches with the same scaling."""
@@ -256,17 +252,19 @@ def test_callback_off_reports_null():
 # --- python -m vitcrs.fidelity ----------------------------------------------------------------------------
 
 
-def test_meter_app_writes_its_three_files(tmp_path):
+@pytest.mark.slow
+def test_meter_app_writes_its_three_files(tmp_path, monkeypatch):
+    """`python -m vitcrs.fidelity ...` (its __main__ and Hydra app, run in this process)."""
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "vitcrs.fidelity", "model=vit_micro", "dataset=synthetic", "data.batch_size=8",
-         "fidelity.draws=3", "fidelity.noise_batches=2", "fidelity.warmup_steps=1", "fidelity.prime_passes=1",
-         "fidelity.configs=[{method: crs, targets: [query, key, value, scores, context], ratio: 0.3},"
-         "{targets: [query, key, value, attn_output, mlp], ratio: 0.3, prob: norm_grad}]",
-         f"hydra.run.dir={out}"],
-        cwd=tmp_path, env=quiet_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [
+        "vitcrs.fidelity", "model=vit_micro", "dataset=synthetic", "data.batch_size=8",
+        "fidelity.draws=3", "fidelity.noise_batches=2", "fidelity.warmup_steps=1", "fidelity.prime_passes=1",
+        "fidelity.configs=[{method: crs, targets: [query, key, value, scores, context], ratio: 0.3},"
+        "{targets: [query, key, value, attn_output, mlp], ratio: 0.3, prob: norm_grad}]",
+        f"hydra.run.dir={out}",
+    ])  # fmt: skip
+    runpy.run_module("vitcrs.fidelity", run_name="__main__")
     data = json.loads((out / "fidelity.json").read_text())
     assert [c["label"] for c in data["configurations"]] == [
         "crs 0.3 query,key,value,scores,context norm",

@@ -1,49 +1,37 @@
-"""The GPU check kit (scripts/gpu_check.sh, vitcrs.gpu_check): its CPU dry run end to end, and its parts."""
+"""The GPU check kit (scripts/gpu_check.sh, tools/gpu_check): its CPU dry run end to end, and its parts."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tarfile
 
 import pytest
-import torch
 
-from conftest import CONF_DIR, REPO, quiet_env
-from vitcrs.bench.grid import BENCH_TARGET_SETS
-from vitcrs.gpu_check import cli
-from vitcrs.gpu_check.plan import make_plan, override_value, train_runs
-from vitcrs.gpu_check.smoke import BIAS_LIMIT, bias_ratio
-from vitcrs.gpu_check.steps import NOT_RUN
+from conftest import CONF_DIR, REPO, compose_config, run
+from gpu_check import cli
+from gpu_check.plan import make_plan, override_value, train_runs
+from gpu_check.steps import NOT_RUN
 
-STEP_NAMES = ["setup", "tests", "smoke", "bench_eager_fp32", "bench_sdpa_bf16", "train", "report", "fidelity"]
+STEP_NAMES = ["setup", "tests", "bench_eager_fp32", "bench_sdpa_bf16", "train", "report", "fidelity"]
 
 
+@pytest.mark.slow
 def test_dry_run_writes_every_step_result_and_the_summary(tmp_path):
-    """bash scripts/gpu_check.sh OUT --dry-run: every step on the CPU at tiny shapes, all its files."""
+    """bash scripts/gpu_check.sh OUT --dry-run, from the repository root: every step on the CPU at tiny
+    shapes (the tests step collects the device tests), all its files."""
     out, bundle = tmp_path / "out", tmp_path / "bundle"
-    proc = subprocess.run(
-        ["bash", str(REPO / "scripts/gpu_check.sh"), str(out), "--dry-run", "--configs", "study",
-         "--work", str(tmp_path / "work"), "--bundle", str(bundle)],
-        env={**quiet_env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    argv = ["bash", "scripts/gpu_check.sh", str(out), "--dry-run", "--configs", "study",
+            "--work", str(tmp_path / "work"), "--bundle", str(bundle)]  # fmt: skip
+    proc = run(argv, REPO, 900, PYTHON=sys.executable)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     summary = json.loads((out / "summary.json").read_text())
     status = {s["name"]: s["status"] for s in summary["steps"]}
-    assert list(status) == STEP_NAMES
-    assert {k: v for k, v in status.items() if k not in ("tests", "fidelity")} == dict.fromkeys(
-        ["setup", "smoke", "bench_eager_fp32", "bench_sdpa_bf16", "train", "report"], "ok"
-    )
-    assert status["tests"] in ("ok", "skipped")  # on CPU the CUDA tests are collected and skipped
-    assert status["fidelity"] == "ok"  # its settings fit the dry payload's 43 training images
-
-    smoke = json.loads((out / "smoke/smoke.json").read_text())["cases"]
-    assert {c["target_set"] for c in smoke} == set(BENCH_TARGET_SETS)
-    assert all(c["ok"] and c["finite"] for c in smoke)
-    assert {(c["attn"], c["precision"]) for c in smoke} == {
-        (a, p) for a in ("eager", "sdpa") for p in ("fp32", "bf16-mixed")
-    }
+    assert list(status) == STEP_NAMES and set(status.values()) == {"ok"}  # the meter fits 43 images too
+    tests = (out / "logs/tests.log").read_text()
+    assert "--device cpu -m 'device or cuda' --collect-only" in tests
+    assert "tests/test_families.py::test_every_target_set_of_every_family_is_exact_forward" in tests
+    assert "tests/test_crs.py::test_crs_linear_forward_equals_torch" in tests
     for folder, attn, precision in (
         ("eager_fp32", "eager", "fp32"),
         ("sdpa_bf16-mixed", "sdpa", "bf16-mixed"),
@@ -61,11 +49,11 @@ def test_dry_run_writes_every_step_result_and_the_summary(tmp_path):
     assert (
         "| setup: payload, data extraction, device | **ok** |" in md and "| study_s0 | complete | 0.3 |" in md
     )
-    assert "smoke: ok" in (out / "gpu_check.log").read_text()
+    assert "tests: ok" in (out / "gpu_check.log").read_text()
     assert (bundle / "summary.md").read_text() == md
     with tarfile.open(bundle / "gpu_check.tar.gz") as tar:
         names = tar.getnames()
-    assert "out/train/study_s0/metrics.json" in names and "out/smoke/smoke.json" in names
+    assert "out/train/study_s0/metrics.json" in names and "out/tests/junit.xml" in names
     assert not [n for n in names if n.endswith(".ckpt")]  # weights stay behind
 
 
@@ -74,19 +62,18 @@ def test_a_failed_step_one_stops_the_check_with_a_summary(tmp_path, monkeypatch)
     check = cli.GPUCheck(args, make_plan(True, None, 10, 1, None), ["OUT", "--dry-run"])
     monkeypatch.setattr(check, "setup", lambda: (tmp_path, tmp_path))
 
-    def failing_smoke() -> bool:
-        check.finish(check.records["smoke"], "failed", 1.0, "0 of 1 cases passed")
+    def failing_tests() -> bool:
+        check.finish(check.records["tests"], "failed", 1.0, "1 failed, 200 passed")
         return False
 
-    monkeypatch.setattr(check, "tests", lambda: True)
-    monkeypatch.setattr(check, "smoke", failing_smoke)
+    monkeypatch.setattr(check, "tests", failing_tests)
     for later in ("bench", "train", "report", "fidelity"):
         monkeypatch.setattr(check, later, lambda *a: pytest.fail("ran after step 1 failed"))
     assert check.run(set(cli.STEPS)) == 1
     steps = {s["name"]: s for s in json.loads((tmp_path / "out/summary.json").read_text())["steps"]}
-    assert steps["smoke"]["status"] == "failed"
-    assert all(steps[n]["status"] == NOT_RUN and "step 1" in steps[n]["note"] for n in STEP_NAMES[3:])
-    assert "| smoke: correctness smoke" in (tmp_path / "out/summary.md").read_text()
+    assert steps["tests"]["status"] == "failed"
+    assert all(steps[n]["status"] == NOT_RUN and "step 1" in steps[n]["note"] for n in STEP_NAMES[2:])
+    assert "| tests: the test suite's device tests" in (tmp_path / "out/summary.md").read_text()
 
 
 def test_a_crash_in_one_step_fails_that_step_and_the_rest_still_run(tmp_path, monkeypatch):
@@ -102,7 +89,7 @@ def test_a_crash_in_one_step_fails_that_step_and_the_rest_still_run(tmp_path, mo
     assert check.run({"train", "report"}) == 1
     steps = {s["name"]: s for s in json.loads((tmp_path / "out/summary.json").read_text())["steps"]}
     assert steps["train"]["status"] == "failed" and steps["train"]["note"] == "RuntimeError: boom"
-    assert steps["report"]["status"] == "ok" and steps["smoke"]["status"] == NOT_RUN
+    assert steps["report"]["status"] == "ok" and steps["tests"]["status"] == NOT_RUN
     assert "RuntimeError: boom" in (tmp_path / "out/gpu_check.log").read_text()  # with its traceback
 
 
@@ -119,38 +106,23 @@ def test_a_failed_fidelity_step_fails_the_check(tmp_path, monkeypatch):
     assert "failed: fidelity" in (tmp_path / "out/gpu_check.log").read_text()
 
 
-def test_the_dry_run_fidelity_step_fits_its_payload(tmp_path, one_thread):
+@pytest.mark.slow
+def test_the_dry_run_fidelity_step_fits_its_payload(tmp_path):
     """The meter with the dry run's settings on the dry payload (43 training images) measures (in process:
     the step's command without the process)."""
-    from hydra import compose, initialize_config_dir
-
-    from vitcrs.fidelity.cli import run
-    from vitcrs.gpu_check.fixtures import extract, write_dry_run_payload
+    from gpu_check.fixtures import extract, write_dry_run_payload
+    from vitcrs.fidelity.cli import run as measure
 
     payload = write_dry_run_payload(tmp_path / "payload")
     tree = extract(payload.archive, tmp_path / "work")
     overrides = make_plan(True, None, 10, 1, None).fidelity_overrides
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("fidelity", overrides=[
-            f"out_dir={tmp_path / 'out'}", "model=vit_tiny", f"model.name_or_path={payload.model}",
-            "dataset=imagefolder", f"data.root={tree}", *overrides,
-        ])  # fmt: skip
-    out = run(cfg)
+    cfg = compose_config("fidelity",
+        f"out_dir={tmp_path / 'out'}", "model=vit_tiny", f"model.name_or_path={payload.model}",
+        "dataset=imagefolder", f"data.root={tree}", *overrides,
+    )  # fmt: skip
+    out = measure(cfg)
     results = json.loads((out / "fidelity.json").read_text())
     assert len(results["configurations"]) == 3 and results["exact"]["batches"] == 2
-
-
-def test_bias_check_passes_unbiased_draws_and_flags_a_wrong_scale():
-    """256 draws with 50 % error each: unbiased passes, a 25 % scale error (a wrong 1/(k·p)) does not."""
-    torch.manual_seed(0)
-    exact = torch.randn(2000, dtype=torch.float64)
-
-    def ratio(scale: float) -> float:
-        draws = scale * exact + 0.5 * torch.randn(256, 2000, dtype=torch.float64)
-        return bias_ratio(draws.sum(0), draws.square().sum().item(), 256, exact, 1e-5)[0]
-
-    assert ratio(1.0) < 2.0 < BIAS_LIMIT
-    assert ratio(1.25) > 5 * BIAS_LIMIT
 
 
 def test_training_configs_and_overrides(tmp_path):

@@ -11,6 +11,14 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.models.vit.modeling_vit import ViTLayer
 
+from support.montecarlo import (
+    assert_same_estimate,
+    assert_unbiased,
+    linear_rows,
+    linear_weight_estimates,
+    match_linear_draws,
+    record_draws,
+)
 from vitcrs.bench import BlockShape, analytic_block_saved_bytes
 from vitcrs.crs import (
     LINEAR_TARGETS,
@@ -24,9 +32,11 @@ from vitcrs.crs import (
     uninjected,
     vit_block_saved_bytes,
 )
+from vitcrs.crs import functional as crs_functional
+from vitcrs.crs import lean as crs_lean
 from vitcrs.crs.lean import Sampler, _batch_chunks, mlp_backward
 
-pytestmark = pytest.mark.usefixtures("fresh_crs_stream", "one_thread")
+pytestmark = pytest.mark.usefixtures("fresh_crs_stream")
 ATTNS = ["eager", "sdpa"]
 WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
 
@@ -155,57 +165,61 @@ def _block_grads(layer: ViTLayer, x: torch.Tensor, g: torch.Tensor, cfg: CRSConf
 
 
 @pytest.mark.parametrize(("attn", "method"), [("eager", "crs"), ("sdpa", "wta_crs")])
-def test_lean_block_weight_gradients_are_unbiased(attn, method):
+def test_lean_block_weight_gradients_are_unbiased(attn, method, monkeypatch):
+    """Every gradient but the six weights' is exact; each weight gradient is the estimate of the draw the
+    block made (p ∝ ‖g_i‖·‖x_i‖, q/k/v sharing one: tests/support/montecarlo.py), and the mean of 20,000
+    draws anew is the exact gradient."""
     layer = tiny_block(attn)
     x = skewed(3, 6, 8).requires_grad_()
     g = skewed(3, 6, 8)
     names = ["x", *(n for n, _ in layer.named_parameters())]
     is_weight = [n.endswith(".weight") and ("proj" in n or "fc" in n) for n in names]
     assert sum(is_weight) == 6
+    rows = linear_rows(layer, lambda: (layer(x) * g).sum())
     exact = _block_grads(layer, x, g, None)
-    cfg = CRSConfig(ratio=0.3, method=method)
-    sampled = _block_grads(layer, x, g, cfg)
+    draws = record_draws(monkeypatch, crs_lean)
+    sampled = _block_grads(layer, x, g, CRSConfig(ratio=0.3, method=method))
     for name, w, u, v in zip(names, is_weight, sampled, exact, strict=True):
         if not w:  # grads of x, of the LayerNorms and of the biases are exact
             torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5, msg=name)
-    draws = torch.stack(
-        [
-            torch.cat(
-                [t.flatten() for t, w in zip(_block_grads(layer, x, g, cfg), is_weight, strict=True) if w]
-            )
-            for _ in range(600)
-        ]
-    ).double()
-    target = torch.cat([t.flatten() for t, w in zip(exact, is_weight, strict=True) if w]).double()
-    se = draws.std(0) / math.sqrt(draws.shape[0])
-    worst = ((draws.mean(0) - target).abs() / (5.5 * se + 1e-6 * target.abs().max())).max().item()
-    assert worst <= 1.0, f"estimate off by {worst:.2f} x the 5.5-sigma tolerance"
+    matched = match_linear_draws(draws, rows)
+    assert sorted(n for _, names in matched for n in names) == sorted(
+        n.removesuffix(".weight") for n, w in zip(names, is_weight, strict=True) if w
+    )
+    by_name = dict(zip(names, sampled, strict=True))
+    for linear, estimate in linear_weight_estimates(matched, rows).items():
+        assert_same_estimate(by_name[f"{linear}.weight"], estimate)
+    redrawn = linear_weight_estimates(matched, rows, 20_000)
+    exact_by_name = dict(zip(names, exact, strict=True))
+    assert_unbiased(torch.cat([e.flatten(1) for e in redrawn.values()], 1),
+                    torch.cat([exact_by_name[f"{n}.weight"].flatten() for n in redrawn]))  # fmt: skip
 
 
-def test_lean_block_has_lower_weight_gradient_variance_than_norm_sampled_linears():
+@pytest.mark.slow
+def test_lean_block_has_lower_weight_gradient_variance_than_norm_sampled_linears(monkeypatch):
     """Same block, same input and output gradient, ratio 0.3: p ∝ ‖g‖·‖x‖ (lean) against the linears'
-    p ∝ ‖x‖ (`prob="norm"`, q/k/v sharing one draw), summed over the six weight gradients."""
+    p ∝ ‖x‖ (`prob="norm"`, q/k/v sharing one draw), summed over the six weight gradients (2,000 draws of
+    each op's estimate, from the probabilities it drew with)."""
     base = tiny_vit("eager", layers=1)
     x = skewed(4, 17, 32).requires_grad_()
     g = skewed(4, 17, 32)
     cfg = CRSConfig(ratio=0.3, prob="norm")
-    models = {
-        "lean": inject(copy.deepcopy(base), cfg, ["lean_block"]),
-        "linears": inject(copy.deepcopy(base), cfg, LINEAR_TARGETS),
-    }
+    rows = linear_rows(base.vit.layers[0], lambda: (base.vit.layers[0](x) * g).sum())
     variance = {}
-    for name, model in models.items():
+    for name, module, by_input in (("lean", crs_lean, False), ("linears", crs_functional, True)):
+        model = inject(copy.deepcopy(base), cfg, ["lean_block"] if name == "lean" else LINEAR_TARGETS)
         layer = model.vit.layers[0]
-        weights = block_weights(layer)
-
-        def draw(layer=layer, weights=weights):
-            return torch.cat([t.flatten() for t in torch.autograd.grad((layer(x) * g).sum(), weights)])
-
-        variance[name] = torch.stack([draw() for _ in range(150)]).double().var(0).sum().item()
+        with monkeypatch.context() as patch:
+            draws = record_draws(patch, module)
+            torch.autograd.grad((layer(x) * g).sum(), block_weights(layer))
+        redrawn = linear_weight_estimates(match_linear_draws(draws, rows, by_input), rows, 2000)
+        assert len(redrawn) == 6
+        variance[name] = sum(e.var(0).sum().item() for e in redrawn.values())
     assert variance["lean"] < 0.8 * variance["linears"], variance
 
 
 # ---------------------------------------------------------------- saved bytes = the analytic model
+@pytest.mark.slow
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("attn", ATTNS)
 def test_lean_block_saved_bytes_equal_the_analytic_model(attn, autocast):

@@ -142,6 +142,7 @@ def test_module_from_a_checkpoint_is_in_train_mode(vit_checkpoint):
     assert all(m.training for m in module.modules())
 
 
+@pytest.mark.slow
 def test_module_trains_schedules_and_checkpoints_crs_state(tiny_vit_config, tmp_path):
     module = _module(tiny_vit_config)
     module.crs.generator.manual_seed(3)
@@ -224,7 +225,7 @@ def _optim_module(tiny_vit_config, in_backward: bool) -> ViTClassifier:
     )
 
 
-def test_adamw_in_backward_takes_the_same_steps_and_keeps_no_gradients(tiny_vit_config, tmp_path, one_thread):
+def test_adamw_in_backward_takes_the_same_steps_and_keeps_no_gradients(tiny_vit_config, tmp_path):
     """optim.in_backward: each parameter is updated inside backward (AdamWInBackward), its gradient dropped
     there; the weights after training equal those of AdamW stepping after backward, and the checkpoint's
     optimizer state is an AdamW's."""

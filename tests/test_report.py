@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import runpy
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from vitcrs.errors import ConfigError
-from vitcrs.record import METRICS_KEYS, RunRecord, markdown_table
+from vitcrs.record import METRICS_KEYS, RunRecord, schema_table
 from vitcrs.report import build_report, main
 from vitcrs.report.data import Column, Group, config_diff, differing_keys, find_metrics, read_run
 
@@ -261,6 +261,7 @@ def test_different_settings_land_in_different_sections(tmp_path: Path) -> None:
     assert table(md, crs)[2:] == ["| 1 (exact) | 97.00 |", "| 0.5 | 90.00 (−7.00) |"]
 
 
+@pytest.mark.slow
 def test_device_and_versions_split_groups_too(tmp_path: Path) -> None:
     write_run(tmp_path / "runs", "a")
     write_run(tmp_path / "runs", "b", device="NVIDIA H200")
@@ -358,20 +359,28 @@ def test_missing_path_or_no_metrics_is_an_error(tmp_path: Path, capsys: pytest.C
     assert "error: paths:" in capsys.readouterr().err
 
 
-def test_cli_prints_the_report_folder(tmp_path: Path) -> None:
+def _report_command(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    """Exit status and stdout of `python -m vitcrs.report *argv` (its __main__, run in this process)."""
+    monkeypatch.setattr(sys, "argv", ["vitcrs.report", *argv])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("vitcrs.report", run_name="__main__")
+    return exited.value.code, capsys.readouterr().out
+
+
+def test_cli_prints_the_report_folder(tmp_path: Path, monkeypatch, capsys) -> None:
     runs = write_study(tmp_path / "runs")
-    cmd = [sys.executable, "-m", "vitcrs.report", str(runs)]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr
-    out = Path(done.stdout.strip())
+    monkeypatch.chdir(tmp_path)
+    code, stdout = _report_command([str(runs)], monkeypatch, capsys)
+    assert code == 0
+    out = Path(stdout.strip())
     assert out.parent == tmp_path / "reports" and out.is_dir()
     assert (out / "accuracy.md").read_text().count("(−") == 6
     assert f"python -m vitcrs.report {runs}" in (out / "index.md").read_text()
     explicit = tmp_path / "explicit"
-    done = subprocess.run(
-        [*cmd, "--out", str(explicit)], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0 and done.stdout == f"{explicit}\n"
+    code, stdout = _report_command([str(runs), "--out", str(explicit)], monkeypatch, capsys)
+    assert code == 0 and stdout == f"{explicit}\n"
     assert {p.name for p in explicit.iterdir()} >= {"accuracy.md", "memory.tex", "accuracy_vs_memory.png"}
 
 
@@ -379,9 +388,9 @@ def test_readme_metrics_table_is_generated_from_the_record(capsys: pytest.Captur
     """README's metrics.json table is `python -m vitcrs.report --schema`: one row per RunRecord field."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     start = readme.index("| key | meaning |\n")
-    assert readme[start : readme.index("\n\n", start) + 1] == markdown_table()
-    assert main(["--schema"]) == 0 and capsys.readouterr().out == markdown_table()
-    rows = markdown_table().splitlines()[2:]
+    assert readme[start : readme.index("\n\n", start) + 1] == schema_table()
+    assert main(["--schema"]) == 0 and capsys.readouterr().out == schema_table()
+    rows = schema_table().splitlines()[2:]
     assert [row.split("`")[1] for row in rows] == [*METRICS_KEYS, "error"]
     assert all(row.split(" | ")[1].strip(" |") for row in rows)  # every key has its meaning
     with pytest.raises(SystemExit):
@@ -473,6 +482,7 @@ def section(md: str, index: int) -> str:
     return md[start : None if end < 0 else end]
 
 
+@pytest.mark.slow
 def test_ablation_groups_share_one_exact_baseline(tmp_path: Path) -> None:
     out = report(tmp_path, write_ablation(tmp_path / "runs"))
     md = (out / "accuracy.md").read_text()
@@ -521,6 +531,7 @@ def test_ablation_groups_share_one_exact_baseline(tmp_path: Path) -> None:
     assert half["reduction"]["peak_mem_allocated_gib"] == pytest.approx(2.0)
 
 
+@pytest.mark.slow
 def test_mlp_groups_neither_borrow_nor_lend_an_exact_baseline(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     write_run(runs, "0", test_acc=0.99, settings={"targets": QKV})  # group 1: the only usable CIFAR-10 exact
@@ -551,6 +562,7 @@ def test_mlp_groups_neither_borrow_nor_lend_an_exact_baseline(tmp_path: Path) ->
     assert [s["column"] for s in groups[3]["shared_exact"]] == ["CIFAR-10"]
 
 
+@pytest.mark.slow
 def test_no_sharing_across_attention_or_other_settings(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     write_run(runs, "0", test_acc=0.99, settings={"targets": LINEARS})  # eager, batch 64: the only exact
@@ -567,6 +579,7 @@ def test_no_sharing_across_attention_or_other_settings(tmp_path: Path) -> None:
     assert table(section(md, 5))[2:] == ["| 1 (exact, shared) | 99.00 |", "| 0.5 | 98.00 (−1.00) |"]
 
 
+@pytest.mark.slow
 def test_shared_baseline_prefers_identical_targets_then_fewest_differences(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     write_run(runs, "0", test_acc=0.90, settings={"targets": LINEARS, "method": "crs"})  # group 1

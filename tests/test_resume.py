@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.faults import FAULT
 from vitcrs.data import (
     BatchCollate,
     EpochSampler,
@@ -17,11 +18,7 @@ from vitcrs.data import (
     TrainLoader,
     VisionDataModule,
 )
-from vitcrs.resume import (
-    checkpoint_run_dir,
-    hydra_output_subdir,
-    resolve_ckpt_path,
-)
+from vitcrs.run_dir import checkpoint_run_dir, hydra_output_subdir, resolve_ckpt_path
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:FutureWarning")
 
@@ -41,10 +38,7 @@ RUN = [
     "model.config.hidden_dropout_prob=0.1",
 ]
 KILL_AT = 6  # the 3rd step of the 2nd epoch
-FAULT = [
-    "+callbacks.fault._target_=vitcrs.callbacks.FaultInjector",
-    f"+callbacks.fault.kill_at_step={KILL_AT}",
-]
+KILL = [FAULT, f"+callbacks.fault.kill_at_step={KILL_AT}"]
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -55,7 +49,7 @@ def test_killed_run_resumes_to_the_same_result(run_train, tmp_path):
     unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
     run_train(*RUN, f"hydra.run.dir={unbroken}", cwd=tmp_path)
 
-    killed = run_train(*RUN, *FAULT, f"hydra.run.dir={broken}", cwd=tmp_path, check=False)
+    killed = run_train(*RUN, *KILL, f"hydra.run.dir={broken}", cwd=tmp_path, check=False, process=True)
     assert killed.returncode == -signal.SIGKILL
     record = json.loads((broken / "metrics.json").read_text())
     assert record["status"] == "incomplete" and record["epochs"] == 1  # the kill left a whole, marked file
@@ -87,8 +81,8 @@ def test_a_moved_run_resumes_from_its_own_checkpoints_and_keeps_its_figures(run_
            "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "data.batch_size=16",
            "trainer.num_sanity_val_steps=0", "callbacks.progress_bar=null"]  # fmt: skip
     # Killed once training and selection are done, as the test split starts.
-    kill = ["+callbacks.fault._target_=vitcrs.callbacks.FaultInjector", "+callbacks.fault.kill_at_test=true"]
-    killed = run_train(*run, *kill, f"hydra.run.dir={old}", cwd=tmp_path, check=False)
+    kill = [FAULT, "+callbacks.fault.kill_at_test=true"]
+    killed = run_train(*run, *kill, f"hydra.run.dir={old}", cwd=tmp_path, check=False, process=True)
     assert killed.returncode == -signal.SIGKILL
     before = json.loads((old / "metrics.json").read_text())
     assert before["status"] == "incomplete" and before["epochs"] == 1 and before["saved_bytes_per_step"] > 0

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_crs import _assert_unbiased, _estimates, skewed, tiny_vit
+from support.faults import FAULT
+from support.montecarlo import assert_same_estimate, assert_unbiased, record_draws, weight_estimates
+from test_crs import DRAWS, skewed, tiny_vit
 from vitcrs.crs import (
     ALL_TARGETS,
     CRSConfig,
@@ -40,9 +42,10 @@ def _cache(size: int, fmt: str = "bfloat16") -> tuple[TrainingBatch, SampleGradC
 
 
 @pytest.mark.parametrize("method", ["crs", "wta_crs"])
-def test_cached_probabilities_are_unbiased_from_the_first_step(method):
+def test_cached_probabilities_are_unbiased_from_the_first_step(method, monkeypatch):
     """Images 5 and 6 of the batch have entries, 1 and 0 have none (p ∝ ‖x‖ times a stand-in of 1 here, as
-    before any write): every draw's estimate is unbiased, linear and matmul alike."""
+    before any write): the estimate of the draw each op makes is unbiased, linear and matmul alike
+    (tests/support/montecarlo.py: the op's gradient is the estimate of its draw; 20,000 draws anew)."""
     torch.manual_seed(0)
     cfg = CRSConfig(ratio=0.3, method=method, prob="sample_cache")
     x = skewed(4, 10, 6).requires_grad_()
@@ -54,22 +57,35 @@ def test_cached_probabilities_are_unbiased_from_the_first_step(method):
     _, mat_m = _cache(8)
     mat_n = SampleGradCache(batch, "bfloat16")
     batch.indices = torch.tensor([5, 1, 6, 0])
-    # entries unlike the true gradients (any positive estimate must give an unbiased draw), bounded away from
-    # 0 so that no row's 1/p makes the Monte-Carlo tails too heavy for the z-test
+    # entries unlike the true gradients (any positive estimate must give an unbiased draw)
     lin.write(torch.tensor([5, 6]), 0.5 + torch.rand(2, 10))
     mat_n.write(torch.tensor([5, 6]), 0.5 + torch.rand(2, 2, 7))
-    lin_state, mat_state = lin.entries.clone(), mat_n.entries.clone()
-    exact = torch.autograd.grad((F.linear(x, w) * g).sum(), w)[0].flatten()
-    exact = torch.cat([exact, *(t.flatten() for t in torch.autograd.grad(((a @ b) * gm).sum(), (a, b)))])
+    lin.estimate = mat_m.estimate = mat_n.estimate = torch.empty(0)  # the stand-in before any write: 1
+    exact_w = torch.autograd.grad((F.linear(x, w) * g).sum(), w)[0]
+    exact_a, exact_b = torch.autograd.grad(((a @ b) * gm).sum(), (a, b))
 
-    def draw():
-        lin.entries, mat_n.entries = lin_state.clone(), mat_state.clone()  # the same cache every draw
-        lin.estimate = mat_m.estimate = mat_n.estimate = torch.empty(0)
-        gw = torch.autograd.grad((crs_linear(x, w, None, cfg, lin) * g).sum(), w)
-        ga = torch.autograd.grad((crs_matmul(a, b, cfg, grad_norms=(mat_m, mat_n)) * gm).sum(), (a, b))
-        return (*gw, *ga)
+    draws = record_draws(monkeypatch, crs_functional)
+    (gw,) = torch.autograd.grad((crs_linear(x, w, None, cfg, lin) * g).sum(), w)
+    ga, gb = torch.autograd.grad((crs_matmul(a, b, cfg, grad_norms=(mat_m, mat_n)) * gm).sum(), (a, b))
+    linear, columns, rows = draws  # the linear's rows, the matmul's columns of b (grad a), rows of a (grad b)
+    cached = linear.weights.view(4, 10) / x.detach().norm(dim=-1)
+    assert not torch.allclose(cached[0], cached[0, :1].expand(10))  # image 5: its entries, not the stand-in
+    torch.testing.assert_close(cached[1], cached[1, :1].expand(10))  # image 1: none, the stand-in
+    x_rows, g_rows = x.detach().reshape(-1, 6), g.reshape(-1, 5)
+    assert_same_estimate(gw, weight_estimates(linear.row_weights(), g_rows, x_rows))
+    assert_unbiased(weight_estimates(linear.redraw(DRAWS), g_rows, x_rows), exact_w)
+    a_, b_ = a.detach().double(), b.detach().double()
 
-    _assert_unbiased(_estimates(draw, 2000), exact.double())
+    def grad_a(c: torch.Tensor) -> torch.Tensor:  # Σ_j c_j G[:, j] B[:, j]ᵀ per slice
+        return torch.einsum("...j,...mj,...rj->...mr", c, gm.double(), b_)
+
+    def grad_b(c: torch.Tensor) -> torch.Tensor:  # Σ_i c_i A[i]ᵀ G[i] per slice
+        return torch.einsum("...i,...ir,...in->...rn", c, a_, gm.double())
+
+    assert_same_estimate(ga, grad_a(columns.row_weights()))
+    assert_same_estimate(gb, grad_b(rows.row_weights()))
+    assert_unbiased(grad_a(columns.redraw(DRAWS)), exact_a)
+    assert_unbiased(grad_b(rows.redraw(DRAWS)), exact_b)
 
 
 def test_entries_are_written_in_backward_for_the_batch_and_drawn_from_on_the_next_visit(monkeypatch):
@@ -119,7 +135,7 @@ def test_before_any_estimate_rows_are_drawn_with_p_proportional_to_the_row_norm(
     x = skewed(3, 10, 6).requires_grad_()
     w = torch.randn(4, 6, requires_grad=True)
     g = torch.randn(3, 10, 4)
-    exact = torch.autograd.grad((F.linear(x, w) * g).sum(), w)[0].flatten().double()
+    exact = torch.autograd.grad((F.linear(x, w) * g).sum(), w)[0]
 
     def source():
         if prob == "norm_grad":
@@ -128,15 +144,13 @@ def test_before_any_estimate_rows_are_drawn_with_p_proportional_to_the_row_norm(
         batch.indices = torch.arange(3)
         return cache
 
-    _assert_unbiased(
-        _estimates(lambda: torch.autograd.grad((crs_linear(x, w, None, cfg, source()) * g).sum(), w), 3000),
-        exact,
-    )
-    drawn_from = []
-    real = crs_functional.sample
-    monkeypatch.setattr(crs_functional, "sample", lambda p, *a: drawn_from.append(p) or real(p, *a))
-    crs_linear(x, w, None, cfg, source()).sum().backward()
-    ratio = drawn_from[0] / x.detach().norm(dim=-1).flatten()
+    draws = record_draws(monkeypatch, crs_functional)
+    (gw,) = torch.autograd.grad((crs_linear(x, w, None, cfg, source()) * g).sum(), w)
+    (draw,) = draws
+    x_rows, g_rows = x.detach().reshape(-1, 6), g.reshape(-1, 4)
+    assert_same_estimate(gw, weight_estimates(draw.row_weights(), g_rows, x_rows))
+    assert_unbiased(weight_estimates(draw.redraw(DRAWS), g_rows, x_rows), exact)
+    ratio = draw.weights / x.detach().norm(dim=-1).flatten()  # p ∝ ‖x‖
     torch.testing.assert_close(ratio, torch.full_like(ratio, ratio[0].item()))
 
 
@@ -182,8 +196,9 @@ def _run(compose_cfg, tmp_path, *overrides: str) -> dict:
     return json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
-def test_a_run_with_the_cache_reports_its_memory_and_resumes_exactly(compose_cfg, tmp_path, one_thread):
+def test_a_run_with_the_cache_reports_its_memory_and_resumes_exactly(compose_cfg, tmp_path):
     unbroken = _run(compose_cfg, tmp_path, f"run_dir={tmp_path / 'unbroken'}")
     # demo's vit_micro: 65 tokens, width 64, 4 heads, 4 blocks, the study's targets: per block a [65] row for
     # q/k/v, two [4, 65] for the scores, [4, 16] for the context; bf16
@@ -196,7 +211,7 @@ def test_a_run_with_the_cache_reports_its_memory_and_resumes_exactly(compose_cfg
 
     # Stopped at step 5 (the 2nd of epoch 2; 3 steps per epoch) and resumed from the checkpoint of step 4.
     broken = tmp_path / "broken"
-    fault = ["+callbacks.fault._target_=vitcrs.callbacks.FaultInjector", "+callbacks.fault.nan_at_step=4"]
+    fault = [FAULT, "+callbacks.fault.nan_at_step=4"]
     with pytest.raises(FloatingPointError):
         _run(compose_cfg, tmp_path, f"run_dir={broken}", *fault)
     last = broken / "checkpoints" / "last.ckpt"

@@ -11,8 +11,10 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from conftest import QUICK
-from vitcrs.callbacks import MetricsFile, PeakMemoryMonitor, write_json_atomic
+from support.faults import FAULT
+from vitcrs.callbacks import MetricsFile, PeakMemoryMonitor
 from vitcrs.errors import ConfigError
+from vitcrs.files import write_json_atomic
 from vitcrs.models import ViTClassifier
 from vitcrs.record import METRICS_KEYS, RunRecord
 from vitcrs.train import train
@@ -78,18 +80,22 @@ def test_demo_run_writes_every_output(run_train, tmp_path):
     assert not re.findall(r"\.py:\d+: .*", proc.stderr), proc.stderr[-3000:]
 
 
-def test_multirun_writes_one_run_dir_per_job(run_train, tmp_path):
-    sweep = tmp_path / "sweep"
-    run_train("-m", *QUICK, "crs.ratio=1.0,0.5", "callbacks.progress_bar=null", f"hydra.sweep.dir={sweep}",
-              cwd=tmp_path)  # fmt: skip
-    check_complete_record(sweep / "0", 1.0)
-    check_complete_record(sweep / "1", 0.5)
-    assert (sweep / "multirun.yaml").is_file()
+def test_multirun_writes_one_run_dir_per_job(ratio_sweep):
+    """`-m ... crs.ratio=1.0,0.3` (conftest.ratio_sweep): a run dir per job, each with its whole record."""
+    check_complete_record(ratio_sweep / "0", 1.0)
+    check_complete_record(ratio_sweep / "1", 0.3)
+    assert (ratio_sweep / "multirun.yaml").is_file()
 
 
 def test_bad_setting_exits_with_a_clean_message(run_train, tmp_path):
+    """The command line itself (a process of its own): exit status 2 and the message, no traceback."""
     proc = run_train(
-        "experiment=demo", "crs.ratio=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False
+        "experiment=demo",
+        "crs.ratio=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        check=False,
+        process=True,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "crs.ratio=0 is invalid" in out and "Traceback" not in out
@@ -106,7 +112,7 @@ def test_bad_setting_fails_before_writing_anything(compose_cfg, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_failed_run_is_marked_failed(compose_cfg, tmp_path, monkeypatch, one_thread):
+def test_failed_run_is_marked_failed(compose_cfg, tmp_path, monkeypatch):
     real = ViTClassifier.loss
 
     def nan_loss(self, batch):
@@ -122,8 +128,9 @@ def test_failed_run_is_marked_failed(compose_cfg, tmp_path, monkeypatch, one_thr
     assert m["test_acc"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
-def test_resume_continues_the_run(compose_cfg, tmp_path, one_thread):
+def test_resume_continues_the_run(compose_cfg, tmp_path):
     first = compose_cfg(*QUICK, "callbacks.progress_bar=null", "crs.prob=norm_grad")
     train(first)
     before = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -269,9 +276,9 @@ def test_sigterm_exits_143_with_a_current_last_ckpt_and_an_interrupted_record(ru
     # no step checkpoints: last.ckpt can only come from the SIGTERM
     proc = run_train(*QUICK, "trainer.limit_train_batches=6", "data.batch_size=16",
                      "callbacks.progress_bar=null", "callbacks.step_checkpoint.every_n_train_steps=0",
-                     "+callbacks.fault._target_=vitcrs.callbacks.FaultInjector",
+                     FAULT,
                      "+callbacks.fault.term_at_step=2", f"hydra.run.dir={run_dir}", cwd=tmp_path,
-                     check=False)  # fmt: skip
+                     check=False, process=True)  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == 143 and "Traceback" not in out, out[-3000:]
     last = run_dir / "checkpoints" / "last.ckpt"

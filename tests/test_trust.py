@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from cifar_archives import tar_archive, write_cifar10
-from conftest import CONF_DIR, QUICK
+from conftest import CONF_DIR, QUICK, compose_config
 from vitcrs.errors import ConfigError
 from vitcrs.resume import crs_changes
 from vitcrs.train import train, validate
@@ -41,22 +40,14 @@ RUN = [*QUICK, "callbacks.progress_bar=null", "crs.prob=sample_cache", "crs.cach
 
 
 def _compose(run_dir: Path, *overrides: str) -> DictConfig:
-    import vitcrs.conf  # noqa: F401  (stores the crs defaults node)
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"run_dir={run_dir}", *overrides])
+    return compose_config("config", f"run_dir={run_dir}", *overrides)
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run dir of a complete RUN."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(_compose(run_dir, *RUN))
-    finally:
-        torch.set_num_threads(threads)
+    train(_compose(run_dir, *RUN))
     return run_dir
 
 
@@ -68,6 +59,7 @@ def _copy(run_dir: Path, to: Path) -> Path:
 # --- checkpoints ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_vitcrs_checkpoint_holds_only_what_the_weights_only_unpickler_admits(finished_run):
     """So no type needs allow-listing (add_safe_globals), and anything else in a checkpoint is refused. A new
     kind of state holding another type fails here: allow-list it in vitcrs.resume, or store plain data."""
@@ -142,7 +134,7 @@ def test_the_restricted_unpickler_reads_numpy_1_and_2_batches():
 
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
-def test_lightning_loads_checkpoints_weights_only_too(finished_run, tmp_path, monkeypatch, one_thread):
+def test_lightning_loads_checkpoints_weights_only_too(finished_run, tmp_path, monkeypatch):
     """The checkpoint tested after fitting (best_model_path, from the resumed checkpoint's state) is loaded by
     Lightning: weights-only as well, even where the environment asks torch for unsafe loads by default."""
     run_dir = _copy(finished_run, tmp_path / "run")
@@ -164,8 +156,8 @@ def _record_of(cfg: DictConfig):
     """The record the run of `cfg` starts with, and its pre-flight."""
     from vitcrs.callbacks import describe_run
 
-    run = validate(cfg)
-    return describe_run(cfg, run.datamodule, run.crs_before_resume, run.crs), run
+    run = validate(cfg).settings
+    return describe_run(run), run
 
 
 def test_settings_the_lean_block_ignores_are_recorded_at_their_defaults(compose_cfg, tiny_vit_config):
@@ -211,7 +203,7 @@ def _snapshot(run_dir: Path) -> dict[str, bytes]:
         ("trainer.precision=bf16-mixed", "trainer.precision", "'32-true'"),
     ],
 )
-def test_resuming_with_other_training_settings_is_refused(finished_run, tmp_path, one_thread, override, key,
+def test_resuming_with_other_training_settings_is_refused(finished_run, tmp_path, override, key,
                                                           value):  # fmt: skip
     """The resumed run would train on with the checkpoint's optimizer state, schedule and data position but
     record the new value: refused, naming the key and the checkpoint's value, before anything is written."""
@@ -227,7 +219,7 @@ def test_resuming_with_other_training_settings_is_refused(finished_run, tmp_path
 
 
 @pytest.mark.parametrize("kept", ["by this version", "by an earlier version"])
-def test_a_two_rank_checkpoint_resumed_on_one_process_is_refused(finished_run, tmp_path, one_thread, kept):
+def test_a_two_rank_checkpoint_resumed_on_one_process_is_refused(finished_run, tmp_path, kept):
     run_dir = _copy(finished_run, tmp_path / "run")
     last = run_dir / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, weights_only=True)
@@ -248,7 +240,7 @@ def test_a_two_rank_checkpoint_resumed_on_one_process_is_refused(finished_run, t
 
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
-def test_a_resume_refused_late_leaves_the_record_as_it_was(finished_run, tmp_path, one_thread):
+def test_a_resume_refused_late_leaves_the_record_as_it_was(finished_run, tmp_path):
     """A setting only the data can refuse (here: a validation share that leaves no training image) stops
     the resumed run when fitting starts: the earlier launch's record is not turned into `failed`."""
     run_dir = _copy(finished_run, tmp_path / "run")
@@ -264,11 +256,10 @@ def test_a_resume_refused_late_leaves_the_record_as_it_was(finished_run, tmp_pat
 def _attached(cfg: DictConfig):
     """The record of `cfg` once its trainer is built (what metrics.json starts with), and the trainer."""
     from vitcrs.callbacks import MetricsFile
-    from vitcrs.trainer import build_trainer
 
-    record, _ = _record_of(cfg)
+    record, settings = _record_of(cfg)
     metrics = MetricsFile(Path(cfg.run_dir) / "metrics.json", record)
-    trainer, _ = build_trainer(cfg, [metrics])
+    trainer, _ = settings.trainer.build([metrics])
     metrics.attach(trainer)
     return metrics.record, trainer
 
@@ -407,9 +398,9 @@ def test_a_report_without_a_complete_run_exits_non_zero(tmp_path, capsys, runs):
 
 
 def _fidelity_cfg(out: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("fidelity", overrides=[f"out_dir={out}", "model=vit_micro", "dataset=synthetic",
-                                              "data.batch_size=8", *overrides])  # fmt: skip
+    return compose_config(
+        "fidelity", f"out_dir={out}", "model=vit_micro", "dataset=synthetic", "data.batch_size=8", *overrides
+    )
 
 
 REFUSED_ROWS = {

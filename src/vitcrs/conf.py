@@ -1,5 +1,7 @@
-"""The Hydra configuration in the repository's `conf/`: where it is, its resolvers, and the checks that belong
-to no single config node (the seed, `+key` additions that nothing would read).
+"""The Hydra configuration in the repository's `conf/`: where it is, what composing it needs (`register`), the
+Hydra app's runtime (choices, sweeps), and the check that belongs to no config node: `+key` additions that
+nothing would read. The mains (`vitcrs.train`, `vitcrs.fidelity`) turn the composed config into checked,
+typed settings; nothing below them reads a DictConfig.
 
 vitcrs must be installed editable (`pip install -e .`) or run from a checkout: `conf/` is found relative to
 this file.
@@ -22,28 +24,40 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vitcrs.crs import CRSConfig, target_set
 from vitcrs.errors import ConfigError
-from vitcrs.resume import checkpoint_run_dir, hydra_output_subdir
+from vitcrs.run_dir import checkpoint_run_dir, hydra_output_subdir
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (editable install)
-MAX_SEED = 2**32 - 1  # the largest seed Lightning's seed_everything takes (numpy's limit)
 # Nodes whose added keys (`+trainer.accumulate_grad_batches=2`, `+callbacks.x._target_=...`) go to
 # constructors that refuse unknown arguments themselves; a key added anywhere else would be read by nothing.
 ADDABLE_NODES = ("trainer", "callbacks", "logger", "hydra")
 
-# conf/config.yaml: hydra.run.dir follows ckpt_path into its run dir; a re-used run dir keeps its .hydra/.
-OmegaConf.register_new_resolver("vitcrs.run_dir", checkpoint_run_dir, use_cache=True, replace=True)
-OmegaConf.register_new_resolver("vitcrs.hydra_subdir", hydra_output_subdir, use_cache=True, replace=True)
-# `${vitcrs.targets:study}`: a named target set of vitcrs.crs.TARGET_SETS (a ListConfig, so that
-# OmegaConf.resolve, e.g. `--cfg job --resolve`, can put the list in place)
-OmegaConf.register_new_resolver("vitcrs.targets", lambda name: ListConfig(target_set(name)), replace=True)
-# conf/crs/default.yaml extends this node (crs/crs_config): CRSConfig's fields are the one home of the crs.*
-# defaults. A plain node, not a structured config: bad values reach CRSConfig, whose error names the key.
-ConfigStore.instance().store(group="crs", name="crs_config", node=CRSConfig().to_dict())
+
+def register() -> None:
+    """Register what conf/ needs beyond its files, before anything composes it: the resolvers and the node
+    crs/crs_config. Called by each main (`vitcrs.train`, `vitcrs.fidelity`) and the tests' compose helper;
+    calling it again changes nothing.
+
+    - `${vitcrs.run_dir:...}`, `${vitcrs.hydra_subdir:...}` (conf/config.yaml): hydra.run.dir follows
+      ckpt_path into its run dir; a re-used run dir keeps its .hydra/;
+    - `${vitcrs.targets:study}`: a named target set of vitcrs.crs.TARGET_SETS (a ListConfig, so that
+      OmegaConf.resolve, e.g. `--cfg job --resolve`, can put the list in place);
+    - crs/crs_config, which conf/crs/default.yaml extends: CRSConfig's fields are the one home of the crs.*
+      defaults. A plain node, not a structured config: bad values reach CRSConfig, whose error names the key.
+    """
+    OmegaConf.register_new_resolver("vitcrs.run_dir", checkpoint_run_dir, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("vitcrs.hydra_subdir", hydra_output_subdir, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("vitcrs.targets", lambda name: ListConfig(target_set(name)), replace=True)
+    ConfigStore.instance().store(group="crs", name="crs_config", node=CRSConfig().to_dict())
 
 
 def container(node: Any) -> Any:
     """A config node as plain Python (resolved), anything else as it is."""
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def plain(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config as plain Python (resolved), without Hydra's own `hydra` node."""
+    return container(OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"]))
 
 
 def choice(group: str) -> str | None:
@@ -56,10 +70,12 @@ def multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def check_seed(seed: Any) -> None:
-    """ConfigError unless `seed` is an integer Lightning can seed with."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"seed={seed!r} is invalid: it must be an integer in [0, {MAX_SEED}], e.g. seed=1.")
+def select(cfg: DictConfig, key: str) -> Any:
+    """The plain value of the dotted `key` of `cfg`; None when it is missing or does not resolve."""
+    try:
+        return container(OmegaConf.select(cfg, key, throw_on_missing=False))
+    except Exception:  # an interpolation that does not resolve
+        return None
 
 
 def _has_key(cfg: DictConfig, key: str) -> bool:
@@ -138,9 +154,7 @@ def _read_by_model_family(cfg: DictConfig, parent: str, name: str) -> bool:
 
 
 def check_overrides(cfg: DictConfig) -> None:
-    """The checks of this module on a composed config: the seed, and (in a Hydra app) the `+key` and `++key`
-    additions."""
-    check_seed(cfg.seed)
+    """In a Hydra app, `check_added_keys` on the command line's overrides of `cfg`; outside one, nothing."""
     if HydraConfig.initialized():
         hydra = HydraConfig.get()
         check_added_keys(cfg, list(hydra.overrides.task), hydra.job.config_name or "config")

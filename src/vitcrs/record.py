@@ -2,7 +2,7 @@
 
 The one home of the metrics.json schema: the callbacks fill a record's attributes, `MetricsFile` writes
 `to_json()`, `vitcrs.report` reads files back with `from_json`, and README's metrics.json table is
-`markdown_table()` (`python -m vitcrs.report --schema`). Pure: no torch, Lightning or Hydra import.
+`schema_table()` (`python -m vitcrs.report --schema`). Pure: no torch, Lightning or Hydra import.
 """
 
 from __future__ import annotations
@@ -12,7 +12,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, get_type_hints
+
+from vitcrs.tables import markdown_table
+from vitcrs.units import MIB
 
 METRICS_FILE = "metrics.json"  # <run_dir>/metrics.json
 STATUSES = ("incomplete", "complete", "failed", "interrupted")
@@ -147,9 +151,9 @@ class RunRecord:
         parts = []
         saved, exact = self.saved_bytes_per_step, self.saved_bytes_per_step_exact
         if saved is not None:
-            part = f"saved for backward {saved / 2**20:.1f} MiB/step"
+            part = f"saved for backward {saved / MIB:.1f} MiB/step"
             if exact is not None and saved > 0:
-                part += f" (exact: {exact / 2**20:.1f} MiB, {exact / saved:.2f}x less)"
+                part += f" (exact: {exact / MIB:.1f} MiB, {exact / saved:.2f}x less)"
             parts.append(part)
         if self.peak_mem_allocated_gib is not None:
             parts.append(f"peak GPU {self.peak_mem_allocated_gib:.2f} GiB allocated")
@@ -166,9 +170,14 @@ _OMITTED_WHILE_NULL = {
 }
 # The keys every metrics.json has, in file order (`error` comes after them once set).
 METRICS_KEYS = tuple(name for name in DOCS if name not in _OMITTED_WHILE_NULL)
+# KEY.<field>: a key by name, for code that names one as data (the report's tables, the callbacks' checkpoint
+# states); taken from the fields, so each key is spelled once, here (a misspelt one is an AttributeError).
+KEY = SimpleNamespace(**{name: name for name in DOCS})
 
 
-def markdown_table() -> str:
+def schema_table() -> str:
     """README's metrics.json table: one row per key with its doc."""
-    rows = [f"| `{name}` | {doc} |" for name, doc in DOCS.items()]
-    return "\n".join(["| key | meaning |", "| --- | --- |", *rows]) + "\n"
+    return (
+        "\n".join(markdown_table(["key", "meaning"], [[f"`{name}`", doc] for name, doc in DOCS.items()]))
+        + "\n"
+    )

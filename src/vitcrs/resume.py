@@ -1,4 +1,4 @@
-"""Resuming a run: checkpoint resolution (`ckpt_path=last`, a checkpoint's run dir) and checkpoint checks.
+"""Resuming a run: reading a checkpoint safely, and what it must share with the run that resumes it.
 
 The training data's position is the data module's checkpoint state (`vitcrs.data.train_loader`).
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import pickle
 import re
 from dataclasses import dataclass
@@ -15,54 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import Trainer
 
 from vitcrs.crs import CRSConfig
 from vitcrs.errors import ConfigError
+from vitcrs.record import KEY
+from vitcrs.settings import RunSettings
 
 log = logging.getLogger(__name__)
-
-LAST = "last"  # ckpt_path=last: <run_dir>/checkpoints/last.ckpt
-
-
-def last_checkpoint(run_dir: str | Path) -> Path:
-    """Where a run keeps its latest checkpoint: <run_dir>/checkpoints/last.ckpt (it may not exist yet)."""
-    return Path(run_dir) / "checkpoints" / "last.ckpt"
-
-
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
-    """`last` -> <run_dir>/checkpoints/last.ckpt when it exists (else None: a fresh start); paths as given."""
-    if ckpt_path != LAST:
-        return ckpt_path
-    last = last_checkpoint(run_dir)
-    if last.is_file():
-        return str(last)
-    log.warning("ckpt_path=last: there is no %s yet, so this run starts from scratch", last)
-    return None
-
-
-def checkpoint_run_dir(ckpt_path: Any, default: str) -> str:
-    """Resolver `vitcrs.run_dir`: the run dir of an existing <run dir>/checkpoints/*.ckpt, else `default`.
-
-    Lets `ckpt_path=<run dir>/checkpoints/last.ckpt` continue the run in its own directory.
-    """
-    if isinstance(ckpt_path, str) and ckpt_path not in ("", LAST):
-        path = Path(ckpt_path).expanduser()
-        if path.is_file() and path.parent.name == "checkpoints":
-            return str(path.parent.parent)
-    return default
-
-
-def hydra_output_subdir(run_dir: Any, stamp: str) -> str | None:
-    """Resolver `vitcrs.hydra_subdir`: `.hydra`, or `.hydra/<stamp>` when the run dir already has a config.
-
-    A resumed (or re-used) run dir keeps its original `.hydra/config.yaml`; each later launch gets its own.
-    None (nothing saved) in the tasks of a multi-task SLURM job other than the first: they share its dir.
-    """
-    if os.environ.get("SLURM_PROCID", "0") != "0":
-        return None
-    if (Path(str(run_dir)) / ".hydra" / "config.yaml").is_file():
-        return f".hydra/{stamp}"
-    return ".hydra"
 
 
 def unsafe_globals(path: str, err: Exception) -> list[str]:
@@ -164,7 +123,7 @@ def checkpoint_epochs(ckpt: dict[str, Any]) -> int:
     """Training epochs done in the run that saved the checkpoint `ckpt` (its metrics record's count, else its
     epoch)."""
     state = ckpt.get("callbacks", {}).get("MetricsFile", {})
-    epochs = state.get("epochs") if isinstance(state, dict) else None
+    epochs = state.get(KEY.epochs) if isinstance(state, dict) else None
     return int(epochs) if isinstance(epochs, int) else int(ckpt.get("epoch", 0))
 
 
@@ -201,11 +160,12 @@ RESUMED_KEYS = (
 )
 
 
-def run_settings(cfg: Any, datamodule: Any, optim: Any, trainer: Any) -> dict[str, Any]:
+def run_settings(settings: RunSettings, trainer: Trainer) -> dict[str, Any]:
     """The RESUMED_KEYS values of a run about to start (`trainer` built): the precision Lightning runs (a
     16-mixed request on a CPU runs bf16-mixed), the world size, the data module's batch and image size."""
+    datamodule, optim = settings.datamodule, settings.optim
     return {
-        "model.attn_implementation": cfg.model.attn_implementation,
+        "model.attn_implementation": settings.attn_implementation,
         "trainer.precision": str(trainer.precision),
         "data.batch_size": datamodule.batch_size,
         "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
@@ -223,7 +183,7 @@ def checkpoint_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
     earlier version, those it shows (optim.* from its hyperparameters, the world size from its per-rank CRS
     states)."""
     state = ckpt.get("callbacks", {}).get("MetricsFile", {})
-    saved = state.get("settings") if isinstance(state, dict) else None
+    saved = state.get(KEY.settings) if isinstance(state, dict) else None
     if isinstance(saved, dict):
         return {k: v for k, v in saved.items() if k in RESUMED_KEYS}
     optim = ckpt.get("hyper_parameters", {}).get("optim")
@@ -260,19 +220,17 @@ class ResumeCheck:
     settings: dict[str, Any]
 
 
-def check_resume(
-    ckpt_path: str,
-    datamodule: Any,
-    shapes: dict[str, tuple[int, ...]],
-    crs: dict[str, Any],
-    allow_crs_change: bool,
-) -> ResumeCheck:
-    """ConfigError unless `ckpt_path` resumes this run: a vitcrs checkpoint of the same data (`datamodule`'s
-    classes) and network (`shapes`), with the same crs.* settings `crs` unless `allow_crs_change`. The
-    settings that need the trainer are compared by `check_resumed_settings` once it is built."""
-    ckpt = check_checkpoint(ckpt_path, datamodule.num_classes, datamodule.name, shapes)
+def check_resume(ckpt_path: str, settings: RunSettings) -> ResumeCheck:
+    """ConfigError unless `ckpt_path` resumes the run of `settings`: a vitcrs checkpoint of the same data
+    (the data module's classes) and network (its architecture's weight shapes), with the same crs.* settings
+    unless allow_crs_change. The settings that need the trainer are compared by `check_resumed_settings`
+    once it is built."""
+    datamodule, crs = settings.datamodule, settings.crs.to_dict()
+    ckpt = check_checkpoint(
+        ckpt_path, datamodule.num_classes, datamodule.name, settings.arch.parameter_shapes
+    )
     changed = crs_changes(ckpt["hyper_parameters"], crs)
-    if changed and not allow_crs_change:
+    if changed and not settings.allow_crs_change:
         now = {k: crs.get(k) for k in changed}
         raise ConfigError(
             f"ckpt_path={ckpt_path!r} was trained with other crs settings ({changed}) than this run's "

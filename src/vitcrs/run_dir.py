@@ -1,17 +1,62 @@
-"""The run dir: one run at a time (a lock the kernel drops when its process ends), and what an existing run
-dir must hold before a launch may write into it (its files of the right kinds, no complete record)."""
+"""The run dir: where a run's files are (its last checkpoint; the run dir of a checkpoint; Hydra's saved
+config), one run at a time (a lock the kernel drops when its process ends), and what an existing run dir must
+hold before a launch may write into it (its files of the right kinds, no complete record)."""
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from vitcrs.errors import ConfigError
 from vitcrs.record import METRICS_FILE, RunRecord
 
 LOCK_NAME = ".vitcrs.lock"  # <run_dir>/.vitcrs.lock: flock-ed by the run writing there; holds its pid
+LAST = "last"  # ckpt_path=last: <run_dir>/checkpoints/last.ckpt
+log = logging.getLogger(__name__)
+
+
+def last_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """Where a run keeps its latest checkpoint: <run_dir>/checkpoints/last.ckpt (it may not exist yet)."""
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | os.PathLike) -> str | None:
+    """`last` -> <run_dir>/checkpoints/last.ckpt when it exists (else None: a fresh start); paths as given."""
+    if ckpt_path != LAST:
+        return ckpt_path
+    last = last_checkpoint(run_dir)
+    if last.is_file():
+        return str(last)
+    log.warning("ckpt_path=last: there is no %s yet, so this run starts from scratch", last)
+    return None
+
+
+def checkpoint_run_dir(ckpt_path: Any, default: str) -> str:
+    """Resolver `vitcrs.run_dir`: the run dir of an existing <run dir>/checkpoints/*.ckpt, else `default`.
+
+    Lets `ckpt_path=<run dir>/checkpoints/last.ckpt` continue the run in its own directory.
+    """
+    if isinstance(ckpt_path, str) and ckpt_path not in ("", LAST):
+        path = Path(ckpt_path).expanduser()
+        if path.is_file() and path.parent.name == "checkpoints":
+            return str(path.parent.parent)
+    return default
+
+
+def hydra_output_subdir(run_dir: Any, stamp: str) -> str | None:
+    """Resolver `vitcrs.hydra_subdir`: `.hydra`, or `.hydra/<stamp>` when the run dir already has a config.
+
+    A resumed (or re-used) run dir keeps its original `.hydra/config.yaml`; each later launch gets its own.
+    None (nothing saved) in the tasks of a multi-task SLURM job other than the first: they share its dir.
+    """
+    if os.environ.get("SLURM_PROCID", "0") != "0":
+        return None
+    if (Path(str(run_dir)) / ".hydra" / "config.yaml").is_file():
+        return f".hydra/{stamp}"
+    return ".hydra"
 
 
 class RunDirInUse(ConfigError):
@@ -68,7 +113,7 @@ def check_run_dir(run_dir: str | os.PathLike, epochs_done: int | None, max_epoch
     only resumed to train on (its checkpoint has `epochs_done` < `max_epochs`; None: a fresh start), and then
     `MetricsFile.keep_earlier_segment` keeps its record."""
     run_dir = Path(run_dir)
-    checkpoints, record = run_dir / "checkpoints", run_dir / METRICS_FILE
+    checkpoints, record = last_checkpoint(run_dir).parent, run_dir / METRICS_FILE
     if checkpoints.exists() and not checkpoints.is_dir():
         raise ConfigError(
             f"{checkpoints} exists and is not a directory: the run's checkpoints go there. Move it away, or "

@@ -1,7 +1,8 @@
 """Train, select and test one run: `python -m vitcrs.train [key=value ...]`; `-m` sweeps (one run per job).
 
-1. `validate`: every setting is checked by the object that owns it (ConfigError naming the key) before
-   anything is downloaded, loaded or written, including the checkpoint to resume from;
+1. `validate`: the composed config becomes checked, typed settings (`vitcrs.settings.RunSettings`; a
+   ConfigError names the key) before anything is loaded or written, and the checkpoint to resume from is
+   checked against them; only the model's config.json (a Hub id's) may be fetched for that;
 2. fit with AdamW (checkpointing last.ckpt and the best val/acc), then test the best checkpoint;
 3. `<run_dir>/metrics.json` is kept current throughout by `MetricsFile` (rank 0).
 Data parallel (`trainer=ddp`, `trainer=fsdp`): Lightning starts the other processes of a single run by running
@@ -19,119 +20,69 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vitcrs.callbacks import CheckpointOnSigterm, MetricsFile, describe_run, record_config_failure
-from vitcrs.conf import CONF_DIR, check_overrides, container, multirun
-from vitcrs.crs import CRSConfig
-from vitcrs.data import VisionDataModule
+from vitcrs.callbacks import CheckpointOnSigterm, MetricsFile, describe_run, record_refusal
+from vitcrs.conf import CONF_DIR, check_overrides, choice, multirun, plain, register, select
 from vitcrs.errors import ConfigError
-from vitcrs.models import ModelFamily, OptimConfig, ViTClassifier, check_architecture, model_family
+from vitcrs.models import ViTClassifier
 from vitcrs.record import METRICS_FILE
-from vitcrs.resume import (
-    check_resume,
-    check_resumed_settings,
+from vitcrs.resume import check_resume, check_resumed_settings, run_settings
+from vitcrs.run_dir import (
+    RunAlreadyComplete,
+    RunDirInUse,
+    RunDirLock,
+    check_run_dir,
     last_checkpoint,
     resolve_ckpt_path,
-    run_settings,
 )
-from vitcrs.run_dir import RunAlreadyComplete, RunDirInUse, RunDirLock, check_run_dir
-from vitcrs.trainer import build_trainer, check_trainer, quiet_known_warnings
+from vitcrs.settings import RunSettings
+from vitcrs.trainer import quiet_known_warnings
 
+# conf/ needs its resolvers and the crs defaults node before Hydra composes it: here, and in every launcher
+# worker (joblib, submitit) that imports this module to unpickle `main`.
+register()
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Preflight:
-    """What `validate` found and built: the (unprepared) data module, the sampling settings in effect and the
-    optimiser settings, the checkpoint to resume from (None: a fresh start), the crs settings it had where
-    they differ (allowed by allow_crs_change=true) and its settings that the resumed run must share
-    (`vitcrs.resume.checkpoint_settings`, compared once the trainer is built)."""
+    """What `validate` found: the run's checked settings, the checkpoint to resume from (None: a fresh start),
+    the crs settings it had where they differ (allowed by allow_crs_change=true) and its settings that the
+    resumed run must share (`vitcrs.resume.checkpoint_settings`, compared once the trainer is built)."""
 
-    datamodule: VisionDataModule
-    crs: CRSConfig
-    optim: OptimConfig
+    settings: RunSettings
     ckpt_path: str | None
     crs_before_resume: dict[str, Any]
     ckpt_settings: dict[str, Any]
 
 
-def build_datamodule(
-    cfg: DictConfig, batch_indices: bool = False, family: ModelFamily | None = None
-) -> VisionDataModule:
-    """The checked (unprepared) data module of `cfg.data` for `cfg.model`: a null data.image_size / mean /
-    std is the model's own (its family's `inputs`, read from small files only). batch_indices: training
-    batches carry the images' dataset indices (crs.prob=sample_cache). family: `cfg.model`'s, if already
-    checked. Raises ConfigError."""
-    if "batch_indices" in cfg.data:
-        raise ConfigError(
-            "data.batch_indices is set by vitcrs itself (true with crs.prob=sample_cache, whose cache needs "
-            "each training image's dataset index): drop the +data.batch_indices override."
-        )
-    model = container(cfg.model)
-    inputs = (family or model_family(model)).inputs(model)
-    size, mean, std = (cfg.data.get(k) for k in ("image_size", "mean", "std"))
-    if size is not None:
-        inputs.check_image_size(size)
-    datamodule = instantiate(
-        cfg.data,
-        _convert_="all",
-        image_size=size if size is not None else inputs.image_size,
-        mean=mean if mean is not None else list(inputs.mean),
-        std=std if std is not None else list(inputs.std),
-        batch_indices=batch_indices,
-    )
-    return datamodule.check()
-
-
 def validate(cfg: DictConfig) -> Preflight:
     """Check every setting without loading weights or data (ConfigError); nothing is written."""
     check_overrides(cfg)
-    model = container(cfg.model)
-    family = model_family(model)
-    # the settings in effect: those that change nothing at their defaults (`CRSConfig.in_effect`), so the
-    # model, its checkpoints and the record say what runs
-    crs = CRSConfig.from_settings(container(cfg.crs), model.get("attn_implementation")).in_effect()
-    optim = OptimConfig.from_settings(container(cfg.optim))
-    check_trainer(cfg.trainer)
-    trainer, fidelity = cfg.trainer, OmegaConf.select(cfg, "callbacks.grad_fidelity.every_n_steps")
-    devices = trainer.get("devices", 1)
-    processes = len(devices) if OmegaConf.is_list(devices) else devices if isinstance(devices, int) else 1
-    optim.check_in_backward(
-        trainer.get("accumulate_grad_batches"), trainer.get("gradient_clip_val"), trainer.get("precision"),
-        processes * int(trainer.get("num_nodes", 1) or 1), fidelity,
-    )  # fmt: skip
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.run_dir)
-    datamodule = build_datamodule(cfg, batch_indices=crs.prob == "sample_cache", family=family)
-    arch = family.meta_architecture(model, datamodule.num_classes)
-    check_architecture(arch, datamodule.image_size)
-    crs.check_sampled(arch, datamodule.image_size, datamodule.batch_size)
-    resumed = None
-    if ckpt_path is not None:
-        resumed = check_resume(
-            ckpt_path, datamodule, arch.parameter_shapes, crs.to_dict(), bool(cfg.allow_crs_change)
-        )
-    check_run_dir(cfg.run_dir, resumed.epochs if resumed else None, cfg.trainer.max_epochs)
-    before, settings = (resumed.crs_before, resumed.settings) if resumed else ({}, {})
-    return Preflight(datamodule, crs, optim, ckpt_path, before, settings)
+    settings = RunSettings.check(plain(cfg), choice("model"))
+    ckpt_path = resolve_ckpt_path(settings.ckpt_path, settings.run_dir)
+    resumed = check_resume(ckpt_path, settings) if ckpt_path is not None else None
+    check_run_dir(settings.run_dir, resumed.epochs if resumed else None, settings.trainer.max_epochs)
+    before, saved = (resumed.crs_before, resumed.settings) if resumed else ({}, {})
+    return Preflight(settings, ckpt_path, before, saved)
 
 
 def train(cfg: DictConfig) -> float | None:
     """One run as configured (cfg.run_dir must resolve); returns the best val accuracy."""
     quiet_known_warnings()
     run = validate(cfg)
-    datamodule, run_dir = run.datamodule, Path(cfg.run_dir)
-    seed_everything(cfg.seed, workers=True, verbose=False)
-    record = describe_run(cfg, datamodule, run.crs_before_resume, run.crs)
-    metrics = MetricsFile(run_dir / METRICS_FILE, record)
+    settings = run.settings
+    datamodule, run_dir = settings.datamodule, settings.run_dir
+    seed_everything(settings.seed, workers=True, verbose=False)
+    metrics = MetricsFile(run_dir / METRICS_FILE, describe_run(settings, run.crs_before_resume))
     on_sigterm = CheckpointOnSigterm(last_checkpoint(run_dir))  # before metrics: see its docstring
-    trainer, loggers = build_trainer(cfg, [on_sigterm, metrics])
+    trainer, loggers = settings.trainer.build([on_sigterm, metrics], sweep=multirun())
     # What must match a resumed checkpoint: checked now that the trainer (precision, processes) is known,
     # still before anything is written; kept in this run's checkpoints for the next resume.
-    metrics.resume_settings = run_settings(cfg, datamodule, run.optim, trainer)
+    metrics.resume_settings = run_settings(settings, trainer)
     if run.ckpt_path is not None:
         check_resumed_settings(run.ckpt_path, run.ckpt_settings, metrics.resume_settings)
     metrics.attach(trainer)
@@ -157,12 +108,12 @@ def train(cfg: DictConfig) -> float | None:
         warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
     try:
         model = ViTClassifier(
-            model=container(cfg.model),
-            crs=run.crs,
-            optim=run.optim,
+            model=settings.model,
+            crs=settings.crs,
+            optim=settings.optim,
             num_labels=datamodule.num_classes,
             class_names=list(datamodule.class_names),
-            seed=cfg.seed,
+            seed=settings.seed,
             image_size=datamodule.image_size,
         )
         # weights_only: checkpoints are unpickled by torch's weights-only unpickler, never run (vitcrs.resume)
@@ -195,6 +146,21 @@ def train(cfg: DictConfig) -> float | None:
     return metrics.record.val_acc
 
 
+def record_refused_job(cfg: DictConfig, err: ConfigError) -> None:
+    """A sweep job refused before training: its "failed" metrics.json, with what its config says (raw)."""
+    run_dir = select(cfg, "run_dir")
+    if run_dir is not None:
+        fields = {
+            "dataset": "data.name",
+            "ratio": "crs.ratio",
+            "method": "crs.method",
+            "targets": "crs.targets",
+        }
+        record_refusal(
+            run_dir, err, seed=select(cfg, "seed"), **{f: select(cfg, k) for f, k in fields.items()}
+        )
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
@@ -215,7 +181,7 @@ def main(cfg: DictConfig) -> float | None:
     except (ConfigError, FloatingPointError) as err:
         if multirun():
             if isinstance(err, ConfigError) and not isinstance(err, RunDirInUse):  # not the other run's dir
-                record_config_failure(cfg, err)
+                record_refused_job(cfg, err)
             raise  # Hydra reports it and goes on with the other jobs
         # A bad setting, or a diverged run: the message says it all, no traceback.
         log.error("%s", err)

@@ -1,11 +1,14 @@
-"""The Lightning `Trainer` of a run, from `cfg.trainer`, `cfg.callbacks` and `cfg.logger`: the checks of those
-settings (ConfigError before anything runs), and the notices a normal run need not show."""
+"""The Lightning `Trainer` of a run, from the `trainer`, `callbacks` and `logger` config nodes
+(`TrainerSettings`): the checks of those settings (ConfigError before anything runs), and the notices a
+normal run need not show."""
 
 from __future__ import annotations
 
 import logging
 import math
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,20 +21,77 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-from omegaconf import DictConfig
 
-from vitcrs.conf import multirun
-from vitcrs.errors import ConfigError
+from vitcrs.errors import ConfigError, check_int
 
 
-def check_trainer_length(trainer: DictConfig) -> None:
-    """ConfigError unless the run trains: trainer.max_epochs >= 1 and some training batches per epoch."""
-    epochs = trainer.get("max_epochs")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError(
-            f"trainer.max_epochs={epochs!r} is invalid: it must be an integer >= 1, e.g. "
-            "trainer.max_epochs=3."
+@dataclass(frozen=True)
+class TrainerSettings:
+    """The checked `trainer`, `callbacks` and `logger` config nodes (plain, as Hydra instantiates them): the
+    run's Trainer (`build`) and the figures the other checks and the record read. `check` refuses what would
+    train nothing, clip otherwise than recorded, or need a GPU that is not there."""
+
+    trainer: dict[str, Any]
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    loggers: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def check(
+        cls,
+        trainer: Mapping[str, Any],
+        callbacks: Mapping[str, Any] | None = None,
+        loggers: Mapping[str, Any] | None = None,
+    ) -> TrainerSettings:
+        """The settings of these nodes, checked (`check_trainer`); ConfigError naming the key."""
+        check_trainer(trainer)
+        return cls(dict(trainer), dict(callbacks or {}), dict(loggers or {}))
+
+    @property
+    def max_epochs(self) -> int:
+        return int(self.trainer["max_epochs"])
+
+    @property
+    def precision(self) -> str:
+        """trainer.precision as configured (Lightning may run another: see `MetricsFile.attach`)."""
+        return str(self.trainer.get("precision"))
+
+    @property
+    def processes(self) -> int:
+        """The data-parallel processes asked for: trainer.devices (a count or a list) x trainer.num_nodes."""
+        devices = self.trainer.get("devices", 1)
+        per_node = (
+            len(devices) if isinstance(devices, list | tuple) else devices if isinstance(devices, int) else 1
         )
+        return per_node * int(self.trainer.get("num_nodes", 1) or 1)
+
+    @property
+    def fidelity_every(self) -> Any:
+        """callbacks.grad_fidelity.every_n_steps (None without that callback)."""
+        return (self.callbacks.get("grad_fidelity") or {}).get("every_n_steps")
+
+    def build(self, extra_callbacks: list[Callback], sweep: bool = False) -> tuple[Trainer, list[Logger]]:
+        """The configured callbacks (then `extra_callbacks`), loggers and Trainer; ConfigError for settings
+        Lightning refuses and for data-parallel launches that cannot work (`sweep`: a job of a -m sweep)."""
+        try:
+            callbacks: list[Callback] = _instantiate_all(self.callbacks)
+            loggers: list[Logger] = _instantiate_all(self.loggers)
+            trainer = instantiate(
+                self.trainer, callbacks=[*callbacks, *extra_callbacks], logger=loggers or False
+            )
+        except (InstantiationException, MisconfigurationException) as err:
+            cause = err.__cause__ or err
+            if isinstance(cause, ConfigError):  # a check of vitcrs's own (a callback's setting): as it is
+                raise ConfigError(str(cause)) from err
+            raise ConfigError(
+                f"trainer/callbacks/logger settings are refused by Lightning: {type(cause).__name__}: {cause}"
+            ) from err
+        check_processes(trainer, sweep)
+        return trainer, loggers
+
+
+def check_trainer_length(trainer: Mapping[str, Any]) -> None:
+    """ConfigError unless the run trains: trainer.max_epochs >= 1 and some training batches per epoch."""
+    check_int("trainer.max_epochs", trainer.get("max_epochs"), 1, example=3)
     limit = trainer.get("limit_train_batches")
     share = isinstance(limit, float) and math.isfinite(limit) and 0 < limit <= 1
     count = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
@@ -43,7 +103,7 @@ def check_trainer_length(trainer: DictConfig) -> None:
         )
 
 
-def check_trainer(trainer: DictConfig) -> None:
+def check_trainer(trainer: Mapping[str, Any]) -> None:
     """ConfigError for trainer settings that would train nothing (`check_trainer_length`), that Lightning
     would take to mean something else than the record says (a gradient_clip_val <= 0 turns clipping off), or
     that cannot run here (a GPU accelerator without a GPU): each names the key and the fix."""
@@ -68,31 +128,14 @@ def check_trainer(trainer: DictConfig) -> None:
         )
 
 
-def _instantiate_all(node: DictConfig | None) -> list[Any]:
+def _instantiate_all(node: Mapping[str, Any]) -> list[Any]:
     """Instantiate each non-null entry of a name -> config mapping, in order."""
-    return [instantiate(c) for c in (node or {}).values() if c is not None]
+    return [instantiate(c) for c in node.values() if c is not None]
 
 
-def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback]) -> tuple[Trainer, list[Logger]]:
-    """The configured callbacks (then `extra_callbacks`), loggers and Trainer; ConfigError for settings
-    Lightning refuses and for data-parallel launches that cannot work."""
-    try:
-        callbacks: list[Callback] = _instantiate_all(cfg.get("callbacks"))
-        loggers: list[Logger] = _instantiate_all(cfg.get("logger"))
-        trainer = instantiate(cfg.trainer, callbacks=[*callbacks, *extra_callbacks], logger=loggers or False)
-    except (InstantiationException, MisconfigurationException) as err:
-        cause = err.__cause__ or err
-        if isinstance(cause, ConfigError):  # a check of vitcrs's own (a callback's setting): as it is
-            raise ConfigError(str(cause)) from err
-        raise ConfigError(
-            f"trainer/callbacks/logger settings are refused by Lightning: {type(cause).__name__}: {cause}"
-        ) from err
-    check_processes(trainer)
-    return trainer, loggers
-
-
-def check_processes(trainer: Trainer) -> None:
-    """ConfigError for data-parallel launches that cannot work: spawned processes, re-run -m sweeps."""
+def check_processes(trainer: Trainer, sweep: bool = False) -> None:
+    """ConfigError for data-parallel launches that cannot work: spawned processes, and extra processes in a
+    job of a -m sweep (`sweep`), which Lightning would start by re-running the whole sweep."""
     strategy = trainer.strategy
     launcher = getattr(strategy, "launcher", None)
     env = getattr(strategy, "cluster_environment", None)
@@ -104,7 +147,7 @@ def check_processes(trainer: Trainer) -> None:
             "which vitcrs does not support: use trainer=ddp or trainer=fsdp (they run the command again per "
             "device)."
         )
-    if multirun():
+    if sweep:
         raise ConfigError(
             f"trainer.devices x trainer.num_nodes = {trainer.world_size} processes in a -m sweep: Lightning "
             "would start each extra process by re-running the whole sweep. Run data-parallel sweeps with "

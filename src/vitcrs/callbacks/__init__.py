@@ -2,20 +2,17 @@
 follow a moved run dir and one on SIGTERM, and fault injection for tests."""
 
 from .checkpoint import RunDirCheckpoint
-from .faults import FaultInjector
 from .grad_fidelity import GradFidelityMonitor
 from .interrupt import CheckpointOnSigterm
 from .memory import PeakMemoryMonitor
-from .metrics_file import MetricsFile, describe_run, record_config_failure, write_json_atomic
+from .metrics_file import MetricsFile, describe_run, record_refusal
 
 __all__ = [
     "CheckpointOnSigterm",
-    "FaultInjector",
     "GradFidelityMonitor",
     "MetricsFile",
     "PeakMemoryMonitor",
     "RunDirCheckpoint",
     "describe_run",
-    "record_config_failure",
-    "write_json_atomic",
+    "record_refusal",
 ]

@@ -11,8 +11,8 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor
 
 from vitcrs.crs import uninjected
-from vitcrs.errors import ConfigError
-from vitcrs.fidelity.metric import grad_fidelity, measured_parameters
+from vitcrs.errors import ConfigError, check_int
+from vitcrs.models.fidelity import grad_fidelity, measured_parameters
 from vitcrs.record import RunRecord
 
 REL_ERR, COS = "fidelity/rel_err", "fidelity/cos"
@@ -21,8 +21,8 @@ REL_ERR, COS = "fidelity/rel_err", "fidelity/cos"
 class GradFidelityMonitor(Callback):
     """Every `every_n_steps` optimizer steps (steps 0, n, 2n, ...; 0: never), after backward and before the
     optimizer step (and before gradient clipping), computes the exact gradient of the same batch and logs
-    `fidelity/rel_err` = ‖ĝ − g‖² / ‖g‖² and `fidelity/cos` (`vitcrs.fidelity.grad_fidelity`: every parameter
-    but the classifier head) to every logger at that step. metrics.json gets their run means
+    `fidelity/rel_err` = ‖ĝ − g‖² / ‖g‖² and `fidelity/cos` (`vitcrs.models.fidelity.grad_fidelity`: every
+    parameter but the classifier head) to every logger at that step. metrics.json gets their run means
     (`fidelity_rel_err`, `fidelity_cos`; null when nothing was measured).
 
     - The exact gradient comes from the same micro-batches the step accumulated (gradient accumulation: each
@@ -38,12 +38,7 @@ class GradFidelityMonitor(Callback):
     """
 
     def __init__(self, every_n_steps: int = 0) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
-            raise ConfigError(
-                f"callbacks.grad_fidelity.every_n_steps={every_n_steps!r} is invalid: it must be an integer "
-                ">= 0 (0: off), e.g. callbacks.grad_fidelity.every_n_steps=50."
-            )
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = check_int("callbacks.grad_fidelity.every_n_steps", every_n_steps, 0, example=50)
         self._step: int | None = None  # the optimizer step whose micro-batches are kept
         self._batches: list[tuple[Any, dict[str, Tensor]]] = []
         self._sums = {REL_ERR: 0.0, COS: 0.0}

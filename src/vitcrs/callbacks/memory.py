@@ -12,9 +12,9 @@ from torch import Tensor
 
 from vitcrs.crs import SavedTensorsMeter, crs_state, uninjected
 from vitcrs.distributed import gather_objects, sync_logged_metrics
-from vitcrs.errors import ConfigError
-from vitcrs.record import RunRecord
-from vitcrs.units import GIB
+from vitcrs.errors import check_int
+from vitcrs.record import KEY, RunRecord
+from vitcrs.units import GIB, MIB
 
 
 class PeakMemoryMonitor(Callback):
@@ -41,12 +41,7 @@ class PeakMemoryMonitor(Callback):
     """
 
     def __init__(self, warmup_batches: int = 2) -> None:
-        if isinstance(warmup_batches, bool) or not isinstance(warmup_batches, int) or warmup_batches < 0:
-            raise ConfigError(
-                f"callbacks.memory.warmup_batches={warmup_batches!r} is invalid: it must be an integer >= 0 "
-                "(the first training batches left out of images/s), e.g. callbacks.memory.warmup_batches=2."
-            )
-        self.warmup_batches = warmup_batches
+        self.warmup_batches = check_int("callbacks.memory.warmup_batches", warmup_batches, 0, example=2)
         self.peak_allocated_gib: float | None = None
         self.peak_reserved_gib: float | None = None
         self.saved_bytes_per_step: int | None = None
@@ -100,8 +95,8 @@ class PeakMemoryMonitor(Callback):
             self.peak_reserved_gib = state["peak_reserved_gib"]
             self._images, self._seconds = state["images"], state["seconds"]
             # measured on the run's first batch: a resumed segment with no training batch left keeps them
-            self.saved_bytes_per_step = state.get("saved_bytes_per_step")
-            self.saved_bytes_per_step_exact = state.get("saved_bytes_per_step_exact")
+            self.saved_bytes_per_step = state.get(KEY.saved_bytes_per_step)
+            self.saved_bytes_per_step_exact = state.get(KEY.saved_bytes_per_step_exact)
             rows, rank = state.get("per_rank"), trainer.global_rank
             if rows is not None and len(rows) == trainer.world_size:  # this rank's own figures
                 self._per_rank = rows
@@ -173,9 +168,9 @@ class PeakMemoryMonitor(Callback):
             pl_module.log("mem/peak_allocated_gib", allocated, sync_dist=True, reduce_fx="max")
             pl_module.log("mem/peak_reserved_gib", reserved, sync_dist=True, reduce_fx="max")
         if self.saved_bytes_per_step is not None:
-            pl_module.log("mem/saved_mib_per_step", self.saved_bytes_per_step / 2**20, sync_dist=True)
+            pl_module.log("mem/saved_mib_per_step", self.saved_bytes_per_step / MIB, sync_dist=True)
         if self.saved_bytes_per_step_exact is not None:
-            exact_mib = self.saved_bytes_per_step_exact / 2**20
+            exact_mib = self.saved_bytes_per_step_exact / MIB
             pl_module.log("mem/saved_mib_per_step_exact", exact_mib, sync_dist=True)
         if self._epoch_seconds > 0:
             # all ranks together (each rank's images per second, summed)
@@ -202,8 +197,8 @@ class PeakMemoryMonitor(Callback):
             "images": self._images,
             "seconds": self._seconds,
             "per_rank": self._per_rank,
-            "saved_bytes_per_step": self.saved_bytes_per_step,
-            "saved_bytes_per_step_exact": self.saved_bytes_per_step_exact,
+            KEY.saved_bytes_per_step: self.saved_bytes_per_step,
+            KEY.saved_bytes_per_step_exact: self.saved_bytes_per_step_exact,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

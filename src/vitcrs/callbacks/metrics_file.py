@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -16,40 +14,19 @@ from typing import Any
 import lightning
 import torch
 import transformers
-from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
 
 import vitcrs
-from vitcrs.crs import CRSConfig
 from vitcrs.errors import ConfigError
-from vitcrs.models.registry import model_label
-from vitcrs.record import METRICS_FILE, STATUSES, RunRecord
+from vitcrs.files import write_json_atomic
+from vitcrs.record import KEY, METRICS_FILE, STATUSES, RunRecord
+from vitcrs.run_dir import last_checkpoint
+from vitcrs.settings import RunSettings
 
 from .grad_fidelity import GradFidelityMonitor
 from .memory import PeakMemoryMonitor
-
-_UMASK = os.umask(0o022)  # read the process umask (and put it back): written files get the usual mode
-os.umask(_UMASK)
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write `data` to `path` via a temporary file and `os.replace`: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); a result file is for everyone
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def describe_device(device: torch.device) -> str:
@@ -59,28 +36,20 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
-def describe_run(
-    cfg: DictConfig,
-    datamodule: Any,
-    crs_before_resume: dict[str, Any] | None = None,
-    crs: CRSConfig | None = None,
-) -> RunRecord:
-    """The fields of metrics.json known before training; `crs_before_resume`: the crs settings a resumed
-    checkpoint had where they differ (allow_crs_change=true), recorded under settings. `crs`: the sampling
-    settings that run (`CRSConfig.in_effect`; default: those of cfg.crs), so that runs that sample alike are
-    recorded alike. The settings that depend on the trainer (precision, world size, effective batch) are
-    filled in by `MetricsFile.attach`."""
-    if crs is None:
-        node = OmegaConf.to_container(cfg.crs, resolve=True)
-        crs = CRSConfig.from_settings(node, cfg.model.attn_implementation).in_effect()  # type: ignore[arg-type]
-    model_choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
-    settings = {
-        "model": model_label(OmegaConf.to_container(cfg.model, resolve=True), model_choice),
-        "attn_implementation": cfg.model.get("attn_implementation", "eager"),
-        "precision": str(cfg.trainer.precision),
+def describe_run(settings: RunSettings, crs_before_resume: dict[str, Any] | None = None) -> RunRecord:
+    """The fields of metrics.json known before training, from the run's checked settings (the sampling
+    settings in effect, `CRSConfig.in_effect`, so that runs that sample alike are recorded alike);
+    `crs_before_resume`: the crs settings a resumed checkpoint had where they differ (allow_crs_change=true),
+    recorded under settings. The settings that depend on the trainer (precision, world size, effective batch)
+    are filled in by `MetricsFile.attach`."""
+    crs, datamodule = settings.crs, settings.datamodule
+    recorded = {
+        "model": settings.model_label,
+        "attn_implementation": settings.attn_implementation,
+        "precision": settings.trainer.precision,
         "batch_size": datamodule.batch_size,
-        "max_epochs": cfg.trainer.max_epochs,
-        "lr": cfg.optim.lr,
+        "max_epochs": settings.trainer.max_epochs,
+        "lr": settings.optim.lr,
         "image_size": datamodule.image_size,
         "method": crs.method,
         "targets": list(crs.targets),
@@ -88,7 +57,7 @@ def describe_run(
         "limit_train": datamodule.limit_train,
     }
     if crs_before_resume:
-        settings["crs_before_resume"] = crs_before_resume
+        recorded["crs_before_resume"] = crs_before_resume
     return RunRecord(
         dataset=datamodule.name,
         label_type=datamodule.label_type,
@@ -96,43 +65,27 @@ def describe_run(
         ratio=float(crs.ratio),
         method=crs.method,
         targets=list(crs.targets),
-        seed=cfg.seed,
+        seed=settings.seed,
         versions={
             "vitcrs": vitcrs.__version__,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "lightning": lightning.__version__,
         },
-        settings=settings,
-        run_dir=str(Path(cfg.run_dir).resolve()),
+        settings=recorded,
+        run_dir=str(settings.run_dir.resolve()),
     )
 
 
-def record_config_failure(cfg: DictConfig, err: ConfigError) -> None:
-    """A multirun job refused before training: a "failed" metrics.json naming the error, unless one exists."""
-    try:
-        path = Path(cfg.run_dir) / METRICS_FILE
-    except Exception:  # no run dir to write to
-        return
+def record_refusal(run_dir: str | os.PathLike, err: ConfigError, **fields: Any) -> None:
+    """A sweep job refused before training: a "failed" metrics.json in `run_dir` naming the error, with the
+    RunRecord `fields` its configuration gives as they are (unchecked), unless the dir has a record already
+    (an earlier run's, left as it is)."""
+    path = Path(run_dir) / METRICS_FILE
     if path.exists():
-        return  # an earlier run's record in this dir is left as it is
-
-    def select(key: str) -> Any:
-        try:
-            value = OmegaConf.select(cfg, key, throw_on_missing=False)
-            return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-        except Exception:
-            return None
-
+        return
     record = RunRecord(
-        status="failed",
-        dataset=select("data.name"),
-        ratio=select("crs.ratio"),
-        method=select("crs.method"),
-        targets=select("crs.targets"),
-        seed=select("seed"),
-        run_dir=str(path.parent.resolve()),
-        error=f"ConfigError: {err}",
+        status="failed", run_dir=str(path.parent.resolve()), error=f"ConfigError: {err}", **fields
     )
     write_json_atomic(path, record.to_json())
 
@@ -210,7 +163,7 @@ class MetricsFile(Callback):
         if isinstance(error, ConfigError) and not self._written:
             return
         if isinstance(error, SIGTERMException):
-            trainer, last = self._trainer, self.path.parent / "checkpoints" / "last.ckpt"
+            trainer, last = self._trainer, last_checkpoint(self.path.parent)
             where = f" at epoch {trainer.current_epoch}, step {trainer.global_step}" if trainer else ""
             self.write(
                 "interrupted",
@@ -231,7 +184,7 @@ class MetricsFile(Callback):
             return
         settings["precision"] = str(trainer.precision)
         if trainer.world_size > 1:
-            settings["world_size"] = trainer.world_size
+            settings[KEY.world_size] = trainer.world_size
         batch = settings.get("batch_size")
         if isinstance(batch, int):
             effective = batch * int(trainer.accumulate_grad_batches) * trainer.world_size
@@ -256,8 +209,8 @@ class MetricsFile(Callback):
         self._trainer = trainer
         if self._restored is not None:  # resuming a run
             state, self._restored = self._restored, None
-            self.record.val_acc, self.record.epochs = state["val_acc"], state["epochs"]
-            self._earlier_s = state["wall_time_s"]
+            self.record.val_acc, self.record.epochs = state[KEY.val_acc], state[KEY.epochs]
+            self._earlier_s = state[KEY.wall_time_s]
         self._start = time.perf_counter()
         self.write("incomplete", device=describe_device(pl_module.device), world_size=trainer.world_size)
 
@@ -288,10 +241,10 @@ class MetricsFile(Callback):
             uncounted = epoch.ready > epoch.completed and ready >= trainer.num_training_batches
             epochs = trainer.current_epoch + int(uncounted)
         return {
-            "val_acc": self.record.val_acc,
-            "epochs": epochs,
-            "wall_time_s": self._earlier_s + elapsed,
-            "settings": dict(self.resume_settings),
+            KEY.val_acc: self.record.val_acc,
+            KEY.epochs: epochs,
+            KEY.wall_time_s: self._earlier_s + elapsed,
+            KEY.settings: dict(self.resume_settings),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

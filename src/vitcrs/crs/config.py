@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from vitcrs.errors import ConfigError
+from vitcrs.errors import ConfigError, check_int
 
 from .targets import ALL_TARGETS, MATMUL_TARGETS, validate_targets
 
@@ -84,8 +84,7 @@ class CRSConfig:
             )
         if self.method not in METHODS:
             raise ValueError(f"crs.method={self.method!r} is unknown: choose one of {', '.join(METHODS)}.")
-        if isinstance(self.min_k, bool) or not isinstance(self.min_k, int) or self.min_k < 1:
-            raise ValueError(f"crs.min_k={self.min_k!r} is invalid: it must be an integer >= 1.")
+        check_int("crs.min_k", self.min_k, 1, example=1)
         if self.prob not in PROBS:
             raise ValueError(f"crs.prob={self.prob!r} is unknown: choose one of {', '.join(PROBS)}.")
         if not isinstance(self.grad_ema, (int, float)) or not (0.0 <= self.grad_ema < 1.0):

@@ -24,8 +24,8 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from vitcrs.data.source import DataSource, Splits, bad_setting, need_bool
-from vitcrs.errors import ConfigError
+from vitcrs.data.source import DataSource, Splits
+from vitcrs.errors import ConfigError, bad_setting, check_bool
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -400,8 +400,8 @@ class CifarSource(DataSource):
                 f"{' | '.join(spec.label_keys)} for {spec.title} ('coarse' only with CIFAR-100)",
                 "set data.source.label_type=fine (dataset=cifar100_coarse: CIFAR-100's 20 superclasses)",
             )
-        need_bool("data.source.download", self.download)
-        need_bool("data.source.verify_checksum", self.verify_checksum)
+        check_bool("data.source.download", self.download)
+        check_bool("data.source.verify_checksum", self.verify_checksum)
         return spec
 
     def class_names(self, root: Path) -> list[str]:

@@ -2,11 +2,11 @@
 
 Life cycle (what the app does)::
 
-    dm = hydra.utils.instantiate(cfg.data, image_size=..., mean=..., std=...)  # never raises, reads little
-    dm.check()                       # every setting + the data's presence/integrity, ConfigError on a problem
+    dm = build_datamodule(data_node, family.inputs(model_node))  # instantiate + check(): ConfigError on a
+                                             # bad setting or missing/corrupt data; nothing decoded
     model = ...(num_labels=dm.num_classes)   # num_classes / class_names known without decoding images
     trainer.fit(model, datamodule=dm)        # prepare_data (download/extract) -> setup -> loaders
-    metrics["data"] = dm.describe()
+    dm.describe()                            # the splits' sizes and settings (logged at setup)
 
 Loaders yield ``(uint8 [B, 3, h, w], int64 [B])`` at native resolution (training batches randomly cropped and
 flipped, a function of (seed, epoch, step, rank): `vitcrs.data.train_loader`; with ``batch_indices`` they
@@ -23,20 +23,22 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from vitcrs.data.cifar import resolve_root
-from vitcrs.data.source import DataSource, bad_setting, need_bool, need_int
+from vitcrs.data.inputs import ModelInputs
+from vitcrs.data.source import DataSource
 from vitcrs.data.train_loader import EpochSampler, TrainLoader
 from vitcrs.data.transforms import BatchCollate, ImageTensorDataset, to_model_input
-from vitcrs.errors import ConfigError
+from vitcrs.errors import ConfigError, bad_setting, check_bool, check_int
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +149,8 @@ class VisionDataModule(L.LightningDataModule):
             raise bad_setting(
                 "data.name", self.name, "a non-empty string", "set data.name, e.g. data.name=cifar10"
             )
-        need_int("data.batch_size", self.batch_size, 1)
-        need_int("data.num_workers", self.num_workers, 0)
+        check_int("data.batch_size", self.batch_size, 1)
+        check_int("data.num_workers", self.num_workers, 0)
         vf = self.val_fraction
         if isinstance(vf, bool) or not isinstance(vf, int | float) or not (0 <= vf < 1) or math.isnan(vf):
             raise bad_setting(
@@ -157,9 +159,9 @@ class VisionDataModule(L.LightningDataModule):
                 "a number in [0, 1) (0: no validation split)",
                 "set e.g. data.val_fraction=0.1",
             )
-        need_int("data.split_seed", self.split_seed, 0)
-        need_bool("data.augment", self.augment)
-        need_int("data.image_size", self.image_size, 1)
+        check_int("data.split_seed", self.split_seed, 0)
+        check_bool("data.augment", self.augment)
+        check_int("data.image_size", self.image_size, 1)
         for key in ("mean", "std"):
             v = getattr(self, key)
             if not isinstance(v, list) or len(v) != 3 or not all(_finite(x) for x in v):
@@ -172,9 +174,9 @@ class VisionDataModule(L.LightningDataModule):
         if any(s <= 0 for s in self.std):
             raise bad_setting("data.std", self.std, "3 numbers > 0", "set e.g. data.std=[0.5,0.5,0.5]")
         if self.limit_train is not None:
-            need_int("data.limit_train", self.limit_train, 1)
-        need_int("data.seed", self.seed, 0)
-        need_bool("batch_indices", self.batch_indices)
+            check_int("data.limit_train", self.limit_train, 1)
+        check_int("data.seed", self.seed, 0)
+        check_bool("batch_indices", self.batch_indices)
 
     # ------------------------------------------------------------------ classes (no image decoding)
 
@@ -313,7 +315,8 @@ class VisionDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ reporting
 
     def describe(self) -> dict[str, Any]:
-        """What the app writes into metrics.json (loads the data if not done yet, for the split sizes)."""
+        """The data's settings and its splits' sizes, as logged when it is set up (loads the data if not
+        done yet, for the split sizes)."""
         if self.train_dataset is None:
             self.setup()
         train, val, test = self.train_dataset, self.val_dataset, self.test_dataset
@@ -332,3 +335,29 @@ class VisionDataModule(L.LightningDataModule):
             "split_seed": int(self.split_seed),
             "limit_train": self.limit_train,
         }
+
+
+def build_datamodule(
+    data: Mapping[str, Any], inputs: ModelInputs, batch_indices: bool = False
+) -> VisionDataModule:
+    """The checked (unprepared) data module of the `data` config node (plain: its `_target_`, `source`, ...)
+    for a network with input contract `inputs` (`ModelFamily.inputs`): a null data.image_size / mean / std
+    is the network's own, another image size must suit its patches. batch_indices: training batches carry
+    the images' dataset indices (crs.prob=sample_cache). Raises ConfigError; nothing is decoded or written."""
+    if "batch_indices" in data:
+        raise ConfigError(
+            "data.batch_indices is set by vitcrs itself (true with crs.prob=sample_cache, whose cache needs "
+            "each training image's dataset index): drop the +data.batch_indices override."
+        )
+    size, mean, std = (data.get(k) for k in ("image_size", "mean", "std"))
+    if size is not None:
+        inputs.check_image_size(size)
+    datamodule = instantiate(
+        dict(data),
+        _convert_="all",
+        image_size=size if size is not None else inputs.image_size,
+        mean=mean if mean is not None else list(inputs.mean),
+        std=std if std is not None else list(inputs.std),
+        batch_indices=batch_indices,
+    )
+    return datamodule.check()

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from vitcrs.data.source import DataSource, Splits, need_int
-from vitcrs.errors import ConfigError
+from vitcrs.data.source import DataSource, Splits
+from vitcrs.errors import ConfigError, check_int
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,25 @@ def _hint(root: Path) -> str:
     return ""
 
 
+def _split_folder(root: Path, split: str, fix: str, hint: str = "") -> Path:
+    """root/split; ConfigError naming data.root, the layout and `fix` when it is not a folder."""
+    folder = root / split
+    if not folder.is_dir():
+        raise ConfigError(
+            f"data.root={str(root)!r}: no {folder}/ folder; source=imagefolder expects {LAYOUT}.{hint} "
+            f"Fix: {fix}"
+        )
+    return folder
+
+
+def _names(names: list[str]) -> str:
+    """The first five of `names`, and "..." when there are more."""
+    return ", ".join(names[:5]) + ("..." if len(names) > 5 else "")
+
+
 def class_names(root: Path) -> list[str]:
     """Sorted class folders of ``root/train``; ConfigError when there are fewer than 2 (no image decoding)."""
-    train = root / "train"
-    if not train.is_dir():
-        raise ConfigError(
-            f"data.root={str(root)!r}: no {train}/ folder; source=imagefolder expects {LAYOUT}.{_hint(root)}"
-            f" Fix: point data.root at such a tree."
-        )
+    train = _split_folder(root, "train", "point data.root at such a tree.", _hint(root))
     classes = _subdirs(train)
     if not classes:
         raise ConfigError(
@@ -93,12 +104,7 @@ def check(root: Path) -> dict[str, list[tuple[os.DirEntry, int]]]:
 def _checked(root: Path) -> tuple[list[str], dict[str, list[tuple[os.DirEntry, int]]]]:
     """`check`, returning the class names it read as well."""
     classes = class_names(root)
-    test = root / "test"
-    if not test.is_dir():
-        raise ConfigError(
-            f"data.root={str(root)!r}: no {test}/ folder; source=imagefolder expects {LAYOUT}. "
-            f"Fix: add the test split as {test}/<class>/<image>."
-        )
+    test = _split_folder(root, "test", f"add the test split as {root / 'test'}/<class>/<image>.")
     test_classes = _subdirs(test)
     if set(test_classes) != set(classes):
         only_train = sorted(set(classes) - set(test_classes))
@@ -113,9 +119,9 @@ def _checked(root: Path) -> tuple[list[str], dict[str, list[tuple[os.DirEntry, i
     empty = [name for label, name in enumerate(classes) if label not in present]
     if empty:
         raise ConfigError(
-            f"data.root={str(root)!r}: train class folders without images ({', '.join(empty[:5])}"
-            f"{'...' if len(empty) > 5 else ''}); images must end in one of {', '.join(IMAGE_EXTENSIONS)}. "
-            f"Fix: add images or remove those folders from train/ and test/."
+            f"data.root={str(root)!r}: train class folders without images ({_names(empty)}); images must "
+            f"end in one of {', '.join(IMAGE_EXTENSIONS)}. Fix: add images or remove those folders from "
+            "train/ and test/."
         )
     if not files["test"]:
         raise ConfigError(
@@ -126,10 +132,10 @@ def _checked(root: Path) -> tuple[list[str], dict[str, list[tuple[os.DirEntry, i
     untested = [name for label, name in enumerate(classes) if label not in tested]
     if untested:
         raise ConfigError(
-            f"data.root={str(root)!r}: test class folders without images ({', '.join(untested[:5])}"
-            f"{'...' if len(untested) > 5 else ''}): the test accuracy would cover "
-            f"{len(classes) - len(untested)} of the {len(classes)} classes. Fix: add test images to them "
-            f"(extensions {', '.join(IMAGE_EXTENSIONS)}), or remove those folders from train/ and test/."
+            f"data.root={str(root)!r}: test class folders without images ({_names(untested)}): the "
+            f"test accuracy would cover {len(classes) - len(untested)} of the {len(classes)} classes. Fix: "
+            f"add test images to them (extensions {', '.join(IMAGE_EXTENSIONS)}), or remove those folders "
+            "from train/ and test/."
         )
     return classes, files
 
@@ -237,10 +243,10 @@ class ImageFolderSource(DataSource):
         return class_names(root)
 
     def check(self, root: Path) -> None:
-        need_int("data.source.load_size", self.load_size, 8)
+        check_int("data.source.load_size", self.load_size, 8)
         check(root)
 
     def load(self, root: Path) -> Splits:
-        need_int("data.source.load_size", self.load_size, 8)
+        check_int("data.source.load_size", self.load_size, 8)
         data = load(root, self.load_size, threads=os.cpu_count())
         return (*data["train"], *data["test"])

@@ -10,30 +10,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-
-from vitcrs.errors import ConfigError
 
 # (train images uint8 [N, 3, H, W], train labels int64 [N], test images, test labels)
 Splits = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def bad_setting(key: str, value: Any, allowed: str, fix: str = "") -> ConfigError:
-    """The ConfigError of a bad setting: the key, its value, what is allowed and the fix."""
-    return ConfigError(f"{key}={value!r} is invalid: allowed {allowed}. Fix: {fix or f'set {key}'}.")
-
-
-def need_int(key: str, value: Any, lo: int) -> None:
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < lo:
-        raise bad_setting(key, value, f"an integer >= {lo}")
-
-
-def need_bool(key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise bad_setting(key, value, "true or false")
 
 
 class DataSource(ABC):

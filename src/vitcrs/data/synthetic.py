@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vitcrs.data.source import DataSource, Splits, need_int
+from vitcrs.data.source import DataSource, Splits
+from vitcrs.errors import check_int
 
 NOISE_STD = 0.08  # per-pixel Gaussian noise, in [0, 1] intensity units
 BRIGHTNESS = 0.10  # per-image uniform brightness shift in [-BRIGHTNESS, BRIGHTNESS]
@@ -89,11 +90,11 @@ class SyntheticSource(DataSource):
         self.seed = seed
 
     def check(self, root: Path) -> None:
-        need_int("data.source.num_classes", self.num_classes, 2)
-        need_int("data.source.num_train", self.num_train, 1)
-        need_int("data.source.num_test", self.num_test, 1)
-        need_int("data.source.native_size", self.native_size, 8)
-        need_int("data.source.seed", self.seed, 0)
+        check_int("data.source.num_classes", self.num_classes, 2)
+        check_int("data.source.num_train", self.num_train, 1)
+        check_int("data.source.num_test", self.num_test, 1)
+        check_int("data.source.native_size", self.native_size, 8)
+        check_int("data.source.seed", self.seed, 0)
 
     def class_names(self, root: Path) -> list[str]:
         self.check(root)

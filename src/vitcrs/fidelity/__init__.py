@@ -1,9 +1,3 @@
-"""Gradient fidelity of CRS: the metric (`grad_fidelity`, shared with the training callback) and the meter
-(`python -m vitcrs.fidelity`, `vitcrs.fidelity.meter.measure`).
-
-    rel_err, cos = grad_fidelity(sampled_grads, exact_grads)   # head excluded: measured_parameters(model)
-"""
-
-from .metric import grad_fidelity, measured_parameters, parameter_block, parameter_kind, rel_err_and_cos
-
-__all__ = ["grad_fidelity", "measured_parameters", "parameter_block", "parameter_kind", "rel_err_and_cos"]
+"""The gradient-fidelity meter: `python -m vitcrs.fidelity` (`vitcrs.fidelity.cli`) measures, with
+`vitcrs.fidelity.meter.measure`, how far CRS-sampled gradients lie from the exact one. The metric it
+shares with the training callback is `vitcrs.models.fidelity`."""

@@ -1,19 +1,20 @@
 """`python -m vitcrs.fidelity [key=value ...]`: the gradient-fidelity meter, a Hydra app (conf/fidelity.yaml).
 
-Validates every setting (ConfigError, exit status 2, before anything is loaded or written), builds the model
-(its model family's `build`, seeded head) and the data (`vitcrs.train.build_datamodule`, the training split
-without augmentation: noise_batches + warmup_steps disjoint batches of data.batch_size images drawn with
-`seed`), runs `vitcrs.fidelity.meter.measure` with a progress bar, and writes fidelity.json, fidelity.md and
-fidelity.png into `out_dir` (Hydra's run dir).
+The meter's composition root: the only module of the meter that reads the DictConfig. Validates every
+setting into typed objects (`MeterSettings`; ConfigError, exit status 2, before anything is loaded or
+written), builds the model (its model family's `build`, seeded head) and the data
+(`vitcrs.data.build_datamodule`, the training split without augmentation: noise_batches + warmup_steps
+disjoint batches of data.batch_size images drawn with `seed`), runs `vitcrs.fidelity.meter.measure` with a
+progress bar, and writes fidelity.json, fidelity.md and fidelity.png into `out_dir` (Hydra's run dir).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +33,24 @@ from rich.progress import (
 )
 
 import vitcrs
-from vitcrs.conf import CONF_DIR, choice, container
+from vitcrs.conf import CONF_DIR, choice, container, register
 from vitcrs.crs import CRSConfig, target_set, validate_targets
-from vitcrs.errors import ConfigError
-from vitcrs.models import check_architecture, model_family, model_label
+from vitcrs.data import VisionDataModule
+from vitcrs.errors import ConfigError, check_int
+from vitcrs.files import write_json_atomic, write_text_atomic
+from vitcrs.models import Architecture, ModelFamily, OptimConfig, model_family, model_label
+from vitcrs.settings import MAX_SEED, model_data
+from vitcrs.trainer import quiet_known_warnings
 
 from .meter import Batch, Configuration, measure, passes_needed
 from .render import fidelity_markdown, number, write_plot
 
+# conf/ needs its resolvers and the crs defaults node before Hydra composes it (as vitcrs.train)
+register()
 log = logging.getLogger(__name__)
 
 CONFIG_KEYS = ("method", "targets", "ratio", "prob", "min_k", "grad_ema", "budget")
 OUTPUT_FILES = ("fidelity.json", "fidelity.md", "fidelity.png")
-
-
-def _int_at_least(cfg: DictConfig, key: str, lo: int, hint: str) -> int:
-    value = OmegaConf.select(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ConfigError(f"{key}={value!r} is invalid: it must be an integer >= {lo}. {hint}")
-    return value
 
 
 def configurations(cfg: DictConfig) -> list[Configuration]:
@@ -97,35 +97,73 @@ def configurations(cfg: DictConfig) -> list[Configuration]:
     return out
 
 
-def validate(cfg: DictConfig) -> tuple[list[Configuration], torch.device]:
-    """Check the meter's own settings; returns the configurations and the device. Raises ConfigError."""
-    _int_at_least(cfg, "seed", 0, "e.g. seed=1.")
-    model_family(container(cfg.model))
+@dataclass(frozen=True)
+class MeterSettings:
+    """The meter's settings, checked (`validate`): the model node and its family, the checked (unprepared)
+    data module and the network's architecture, the configurations, the measurement's counts, the warm-up's
+    optimizer settings and the device."""
+
+    seed: int
+    model: dict[str, Any]
+    family: ModelFamily
+    datamodule: VisionDataModule
+    arch: Architecture
+    configs: list[Configuration]
+    draws: int
+    noise_batches: int
+    warmup_steps: int
+    prime_passes: int
+    bias_alpha: float
+    optim: OptimConfig
+    device: torch.device
+
+
+def validate(cfg: DictConfig) -> MeterSettings:
+    """Check every setting of the meter, without loading weights or decoding images. Raises ConfigError."""
+    seed = check_int("seed", cfg.seed, 0, MAX_SEED, example=1)
+    model = container(cfg.model)
+    family = model_family(model)
     configs = configurations(cfg)
-    _int_at_least(cfg, "fidelity.draws", 3, "The bias check needs several draws, e.g. fidelity.draws=8.")
-    _int_at_least(
-        cfg, "fidelity.noise_batches", 2, "The minibatch noise needs several, e.g. fidelity.noise_batches=4."
-    )
-    warmup = _int_at_least(cfg, "fidelity.warmup_steps", 0, "e.g. fidelity.warmup_steps=50 (0: none).")
-    _int_at_least(cfg, "fidelity.prime_passes", 0, "e.g. fidelity.prime_passes=3 (0: none).")
-    alpha = cfg.fidelity.bias_alpha
+    f = container(cfg.fidelity)
+    draws = check_int("fidelity.draws", f["draws"], 3, example=8)  # the bias check needs several draws
+    noise = check_int("fidelity.noise_batches", f["noise_batches"], 2, example=4)  # the noise needs several
+    warmup = check_int("fidelity.warmup_steps", f["warmup_steps"], 0, example=50)
+    prime = check_int("fidelity.prime_passes", f["prime_passes"], 0, example=3)
+    alpha = f["bias_alpha"]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise ConfigError(f"fidelity.bias_alpha={alpha!r} is invalid: it must be in (0, 1), e.g. 0.001.")
-    lr = cfg.optim.lr
-    if warmup and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
-        raise ConfigError(
-            f"optim.lr={lr!r} is invalid for the warm-up steps: it must be > 0, e.g. optim.lr=5e-5."
-        )
-    name = cfg.fidelity.device
+    optim = OptimConfig.from_settings(container(cfg.optim))  # lr and weight_decay of the warm-up steps
+    device = _device(f["device"])
+    datamodule, arch = model_data(family, model, container(cfg.data))
+    check_sampled(configs, arch, int(datamodule.image_size), int(datamodule.batch_size))
+    return MeterSettings(
+        seed,
+        model,
+        family,
+        datamodule,
+        arch,
+        configs,
+        draws,
+        noise,
+        warmup,
+        prime,
+        float(alpha),
+        optim,
+        device,
+    )
+
+
+def _device(name: Any) -> torch.device:
+    """The device of fidelity.device: auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
     if name == "auto":
-        return configs, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as err:
         raise ConfigError(f"fidelity.device={name!r} is invalid: use auto, cpu, cuda or cuda:N.") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"fidelity.device={name!r}: CUDA is not available here; use fidelity.device=cpu.")
-    return configs, device
+    return device
 
 
 def check_sampled(configs: list[Configuration], vit: Any, image_size: int, batch_size: int) -> None:
@@ -177,24 +215,15 @@ def finite_or_none(value: Any) -> Any:
 
 def run(cfg: DictConfig) -> Path:
     """Measure as configured and write the three files into cfg.out_dir; returns that folder."""
-    from vitcrs.train import build_datamodule
-    from vitcrs.trainer import quiet_known_warnings
-
     quiet_known_warnings()
-    configs, device = validate(cfg)
-    model_node = container(cfg.model)
-    family = model_family(model_node)
-    datamodule = build_datamodule(cfg, family=family)
-    arch = family.meta_architecture(model_node, datamodule.num_classes)
-    check_architecture(arch, int(datamodule.image_size))
-    check_sampled(configs, arch, int(datamodule.image_size), int(datamodule.batch_size))
-    f = cfg.fidelity
-    batches = make_batches(datamodule, f.noise_batches + f.warmup_steps, cfg.seed, device)
-    torch.manual_seed(cfg.seed)  # the fresh head
-    model = family.build(
-        model_node, datamodule.num_classes, list(datamodule.class_names), int(datamodule.image_size)
-    ).to(device)
-    total = passes_needed(configs, f.draws, f.prime_passes, f.noise_batches, f.warmup_steps)
+    m = validate(cfg)
+    datamodule = m.datamodule
+    batches = make_batches(datamodule, m.noise_batches + m.warmup_steps, m.seed, m.device)
+    torch.manual_seed(m.seed)  # the fresh head
+    model = m.family.build(
+        m.model, datamodule.num_classes, list(datamodule.class_names), int(datamodule.image_size)
+    ).to(m.device)
+    total = passes_needed(m.configs, m.draws, m.prime_passes, m.noise_batches, m.warmup_steps)
     columns = (
         TextColumn("{task.description:<56.56}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(),
@@ -203,35 +232,35 @@ def run(cfg: DictConfig) -> Path:
         task = progress.add_task("forward + backward passes", total=total)
         results = measure(
             model,
-            batches[: f.noise_batches],
-            configs,
-            draws=f.draws,
-            prime_passes=f.prime_passes,
-            seed=cfg.seed,
-            warmup_batches=batches[f.noise_batches :],
-            lr=float(cfg.optim.lr),
-            weight_decay=float(cfg.optim.weight_decay),
-            alpha=float(f.bias_alpha),
+            batches[: m.noise_batches],
+            m.configs,
+            draws=m.draws,
+            prime_passes=m.prime_passes,
+            seed=m.seed,
+            warmup_batches=batches[m.noise_batches :],
+            lr=m.optim.lr,
+            weight_decay=m.optim.weight_decay,
+            alpha=m.bias_alpha,
             tick=lambda phase: progress.update(task, advance=1, description=phase),
         )
     results = {
         "command": _command(),
         "settings": {
-            "model": model_label(model_node, choice("model")),
-            "family": family.name,
-            "attn_implementation": model_node.get("attn_implementation", "eager"),
+            "model": model_label(m.model, choice("model")),
+            "family": m.family.name,
+            "attn_implementation": m.model.get("attn_implementation", "eager"),
             "dataset": datamodule.name,
             "num_classes": datamodule.num_classes,
             "batch_size": int(datamodule.batch_size),
             "image_size": int(datamodule.image_size),
-            "seed": cfg.seed,
-            "draws": f.draws,
-            "noise_batches": f.noise_batches,
-            "warmup_steps": f.warmup_steps,
-            "lr": float(cfg.optim.lr) if f.warmup_steps else None,
-            "prime_passes": f.prime_passes,
-            "bias_alpha": float(f.bias_alpha),
-            "device": str(device),
+            "seed": m.seed,
+            "draws": m.draws,
+            "noise_batches": m.noise_batches,
+            "warmup_steps": m.warmup_steps,
+            "lr": m.optim.lr if m.warmup_steps else None,
+            "prime_passes": m.prime_passes,
+            "bias_alpha": m.bias_alpha,
+            "device": str(m.device),
             "threads": torch.get_num_threads(),
         },
         "versions": {
@@ -244,9 +273,8 @@ def run(cfg: DictConfig) -> Path:
     }
     results = finite_or_none(results)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out / "fidelity.md").write_text(fidelity_markdown(results), encoding="utf-8")
+    write_json_atomic(out / "fidelity.json", results)
+    write_text_atomic(out / "fidelity.md", fidelity_markdown(results))
     write_plot(results, out / "fidelity.png")
     noise = number(results["exact"]["noise"])
     for c in results["configurations"]:

@@ -12,7 +12,7 @@ grad is enabled) does, in order:
    measured batch. With prob="sample_cache" the measured batch's images are dataset indices 0..B-1 of a
    B-image cache, so the prime passes are their earlier visits (the draws keep updating the entries, as
    norm_grad's estimate).
-Every gradient is over `measured_parameters` (head excluded) and compared with `vitcrs.fidelity.metric`.
+Every gradient is over `measured_parameters` (head excluded) and compared with `vitcrs.models.fidelity`.
 Step time: median seconds of a forward + backward, sampled (the draws) and exact (the noise batches).
 """
 
@@ -29,10 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitcrs.crs import CRSConfig, attach_sample_cache, crs_state, inject, training_batch, uninjected
-from vitcrs.models.optim import OptimConfig
-from vitcrs.models.registry import model_logits
-
-from .metric import (
+from vitcrs.models.fidelity import (
     EMBEDDINGS_BLOCK,
     FINAL_BLOCK,
     KINDS,
@@ -44,6 +41,9 @@ from .metric import (
     parameter_sums,
     rel_err_and_cos,
 )
+from vitcrs.models.optim import OptimConfig
+from vitcrs.models.registry import model_logits
+
 from .stats import bias_check, mean_se
 
 Batch = tuple[Tensor, Tensor]

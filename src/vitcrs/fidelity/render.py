@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vitcrs.tables import markdown_table
+
 from .stats import ROUNDOFF
 
 DASH = "—"
@@ -28,12 +30,6 @@ def mean_se_text(stat: dict[str, Any]) -> str:
     return (
         number(stat["mean"]) if stat.get("se") is None else f"{number(stat['mean'])} ± {number(stat['se'])}"
     )
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> list[str]:
-    """Markdown table lines; the first `left` columns left-aligned, the others right-aligned."""
-    align = ["---"] * left + ["---:"] * (len(header) - left)
-    return ["| " + " | ".join(r) + " |" for r in (header, align, *rows)]
 
 
 def _config_cells(c: dict[str, Any]) -> list[str]:
@@ -69,7 +65,7 @@ def summary_table(results: dict[str, Any]) -> list[str]:
     rows.append(["exact", "1", DASH, DASH, "0", "1", "0", DASH, f"{exact['step_time_s']:.3f}", "1"])
     # the reference: an exact gradient of another batch of the same size, as far from ḡ as batches lie
     rows.append(["minibatch noise", DASH, DASH, DASH, number(exact["noise"]), DASH, "1", DASH, DASH, DASH])
-    return md_table(header, rows, left=4)
+    return markdown_table(header, rows, left=4)
 
 
 def group_table(results: dict[str, Any], key: str, names: Sequence[str]) -> list[str]:
@@ -79,7 +75,7 @@ def group_table(results: dict[str, Any], key: str, names: Sequence[str]) -> list
     rows += [
         [*_config_cells(c), *(number(c[key][n]["mean"]) for n in names)] for c in results["configurations"]
     ]
-    return md_table([*CONFIG_HEADER, *names], rows, left=4)
+    return markdown_table([*CONFIG_HEADER, *names], rows, left=4)
 
 
 SUMMARY_NOTE = (

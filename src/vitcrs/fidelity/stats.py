@@ -14,7 +14,8 @@ rank one), so R ~ F(ν, (D − 1)ν) under b = 0. tr(Σ²) is estimated by the m
 probabilities move a little between draws (the running estimate learns from each); every draw stays unbiased,
 so the check still applies. The p-value is
 P(F > R); the estimator is flagged biased when p < alpha. Everything comes from the Gram matrix of the draws,
-so the errors must be held in memory: D × (number of parameters) floats.
+so the errors must be held in memory: D × (number of parameters) floats (the caller's dtype); the Gram matrix
+is summed in float64 over `GRAM_CHUNK` parameters at a time, never from a float64 copy of all the errors.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def f_sf(value: float, dfn: float, dfd: float) -> float:
     return betainc(dfd / 2.0, dfn / 2.0, dfd / (dfd + dfn * value))
 
 
+GRAM_CHUNK = 1 << 20  # parameters per float64 slice of the errors when their Gram matrix is summed
+
 # Relative squared errors below these are float rounding (fp32 gradients: ~1e-14), not sampling or bias.
 DETERMINISTIC = 1e-12  # s² / ‖g‖² below this: the draws do not vary
 ROUNDOFF = 1e-9  # ‖ē‖² / ‖g‖² below this: no bias worth the name (e.g. a recomputed exact op)
@@ -99,7 +102,10 @@ def bias_check(errors: Tensor, exact_sq_norm: float, alpha: float) -> dict[str, 
     draws = errors.shape[0]
     if draws < 3:
         raise ValueError(f"the bias check needs at least 3 draws, got {draws}")
-    gram = errors.double() @ errors.double().T  # [D, D] of e_d·e_d'
+    gram = torch.zeros(draws, draws, dtype=torch.float64, device=errors.device)  # [D, D] of e_d·e_d'
+    for chunk in errors.split(GRAM_CHUNK, dim=1):
+        part = chunk.double()
+        gram += part @ part.T
     diag_sum, total = float(gram.diagonal().sum()), float(gram.sum())
     mean_sq = total / draws**2  # ‖ē‖²
     s2 = max(diag_sum - draws * mean_sq, 0.0) / (draws - 1)

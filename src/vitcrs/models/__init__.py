@@ -1,7 +1,7 @@
 """The networks of every model family (`vitcrs.models.registry`: Hugging Face ViT / DeiT / DINOv2, timm ViT)
 behind one interface (`ModelFamily`), and the LightningModule training them (`ViTClassifier`)."""
 
-from .family import Architecture, ModelFamily, ModelInputs, check_architecture, parameter_shapes
+from .family import Architecture, ModelFamily, check_architecture, parameter_shapes
 from .hf import (
     ATTN_IMPLEMENTATIONS,
     build_vit,
@@ -29,7 +29,6 @@ __all__ = [
     "FAMILIES",
     "Architecture",
     "ModelFamily",
-    "ModelInputs",
     "OptimConfig",
     "ViTClassifier",
     "build_vit",

@@ -22,38 +22,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from vitcrs.crs import CRSBlock, find_blocks
+from vitcrs.data.inputs import ModelInputs
 from vitcrs.errors import ConfigError
 
 MISSING = "???"  # an OmegaConf value that must be given on the command line
-
-
-@dataclass(frozen=True)
-class ModelInputs:
-    """What the network expects of its input: its square side in pixels (the checkpoint's), per-channel
-    normalisation, and the patch side (another input side must be a multiple of it)."""
-
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    patch_size: int = 16
-
-    def check_image_size(self, size: Any) -> None:
-        """ConfigError unless `size` (data.image_size) is a positive multiple of the patch side.
-
-        Another size than the checkpoint's is fine-tuned with interpolated position embeddings (each family's
-        `logits` / `build`); the image must still cut into whole patches.
-        """
-        patch = self.patch_size
-        whole = isinstance(size, int) and not isinstance(size, bool)
-        if whole and size >= 1 and not size % patch:
-            return
-        below = max(patch, size // patch * patch) if whole else 0
-        example = f"data.image_size={below} or {below + patch}" if below else f"data.image_size={patch * 14}"
-        raise ConfigError(
-            f"data.image_size={size!r} is invalid: it must be a positive multiple of the model's patch size "
-            f"{patch} (the model cuts images into {patch}x{patch} patches; its checkpoint size is "
-            f"{self.image_size}). Fix: e.g. {example}, or data.image_size=null for the model's own size."
-        )
 
 
 @dataclass(frozen=True)
@@ -79,6 +51,16 @@ class Architecture:
         """Tokens per image of side `image_size` (None: the model's own): patches + prefix tokens."""
         side = self.image_size if image_size is None else int(image_size)
         return (side // self.patch_size) ** 2 + self.prefix_tokens
+
+
+def square_side(size: Any) -> int:
+    """An image or patch size (an int, or [height, width] / (height, width)) as one side; ConfigError for a
+    size that is not square (vitcrs feeds square images)."""
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ConfigError(f"model image size {list(size)} is not square: vitcrs feeds square images.")
+        size = size[0]
+    return int(size)
 
 
 def check_architecture(arch: Architecture, image_size: int) -> None:
@@ -166,13 +148,8 @@ class ModelFamily(ABC):
         """The network `build` would give, on the meta device: its architecture, no weights, no download."""
 
     @abstractmethod
-    def build(
-        self,
-        model: Mapping[str, Any],
-        num_labels: int,
-        class_names: list[str] | None = None,
-        image_size: int | None = None,
-    ) -> nn.Module:
+    def build(self, model: Mapping[str, Any], num_labels: int, class_names: list[str] | None = None,
+              image_size: int | None = None) -> nn.Module:  # fmt: skip
         """The network with a fresh `num_labels`-way head (label names `class_names`, default LABEL_i), fed
         images of side `image_size` (None: its own). Raises ConfigError when the weights cannot be had."""
 

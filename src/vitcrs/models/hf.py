@@ -35,24 +35,16 @@ from transformers import (
 from transformers.utils import is_flash_attn_2_available
 from transformers.utils import logging as hf_logging
 
+from vitcrs.data.inputs import ModelInputs
 from vitcrs.errors import ConfigError
 
-from .family import ModelFamily, ModelInputs
+from .family import ModelFamily, square_side
 
 log = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 DEFAULT_MEAN_STD = (0.5, 0.5, 0.5)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def _side(size: Any) -> int:
-    """A ViTConfig image_size (int or [h, w]) as one side; non-square sizes are refused."""
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise ConfigError(f"model image_size={list(size)} is not square: vitcrs feeds square images.")
-        size = size[0]
-    return int(size)
 
 
 def check_attn_implementation(attn_implementation: Any) -> None:
@@ -126,7 +118,7 @@ def model_inputs(
             )
         size = config.get("image_size", defaults.image_size)
         patch = config.get("patch_size", defaults.patch_size)
-        return ModelInputs(_side(size), DEFAULT_MEAN_STD, DEFAULT_MEAN_STD, _side(patch))
+        return ModelInputs(square_side(size), DEFAULT_MEAN_STD, DEFAULT_MEAN_STD, square_side(patch))
     local = _local_dir(name_or_path)
     if local is not None:
         saved = json.loads((local / "config.json").read_text())
@@ -150,7 +142,7 @@ def model_inputs(
         log.warning("%s has no preprocessor_config.json: normalising with mean = std = 0.5", name_or_path)
     mean = tuple(float(m) for m in processor.get("image_mean", DEFAULT_MEAN_STD))
     std = tuple(float(s) for s in processor.get("image_std", DEFAULT_MEAN_STD))
-    return ModelInputs(_side(size), mean, std, _side(patch))
+    return ModelInputs(square_side(size), mean, std, square_side(patch))
 
 
 def load_vit_config(
@@ -338,15 +330,10 @@ class HFFamily(ModelFamily):
         with torch.device("meta"):
             return self.model_class(model)(config)
 
-    def build(
-        self,
-        model: Mapping[str, Any],
-        num_labels: int,
-        class_names: list[str] | None = None,
-        image_size: int | None = None,
-    ) -> nn.Module:
+    def build(self, model: Mapping[str, Any], num_labels: int, class_names: list[str] | None = None,
+              image_size: int | None = None) -> nn.Module:  # fmt: skip
         """`build_vit` of the node; another `image_size` than the model's is interpolated in `logits`."""
-        return build_vit(
+        net = build_vit(
             model.get("name_or_path"),
             num_labels,
             model.get("attn_implementation", "eager"),
@@ -354,6 +341,12 @@ class HFFamily(ModelFamily):
             class_names,
             self.model_class(model),
         )
+        self.freeze_unused(net)
+        return net
+
+    def freeze_unused(self, net: nn.Module) -> None:
+        """Stop the parameters a classifier never gives a gradient (data-parallel training would wait for
+        one) from training: none in most families."""
 
     def logits(self, net: nn.Module, pixel_values: Tensor) -> Tensor:
         return vit_logits(net, pixel_values)
@@ -365,7 +358,7 @@ class HFFamily(ModelFamily):
         return isinstance(net, self.model_classes)
 
     def grid(self, net: nn.Module) -> tuple[int, int, int]:
-        return _side(net.config.image_size), _side(net.config.patch_size), self.prefix_tokens
+        return square_side(net.config.image_size), square_side(net.config.patch_size), self.prefix_tokens
 
 
 class HFDeiTFamily(HFFamily):
@@ -400,18 +393,9 @@ class HFDinov2Family(HFFamily):
     config_class = Dinov2Config
     model_classes = (Dinov2ForImageClassification,)
 
-    def build(
-        self,
-        model: Mapping[str, Any],
-        num_labels: int,
-        class_names: list[str] | None = None,
-        image_size: int | None = None,
-    ) -> nn.Module:
-        """As `HFFamily.build`, with the mask token frozen: only masked-image pre-training reads it, so a
-        classifier never gives it a gradient (data-parallel training would wait for one)."""
-        net = super().build(model, num_labels, class_names, image_size)
+    def freeze_unused(self, net: nn.Module) -> None:
+        """The mask token: only masked-image pre-training reads it."""
         net.dinov2.embeddings.mask_token.requires_grad_(False)
-        return net
 
 
 def _plain(config: Any) -> dict | None:

@@ -31,6 +31,7 @@ from vitcrs.crs import (
     set_training_batch,
 )
 from vitcrs.distributed import gather_objects
+from vitcrs.units import GIB
 
 from .family import Architecture, ModelFamily
 from .optim import AdamWInBackward, OptimConfig
@@ -93,9 +94,11 @@ class ViTClassifier(LightningModule):
 
     model: the `model` config node (a plain dict): family (default hf_vit) and the family's keys, e.g.
         name_or_path, attn_implementation, config (`vitcrs.models.registry`, `ModelFamily.build`).
-    crs: the `crs` config node: ratio, method, targets, min_k, prob, grad_ema (see `CRSConfig`, `inject`).
-    optim: lr, weight_decay (not applied to biases and norm weights), warmup_fraction (of all optimizer steps,
-        linear warm-up then linear decay to 0).
+    crs: the sampling settings (`CRSConfig`: ratio, method, targets, ...; `inject`), as checked by the caller
+        (`vitcrs.settings.RunSettings`).
+    optim: the optimizer settings (`OptimConfig`: lr, weight_decay, warmup_fraction, in_backward).
+        Both are saved as plain values (checkpoints, hparams.yaml), and a mapping of their fields, as
+        `load_from_checkpoint` passes them back, is read into them.
     num_labels, class_names: the classifier head.
 
     seed: the run's seed. When fitting starts, the network's sampling stream (`self.crs.generator`, a
@@ -129,8 +132,8 @@ class ViTClassifier(LightningModule):
         image_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.crs_config = CRSConfig.from_settings(crs, model.get("attn_implementation"))
-        self.optim_config = OptimConfig.from_settings(optim)
+        self.crs_config = crs if isinstance(crs, CRSConfig) else CRSConfig(**crs)
+        self.optim_config = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
         # Saved as plain values (checkpoints, hparams.yaml; load_from_checkpoint passes them back):
         # save_hyperparameters reads the arguments' current values.
         crs, optim = self.crs_config.to_dict(), asdict(self.optim_config)
@@ -415,6 +418,6 @@ class ViTClassifier(LightningModule):
             f"{summary['bytes_per_image']:,}",
             summary["format"],
             summary["images"],
-            total / 2**30,
+            total / GIB,
             " (entries restored from the checkpoint)" if entries else "",
         )

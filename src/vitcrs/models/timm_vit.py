@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vitcrs.data.inputs import ModelInputs
 from vitcrs.errors import ConfigError
 
-from .family import ModelFamily, ModelInputs
+from .family import ModelFamily, square_side
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,6 @@ def import_timm() -> ModuleType:
             "pip install timm), or choose a Hugging Face model (e.g. model=vit_micro)."
         ) from err
     return timm
-
-
-def _side(size: Any) -> int:
-    """A timm (height, width) as one side; non-square sizes are refused."""
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise ConfigError(f"model image size {list(size)} is not square: vitcrs feeds square images.")
-        size = size[0]
-    return int(size)
 
 
 class TimmFamily(ModelFamily):
@@ -158,13 +150,8 @@ class TimmFamily(ModelFamily):
         mean, std = tuple(float(m) for m in data["mean"]), tuple(float(s) for s in data["std"])
         return ModelInputs(image_size, mean, std, patch_size)
 
-    def build(
-        self,
-        model: Mapping[str, Any],
-        num_labels: int,
-        class_names: list[str] | None = None,
-        image_size: int | None = None,
-    ) -> nn.Module:
+    def build(self, model: Mapping[str, Any], num_labels: int, class_names: list[str] | None = None,
+              image_size: int | None = None) -> nn.Module:  # fmt: skip
         """`timm.create_model` with a fresh `num_labels`-way head: the encoder's weights from the Hub
         (model.pretrained) or model.weights (`pretrained_cfg_overlay=dict(file=...)`), the head re-created by
         `reset_classifier`. Another `image_size` than the model's own: `dynamic_img_size=True` (position
@@ -218,4 +205,4 @@ class TimmFamily(ModelFamily):
 
     def grid(self, net: nn.Module) -> tuple[int, int, int]:
         embed = net.patch_embed
-        return _side(embed.img_size), _side(embed.patch_size), int(net.num_prefix_tokens)
+        return square_side(embed.img_size), square_side(embed.patch_size), int(net.num_prefix_tokens)

@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 
 from vitcrs.errors import ConfigError
-from vitcrs.record import markdown_table
+from vitcrs.record import schema_table
 from vitcrs.report.data import Group, Problem, Run, find_metrics, group_runs, read_run
 from vitcrs.report.render import (
     accuracy_markdown,
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.schema:
-        print(markdown_table(), end="")
+        print(schema_table(), end="")
         return 0
     if not args.paths:
         parser.error("the following arguments are required: paths")

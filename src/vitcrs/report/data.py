@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitcrs.record import METRICS_FILE, RunRecord
+from vitcrs.record import KEY, METRICS_FILE, RunRecord
 
-SWEPT_KEYS = ("dataset", "label_type", "ratio", "seed")
+SWEPT_KEYS = (KEY.dataset, KEY.label_type, KEY.ratio, KEY.seed)
 EXACT_RATIO = 1.0
 KNOWN_DATASETS = ("cifar10", "cifar100")
 # config keys that an exact (ratio 1) run ignores: groups that differ only in these share an exact baseline
@@ -197,7 +197,7 @@ class Group:
         points; None at ratio 1 or when either side has no accuracy."""
         if cell.ratio == EXACT_RATIO:
             return None
-        acc, ref = cell.stat("test_acc"), self.exact_cell(cell.column).stat("test_acc")
+        acc, ref = cell.stat(KEY.test_acc), self.exact_cell(cell.column).stat(KEY.test_acc)
         return None if acc is None or ref is None else 100.0 * (acc.mean - ref.mean)
 
     def reduction(self, cell: Cell, attr: str) -> float | None:
@@ -277,7 +277,7 @@ def read_run(path: Path) -> Run | Problem:
     if ratio is None or ratio <= 0:
         return Problem(path, f"no usable ratio ({record.ratio!r})")
     test_acc, val_acc = _number(record.test_acc), _number(record.val_acc)
-    for key, acc in (("test_acc", test_acc), ("val_acc", val_acc)):
+    for key, acc in ((KEY.test_acc, test_acc), (KEY.val_acc, val_acc)):
         if acc is not None and not 0.0 <= acc <= 1.0:
             return Problem(path, f"{key} {acc} is not a fraction in [0, 1]")
     # A file without a status (hand-written) is complete when it has a test accuracy.

@@ -15,6 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from vitcrs.record import KEY
 from vitcrs.report.data import Column, Group, Stat
 from vitcrs.units import MIB
 
@@ -28,8 +29,8 @@ PLOT_FILES = {
 def memory_measure(group: Group) -> tuple[str, float, str]:
     """(run field, divisor, axis label) of the group's memory measure: GPU peak if any, else saved bytes."""
     if any(r.peak_mem_allocated_gib is not None for r in group.runs):
-        return "peak_mem_allocated_gib", 1.0, "peak memory allocated (GiB)"
-    return "saved_bytes_per_step", MIB, "saved for backward per step (MiB)"
+        return KEY.peak_mem_allocated_gib, 1.0, "peak memory allocated (GiB)"
+    return KEY.saved_bytes_per_step, MIB, "saved for backward per step (MiB)"
 
 
 def _series(group: Group, column: Column, attr: str) -> tuple[list[float], list[Stat]]:
@@ -55,7 +56,7 @@ def _line_panel(ax: Axes, group: Group, attr: str, scale: float, ylabel: str) ->
 
 
 def _accuracy_vs_ratio(ax: Axes, group: Group) -> bool:
-    return _line_panel(ax, group, "test_acc", 100.0, "test accuracy (%)")
+    return _line_panel(ax, group, KEY.test_acc, 100.0, "test accuracy (%)")
 
 
 def _memory_vs_ratio(ax: Axes, group: Group) -> bool:
@@ -71,7 +72,7 @@ def _accuracy_vs_memory(ax: Axes, group: Group) -> bool:
         points = []
         for ratio in group.ratios:
             cell = group.cell(column, ratio)
-            acc, mem = cell.stat("test_acc"), cell.stat(attr)
+            acc, mem = cell.stat(KEY.test_acc), cell.stat(attr)
             if acc is not None and mem is not None:
                 points.append((mem.mean / divisor, 100.0 * acc.mean, ratio))
         if not points:

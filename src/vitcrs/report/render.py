@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vitcrs.record import KEY
 from vitcrs.report.data import (
     EXACT_RATIO,
     LEAN_TARGET,
@@ -23,6 +24,7 @@ from vitcrs.report.data import (
     differing_keys,
     lean,
 )
+from vitcrs.tables import latex_table, markdown_table
 from vitcrs.units import GIB, MIB
 
 
@@ -97,7 +99,7 @@ def accuracy_cell(group: Group, cell: Cell, style: Style, show_n: bool) -> str:
     ", n=k" when `show_n`, then any failed/incomplete runs; the dash when the cell has no run."""
     if not cell.runs:
         return style.dash
-    acc = cell.stat("test_acc")
+    acc = cell.stat(KEY.test_acc)
     if acc is None:
         return status_text(cell, with_value=False, style=style)
     drop = group.drop_pts(cell)
@@ -177,32 +179,6 @@ def unfinished_runs(group: Group) -> list[Run]:
     return [r for r in group.runs if r.status != "complete" or r.test_acc is None]
 
 
-def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
-    """Markdown table lines; the first `left` columns are left-aligned, the others right-aligned."""
-    align = ["---"] * left + ["---:"] * (len(header) - left)
-    lines = [header, align, *rows]
-    return ["| " + " | ".join(line) + " |" for line in lines]
-
-
-def tex_table(header: Sequence[str], rows: Sequence[Sequence[str]], caption: str, left: int = 1) -> list[str]:
-    """A booktabs `table` environment; cells are taken as already escaped."""
-    spec = "l" * left + "r" * (len(header) - left)
-    body = [" & ".join(r) + r" \\" for r in rows]
-    return [
-        r"\begin{table}[t]",
-        r"\centering",
-        f"\\caption{{{caption}}}",
-        f"\\begin{{tabular}}{{{spec}}}",
-        r"\toprule",
-        " & ".join(header) + r" \\",
-        r"\midrule",
-        *body,
-        r"\bottomrule",
-        r"\end{tabular}",
-        r"\end{table}",
-    ]
-
-
 def accuracy_counts(group: Group) -> set[int]:
     """The distinct numbers of test accuracies averaged in the group's table cells (borrowed exact ones
     included)."""
@@ -210,7 +186,7 @@ def accuracy_counts(group: Group) -> set[int]:
         s.n
         for c in group.columns
         for r in group.table_ratios
-        if (s := group.table_cell(c, r).stat("test_acc"))
+        if (s := group.table_cell(c, r).stat(KEY.test_acc))
     }
 
 
@@ -231,9 +207,9 @@ def accuracy_rows(group: Group, style: Style) -> tuple[list[str], list[list[str]
 
 
 MEMORY_FIELDS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
-    ("peak_mem_allocated_gib", "Peak allocated", format_gib),
-    ("peak_mem_reserved_gib", "Peak reserved", format_gib),
-    ("saved_bytes_per_step", "Saved for backward / step", format_bytes),
+    (KEY.peak_mem_allocated_gib, "Peak allocated", format_gib),
+    (KEY.peak_mem_reserved_gib, "Peak reserved", format_gib),
+    (KEY.saved_bytes_per_step, "Saved for backward / step", format_bytes),
 )
 
 
@@ -249,8 +225,8 @@ def memory_fields(group: Group) -> list[tuple[str, str, Callable[[float], str]]]
 
 
 FIDELITY_FIELDS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
-    ("fidelity_rel_err", "Grad. rel. error", lambda v: f"{v:.3g}"),
-    ("fidelity_cos", "Grad. cos", lambda v: f"{v:.3f}"),
+    (KEY.fidelity_rel_err, "Grad. rel. error", lambda v: f"{v:.3g}"),
+    (KEY.fidelity_cos, "Grad. cos", lambda v: f"{v:.3f}"),
 )
 
 
@@ -271,7 +247,7 @@ def memory_rows(group: Group, style: Style) -> tuple[list[str], list[list[str]]]
         for ratio in group.table_ratios:
             cell = group.table_cell(column, ratio)
             mems = [memory_cell(group, cell, attr, fmt, style) for attr, _, fmt in fields]
-            ips = memory_cell(group, cell, "images_per_s", lambda v: f"{v:.1f}", style, factor=False)
+            ips = memory_cell(group, cell, KEY.images_per_s, lambda v: f"{v:.1f}", style, factor=False)
             fid = [memory_cell(group, cell, attr, fmt, style, factor=False) for attr, _, fmt in fidelity]
             label = ratio_label(ratio, ratio == EXACT_RATIO and column in group.shared)
             rows.append([style.escape(column.label), style.escape(label), *mems, ips, *fid])
@@ -374,7 +350,7 @@ def markdown_report(
     lines = [f"# {title}", "", note, "", *_groups_intro_md(groups)]
     for group in groups:
         header, body = rows(group, MD)
-        lines += [*_group_preamble(group, groups), *md_table(header, body, left)]
+        lines += [*_group_preamble(group, groups), *markdown_table(header, body, left)]
         if shared := shared_lines(group):
             lines += ["", *(f"Note: {line}" for line in shared)]
         if unfinished := unfinished_lines(group):
@@ -398,7 +374,7 @@ def tex_report(
         caption = _tex_escape(
             f"{title}. {group_title(group, groups)}. Settings: {settings}" + (f". {notes}" if notes else "")
         )
-        lines += tex_table(header, body, caption, left)
+        lines += latex_table(header, body, caption, left)
         lines += [f"% {line}" for line in unfinished_lines(group, markdown=False)]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
@@ -430,12 +406,12 @@ def _stat_json(value: Stat | None) -> dict[str, Any] | None:
 
 def cell_json(group: Group, cell: Cell) -> dict[str, Any]:
     """One cell as plain data. Accuracies are fractions; the drop is in points; factors are exact / this."""
-    stats = ("test_acc", "val_acc", *(f for f, _, _ in MEMORY_FIELDS), "images_per_s")
+    stats = (KEY.test_acc, KEY.val_acc, *(f for f, _, _ in MEMORY_FIELDS), KEY.images_per_s)
     stats += tuple(f for f, _, _ in FIDELITY_FIELDS)
     return {
         "column": cell.column.label,
         "dataset": cell.column.dataset,
-        "label_type": cell.column.label_type,
+        KEY.label_type: cell.column.label_type,
         "ratio": cell.ratio,
         "n_runs": len(cell.runs),
         "n_complete": len(cell.complete),
@@ -455,7 +431,7 @@ def results_data(groups: Sequence[Group], problems: Sequence[Problem]) -> dict[s
         "groups": [
             {
                 "group": g.index,
-                "settings": g.config,
+                KEY.settings: g.config,
                 "differs": {k: g.config.get(k) for k in keys},
                 "cells": [
                     cell_json(g, cell) for c in g.columns for r in g.ratios if (cell := g.cell(c, r)).runs
@@ -464,7 +440,7 @@ def results_data(groups: Sequence[Group], problems: Sequence[Problem]) -> dict[s
                     {
                         "column": c.label,
                         "dataset": c.dataset,
-                        "label_type": c.label_type,
+                        KEY.label_type: c.label_type,
                         "from_group": s.group,
                         "differs": list(s.differs),
                         "cell": cell_json(g, s.cell),

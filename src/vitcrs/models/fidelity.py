@@ -1,4 +1,5 @@
-"""The gradient-fidelity metric: how far a sampled gradient lies from the exact gradient of the same batch.
+"""The gradient-fidelity metric: how far a sampled gradient of a classifier (any model family) lies from the
+exact gradient of the same batch, and which block and kind each of its parameters is.
 
 One definition, used by the meter (`python -m vitcrs.fidelity`) and the training callback
 (`vitcrs.callbacks.GradFidelityMonitor`):
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from vitcrs.models.registry import head_prefixes
+from .registry import head_prefixes
 
 # Columns of `parameter_sums`: ‖ĝ_i − g_i‖², ĝ_i·g_i, ‖ĝ_i‖², ‖g_i‖² per parameter i.
 SQ_ERR, DOT, SQ_SAMPLED, SQ_EXACT = range(4)

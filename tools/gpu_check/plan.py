@@ -1,8 +1,8 @@
 """What a GPU check runs, with which shapes and time limits: on a GPU, and at tiny shapes on the CPU.
 
 Time limits are in seconds; docs/gpu.md derives the GPU ones from known figures (ViT-B/16 exact eager fp32
-about 360 images/s and ViT-Tiny about 1,400 images/s on an H100, /work/shared/docs/anchors.md). A step that
-ends early leaves its time to the training step, which gets what is left of the budget.
+about 360 images/s and ViT-Tiny about 1,400 images/s on an H100, docs/gpu.md's sources). A step that ends
+early leaves its time to the training step, which gets what is left of the budget.
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ TRAIN_CONFIGS = ("exact", "default", "study")
 LIMITS_S = {
     "gpu": {
         "setup": 45,  # wheels are installed before; extracting the 88 MiB JPEG tree, reading the GPU
-        "tests": 90,  # pytest -m cuda: collection (~10 s) and the CUDA variants of the CRS tests
-        "smoke": 150,  # 54 cases (18 HF ViT, 12 each HF DeiT, DINOv2, timm) x 130 passes of a 2-block net
+        # the device tests on the GPU: collection (~10 s), every op, target set and family in fp32 and bf16
+        # (about 200 tests of tiny networks; the Monte-Carlo draws are batched)
+        "tests": 240,
         "bench_eager_fp32": 120,  # 14 rows x (7 steps at ≤ 0.45 s + model build + saved-bytes pass) ≈ 70 s
         "bench_sdpa_bf16": 75,  # the same rows at ~4x the speed (1,688 images/s exact) ≈ 45 s
         "report": 30,  # python -m vitcrs.report: reading metrics.json, tables, 3 plots
-        "fidelity": 60,  # python -m vitcrs.fidelity, only when it exists (issue 10)
+        "fidelity": 60,  # python -m vitcrs.fidelity on the ViT-Tiny, 4 batches of 64, 3 configurations
     },
     "dry": {
         "setup": 120,
         "tests": 120,
-        "smoke": 120,
         "bench_eager_fp32": 120,
         "bench_sdpa_bf16": 120,
         "report": 120,
@@ -45,7 +45,7 @@ TRAIN_PRIOR_S = {"gpu": {"exact": 60.0, "crs": 80.0}, "dry": {"exact": 60.0, "cr
 
 @dataclass(frozen=True)
 class TrainRun:
-    """One (configuration, seed) training run of `experiment=study_tiny` on the payload's data and model."""
+    """One (configuration, seed) training run of the plan's experiment on the payload's data and model."""
 
     config: str  # exact | default | study
     seed: int
@@ -66,15 +66,16 @@ class Plan:
 
     mode: str
     device: str
-    smoke_draws: int
+    test_args: tuple[str, ...]  # pytest's arguments (paths relative to the repository)
     bench_model: tuple[str, ...]  # model and run flags of python -m vitcrs.bench
+    experiment: str  # conf/experiment of the training runs
     train_overrides: tuple[str, ...]  # besides experiment, model, data and seed
     train_seeds: int
     fidelity_overrides: tuple[str, ...] = ()  # python -m vitcrs.fidelity: besides model and data
     train_configs: tuple[str, ...] = TRAIN_CONFIGS
-    test_paths: tuple[str, ...] = ("tests",)  # what pytest -m cuda collects (relative to the repository)
     ratio: float = 0.3
     bench_ratios: str = "0.5,0.3"
+    bench_targets: tuple[str, ...] | None = None  # target sets of the bench rows; None: every sound one
     budget_s: float = 540.0
     limits_s: dict[str, float] = field(default_factory=dict)
     train_prior_s: dict[str, float] = field(default_factory=dict)
@@ -113,16 +114,9 @@ def make_plan(
             "cpu",
             "--time-on-cpu",
         )
-        train = (
-            "trainer.accelerator=cpu",
-            "trainer.max_epochs=1",
-            "trainer.limit_train_batches=2",
-            "trainer.limit_val_batches=1",
-            "trainer.limit_test_batches=1",
-            "trainer.num_sanity_val_steps=0",
-            "data.batch_size=8",
-            "data.num_workers=0",
-        )
+        train = ("data.batch_size=8",)  # experiment=smoke: a few batches on the CPU
+        # the device tests, collected on the CPU (the suite runs them there itself)
+        tests = ("--device", "cpu", "-m", "device or cuda", "--collect-only", "tests")
         # the dry payload has 43 training images: 2 noise batches of 8 fit (the defaults, 4 of 64, do not)
         fidelity = (
             "data.batch_size=8",
@@ -151,18 +145,20 @@ def make_plan(
             f"data.limit_train={train_images}",
         )
         fidelity = ("fidelity.device=cuda",)
+        tests = ("--device", "cuda", "-m", "device or cuda", "tests")
 
     return Plan(
         mode=mode,
         device="cpu" if dry_run else "cuda",
-        smoke_draws=6 if dry_run else 128,
+        test_args=tests,
         bench_model=bench,
+        experiment="smoke" if dry_run else "study_tiny",
         train_overrides=(*train, "callbacks.progress_bar=null"),
         train_seeds=seeds if seeds is not None else (1 if dry_run else 3),
         fidelity_overrides=fidelity,
         train_configs=configs,
-        test_paths=("tests/test_crs.py",) if dry_run else ("tests",),  # the dry run: the file with CUDA tests
         bench_ratios="0.3" if dry_run else "0.5,0.3",
+        bench_targets=("lean_block",) if dry_run else None,  # the dry run: its code path, at the least cost
         budget_s=budget_s if budget_s is not None else BUDGET_S[mode],
         limits_s=dict(LIMITS_S[mode]),
         train_prior_s=dict(TRAIN_PRIOR_S[mode]),
@@ -185,17 +181,18 @@ def override_value(value: Any) -> str:
     return text if text.replace("_", "").replace("-", "").replace(".", "").isalnum() else repr(text)
 
 
-def crs_nodes(conf_dir: Path) -> tuple[dict, dict]:
-    """The `crs` node of the default configuration and of `experiment=study_tiny`, as composed by Hydra."""
+def crs_nodes(conf_dir: Path, experiment: str) -> tuple[dict, dict]:
+    """The `crs` node of the default configuration and of `experiment`, as composed by Hydra."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import vitcrs.conf  # noqa: F401  (stores the crs defaults node, crs/crs_config)
+    from vitcrs.conf import register
 
+    register()
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         default = OmegaConf.to_container(compose("config").crs, resolve=False)
         study = OmegaConf.to_container(
-            compose("config", overrides=["experiment=study_tiny"]).crs, resolve=False
+            compose("config", overrides=[f"experiment={experiment}"]).crs, resolve=False
         )
     return default, study  # type: ignore[return-value]
 
@@ -206,7 +203,7 @@ def train_runs(plan: Plan, conf_dir: Path) -> tuple[list[TrainRun], str]:
     exact: crs.ratio=1; study: the experiment's own sampling at `plan.ratio`; default: the `crs` settings of
     conf/crs (whatever the default is at run time) at `plan.ratio`, left out when they equal the study's.
     """
-    default, study = crs_nodes(conf_dir)
+    default, study = crs_nodes(conf_dir, plan.experiment)
     without_ratio = {k: v for k, v in default.items() if k != "ratio"}
     ratio = f"crs.ratio={plan.ratio}"
     configs = {"exact": ("crs.ratio=1.0",)}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
 import tarfile
 from pathlib import Path
 
+from vitcrs.files import replacing, write_text_atomic
 from vitcrs.record import METRICS_FILE, RunRecord
+from vitcrs.tables import markdown_table
 
 BUNDLE_SKIP = (".ckpt", ".pt", ".safetensors")  # model weights and caches: large, and not results
 
@@ -32,36 +34,39 @@ def write_summary(out: Path, data: dict) -> None:
         f"- command: `{meta['command']}` ({meta['mode']} mode)",
         f"- started {meta['started']}, {meta.get('elapsed_s', 0):.0f} s of a {meta['budget_s']:.0f} s budget",
         "",
-        "| step | status | seconds | limit | result |",
-        "| --- | --- | --- | --- | --- |",
     ]
-    for s in data["steps"]:
-        result = s["note"].replace("|", "/")
-        where = ", ".join(f"`{o}`" for o in s["outputs"])
-        lines.append(
-            f"| {s['name']}: {s['title']} | **{s['status']}** | {s['seconds']:.0f} | "
-            f"{s['limit_s']:.0f} | {result}{'; ' if result and where else ''}{where} |"
-        )
+    steps = [_step_row(s) for s in data["steps"]]
+    lines += markdown_table(["step", "status", "seconds", "limit", "result"], steps)
     records = train_records(out)
     if records:
-        lines += [
-            "",
-            "Training runs (`train/<run>/metrics.json`):",
-            "",
-            "| run | status | ratio | targets | test acc | images/s | peak GiB | wall s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for run, m in records:
-            if m is None:
-                lines.append(f"| {run} | unreadable |  |  | n/a | n/a | n/a | n/a |")
-                continue
-            lines.append(
-                f"| {run} | {m.status} | {m.ratio} | {','.join(m.targets or []) or '-'} | "
-                f"{_fmt(m.test_acc, '.4f')} | {_fmt(m.images_per_s, '.0f')} | "
-                f"{_fmt(m.peak_mem_allocated_gib, '.2f')} | {_fmt(m.wall_time_s, '.0f')} |"
-            )
+        header = ["run", "status", "ratio", "targets", "test acc", "images/s", "peak GiB", "wall s"]
+        runs = [_run_row(run, m) for run, m in records]
+        lines += ["", "Training runs (`train/<run>/metrics.json`):", "", *markdown_table(header, runs)]
     lines += ["", "Logs: `gpu_check.log` (this check), `logs/<step>.log` (each command's output).", ""]
-    _atomic_write(out / "summary.md", "\n".join(lines))
+    write_text_atomic(out / "summary.md", "\n".join(lines))
+
+
+def _step_row(step: dict) -> list[str]:
+    result = step["note"].replace("|", "/")
+    where = ", ".join(f"`{o}`" for o in step["outputs"])
+    result = f"{result}{'; ' if result and where else ''}{where}"
+    title = f"{step['name']}: {step['title']}"
+    return [title, f"**{step['status']}**", f"{step['seconds']:.0f}", f"{step['limit_s']:.0f}", result]
+
+
+def _run_row(run: str, m: RunRecord | None) -> list[str]:
+    if m is None:
+        return [run, "unreadable", "", "", "n/a", "n/a", "n/a", "n/a"]
+    targets = ",".join(m.targets or []) or "-"
+    return [
+        run, str(m.status), str(m.ratio), targets, _fmt(m.test_acc, ".4f"), _fmt(m.images_per_s, ".0f"),
+        _fmt(m.peak_mem_allocated_gib, ".2f"), _fmt(m.wall_time_s, ".0f"),
+    ]  # fmt: skip
+
+
+def write_summary_json(out: Path, data: dict) -> None:
+    """out/summary.json: the check's meta and step records, as data."""
+    write_text_atomic(out / "summary.json", json.dumps(data, indent=2) + "\n")
 
 
 def combine_bench(bench: Path, folders: list[Path]) -> None:
@@ -73,7 +78,7 @@ def combine_bench(bench: Path, folders: list[Path]) -> None:
         if (folder / "bench.md").is_file()
     ]
     if parts:
-        _atomic_write(bench / "bench.md", "# Bench rows of the GPU check\n\n" + "\n".join(parts))
+        write_text_atomic(bench / "bench.md", "# Bench rows of the GPU check\n\n" + "\n".join(parts))
 
 
 def _demote(line: str) -> str:
@@ -84,18 +89,9 @@ def _demote(line: str) -> str:
 def write_bundle(out: Path, bundle: Path) -> None:
     """bundle/gpu_check.tar.gz (everything under out but weights), summary.md and gpu_check.log, each replaced
     atomically, so a check stopped at any moment leaves the last finished step's state there."""
-    bundle.mkdir(parents=True, exist_ok=True)
-    tmp = bundle / ".gpu_check.tar.gz.tmp"
-    with tarfile.open(tmp, "w:gz") as tar:
+    with replacing(bundle / "gpu_check.tar.gz") as tmp, tarfile.open(tmp, "w:gz") as tar:
         tar.add(out, arcname=out.name, filter=lambda t: None if t.name.endswith(BUNDLE_SKIP) else t)
-    os.replace(tmp, bundle / "gpu_check.tar.gz")
     for name in ("summary.md", "gpu_check.log"):
         if (out / name).is_file() and out.resolve() != bundle.resolve():
-            shutil.copyfile(out / name, bundle / f".{name}.tmp")
-            os.replace(bundle / f".{name}.tmp", bundle / name)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+            with replacing(bundle / name) as tmp:
+                shutil.copyfile(out / name, tmp)

@@ -1,9 +1,9 @@
-"""Command line of `python -m vitcrs.gpu_check`: run the steps in order within a time budget."""
+"""Command line of `python -m gpu_check` (scripts/gpu_check.sh): run the steps in order within a time
+budget."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -18,46 +18,37 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import vitcrs
+from support.processes import run_command
 from vitcrs.units import GIB
 
 from .fixtures import Payload, extract, write_dry_run_payload
 from .plan import TRAIN_CONFIGS, Plan, TrainRun, make_plan, train_runs
-from .steps import FAILED, NOT_RUN, OK, SKIPPED, TIMEOUT, StepRecord, run_command, tail
-from .summary import combine_bench, write_bundle, write_summary
+from .steps import FAILED, NOT_RUN, OK, SKIPPED, TIMEOUT, StepRecord, tail
+from .summary import combine_bench, write_bundle, write_summary, write_summary_json
 
-SRC = Path(vitcrs.__file__).resolve().parents[1]  # src/ of a checkout (or site-packages)
-REPO = SRC.parent
-STEPS = ("tests", "smoke", "bench", "train", "report", "fidelity")
+REPO = Path(__file__).resolve().parents[2]  # the repository: src/, conf/, tests/, tools/
+SRC = REPO / "src"
+STEPS = ("tests", "bench", "train", "report", "fidelity")
 BENCH_RUNS = (("bench_eager_fp32", "eager", "fp32"), ("bench_sdpa_bf16", "sdpa", "bf16-mixed"))
-SUMMARY_STEPS = (
-    "setup",
-    "tests",
-    "smoke",
-    "bench_eager_fp32",
-    "bench_sdpa_bf16",
-    "train",
-    "report",
-    "fidelity",
-)
+SUMMARY_STEPS = ("setup", "tests", "bench_eager_fp32", "bench_sdpa_bf16", "train", "report", "fidelity")
 TITLES = {
     "setup": "payload, data extraction, device",
-    "tests": "pytest -m cuda (CUDA variants of the test suite)",
-    "smoke": "correctness smoke of every target set and model family, fp32 and bf16 autocast",
+    "tests": "the test suite's device tests on the GPU (every op, target set and family; fp32 and bf16)",
     "bench_eager_fp32": "bench: ViT-B/16 batch 64, eager fp32",
     "bench_sdpa_bf16": "bench: ViT-B/16 batch 64, sdpa bf16 autocast",
-    "train": "study_tiny training on CIFAR-10 (ViT-Tiny)",
+    "train": "study_tiny training on CIFAR-10 (ViT-Tiny; the dry run: experiment=smoke)",
     "report": "python -m vitcrs.report",
-    "fidelity": "python -m vitcrs.fidelity (when it exists)",
+    "fidelity": "python -m vitcrs.fidelity",
 }
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m vitcrs.gpu_check",
-        description="GPU evidence in one command: CUDA tests and a correctness smoke, the headline bench "
-        "rows (ViT-B/16 batch 64), study_tiny training on the real CIFAR-10 and its report, within a time "
-        "budget. Every step's results are written to OUT_DIR as soon as it ends. See docs/gpu.md.",
+        prog="bash scripts/gpu_check.sh",
+        description="GPU evidence in one command: the test suite's device tests on the GPU, the headline "
+        "bench rows (ViT-B/16 batch 64), study_tiny training on the real CIFAR-10, its report and the "
+        "fidelity meter, within a time budget. Every step's results are written to OUT_DIR as soon as it "
+        "ends. See docs/gpu.md.",
     )
     p.add_argument(
         "out", type=Path, help="output folder (created; summary.md, summary.json, gpu_check.log, ...)"
@@ -73,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--budget", type=float, help="seconds for the whole check (default 540; dry run 900)")
     p.add_argument(
-        "--keep-going", action="store_true", help="run the later steps even when step 1 (tests, smoke) fails"
+        "--keep-going", action="store_true", help="run the later steps even when step 1 (the tests) fails"
     )
     p.add_argument("--steps", default=",".join(STEPS), help=f"which steps to run (default {','.join(STEPS)})")
     p.add_argument(
@@ -99,7 +90,7 @@ class GPUCheck:
         self.deadline = self.start + plan.budget_s
         self.records = {name: StepRecord(name, TITLES[name]) for name in SUMMARY_STEPS}
         self.meta: dict = {
-            "command": "python -m vitcrs.gpu_check " + " ".join(argv),
+            "command": "bash scripts/gpu_check.sh " + " ".join(argv),
             "mode": plan.mode,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "budget_s": plan.budget_s,
@@ -126,7 +117,7 @@ class GPUCheck:
     def save(self) -> None:
         self.meta["elapsed_s"] = round(time.monotonic() - self.start, 1)
         data = {"meta": self.meta, "steps": [r.to_dict() for r in self.records.values()]}
-        (self.out / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
+        write_summary_json(self.out, data)
         write_summary(self.out, data)
         if self.args.bundle:
             write_bundle(self.out, self.args.bundle)
@@ -146,7 +137,8 @@ class GPUCheck:
         """Run one command of a step (limit capped by what is left of the budget), logging into its log."""
         record.commands.append(" ".join(argv))
         record.log = f"logs/{record.name}.log"
-        return run_command(argv, self.out / record.log, min(limit_s, max(self.left(), 1.0)), self.env, REPO)
+        limit = min(limit_s, max(self.left(), 1.0))
+        return run_command(argv, cwd=REPO, env=self.env, timeout=limit, log=self.out / record.log)
 
     def limit(self, step: str) -> float:
         record = self.records[step]
@@ -200,58 +192,18 @@ class GPUCheck:
         return tree, payload.model
 
     def tests(self) -> bool:
+        """The suite's device tests with the plan's device (collected only, in the dry run)."""
         record = self.records["tests"]
         if not (REPO / "tests").is_dir():
             self.finish(record, SKIPPED, 0.0, f"no tests/ folder beside {SRC}")
             return True
         junit = "tests/junit.xml"
-        argv = [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-m",
-            "cuda",
-            "-p",
-            "no:cacheprovider",
-            *(str(REPO / p) for p in self.plan.test_paths),
-            "--junitxml",
-            str(self.out / junit),
-        ]
+        argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.plan.test_args]
+        argv += ["--junitxml", str(self.out / junit)]
         done = self.command(record, argv, self.limit("tests"))
         record.outputs = [junit, record.log]
-        if done.returncode == 5:  # pytest: no tests collected
-            self.finish(record, SKIPPED, done.seconds, "no test is marked cuda")
-            return True
         status = TIMEOUT if done.timed_out else OK if done.returncode == 0 else FAILED
-        note = _last_line(self.out / record.log)
-        self.finish(record, status, done.seconds, note)
-        return status == OK
-
-    def smoke(self) -> bool:
-        record = self.records["smoke"]
-        result = "smoke/smoke.json"
-        (self.out / "smoke").mkdir(exist_ok=True)
-        argv = [
-            sys.executable,
-            "-m",
-            "vitcrs.gpu_check.smoke",
-            "--device",
-            self.plan.device,
-            "--draws",
-            str(self.plan.smoke_draws),
-            "--out",
-            str(self.out / result),
-        ]
-        done = self.command(record, argv, self.limit("smoke"))
-        record.outputs = [result, record.log]
-        status = TIMEOUT if done.timed_out else OK if done.returncode == 0 else FAILED
-        cases = json.loads((self.out / result).read_text())["cases"] if (self.out / result).is_file() else []
-        bad = [f"{c['family']}/{c['target_set']}/{c['attn']}/{c['precision']}" for c in cases if not c["ok"]]
-        note = f"{len(cases) - len(bad)} of {len(cases)} cases passed" + (
-            f"; failed: {', '.join(bad)}" if bad else ""
-        )
-        self.finish(record, status, done.seconds, note)
+        self.finish(record, status, done.seconds, _last_line(self.out / record.log))
         return status == OK
 
     def bench(self, step: str, attn: str, precision: str) -> None:
@@ -261,6 +213,7 @@ class GPUCheck:
 
         # sound target sets: every activation gradient exact (no attention matmul sampled)
         sound = [name for name in BENCH_TARGET_SETS if not set(TARGET_SETS[name]) & set(MATMUL_TARGETS)]
+        sound = [name for name in sound if name in (self.plan.bench_targets or sound)]
         record = self.records[step]
         folder = f"bench/{attn}_{precision}"
         grid = ["--methods", "wta_crs", "--ratios", self.plan.bench_ratios, "--targets", ",".join(sound)]
@@ -299,7 +252,7 @@ class GPUCheck:
             )
             argv = self._train_argv(run, tree, model)
             record.commands.append(" ".join(argv))
-            finished = run_command(argv, self.out / record.log, left, self.env, REPO)
+            finished = run_command(argv, cwd=REPO, env=self.env, timeout=left, log=self.out / record.log)
             timed[run.config] = max(timed.get(run.config, 0.0), finished.seconds)
             status = TIMEOUT if finished.timed_out else OK if finished.returncode == 0 else FAILED
             any_failed = any_failed or status != OK
@@ -318,7 +271,8 @@ class GPUCheck:
             sys.executable,
             "-m",
             "vitcrs.train",
-            "experiment=study_tiny",
+            f"experiment={self.plan.experiment}",
+            "model=vit_tiny",
             f"model.name_or_path={model}",
             "dataset=imagefolder",
             f"data.root={tree}",
@@ -349,9 +303,6 @@ class GPUCheck:
 
     def fidelity(self, tree: Path, model: Path) -> None:
         record = self.records["fidelity"]
-        if importlib.util.find_spec("vitcrs.fidelity") is None:
-            self.finish(record, SKIPPED, 0.0, "vitcrs.fidelity does not exist in this checkout")
-            return
         argv = [
             sys.executable,
             "-m",
@@ -391,17 +342,16 @@ class GPUCheck:
             return 2
         tree, model = ready
         ok = "tests" not in steps or bool(self.guarded("tests", self.tests))
-        if ok or self.args.keep_going:
-            ok = ("smoke" not in steps or bool(self.guarded("smoke", self.smoke))) and ok
         if not ok and not self.args.keep_going:
-            self._not_run("step 1 (CUDA tests / correctness smoke) failed: fix that first (or --keep-going)")
+            self._not_run("step 1 (the device tests) failed: fix that first (or --keep-going)")
             return 1
         if "bench" in steps:
             for step, attn, precision in BENCH_RUNS:
                 self.guarded(step, self.bench, step, attn, precision)
-        fidelity = "fidelity" in steps and importlib.util.find_spec("vitcrs.fidelity") is not None
         if "train" in steps:
-            reserve = self.plan.limit("report") + (self.plan.limit("fidelity") if fidelity else 0.0)
+            reserve = self.plan.limit("report") + (
+                self.plan.limit("fidelity") if "fidelity" in steps else 0.0
+            )
             self.guarded("train", self.train, tree, model, reserve)
         if "report" in steps:
             self.guarded("report", self.report)

@@ -1,4 +1,8 @@
-"""`FaultInjector`: make a run fail on purpose at a given step, to check what a failure leaves behind."""
+"""`FaultInjector`: make a run fail on purpose at a given step, to check what a failure leaves behind.
+
+A test-only callback: training subprocesses of the tests import it from here (`quiet_env` puts tests/ on
+their PYTHONPATH), added with `FAULT` and its settings, e.g. `[FAULT, "+callbacks.fault.kill_at_step=6"]`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import signal
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+FAULT = "+callbacks.fault._target_=support.faults.FaultInjector"  # the override that adds it to a run
 
 
 class FaultInjector(Callback):
@@ -20,8 +26,7 @@ class FaultInjector(Callback):
     kill_at_test: SIGKILL when the test split starts (training and checkpoint selection done).
     nan_at_step: the images of that batch become NaN, so its loss is NaN.
     nan_on_rank: with several processes, only this rank's batch becomes NaN; None: every rank's.
-    Added to a run with `+callbacks.fault._target_=vitcrs.callbacks.FaultInjector`
-    `+callbacks.fault.kill_at_step=N`.
+    Added to a run with `FAULT` `+callbacks.fault.kill_at_step=N`.
     """
 
     def __init__(
