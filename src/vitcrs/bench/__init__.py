@@ -17,7 +17,6 @@ from .analytic import (
     analytic_block_saved_bytes,
     ideal_model_saved_bytes,
     max_batch_from_estimate,
-    sdpa_block_saved_bytes,
 )
 from .cli import main, parser
 from .grid import BENCH_TARGET_SETS, GRIDS, BenchConfig, expand
@@ -60,5 +59,4 @@ __all__ = [
     "parser",
     "run_bench",
     "run_config",
-    "sdpa_block_saved_bytes",
 ]

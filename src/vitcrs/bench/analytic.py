@@ -44,37 +44,24 @@ def _sampled(cfg: CRSConfig | None) -> bool:
     return cfg is not None and not cfg.exact
 
 
-def sdpa_block_saved_bytes(
-    batch: int,
-    tokens: int,
-    hidden: int,
-    heads: int,
-    intermediate: int,
-    cfg: CRSConfig | None = None,
-    targets: Iterable[str] = (),
-    autocast: bool = False,
-    checkpointing: bool = False,
+def _sdpa_block_saved_bytes(
+    shape: BlockShape, cfg: CRSConfig | None, targets: tuple[str, ...], autocast: bool, checkpointing: bool
 ) -> int:
-    """Analytic bytes one HF ViT encoder block with sdpa attention saves for backward (no dropout).
-
-    Same arguments as `vit_block_saved_bytes`; matmul targets ("scores", "context") do not exist with sdpa.
-    """
-    targets = tuple(targets)
+    """Analytic bytes one HF ViT encoder block with sdpa attention saves for backward (no dropout): the
+    eager model adjusted as the module docstring says; the matmul targets do not exist with sdpa."""
     if _sampled(cfg) and set(targets) & set(MATMUL_TARGETS):
         raise ValueError(f"targets {sorted(set(targets) & set(MATMUL_TARGETS))} need eager attention")
-    eager = vit_block_saved_bytes(
-        batch, tokens, hidden, heads, intermediate, cfg, targets, autocast, checkpointing
-    )
+    eager = _eager_block_saved_bytes(shape, cfg, targets, autocast, checkpointing)
     if _sampled(cfg) and "lean_block" in targets:  # keeps only the residual stream, whatever the attention
         return eager
     if checkpointing:  # a checkpointed plain block keeps only its input, whatever the attention
         return eager
     c = 2 if autocast else 4
-    slices = batch * heads
+    slices, tokens = shape.batch * shape.heads, shape.tokens
     probs = slices * tokens * tokens * 4
     probs_cast = slices * tokens * tokens * c if autocast else 0
     logsumexp = slices * tokens * 4
-    kept_output = batch * tokens * hidden * c if _sampled(cfg) and "attn_output" in targets else 0
+    kept_output = shape.batch * tokens * shape.hidden * c if _sampled(cfg) and "attn_output" in targets else 0
     return eager - probs - probs_cast + logsumexp + kept_output
 
 
@@ -88,16 +75,18 @@ def analytic_block_saved_bytes(
 ) -> int:
     """Analytic bytes one block of `shape` saves, for attention "eager" or "sdpa", exact or sampled
     (`checkpointing`: modelled for the "lean_block" target only, see `vit_block_saved_bytes`)."""
-    fn: Callable[..., int]
-    if attn == "eager":
-        fn = vit_block_saved_bytes
-    elif attn == "sdpa":
-        fn = sdpa_block_saved_bytes
-    else:
+    if attn not in ("eager", "sdpa"):
         raise ValueError(f"no analytic model for attention {attn!r}: only eager and sdpa")
+    model = _eager_block_saved_bytes if attn == "eager" else _sdpa_block_saved_bytes
+    return model(shape, cfg, tuple(targets), autocast, checkpointing)
+
+
+def _eager_block_saved_bytes(
+    shape: BlockShape, cfg: CRSConfig | None, targets: tuple[str, ...], autocast: bool, checkpointing: bool
+) -> int:
     s = shape
-    return fn(
-        s.batch, s.tokens, s.hidden, s.heads, s.intermediate, cfg, tuple(targets), autocast, checkpointing
+    return vit_block_saved_bytes(
+        s.batch, s.tokens, s.hidden, s.heads, s.intermediate, cfg, targets, autocast, checkpointing
     )
 
 

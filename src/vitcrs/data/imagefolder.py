@@ -63,6 +63,11 @@ def _split_folder(root: Path, split: str, fix: str, hint: str = "") -> Path:
     return folder
 
 
+def _classes_without_images(classes: list[str], files: list[tuple[os.DirEntry, int]]) -> list[str]:
+    present = {label for _, label in files}
+    return [name for label, name in enumerate(classes) if label not in present]
+
+
 def _names(names: list[str]) -> str:
     """The first five of `names`, and "..." when there are more."""
     return ", ".join(names[:5]) + ("..." if len(names) > 5 else "")
@@ -115,8 +120,7 @@ def _checked(root: Path) -> tuple[list[str], dict[str, list[tuple[os.DirEntry, i
             f"folders, since labels are the sorted folder names."
         )
     files = {split: list_split(root, split, classes) for split in SPLITS}
-    present = {lab for _, lab in files["train"]}
-    empty = [name for label, name in enumerate(classes) if label not in present]
+    empty = _classes_without_images(classes, files["train"])
     if empty:
         raise ConfigError(
             f"data.root={str(root)!r}: train class folders without images ({_names(empty)}); images must "
@@ -128,8 +132,7 @@ def _checked(root: Path) -> tuple[list[str], dict[str, list[tuple[os.DirEntry, i
             f"data.root={str(root)!r}: {test}/ has class folders but no images "
             f"(extensions {', '.join(IMAGE_EXTENSIONS)}). Fix: add the test images."
         )
-    tested = {lab for _, lab in files["test"]}
-    untested = [name for label, name in enumerate(classes) if label not in tested]
+    untested = _classes_without_images(classes, files["test"])
     if untested:
         raise ConfigError(
             f"data.root={str(root)!r}: test class folders without images ({_names(untested)}): the "
