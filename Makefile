@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= "torch>=2.4,<2.15" "torchvision>=0.19,<0.30"
 # dev tools, both sweep launchers and the timm model family, so that every test runs
 EXTRAS ?= dev,joblib,slurm,timm
+# pytest-xdist workers: one per CPU core (tests that start processes of their own are few)
+TEST_WORKERS ?= auto
 
 .PHONY: help install test test-fast lint demo sweep clean
 
@@ -27,10 +29,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" tests
 
 lint: install
 	$(VENV)/bin/ruff check src tests tools

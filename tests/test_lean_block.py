@@ -311,11 +311,12 @@ def test_a_split_budget_gives_each_product_rows_by_its_norms_at_the_uniform_cost
     assert budget.estimate[0] == 3.0
 
 
-@pytest.mark.parametrize("attn", ATTNS)
-def test_lean_block_with_a_split_budget_is_unbiased_and_learns_its_split(attn):
+@pytest.mark.slow
+def test_lean_block_with_a_split_budget_is_unbiased_and_learns_its_split():
     """crs.budget=split: after the first pass each block's linears keep rows by their S; the estimates stay
-    unbiased (each k fixed before its draw) and the gradient error falls at the same cost."""
-    base = tiny_vit(attn, layers=2)
+    unbiased (each k fixed before its draw) and the gradient error falls at the same cost. (The split is
+    blind to the attention kernel: eager only.)"""
+    base = tiny_vit("eager", layers=2)
     x, y = torch.randn(4, 3, 16, 16), torch.arange(4) % 5
     weights = [n for n, p in base.named_parameters() if p.dim() == 2 and ".layers." in n]
 
