@@ -58,7 +58,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Mark the tests that run on `--device` (they take the `device` fixture) `device`, and those that need
     CUDA whatever the option (skipped without it) `cuda`: `-m "device or cuda"` selects the GPU check's. The
     tests that run `python -m vitcrs.train` (`run_train`, `ratio_sweep`) are `slow`, as are those marked so
-    (`make test-fast` leaves them out)."""
+    (`make test-fast` leaves them out). Slow tests run first, so that the xdist workers finish together."""
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
         if "device" in fixtures:
@@ -68,6 +68,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         reasons = (str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif"))
         if any("cuda" in reason for reason in reasons):
             item.add_marker(pytest.mark.cuda)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
