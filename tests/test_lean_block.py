@@ -330,11 +330,11 @@ def test_lean_block_with_a_split_budget_is_unbiased_and_learns_its_split():
         b: inject(copy.deepcopy(base), CRSConfig(ratio=0.3, budget=b), ["lean_block"])
         for b in ("uniform", "split")
     }
-    draws = {b: torch.stack([grads(m).double() for _ in range(300)]) for b, m in models.items()}
+    draws = {b: torch.stack([grads(m).double() for _ in range(150)]) for b, m in models.items()}
     budget = crs_state(models["split"]).budget
     assert len(budget.costs) == 2 * 4 and not budget.estimate.isnan().any()
     assert len(set(budget.split(4 * 17))) > 1  # the products keep different numbers of rows
-    se = draws["split"].std(0) / math.sqrt(300)
+    se = draws["split"].std(0) / math.sqrt(150)
     worst = ((draws["split"].mean(0) - exact).abs() / (5.5 * se + 1e-6 * exact.abs().max())).max().item()
     assert worst <= 1.0, f"estimate off by {worst:.2f} x the 5.5-sigma tolerance"
     error = {b: (d - exact).square().sum(1).mean().item() for b, d in draws.items()}
