@@ -26,12 +26,12 @@ sys.path.insert(0, str(SCRIPTS))
 
 from convert_vit_to_timm import timm_twin  # noqa: E402
 
-from vitcrs.conf import CONF_DIR  # noqa: E402  (also registers the crs defaults node)
+from vitcrs.conf import CONF_DIR, container, register  # noqa: E402
 from vitcrs.fidelity.cli import make_batches  # noqa: E402
 from vitcrs.fidelity.meter import Configuration, measure  # noqa: E402
 from vitcrs.fidelity.render import mean_se_text, number  # noqa: E402
 from vitcrs.models import model_family  # noqa: E402
-from vitcrs.train import build_datamodule  # noqa: E402
+from vitcrs.settings import model_data  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         "model=vit_tiny", f"model.name_or_path={args.model}", "dataset=imagefolder", f"data.root={args.data}",
         "data.name=cifar10", f"data.batch_size={args.batch_size}", f"seed={args.seed}",
     ]  # fmt: skip
+    register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("fidelity", overrides=overrides)
-    datamodule = build_datamodule(cfg)
+    node = container(cfg.model)
+    datamodule, _ = model_data(model_family(node), node, container(cfg.data))
     batches = make_batches(datamodule, args.noise_batches, args.seed, torch.device("cpu"))
-    node = dict(cfg.model)
     torch.manual_seed(args.seed)  # the fresh head, as the meter seeds it
     hf = model_family(node).build(node, datamodule.num_classes, list(datamodule.class_names), 224).eval()
     twin = timm_twin(hf, args.timm_model)
