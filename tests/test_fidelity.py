@@ -19,6 +19,7 @@ from vitcrs.crs import CRSConfig, crs_linear
 from vitcrs.errors import ConfigError
 from vitcrs.fidelity.cli import configurations
 from vitcrs.fidelity.meter import Configuration, Groups, compare_draws, measure
+from vitcrs.fidelity.render import summary_table
 from vitcrs.models import build_vit
 from vitcrs.models.fidelity import grad_fidelity, parameter_block, parameter_kind
 from vitcrs.record import RunRecord
@@ -159,6 +160,23 @@ def test_each_configuration_is_reproducible_on_its_own(vit_results):
     """Same seed, same draws, whichever configurations ran before (each restarts the CRS stream)."""
     again = _measure_tiny_vit([Configuration("wta_crs", STUDY, 0.5)])["configurations"][0]
     assert again["rel_err_per_draw"] == vit_results["configurations"][3]["rel_err_per_draw"]
+
+
+def test_a_split_budget_row_is_primed_and_labelled_apart_from_the_uniform_one():
+    """crs.budget=split learns its split from earlier passes: primed like norm_grad; its rows say so."""
+    results = _measure_tiny_vit([
+        Configuration("wta_crs", ("lean_block",), 0.3),
+        Configuration("wta_crs", ("lean_block",), 0.3, budget="split"),
+    ])  # fmt: skip
+    uniform, split = results["configurations"]
+    assert uniform["prime_passes"] == 0 and split["prime_passes"] == 1
+    assert (uniform["budget"], split["budget"]) == ("uniform", "split")
+    assert split["label"] == "wta_crs 0.3 lean_block norm split"
+    assert split["rel_err_per_draw"] != uniform["rel_err_per_draw"]
+    summary = summary_table(results)
+    assert summary[0].startswith("| Method | Ratio | Targets | Prob | Budget |")
+    assert "| wta_crs | 0.3 | lean_block | norm | uniform |" in summary[2]
+    assert "| wta_crs | 0.3 | lean_block | norm | split |" in summary[3]
 
 
 # --- the configuration ------------------------------------------------------------------------------------

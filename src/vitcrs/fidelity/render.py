@@ -33,10 +33,11 @@ def mean_se_text(stat: dict[str, Any]) -> str:
 
 
 def _config_cells(c: dict[str, Any]) -> list[str]:
-    return [c["method"], f"{c['ratio']:g}", ", ".join(c["targets"]) or DASH, c["prob"]]
+    targets = ", ".join(c["targets"]) or DASH
+    return [c["method"], f"{c['ratio']:g}", targets, c["prob"], c.get("budget", "uniform")]
 
 
-CONFIG_HEADER = ["Method", "Ratio", "Targets", "Prob"]
+CONFIG_HEADER = ["Method", "Ratio", "Targets", "Prob", "Budget"]
 
 
 def bias_text(bias: dict[str, Any]) -> str:
@@ -62,20 +63,21 @@ def summary_table(results: dict[str, Any]) -> list[str]:
         ]
         for c in results["configurations"]
     ]
-    rows.append(["exact", "1", DASH, DASH, "0", "1", "0", DASH, f"{exact['step_time_s']:.3f}", "1"])
+    rows.append(["exact", "1", DASH, DASH, DASH, "0", "1", "0", DASH, f"{exact['step_time_s']:.3f}", "1"])
     # the reference: an exact gradient of another batch of the same size, as far from ḡ as batches lie
-    rows.append(["minibatch noise", DASH, DASH, DASH, number(exact["noise"]), DASH, "1", DASH, DASH, DASH])
-    return markdown_table(header, rows, left=4)
+    noise = number(exact["noise"])
+    rows.append(["minibatch noise", DASH, DASH, DASH, DASH, noise, DASH, "1", DASH, DASH, DASH])
+    return markdown_table(header, rows, left=len(CONFIG_HEADER))
 
 
 def group_table(results: dict[str, Any], key: str, names: Sequence[str]) -> list[str]:
     """Rows: the minibatch noise, then each configuration; columns: the blocks or kinds in `names`."""
     noise = results["exact"][key]
-    rows = [["minibatch noise", DASH, DASH, DASH, *(number(noise.get(n)) for n in names)]]
+    rows = [["minibatch noise", DASH, DASH, DASH, DASH, *(number(noise.get(n)) for n in names)]]
     rows += [
         [*_config_cells(c), *(number(c[key][n]["mean"]) for n in names)] for c in results["configurations"]
     ]
-    return markdown_table([*CONFIG_HEADER, *names], rows, left=4)
+    return markdown_table([*CONFIG_HEADER, *names], rows, left=len(CONFIG_HEADER))
 
 
 SUMMARY_NOTE = (
