@@ -207,7 +207,8 @@ class GPUCheck:
         return status == OK
 
     def bench(self, step: str, attn: str, precision: str) -> None:
-        """One bench process: exact and each sound target set, checkpointing off and on, in attn/precision."""
+        """One bench process in attn/precision: exact and each sound target set, checkpointing off and on,
+        and the plan's memory modes (lean-block rows keeping the input alone, also updating in backward)."""
         from vitcrs.bench.grid import BENCH_TARGET_SETS
         from vitcrs.crs import MATMUL_TARGETS, TARGET_SETS
 
@@ -218,6 +219,7 @@ class GPUCheck:
         folder = f"bench/{attn}_{precision}"
         grid = ["--methods", "wta_crs", "--ratios", self.plan.bench_ratios, "--targets", ",".join(sound)]
         rows = ["--attn", attn, "--precision", precision, "--checkpointing", "off,on"]
+        rows += ["--memory", self.plan.bench_memory]
         argv = [sys.executable, "-m", "vitcrs.bench", *self.plan.bench_model, *grid, *rows]
         argv += ["--out", str(self.out / folder)]
         done = self.command(record, argv, self.limit(step))
