@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from vitcrs.errors import ConfigError, check_int
+from vitcrs.errors import ConfigError, check_bool, check_int
 
 from .targets import ALL_TARGETS, MATMUL_TARGETS, validate_targets
 
@@ -97,11 +97,8 @@ class CRSConfig:
             raise ValueError(f"crs.cache_warmup={self.cache_warmup!r} is unknown: choose one of {allowed}.")
         if self.budget not in BUDGETS:
             raise ValueError(f"crs.budget={self.budget!r} is unknown: choose one of {', '.join(BUDGETS)}.")
-        if not isinstance(self.keep_mid, bool):
-            raise ValueError(f"crs.keep_mid={self.keep_mid!r} is invalid: it must be true or false.")
-        if not isinstance(self.cache_in_checkpoint, bool):
-            value = self.cache_in_checkpoint
-            raise ValueError(f"crs.cache_in_checkpoint={value!r} is invalid: it must be true or false.")
+        check_bool("crs.keep_mid", self.keep_mid)
+        check_bool("crs.cache_in_checkpoint", self.cache_in_checkpoint)
 
     @property
     def exact(self) -> bool:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from transformers import get_linear_schedule_with_warmup
 
-from vitcrs.errors import ConfigError
+from vitcrs.errors import ConfigError, check_bool
 
 
 def _check_number(key: str, value: Any, lo: float, hi: float | None, hint: str) -> None:
@@ -89,8 +89,7 @@ class OptimConfig:
             raise ConfigError("optim.lr=0 is invalid: it must be > 0, e.g. optim.lr=5e-5.")
         _check_number("optim.weight_decay", self.weight_decay, 0, None, "e.g. optim.weight_decay=0.01.")
         _check_number("optim.warmup_fraction", self.warmup_fraction, 0, 1, "e.g. optim.warmup_fraction=0.1.")
-        if not isinstance(self.in_backward, bool):
-            raise ConfigError(f"optim.in_backward={self.in_backward!r} is invalid: it must be true or false.")
+        check_bool("optim.in_backward", self.in_backward)
 
     def check_in_backward(
         self, accumulate: Any, clip: Any, precision: Any, processes: int, fidelity_every: Any
