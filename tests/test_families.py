@@ -235,6 +235,26 @@ def test_lean_block_at_ratio_one_gives_autograds_gradients(name, keep_only_x, mo
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=atol, msg=pname)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_keeping_the_input_alone_gives_the_same_sampled_gradients(name):
+    """crs.keep_mid=false (the memory floor) changes what is kept, not what is computed: at ratio 0.3, from
+    the same sampling stream, it draws the same rows and gives the default's gradients (so the default's
+    measured gradient error and accuracy hold for it)."""
+    base = build(name)
+
+    def lean(keep_mid: bool) -> nn.Module:
+        cfg = CRSConfig(ratio=0.3, keep_mid=keep_mid)
+        return inject(copy.deepcopy(base), cfg, None, SamplingGenerator(5))
+
+    (out_mid, g_mid), (out_x, g_x) = _step(lean(True), X, "fp32"), _step(lean(False), X, "fp32")
+    assert torch.equal(out_x, out_mid)
+    _, exact = _step(base, X, "fp32")
+    sizes = [p.numel() for p in base.parameters()]
+    pairs = list(zip(g_mid.split(sizes), g_x.split(sizes), exact.split(sizes), strict=True))
+    assert max(_rel(mid, ex) for mid, _, ex in pairs if ex.any()) > 1e-2  # sampled
+    assert max(_rel(x, mid) for mid, x, _ in pairs if mid.any()) <= 1e-5
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["hf_vit", "hf_dinov2_swiglu", pytest.param("timm", marks=needs_timm)])
 def test_lean_block_gradients_are_unbiased_with_regularisers_on(name, monkeypatch):
