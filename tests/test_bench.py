@@ -293,18 +293,19 @@ def test_module_entry_point(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_memory_modes_are_rows_and_the_peak_is_split_into_its_parts(tmp_path):
-    """--memory: keeping the lean block's input alone (lean-block rows only) and updating inside backward
-    (every row); --cpu-peak splits each peak into weights, optimizer state, batch, gradients, kept activations
+    """--memory: keeping the lean block's input alone or its stream in bfloat16 (lean-block rows only) and
+    updating inside backward (every row); --cpu-peak splits each peak into weights, optimizer state, batch, gradients, kept activations
     and transient workspace at the moment of the peak."""
     result, md = _run(
         tmp_path,
         *("--attn", "eager", "--precision", "fp32", "--targets", "lean_block", "--ratios", "0.3"),
-        *("--methods", "wta_crs", "--memory", "default,keep_input,floor", "--cpu-peak"),
+        *("--methods", "wta_crs", "--memory", "default,keep_input,floor,bf16_stream", "--cpu-peak"),
         *("--batch-size", "16", "--image-size", "64"),
     )
     rows = {r["name"]: r for r in result["rows"]}
     lean = "eager/fp32/wta_crs@0.3/lean_block"
-    assert list(rows) == ["eager/fp32/exact", lean, f"{lean}/keep_input", f"{lean}/floor"]
+    modes = ["keep_input", "floor", "bf16_stream"]
+    assert list(rows) == ["eager/fp32/exact", lean, *(f"{lean}/{m}" for m in modes)]
     for r in rows.values():
         parts = r["peak_breakdown"]
         assert sum(parts.values()) == r["peak_allocated_bytes"] and min(parts.values()) >= 0
@@ -312,6 +313,9 @@ def test_memory_modes_are_rows_and_the_peak_is_split_into_its_parts(tmp_path):
     # keeping the input alone halves what each lean block keeps (the analytic model says so too)
     assert rows[f"{lean}/keep_input"]["saved_bytes"] < rows[lean]["saved_bytes"]
     assert rows[f"{lean}/keep_input"]["realised_over_ideal"] == pytest.approx(1.0)
+    # so does keeping x and x1 in bfloat16, less the fp32 row norms of the MLP activation
+    bf16 = rows[f"{lean}/bf16_stream"]
+    assert bf16["saved_bytes"] < rows[lean]["saved_bytes"] and bf16["realised_over_ideal"] == pytest.approx(1.0)
     # updated inside backward, no more than one block's gradients live at once
     floor = rows[f"{lean}/floor"]
     assert floor["peak_breakdown"]["gradients"] < 0.25 * floor["param_bytes"]

@@ -99,6 +99,11 @@ BAD_INPUTS = {
     "ratio above one": (["crs.ratio=1.5"], None, ["crs.ratio=1.5", "(0, 1]"]),
     "ratio not a number": (["crs.ratio=half"], None, ["crs.ratio='half'", "a number in (0, 1]"]),
     "unknown method": (["crs.method=topk"], None, ["crs.method='topk'", "crs, wta_crs"]),
+    "unknown kept dtype": (
+        ["crs.ratio=0.3", "crs.keep_dtype=float8"],
+        None,
+        ["crs.keep_dtype='float8'", "bfloat16"],
+    ),
     "unknown target": (["crs.targets=[query,keys]"], None, ["crs.targets", "['keys']", "'context'"]),
     "matmuls with sdpa": (
         ["model.attn_implementation=sdpa", "crs.targets=[query,key,value,scores,context]"],

@@ -162,21 +162,28 @@ def test_each_configuration_is_reproducible_on_its_own(vit_results):
     assert again["rel_err_per_draw"] == vit_results["configurations"][3]["rel_err_per_draw"]
 
 
-def test_a_split_budget_row_is_primed_and_labelled_apart_from_the_uniform_one():
-    """crs.budget=split learns its split from earlier passes: primed like norm_grad; its rows say so."""
+def test_split_budget_and_bfloat16_stream_rows_are_labelled_apart_from_the_default():
+    """crs.budget=split learns its split from earlier passes: primed like norm_grad; crs.keep_dtype=bfloat16
+    recomputes from a rounded stream, not primed; the rows say which is which."""
     results = _measure_tiny_vit([
         Configuration("wta_crs", ("lean_block",), 0.3),
         Configuration("wta_crs", ("lean_block",), 0.3, budget="split"),
+        Configuration("wta_crs", ("lean_block",), 0.3, keep_dtype="bfloat16"),
     ])  # fmt: skip
-    uniform, split = results["configurations"]
-    assert uniform["prime_passes"] == 0 and split["prime_passes"] == 1
+    uniform, split, bf16 = results["configurations"]
+    assert uniform["prime_passes"] == bf16["prime_passes"] == 0 and split["prime_passes"] == 1
     assert (uniform["budget"], split["budget"]) == ("uniform", "split")
     assert split["label"] == "wta_crs 0.3 lean_block norm split"
+    assert bf16["label"] == "wta_crs 0.3 lean_block norm bfloat16 stream" and bf16["keep_dtype"] == "bfloat16"
     assert split["rel_err_per_draw"] != uniform["rel_err_per_draw"]
+    # the same draws from a rounded stream: errors within a hair of the default's
+    assert bf16["rel_err_per_draw"] != uniform["rel_err_per_draw"]
+    assert bf16["rel_err_per_draw"] == pytest.approx(uniform["rel_err_per_draw"], rel=0.05)
     summary = summary_table(results)
-    assert summary[0].startswith("| Method | Ratio | Targets | Prob | Budget |")
-    assert "| wta_crs | 0.3 | lean_block | norm | uniform |" in summary[2]
-    assert "| wta_crs | 0.3 | lean_block | norm | split |" in summary[3]
+    assert summary[0].startswith("| Method | Ratio | Targets | Prob | Budget | Kept stream |")
+    assert "| wta_crs | 0.3 | lean_block | norm | uniform | as computed |" in summary[2]
+    assert "| wta_crs | 0.3 | lean_block | norm | split | as computed |" in summary[3]
+    assert "| wta_crs | 0.3 | lean_block | norm | uniform | bfloat16 |" in summary[4]
 
 
 # --- the configuration ------------------------------------------------------------------------------------

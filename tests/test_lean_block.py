@@ -145,6 +145,35 @@ def test_lean_block_under_bf16_autocast(attn, monkeypatch):
     assert all(torch.isfinite(p.grad).all() and p.grad.dtype == torch.float32 for p in sampled.parameters())
 
 
+def _lean_in_its_keep_dtype_even_at_ratio_one(self, hidden_states, attention_mask=None, **kwargs):
+    return lean_block(self, hidden_states, attention_mask, True, self.crs.config.kept_dtype)
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+def test_a_bfloat16_stream_halves_the_kept_bytes_and_rounds_the_gradients_slightly(attn, monkeypatch):
+    """crs.keep_dtype=bfloat16: the same forward, half the residual-stream bytes kept, and (the lean op forced
+    at ratio 1, so only the stream's rounding differs) autograd's gradients to within the rounding."""
+    monkeypatch.setattr(CRSBlock, "forward", _lean_in_its_keep_dtype_even_at_ratio_one)
+    base = tiny_vit(attn).train()
+    x = torch.randn(4, 3, 16, 16)
+    grads, kept = {}, {}
+    for keep_dtype in (None, "bfloat16"):
+        model = inject(copy.deepcopy(base), CRSConfig(ratio=1.0, keep_dtype=keep_dtype), ["lean_block"])
+        with SavedTensorsMeter(exclude=model.parameters()) as meter:
+            out = model(x).logits
+        assert torch.equal(out, base(x).logits)
+        out.square().sum().backward()
+        kept[keep_dtype] = meter.bytes
+        grads[keep_dtype] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    base(x).logits.square().sum().backward()
+    exact = torch.cat([p.grad.flatten() for p in base.parameters()])
+    n, d, blocks = 4 * 17, 32, 2
+    assert kept[None] - kept["bfloat16"] == blocks * 2 * n * d * 2  # x and x1 of each block: 4 → 2 bytes
+    assert torch.allclose(grads[None], exact, rtol=1e-4, atol=1e-6)
+    err = ((grads["bfloat16"] - exact).norm() / exact.norm()).item()
+    assert 1e-5 < err < 2e-3, err  # rounded (2⁻⁹ relative in the recomputed activations), and only that
+
+
 def test_lean_block_settings_are_checked():
     with pytest.raises(ValueError, match=r"'lean_block' together with \['query'\]"):
         inject(tiny_vit("eager"), CRSConfig(ratio=0.5), ["lean_block", "query"])
@@ -223,12 +252,13 @@ def test_lean_block_has_lower_weight_gradient_variance_than_norm_sampled_linears
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("attn", ATTNS)
 def test_lean_block_saved_bytes_equal_the_analytic_model(attn, autocast):
-    """A ViT-B/16-shaped block (width 768, 12 heads, 3072, 197 tokens; batch 2), checkpointing off and on."""
+    """A ViT-B/16-shaped block (width 768, 12 heads, 3072, 197 tokens; batch 2), checkpointing off and on, the
+    stream kept as computed and in bfloat16 (crs.keep_dtype)."""
     model = ViTForImageClassification(ViTConfig(num_hidden_layers=1, num_labels=10, attn_implementation=attn))
     shape = BlockShape(2, 197, 768, 12, 3072, 1)
     h = torch.randn(2, 197, 768, requires_grad=True)
-    for ratio in (0.3, 1.0):
-        cfg = CRSConfig(ratio=ratio)
+    for ratio, keep_dtype in ((0.3, None), (0.3, "bfloat16"), (1.0, None)):
+        cfg = CRSConfig(ratio=ratio, keep_dtype=keep_dtype)
         inject(model, cfg, ["lean_block"])
         for checkpointing in (False, True):
             if checkpointing:
@@ -247,7 +277,8 @@ def test_lean_block_saved_bytes_equal_the_analytic_model(attn, autocast):
             assert ideal == vit_block_saved_bytes(
                 2, 197, 768, 12, 3072, cfg, ["lean_block"], autocast, checkpointing
             )
-            assert measured == ideal == 197 * 2 * (768 * 4 * (1 if checkpointing else 2) + 4)  # + act norms
+            stream = 2 if keep_dtype else 4  # bytes per element of the kept x (and x1)
+            assert measured == ideal == 197 * 2 * (768 * stream * (1 if checkpointing else 2) + 4)  # + norms
             assert exact / measured > (8 if checkpointing else 4)
         model.activation_checkpointing_disable()
 

@@ -531,6 +531,29 @@ def test_ablation_groups_share_one_exact_baseline(tmp_path: Path) -> None:
     assert half["reduction"]["peak_mem_allocated_gib"] == pytest.approx(2.0)
 
 
+def test_runs_that_keep_or_split_otherwise_are_grouped_apart_and_share_the_exact_run(tmp_path: Path) -> None:
+    """crs.budget and crs.keep_dtype change the gradients (crs.keep_mid the memory): their runs are not averaged
+    together, and each group compares with the one exact run (which ignores all three)."""
+    runs = tmp_path / "runs"
+    write_run(runs, "exact", test_acc=0.90)
+    lean = {"targets": ["lean_block"], "budget": "uniform", "keep_mid": True, "keep_dtype": None}
+    variants = {
+        "uniform": {},
+        "split": {"budget": "split"},
+        "bf16": {"keep_mid": False, "keep_dtype": "bfloat16"},
+    }
+    for i, (name, change) in enumerate(variants.items()):
+        write_run(runs, name, ratio=0.3, test_acc=0.89 - i / 100, settings={**lean, **change})
+    md = (report(tmp_path, runs) / "accuracy.md").read_text()
+    assert md.count("## Group") == 4
+    titles = [line for line in md.splitlines() if line.startswith("## Group")]  # runs in name order
+    assert titles[0].endswith("targets=lean_block, budget=uniform, keep_mid=false, keep_dtype=bfloat16")
+    assert titles[2].endswith("targets=lean_block, budget=split, keep_mid=true, keep_dtype=null")
+    for index, acc in ((1, "87.00 (−3.00)"), (3, "88.00 (−2.00)"), (4, "89.00 (−1.00)")):
+        assert table(section(md, index))[2:] == ["| 1 (exact, shared) | 90.00 |", f"| 0.3 | {acc} |"]
+        assert "whatever targets/budget/keep_mid/keep_dtype say" in section(md, index)
+
+
 @pytest.mark.slow
 def test_mlp_groups_neither_borrow_nor_lend_an_exact_baseline(tmp_path: Path) -> None:
     runs = tmp_path / "runs"

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec:
 
 SETTINGS_KEYS = {
     "model", "attn_implementation", "precision", "batch_size", "max_epochs", "lr", "image_size", "method",
-    "targets", "prob", "limit_train",
+    "targets", "prob", "budget", "keep_mid", "keep_dtype", "limit_train",
 }  # fmt: skip
 
 

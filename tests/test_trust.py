@@ -180,6 +180,11 @@ def test_settings_the_lean_block_ignores_are_recorded_at_their_defaults(compose_
     cfg = compose_cfg("experiment=demo", "crs.targets=[query,fc1]", "crs.prob=sample_cache")
     sampled, run = _record_of(cfg)
     assert sampled.settings["prob"] == "sample_cache" and run.datamodule.batch_indices
+    # the lean ops' own settings: kept where a lean op reads them, at their defaults elsewhere
+    for targets, kept in (("[lean_block]", "bfloat16"), ("[query,fc1]", None)):
+        cfg = compose_cfg("experiment=demo", f"crs.targets={targets}", "crs.keep_dtype=bfloat16")
+        record, _ = _record_of(cfg)
+        assert record.settings["keep_dtype"] == kept
 
 
 def test_targets_are_recorded_in_canonical_order_without_repeats(compose_cfg):

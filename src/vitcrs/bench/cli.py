@@ -93,7 +93,9 @@ def parser() -> argparse.ArgumentParser:
         type=_choices("--memory", tuple(MEMORY_MODES)),
         help="memory modes, comma-separated: default (the lean block keeps x and x1; AdamW after backward), "
         "keep_input (the lean block keeps its input alone: crs.keep_mid=false), in_backward (each "
-        "parameter's AdamW update inside backward: optim.in_backward=true; every row), floor (both)",
+        "parameter's AdamW update inside backward: optim.in_backward=true; every row), floor (both), "
+        "bf16_stream, keep_input_bf16, floor_bf16 (the same with the kept stream in bfloat16: "
+        "crs.keep_dtype=bfloat16)",
     )
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=64)

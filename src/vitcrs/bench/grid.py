@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from vitcrs.crs import MATMUL_TARGETS, METHODS, TARGET_SETS, CRSConfig
 
@@ -13,12 +14,28 @@ ATTNS = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16-mixed")
 RATIOS = (0.5, 0.3, 0.1)
 
-# --memory: how a step keeps what it needs; (crs.keep_mid, optim.in_backward) of each mode
-MEMORY_MODES: dict[str, tuple[bool, bool]] = {
-    "default": (True, False),  # the lean block keeps x and x1; AdamW steps after backward
-    "keep_input": (False, False),  # the lean block keeps its input alone (crs.keep_mid=false)
-    "in_backward": (True, True),  # each parameter's AdamW update inside backward (optim.in_backward=true)
-    "floor": (False, True),  # both
+class MemoryMode(NamedTuple):
+    """How a step keeps what it needs: crs.keep_mid, optim.in_backward and crs.keep_dtype."""
+
+    keep_mid: bool
+    in_backward: bool
+    keep_dtype: str | None = None
+
+    @property
+    def lean_only(self) -> bool:
+        """Whether it changes only what the lean block keeps (so it is run for lean-block rows only)."""
+        return not self.keep_mid or self.keep_dtype is not None
+
+
+# --memory: its modes
+MEMORY_MODES: dict[str, MemoryMode] = {
+    "default": MemoryMode(True, False),  # the lean block keeps x and x1; AdamW steps after backward
+    "keep_input": MemoryMode(False, False),  # the lean block keeps its input alone (crs.keep_mid=false)
+    "in_backward": MemoryMode(True, True),  # each parameter's AdamW update inside backward (optim.in_backward)
+    "floor": MemoryMode(False, True),  # both
+    "bf16_stream": MemoryMode(True, False, "bfloat16"),  # x and x1 kept in bfloat16 (crs.keep_dtype)
+    "keep_input_bf16": MemoryMode(False, False, "bfloat16"),  # the input alone, in bfloat16
+    "floor_bf16": MemoryMode(False, True, "bfloat16"),  # the input alone in bfloat16, AdamW inside backward
 }
 
 GRIDS: dict[str, dict[str, tuple]] = {
@@ -60,11 +77,11 @@ class BenchConfig:
 
     @property
     def keep_mid(self) -> bool:
-        return MEMORY_MODES[self.memory][0]
+        return MEMORY_MODES[self.memory].keep_mid
 
     @property
     def in_backward(self) -> bool:
-        return MEMORY_MODES[self.memory][1]
+        return MEMORY_MODES[self.memory].in_backward
 
     @property
     def exact(self) -> bool:
@@ -87,7 +104,10 @@ class BenchConfig:
     @property
     def crs_config(self) -> CRSConfig | None:
         """The sampling the targets are injected with; None for exact."""
-        return None if self.exact else CRSConfig(ratio=self.ratio, method=self.method, keep_mid=self.keep_mid)
+        if self.exact:
+            return None
+        keep_dtype = MEMORY_MODES[self.memory].keep_dtype
+        return CRSConfig(ratio=self.ratio, method=self.method, keep_mid=self.keep_mid, keep_dtype=keep_dtype)
 
     @property
     def reference(self) -> BenchConfig:
@@ -131,13 +151,14 @@ def expand(
 
     The exact reference (no checkpointing, default memory) of each attention × precision is always included,
     first; invalid combinations are kept (their `skip_reason()` says why) so the report can list them. A
-    memory mode that keeps the lean block's input alone is run for lean-block rows only (it changes nothing
-    else); one that updates in backward for every row, exact ones included.
+    memory mode that changes what the lean block keeps (its input alone, a bfloat16 stream) is run for
+    lean-block rows only (it changes nothing else); one that only updates in backward for every row, exact
+    ones included.
     """
     out: list[BenchConfig] = []
 
     def modes(lean: bool) -> list[str]:
-        return [mode for mode in memory if MEMORY_MODES[mode][0] or lean]
+        return [mode for mode in memory if lean or not MEMORY_MODES[mode].lean_only]
 
     for a in attn:
         for p in precision:

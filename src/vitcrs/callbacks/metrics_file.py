@@ -54,6 +54,9 @@ def describe_run(settings: RunSettings, crs_before_resume: dict[str, Any] | None
         "method": crs.method,
         "targets": list(crs.targets),
         "prob": crs.prob,
+        "budget": crs.budget,
+        "keep_mid": crs.keep_mid,
+        "keep_dtype": crs.keep_dtype,
         "limit_train": datamodule.limit_train,
     }
     if crs_before_resume:

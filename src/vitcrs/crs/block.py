@@ -109,7 +109,7 @@ class CRSBlock(nn.Module):
         x, mask = self.adapter.hidden_states(args, kwargs)
         if "lean_block" in targets:
             keep_mid = state.config.keep_mid and not (self.gradient_checkpointing and self.training)
-            return lean_block(self, x, mask, keep_mid)
+            return lean_block(self, x, mask, keep_mid, state.config.kept_dtype)
         return self._checkpointed(self._sampled, (x, mask), {})
 
     def _checkpointed(self, fn, args: tuple, kwargs: dict):
@@ -136,7 +136,7 @@ class CRSBlock(nn.Module):
         else:
             x1 = x + adapter.attention_branch(self, x, mask)
         if "mlp" in targets:
-            return x1 + lean_mlp(self, x1)
+            return x1 + lean_mlp(self, x1, cfg.kept_dtype)
         if not targets & {"fc1", "fc2"}:
             return x1 + adapter.mlp_branch(self, x1)
         h = parts.norm2(x1)

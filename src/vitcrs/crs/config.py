@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+import torch
+
 from vitcrs.errors import ConfigError, check_bool, check_int
 
 from .targets import ALL_TARGETS, MATMUL_TARGETS, validate_targets
@@ -17,6 +19,7 @@ GRAD_PROBS = ("norm_grad", "sample_cache")  # the probabilities that use output-
 CACHE_FORMATS = ("bfloat16", "uint8")
 CACHE_WARMUPS = ("norm", "exact")
 BUDGETS = ("uniform", "split")
+KEEP_DTYPES = ("bfloat16",)  # crs.keep_dtype's values besides null (keep as computed)
 CACHE_FIELDS = ("cache_format", "cache_warmup", "cache_in_checkpoint")  # read with prob="sample_cache" only
 
 
@@ -52,6 +55,10 @@ class CRSConfig:
         (x1 = x + attention branch: one more [batch, tokens, d] tensor per block) rather than recomputing the
         attention half's output in backward (one more linear and attention forward per block). False halves
         the kept activations; under activation checkpointing the lean block keeps x alone either way.
+    keep_dtype: the dtype the lean block and the lean MLP keep their residual stream in (x, and x1): null (as
+        computed: fp32 in fp32 and bf16-mixed training) or "bfloat16" (half the kept bytes). The forward is
+        exact either way; backward recomputes from the rounded stream, so the gradients carry a small error
+        from that rounding (about 2⁻⁹ relative in the recomputed activations) besides the sampling's.
     targets: the ops sampled in every block: names of `vitcrs.crs.targets.KNOWN_TARGETS` (checked by
         `validate_targets`, kept in its canonical order without repeats), e.g. a named set of `TARGET_SETS`;
         default "lean_block" alone (the whole block as one op keeping only its residual stream; every
@@ -68,6 +75,7 @@ class CRSConfig:
     cache_in_checkpoint: bool = False
     budget: str = "uniform"
     keep_mid: bool = True
+    keep_dtype: str | None = None
     targets: tuple[str, ...] = ("lean_block",)
 
     def __post_init__(self) -> None:
@@ -98,7 +106,17 @@ class CRSConfig:
         if self.budget not in BUDGETS:
             raise ValueError(f"crs.budget={self.budget!r} is unknown: choose one of {', '.join(BUDGETS)}.")
         check_bool("crs.keep_mid", self.keep_mid)
+        if self.keep_dtype is not None and self.keep_dtype not in KEEP_DTYPES:
+            raise ValueError(
+                f"crs.keep_dtype={self.keep_dtype!r} is unknown: choose null (keep the stream as computed) or "
+                f"{', '.join(KEEP_DTYPES)}."
+            )
         check_bool("crs.cache_in_checkpoint", self.cache_in_checkpoint)
+
+    @property
+    def kept_dtype(self) -> torch.dtype | None:
+        """`keep_dtype` as a torch dtype (None: keep as computed)."""
+        return None if self.keep_dtype is None else getattr(torch, self.keep_dtype)
 
     @property
     def exact(self) -> bool:
@@ -112,7 +130,8 @@ class CRSConfig:
         """These settings with those that change nothing at their defaults, so that runs that sample alike are
         configured and recorded alike: prob, grad_ema and cache_* when no target draws by `prob` ("mlp" and
         "lean_block" draw with p ∝ ‖g‖·‖x‖ whatever it says), grad_ema with prob="norm", cache_* unless
-        prob="sample_cache", keep_mid without "lean_block", budget without "lean_block" or "mlp". ratio,
+        prob="sample_cache", keep_mid without "lean_block", budget and keep_dtype without "lean_block" or
+        "mlp". ratio,
         method, min_k and targets stay as they are."""
         unused = set()
         if not set(self.targets) & set(ALL_TARGETS):
@@ -122,7 +141,7 @@ class CRSConfig:
         if "lean_block" not in self.targets:
             unused.add("keep_mid")
         if not set(self.targets) & {"lean_block", "mlp"}:
-            unused.add("budget")
+            unused |= {"budget", "keep_dtype"}
         default = CRSConfig()
         return replace(self, **{k: getattr(default, k) for k in unused})
 

@@ -8,9 +8,11 @@ the norms, biases, layer scales and qk-norms), and estimates each linear's weigh
 k = ceil(ratio · n) of its n = batch · tokens rows drawn with the optimal CRS probabilities p ∝ ‖g_i‖·‖x_i‖
 (both factors are known in backward); linears of one input (q/k/v, a gated MLP's gate/up) share one draw.
 
-- `lean_block(block, x, mask, keep_mid)`: the whole block; keeps x and, with `keep_mid`, the stream between
-  the two halves x1 = x + attention branch (else it recomputes the attention half first to get x1).
-- `lean_mlp(block, x1)`: the MLP branch alone (the `mlp` target), keeping x1.
+- `lean_block(block, x, mask, keep_mid, keep_dtype)`: the whole block; keeps x and, with `keep_mid`, the stream
+  between the two halves x1 = x + attention branch (else it recomputes the attention half first to get x1).
+- `lean_mlp(block, x1, keep_dtype)`: the MLP branch alone (the `mlp` target), keeping x1.
+The stream is kept in `keep_dtype` (`crs.keep_dtype`) when that is narrower than it is: half the bytes in
+bfloat16, recomputed from the rounded values in backward.
 Both also keep ‖act(h_i)‖ per row (n floats, fc2's sampling probabilities), recorded in the forward.
 
 The MLP half works on its hidden activation [n, f] in `MLP_CHUNKS` row chunks (one [n, f] buffer plus one
@@ -557,18 +559,27 @@ def record_act_norms(parts: BlockParts) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
+def _kept(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """The residual stream t as the lean ops keep it for backward: cast to `dtype` (`crs.keep_dtype`) when
+    that is narrower, else t itself."""
+    return t if dtype is None or dtype.itemsize >= t.dtype.itemsize else t.to(dtype)
+
+
 class _LeanBlock(torch.autograd.Function):
-    """y = block(x), saving x and, with `keep_mid`, the residual stream x1 between the two halves."""
+    """y = block(x), saving x and, with `keep_mid`, the residual stream x1 between the two halves (in
+    `keep_dtype` when it is narrower)."""
 
     @staticmethod
-    def forward(ctx, x, block, keep_mid: bool, mask, *params):
+    def forward(ctx, x, block, keep_mid: bool, keep_dtype, mask, *params):
         adapter, training = block.adapter, block.training
         rng1 = rng_state(x.device) if training else None
         x1 = x + adapter.attention_branch(block, x, mask)
         rng2 = rng_state(x.device) if training else None
         with record_act_norms(block.parts) as act_norms:
             y = x1 + adapter.mlp_branch(block, x1)
-        ctx.save_for_backward(x, x1 if keep_mid else None, act_norms[0] if len(act_norms) == 1 else None)
+        kept_x1 = _kept(x1, keep_dtype) if keep_mid else None
+        ctx.save_for_backward(_kept(x, keep_dtype), kept_x1, act_norms[0] if len(act_norms) == 1 else None)
+        ctx.stream_dtypes = x.dtype, x1.dtype
         ctx.block, ctx.mask, ctx.rng, ctx.params = block, mask, (rng1, rng2), params
         ctx.amp, ctx.dt = _autocast_state(x.device), _compute_dtype(x)
         return y
@@ -576,6 +587,7 @@ class _LeanBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, x1, act_norms = ctx.saved_tensors
+        x, x1 = x.to(ctx.stream_dtypes[0]), None if x1 is None else x1.to(ctx.stream_dtypes[1])
         block = ctx.block
         sampler = block_sampler(block, x.device)
         grads: Grads = {}
@@ -592,47 +604,52 @@ class _LeanBlock(torch.autograd.Function):
             g_x1 = g_x1.to(g.dtype).add_(g)  # the residual path
             att = att or _AttentionHalf(block, x, ctx.mask, ctx.rng[0], ctx.dt, need_branch=False)
             g_x = att.backward(g_x1, sampler, grads).to(x.dtype).add_(g_x1)
-        return g_x, None, None, None, *_param_grads(ctx.params, grads)
+        return g_x, None, None, None, None, *_param_grads(ctx.params, grads)
 
 
 class _LeanMLP(torch.autograd.Function):
-    """The MLP branch of a block, mlp_branch(x1), saving x1 only."""
+    """The MLP branch of a block, mlp_branch(x1), saving x1 only (in `keep_dtype` when it is narrower)."""
 
     @staticmethod
-    def forward(ctx, x1, block, *params):
+    def forward(ctx, x1, block, keep_dtype, *params):
         ctx.rng = rng_state(x1.device) if block.training else None
         with record_act_norms(block.parts) as act_norms:
             branch = block.adapter.mlp_branch(block, x1)
-        ctx.save_for_backward(x1, act_norms[0] if len(act_norms) == 1 else None)
-        ctx.block, ctx.params = block, params
+        ctx.save_for_backward(_kept(x1, keep_dtype), act_norms[0] if len(act_norms) == 1 else None)
+        ctx.stream_dtype, ctx.block, ctx.params = x1.dtype, block, params
         ctx.amp, ctx.dt = _autocast_state(x1.device), _compute_dtype(x1)
         return branch
 
     @staticmethod
     def backward(ctx, g):
         x1, act_norms = ctx.saved_tensors
+        x1 = x1.to(ctx.stream_dtype)
         grads: Grads = {}
         device_type, enabled, dtype = ctx.amp
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
             sampler = block_sampler(ctx.block, x1.device)
             g_x1 = _mlp_half_backward(ctx.block.parts, sampler, x1, g, ctx.rng, ctx.dt, grads, act_norms)
-        return g_x1.to(x1.dtype), None, *_param_grads(ctx.params, grads)
+        return g_x1.to(x1.dtype), None, None, *_param_grads(ctx.params, grads)
 
 
 def _needs_graph(x: Tensor, params: Sequence[Tensor]) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
-def lean_block(block, x: Tensor, mask: Tensor | None = None, keep_mid: bool = True) -> Tensor:
+def lean_block(
+    block, x: Tensor, mask: Tensor | None = None, keep_mid: bool = True, keep_dtype: torch.dtype | None = None
+) -> Tensor:
     """The block's forward on x [batch, tokens, d] (exact), keeping only the residual stream for backward:
     x and, with `keep_mid`, x1 (one more [batch, tokens, d] tensor, which spares recomputing the attention
-    half in backward). Grads of x and of every parameter but the linears' weights are exact; those are
-    unbiased estimates with p ∝ ‖g_i‖·‖x_i‖ (exact at ratio 1, up to floating-point summation order)."""
+    half in backward), in `keep_dtype` when that is narrower (None: as computed). Grads of x and of every
+    parameter but the linears' weights are exact; those are unbiased estimates with p ∝ ‖g_i‖·‖x_i‖ (exact at
+    ratio 1, up to floating-point summation order). A narrower `keep_dtype` adds the error of recomputing
+    from the rounded stream to every gradient."""
     params = tuple(block.parameters())
     if not _needs_graph(x, params):
         x1 = x + block.adapter.attention_branch(block, x, mask)
         return x1 + block.adapter.mlp_branch(block, x1)
-    return _LeanBlock.apply(x, block, keep_mid, mask, *params)
+    return _LeanBlock.apply(x, block, keep_mid, keep_dtype, mask, *params)
 
 
 def mlp_half_params(parts: BlockParts) -> tuple[Tensor, ...]:
@@ -641,10 +658,11 @@ def mlp_half_params(parts: BlockParts) -> tuple[Tensor, ...]:
     return tuple(dict.fromkeys(p for m in mods for p in m.parameters()))
 
 
-def lean_mlp(block, x1: Tensor) -> Tensor:
-    """The block's MLP branch on x1 (exact), keeping only x1 for backward (the `mlp` target): grads of x1, of
-    the norm, biases and layer scale exact, the MLP linears' weight grads sampled with p ∝ ‖g_i‖·‖x_i‖."""
+def lean_mlp(block, x1: Tensor, keep_dtype: torch.dtype | None = None) -> Tensor:
+    """The block's MLP branch on x1 (exact), keeping only x1 for backward (the `mlp` target; in `keep_dtype`
+    when that is narrower): grads of x1, of the norm, biases and layer scale exact (but for the rounding of a
+    narrower `keep_dtype`), the MLP linears' weight grads sampled with p ∝ ‖g_i‖·‖x_i‖."""
     params = mlp_half_params(block.parts)
     if not _needs_graph(x1, params):
         return block.adapter.mlp_branch(block, x1)
-    return _LeanMLP.apply(x1, block, *params)
+    return _LeanMLP.apply(x1, block, keep_dtype, *params)

@@ -72,9 +72,11 @@ def vit_block_saved_bytes(
     # at ratio 1 nothing is sampled (the lean block is the plain block), but the lean MLP still recomputes
     targets = set() if cfg is None else set(targets) & ({"mlp"} if cfg.exact else set(targets))
     n, d, f, dh = batch * tokens, hidden, intermediate, hidden // heads
-    if "lean_block" in targets:  # the fp32 residual stream: the input, and x1 (keep_mid, no checkpointing);
+    # the residual stream as the lean ops keep it: fp32, or crs.keep_dtype's bytes
+    stream = 4 if cfg is None or cfg.kept_dtype is None else min(4, cfg.kept_dtype.itemsize)
+    if "lean_block" in targets:  # the residual stream: the input, and x1 (keep_mid, no checkpointing);
         # and the MLP activation's row norms (fp32, one per row)
-        return n * d * 4 * (1 if checkpointing or not cfg.keep_mid else 2) + n * 4
+        return n * d * stream * (1 if checkpointing or not cfg.keep_mid else 2) + n * 4
     if checkpointing and targets:
         raise ValueError("vit_block_saved_bytes models checkpointing only for the 'lean_block' target")
     if checkpointing:  # a checkpointed plain block keeps its input alone (fp32 residual stream)
@@ -103,8 +105,8 @@ def vit_block_saved_bytes(
     else:
         context = n * d * c + (slices * tokens * tokens * c if autocast else 0)  # V, and P's cast copy
     attn_out = (rows(n, d) if "attn_output" in targets else n * d * c) + weight_cast(d, d, "attn_output")
-    if "mlp" in targets:  # only the second LayerNorm's input (fp32) and the activation's row norms
-        mlp = n * d * 4 + n * 4
+    if "mlp" in targets:  # only the second LayerNorm's input (the stream) and the activation's row norms
+        mlp = n * d * stream + n * 4
     else:
         mlp = layer_norm
         mlp += (rows(n, d) if "fc1" in targets else n * d * c) + weight_cast(f, d, "fc1") + n * f * c

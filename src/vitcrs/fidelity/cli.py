@@ -49,7 +49,7 @@ from .render import fidelity_markdown, number, write_plot
 register()
 log = logging.getLogger(__name__)
 
-CONFIG_KEYS = ("method", "targets", "ratio", "prob", "min_k", "grad_ema", "budget")
+CONFIG_KEYS = ("method", "targets", "ratio", "prob", "min_k", "grad_ema", "budget", "keep_dtype")
 OUTPUT_FILES = ("fidelity.json", "fidelity.md", "fidelity.png")
 
 

@@ -61,6 +61,7 @@ class Configuration:
     min_k: int = 1
     grad_ema: float = 0.9
     budget: str = "uniform"
+    keep_dtype: str | None = None
 
     @property
     def crs_config(self) -> CRSConfig:
@@ -73,9 +74,11 @@ class Configuration:
 
     @property
     def label(self) -> str:
-        """E.g. "wta_crs 0.3 query,key,value norm" (", split" with a split budget)."""
+        """E.g. "wta_crs 0.3 query,key,value norm" (" split" with a split budget, " bfloat16 stream" with
+        crs.keep_dtype=bfloat16)."""
         split = f" {self.budget}" if self.budget != "uniform" else ""
-        return f"{self.method} {self.ratio:g} {','.join(self.targets)} {self.prob}{split}"
+        stream = f" {self.keep_dtype} stream" if self.keep_dtype is not None else ""
+        return f"{self.method} {self.ratio:g} {','.join(self.targets)} {self.prob}{split}{stream}"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "targets": list(self.targets), "label": self.label}

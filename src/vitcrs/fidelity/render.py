@@ -34,10 +34,11 @@ def mean_se_text(stat: dict[str, Any]) -> str:
 
 def _config_cells(c: dict[str, Any]) -> list[str]:
     targets = ", ".join(c["targets"]) or DASH
-    return [c["method"], f"{c['ratio']:g}", targets, c["prob"], c.get("budget", "uniform")]
+    stream = c.get("keep_dtype") or "as computed"
+    return [c["method"], f"{c['ratio']:g}", targets, c["prob"], c.get("budget", "uniform"), stream]
 
 
-CONFIG_HEADER = ["Method", "Ratio", "Targets", "Prob", "Budget"]
+CONFIG_HEADER = ["Method", "Ratio", "Targets", "Prob", "Budget", "Kept stream"]
 
 
 def bias_text(bias: dict[str, Any]) -> str:

@@ -32,7 +32,7 @@ SWEPT_KEYS = (KEY.dataset, KEY.label_type, KEY.ratio, KEY.seed)
 EXACT_RATIO = 1.0
 KNOWN_DATASETS = ("cifar10", "cifar100")
 # config keys that an exact (ratio 1) run ignores: groups that differ only in these share an exact baseline
-SHARED_KEYS = ("method", "targets", "prob")
+SHARED_KEYS = ("method", "targets", "prob", "budget", "keep_mid", "keep_dtype")
 LEAN_TARGET = "mlp"  # a target that changes the exact run too (recomputed MLP hidden activation)
 
 

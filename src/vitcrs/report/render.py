@@ -263,8 +263,8 @@ def shared_lines(group: Group) -> list[str]:
             by_donor.setdefault((shared.group, shared.differs), []).append(column.label)
     lines = [
         f"Exact baseline shared from group {index} (differs only in {'/'.join(differs)}) for "
-        f"{', '.join(labels)}: an exact (ratio 1) run uses the exact op whatever method, targets and prob "
-        "say, so the change vs exact and the reduction factors here are against that group's ratio-1 runs."
+        f"{', '.join(labels)}: an exact (ratio 1) run uses the exact op whatever {'/'.join(differs)} say, "
+        "so the change vs exact and the reduction factors here are against that group's ratio-1 runs."
         for (index, differs), labels in by_donor.items()
     ]
     missing = [c.label for c in group.columns if not group.cell(c, EXACT_RATIO).runs]
