@@ -532,8 +532,8 @@ def test_ablation_groups_share_one_exact_baseline(tmp_path: Path) -> None:
 
 
 def test_runs_that_keep_or_split_otherwise_are_grouped_apart_and_share_the_exact_run(tmp_path: Path) -> None:
-    """crs.budget and crs.keep_dtype change the gradients (crs.keep_mid the memory): their runs are not averaged
-    together, and each group compares with the one exact run (which ignores all three)."""
+    """crs.budget and crs.keep_dtype change the gradients (crs.keep_mid the memory): their runs are not
+    averaged together, and each group compares with the one exact run (which ignores all three)."""
     runs = tmp_path / "runs"
     write_run(runs, "exact", test_acc=0.90)
     lean = {"targets": ["lean_block"], "budget": "uniform", "keep_mid": True, "keep_dtype": None}

@@ -14,6 +14,7 @@ ATTNS = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16-mixed")
 RATIOS = (0.5, 0.3, 0.1)
 
+
 class MemoryMode(NamedTuple):
     """How a step keeps what it needs: crs.keep_mid, optim.in_backward and crs.keep_dtype."""
 
@@ -31,7 +32,7 @@ class MemoryMode(NamedTuple):
 MEMORY_MODES: dict[str, MemoryMode] = {
     "default": MemoryMode(True, False),  # the lean block keeps x and x1; AdamW steps after backward
     "keep_input": MemoryMode(False, False),  # the lean block keeps its input alone (crs.keep_mid=false)
-    "in_backward": MemoryMode(True, True),  # each parameter's AdamW update inside backward (optim.in_backward)
+    "in_backward": MemoryMode(True, True),  # each parameter's AdamW update in backward (optim.in_backward)
     "floor": MemoryMode(False, True),  # both
     "bf16_stream": MemoryMode(True, False, "bfloat16"),  # x and x1 kept in bfloat16 (crs.keep_dtype)
     "keep_input_bf16": MemoryMode(False, False, "bfloat16"),  # the input alone, in bfloat16

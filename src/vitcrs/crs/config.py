@@ -108,8 +108,8 @@ class CRSConfig:
         check_bool("crs.keep_mid", self.keep_mid)
         if self.keep_dtype is not None and self.keep_dtype not in KEEP_DTYPES:
             raise ValueError(
-                f"crs.keep_dtype={self.keep_dtype!r} is unknown: choose null (keep the stream as computed) or "
-                f"{', '.join(KEEP_DTYPES)}."
+                f"crs.keep_dtype={self.keep_dtype!r} is unknown: choose null (keep the stream as computed) "
+                f"or {', '.join(KEEP_DTYPES)}."
             )
         check_bool("crs.cache_in_checkpoint", self.cache_in_checkpoint)
 

@@ -8,8 +8,9 @@ the norms, biases, layer scales and qk-norms), and estimates each linear's weigh
 k = ceil(ratio · n) of its n = batch · tokens rows drawn with the optimal CRS probabilities p ∝ ‖g_i‖·‖x_i‖
 (both factors are known in backward); linears of one input (q/k/v, a gated MLP's gate/up) share one draw.
 
-- `lean_block(block, x, mask, keep_mid, keep_dtype)`: the whole block; keeps x and, with `keep_mid`, the stream
-  between the two halves x1 = x + attention branch (else it recomputes the attention half first to get x1).
+- `lean_block(block, x, mask, keep_mid, keep_dtype)`: the whole block; keeps x and, with `keep_mid`, the
+  stream between the two halves x1 = x + attention branch (else it recomputes the attention half first to
+  get x1).
 - `lean_mlp(block, x1, keep_dtype)`: the MLP branch alone (the `mlp` target), keeping x1.
 The stream is kept in `keep_dtype` (`crs.keep_dtype`) when that is narrower than it is: half the bytes in
 bfloat16, recomputed from the rounded values in backward.
