@@ -19,7 +19,7 @@ from vitcrs.crs import CRSConfig, crs_linear
 from vitcrs.errors import ConfigError
 from vitcrs.fidelity.cli import configurations
 from vitcrs.fidelity.meter import Configuration, Groups, compare_draws, measure
-from vitcrs.fidelity.render import summary_table
+from vitcrs.fidelity.render import group_table, summary_table
 from vitcrs.models import build_vit
 from vitcrs.models.fidelity import grad_fidelity, parameter_block, parameter_kind
 from vitcrs.record import RunRecord
@@ -184,6 +184,9 @@ def test_split_budget_and_bfloat16_stream_rows_are_labelled_apart_from_the_defau
     assert "| wta_crs | 0.3 | lean_block | norm | uniform | as computed |" in summary[2]
     assert "| wta_crs | 0.3 | lean_block | norm | split | as computed |" in summary[3]
     assert "| wta_crs | 0.3 | lean_block | norm | uniform | bfloat16 |" in summary[4]
+    # every row of every table has the header's cells (the exact and noise rows included)
+    kinds = group_table(results, "per_kind", results["kinds"])
+    assert all(len({row.count("|") for row in t}) == 1 for t in (summary, kinds))
 
 
 # --- the configuration ------------------------------------------------------------------------------------

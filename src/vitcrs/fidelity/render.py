@@ -39,6 +39,7 @@ def _config_cells(c: dict[str, Any]) -> list[str]:
 
 
 CONFIG_HEADER = ["Method", "Ratio", "Targets", "Prob", "Budget", "Kept stream"]
+BLANK = [DASH] * len(CONFIG_HEADER)  # the configuration cells of a row that is no configuration
 
 
 def bias_text(bias: dict[str, Any]) -> str:
@@ -64,17 +65,17 @@ def summary_table(results: dict[str, Any]) -> list[str]:
         ]
         for c in results["configurations"]
     ]
-    rows.append(["exact", "1", DASH, DASH, DASH, "0", "1", "0", DASH, f"{exact['step_time_s']:.3f}", "1"])
+    rows.append(["exact", "1", *BLANK[2:], "0", "1", "0", DASH, f"{exact['step_time_s']:.3f}", "1"])
     # the reference: an exact gradient of another batch of the same size, as far from ḡ as batches lie
     noise = number(exact["noise"])
-    rows.append(["minibatch noise", DASH, DASH, DASH, DASH, noise, DASH, "1", DASH, DASH, DASH])
+    rows.append(["minibatch noise", *BLANK[1:], noise, DASH, "1", DASH, DASH, DASH])
     return markdown_table(header, rows, left=len(CONFIG_HEADER))
 
 
 def group_table(results: dict[str, Any], key: str, names: Sequence[str]) -> list[str]:
     """Rows: the minibatch noise, then each configuration; columns: the blocks or kinds in `names`."""
     noise = results["exact"][key]
-    rows = [["minibatch noise", DASH, DASH, DASH, DASH, *(number(noise.get(n)) for n in names)]]
+    rows = [["minibatch noise", *BLANK[1:], *(number(noise.get(n)) for n in names)]]
     rows += [
         [*_config_cells(c), *(number(c[key][n]["mean"]) for n in names)] for c in results["configurations"]
     ]
