@@ -40,7 +40,7 @@ def test_dry_run_writes_every_step_result_and_the_summary(tmp_path):
         assert {(r["attn"], r["precision"]) for r in rows} == {(attn, precision)}
         assert {r["checkpointing"] for r in rows} == {False, True}
         lean_modes = {r["memory"] for r in rows if r["targets"] == "lean_block"}
-        assert lean_modes == {"default", "keep_input", "floor"}  # the memory floor's rows
+        assert lean_modes == {"default", "keep_input", "keep_input_bf16", "floor_bf16"}  # the memory floor's
         assert all(r["status"] == "ok" for r in rows) and any(r["method"] == "exact" for r in rows)
     assert (out / "bench/bench.md").read_text().count("| attn | precision |") == 2
 

@@ -22,10 +22,10 @@ LIMITS_S = {
         # the device tests on the GPU: collection (~10 s), every op, target set and family in fp32 and bf16
         # (about 200 tests of tiny networks; the Monte-Carlo draws are batched)
         "tests": 240,
-        # 14 rows + 8 lean-block rows keeping the input alone / also updating in backward (--memory), each
-        # 7 steps at ≤ 0.45 s + model build + saved-bytes pass ≈ 110 s
-        "bench_eager_fp32": 160,
-        "bench_sdpa_bf16": 100,  # the same rows at ~4x the speed (1,688 images/s exact) ≈ 70 s
+        # 14 rows + 12 lean-block rows keeping the input alone, in bfloat16, and also updating in backward
+        # (--memory), each 7 steps at ≤ 0.45 s + model build + saved-bytes pass ≈ 130 s
+        "bench_eager_fp32": 180,
+        "bench_sdpa_bf16": 115,  # the same rows at ~4x the speed (1,688 images/s exact) ≈ 80 s
         "report": 30,  # python -m vitcrs.report: reading metrics.json, tables, 3 plots
         "fidelity": 60,  # python -m vitcrs.fidelity on the ViT-Tiny, 4 batches of 64, 3 configurations
     },
@@ -78,7 +78,8 @@ class Plan:
     ratio: float = 0.3
     bench_ratios: str = "0.5,0.3"
     bench_targets: tuple[str, ...] | None = None  # target sets of the bench rows; None: every sound one
-    bench_memory: str = "default,keep_input,floor"  # the bench's --memory modes (the memory floor's rows)
+    # the bench's --memory modes (the memory floor's rows)
+    bench_memory: str = "default,keep_input,keep_input_bf16,floor_bf16"
     budget_s: float = 540.0
     limits_s: dict[str, float] = field(default_factory=dict)
     train_prior_s: dict[str, float] = field(default_factory=dict)
