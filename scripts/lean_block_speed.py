@@ -11,7 +11,7 @@ checkpointing alone.
 Variants (--variants, comma-separated), parts joined by "+": exact; lean@R (the lean block at ratio R;
 lean@R:split with crs.budget=split); leanx@R (the lean block keeping its input alone, crs.keep_mid=false);
 ckpt (activation checkpointing); inbwd (the AdamW update inside backward, optim.in_backward; implies
---optimizer for that variant).
+--optimizer for that variant); bf16 (the lean block's kept stream in bfloat16, crs.keep_dtype=bfloat16).
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def build(base: ViTForImageClassification, name: str, optimizer: bool):
         kind, _, setting = part.partition("@")
         ratio, _, budget = setting.partition(":")
         if kind in ("lean", "leanx"):
-            cfg = CRSConfig(ratio=float(ratio), keep_mid=kind == "lean", budget=budget or "uniform")
+            keep_dtype = "bfloat16" if "bf16" in parts else None
+            budget = budget or "uniform"
+            cfg = CRSConfig(ratio=float(ratio), keep_mid=kind == "lean", budget=budget, keep_dtype=keep_dtype)
             inject(model, cfg, ["lean_block"])
         elif part == "ckpt":
             model.activation_checkpointing_enable()
