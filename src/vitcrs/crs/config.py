@@ -131,8 +131,7 @@ class CRSConfig:
         configured and recorded alike: prob, grad_ema and cache_* when no target draws by `prob` ("mlp" and
         "lean_block" draw with p ∝ ‖g‖·‖x‖ whatever it says), grad_ema with prob="norm", cache_* unless
         prob="sample_cache", keep_mid without "lean_block", budget and keep_dtype without "lean_block" or
-        "mlp". ratio,
-        method, min_k and targets stay as they are."""
+        "mlp". ratio, method, min_k and targets stay as they are."""
         unused = set()
         if not set(self.targets) & set(ALL_TARGETS):
             unused = {"prob", "grad_ema", *CACHE_FIELDS}

@@ -33,6 +33,9 @@ EXACT_RATIO = 1.0
 KNOWN_DATASETS = ("cifar10", "cifar100")
 # config keys that an exact (ratio 1) run ignores: groups that differ only in these share an exact baseline
 SHARED_KEYS = ("method", "targets", "prob", "budget", "keep_mid", "keep_dtype")
+# crs.* settings metrics.json records since they exist: a run recorded before ran their defaults (read so, as
+# a resumed checkpoint's settings are: vitcrs.resume.crs_changes)
+LATER_CRS_KEYS = ("budget", "keep_mid", "keep_dtype")
 LEAN_TARGET = "mlp"  # a target that changes the exact run too (recomputed MLP hidden activation)
 
 
@@ -238,11 +241,17 @@ def _number(value: Any) -> float | None:
 
 def _config(record: RunRecord) -> dict[str, Any]:
     """What must match for runs to be comparable: settings minus the swept keys, then device and versions.
-    Without a `settings` object, the top-level method and targets (where not null) stand in for it."""
+    Without a `settings` object, the top-level method and targets (where not null) stand in for it; a
+    `LATER_CRS_KEYS` key a record lacks takes its default."""
     settings = record.settings
     if not isinstance(settings, dict):
         top = {"method": record.method, "targets": record.targets}
         settings = {k: v for k, v in top.items() if v is not None}
+    elif missing := [k for k in LATER_CRS_KEYS if k not in settings]:
+        from vitcrs.crs import CRSConfig  # imports torch: only for records that lack a key
+
+        defaults = CRSConfig().to_dict()
+        settings = {**settings, **{k: defaults[k] for k in missing}}
     config = {str(k): v for k, v in settings.items() if k not in SWEPT_KEYS}
     if isinstance(record.device, str):
         config["device" if "device" not in config else "device_name"] = record.device
