@@ -31,11 +31,11 @@ from vitcrs.record import KEY, METRICS_FILE, RunRecord
 SWEPT_KEYS = (KEY.dataset, KEY.label_type, KEY.ratio, KEY.seed)
 EXACT_RATIO = 1.0
 KNOWN_DATASETS = ("cifar10", "cifar100")
-# config keys that an exact (ratio 1) run ignores: groups that differ only in these share an exact baseline
-SHARED_KEYS = ("method", "targets", "prob", "budget", "keep_mid", "keep_dtype")
 # crs.* settings metrics.json records since they exist: a run recorded before ran their defaults (read so, as
 # a resumed checkpoint's settings are: vitcrs.resume.crs_changes)
 LATER_CRS_KEYS = ("budget", "keep_mid", "keep_dtype")
+# config keys that an exact (ratio 1) run ignores: groups that differ only in these share an exact baseline
+SHARED_KEYS = ("method", "targets", "prob", *LATER_CRS_KEYS)
 LEAN_TARGET = "mlp"  # a target that changes the exact run too (recomputed MLP hidden activation)
 
 
