@@ -21,6 +21,10 @@ from vitcrs.units import MIB
 METRICS_FILE = "metrics.json"  # <run_dir>/metrics.json
 STATUSES = ("incomplete", "complete", "failed", "interrupted")
 OMIT_NULL = "omit while null"  # a field annotated with it is left out of the file while it is None
+# The crs.* settings a record's `settings` hold, as in effect; a record written before the later ones were
+# recorded ran their defaults (the report reads it so).
+LATER_CRS_SETTINGS = ("budget", "keep_mid", "keep_dtype")
+CRS_SETTINGS = ("method", "targets", "prob", *LATER_CRS_SETTINGS)
 
 
 @dataclass
@@ -111,8 +115,10 @@ class RunRecord:
     settings: Annotated[
         dict[str, Any] | None,
         "`model`, `attn_implementation`, `precision` (as run: `16-mixed` on a CPU runs `bf16-mixed`), "
-        "`batch_size` (per process), `max_epochs`, `lr`, `image_size`, `method`, `targets`, `prob` (as in "
-        "effect: `norm` where no target draws by it), `limit_train` (and `world_size` above 1; "
+        "`batch_size` (per process), `max_epochs`, `lr`, `image_size`, the crs settings "
+        + ", ".join(f"`{k}`" for k in CRS_SETTINGS)
+        + " (as in effect: e.g. `prob` `norm` where no target draws by it), `limit_train` (and `world_size` "
+        "above 1; "
         "`effective_batch_size`, batch_size x accumulate_grad_batches x world_size, where it differs from "
         "batch_size; `crs_before_resume`, the crs settings of a checkpoint resumed with "
         "`allow_crs_change=true`): runs are compared only when these match",

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import vitcrs
 from vitcrs.errors import ConfigError
 from vitcrs.files import write_json_atomic
-from vitcrs.record import KEY, METRICS_FILE, STATUSES, RunRecord
+from vitcrs.record import CRS_SETTINGS, KEY, METRICS_FILE, STATUSES, RunRecord
 from vitcrs.run_dir import last_checkpoint
 from vitcrs.settings import RunSettings
 
@@ -51,12 +51,8 @@ def describe_run(settings: RunSettings, crs_before_resume: dict[str, Any] | None
         "max_epochs": settings.trainer.max_epochs,
         "lr": settings.optim.lr,
         "image_size": datamodule.image_size,
-        "method": crs.method,
+        **{key: getattr(crs, key) for key in CRS_SETTINGS},
         "targets": list(crs.targets),
-        "prob": crs.prob,
-        "budget": crs.budget,
-        "keep_mid": crs.keep_mid,
-        "keep_dtype": crs.keep_dtype,
         "limit_train": datamodule.limit_train,
     }
     if crs_before_resume:

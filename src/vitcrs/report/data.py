@@ -26,16 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitcrs.record import KEY, METRICS_FILE, RunRecord
+from vitcrs.record import CRS_SETTINGS, KEY, LATER_CRS_SETTINGS, METRICS_FILE, RunRecord
 
 SWEPT_KEYS = (KEY.dataset, KEY.label_type, KEY.ratio, KEY.seed)
 EXACT_RATIO = 1.0
 KNOWN_DATASETS = ("cifar10", "cifar100")
-# crs.* settings metrics.json records since they exist: a run recorded before ran their defaults (read so, as
-# a resumed checkpoint's settings are: vitcrs.resume.crs_changes)
-LATER_CRS_KEYS = ("budget", "keep_mid", "keep_dtype")
 # config keys that an exact (ratio 1) run ignores: groups that differ only in these share an exact baseline
-SHARED_KEYS = ("method", "targets", "prob", *LATER_CRS_KEYS)
+SHARED_KEYS = CRS_SETTINGS
 LEAN_TARGET = "mlp"  # a target that changes the exact run too (recomputed MLP hidden activation)
 
 
@@ -242,12 +239,13 @@ def _number(value: Any) -> float | None:
 def _config(record: RunRecord) -> dict[str, Any]:
     """What must match for runs to be comparable: settings minus the swept keys, then device and versions.
     Without a `settings` object, the top-level method and targets (where not null) stand in for it; a
-    `LATER_CRS_KEYS` key a record lacks takes its default."""
+    `LATER_CRS_SETTINGS` key a record lacks takes its default (as a resumed checkpoint's settings do:
+    `vitcrs.resume.crs_changes`)."""
     settings = record.settings
     if not isinstance(settings, dict):
         top = {"method": record.method, "targets": record.targets}
         settings = {k: v for k, v in top.items() if v is not None}
-    elif missing := [k for k in LATER_CRS_KEYS if k not in settings]:
+    elif missing := [k for k in LATER_CRS_SETTINGS if k not in settings]:
         from vitcrs.crs import CRSConfig  # imports torch: only for records that lack a key
 
         defaults = CRSConfig().to_dict()
