@@ -1,10 +1,11 @@
 """Interleaved CPU step times of exact / lean-block / checkpointing variants of one ViT-B/16-shaped model.
 
 Every variant is built from the same weights and kept alive; each round times one training step (forward,
-loss, backward and, with --optimizer, the AdamW update) of every variant in turn, so drift on a shared machine
-hits all alike. Reports the median wall time and the median process CPU time per step (the latter is less
-sensitive to other processes when run with one thread), and their ratios against exact and against
-checkpointing alone.
+loss, backward and, with --optimizer, the AdamW update) of every variant in turn, starting one variant later
+each round, so drift on a shared machine and the order of turns hit all alike. Reports the median wall time
+and the median process CPU time per step (the latter is less sensitive to other processes when run with one
+thread), their ratios against the first variant and against checkpointing alone, and the range of the CPU
+time ratio against the first variant over the rounds (each round's pair timed back to back).
 
     python scripts/lean_block_speed.py --attn eager --precision fp32 --layers 2 --batch-size 8 --rounds 4
 
@@ -88,14 +89,15 @@ def main() -> None:
     cpu: dict[str, list[float]] = {k: [] for k in models}
     for model in models.values():  # warm-up
         step(model)
-    for _ in range(args.rounds):
-        for name, model in models.items():
+    names = list(models)
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t, c = time.perf_counter(), time.process_time()
-            step(model)
+            step(models[name])
             wall[name].append(time.perf_counter() - t)
             cpu[name].append(time.process_time() - c)
     med = {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in models}
-    ref, ckpt = med[next(iter(models))], med.get("ckpt")
+    ref, ckpt = med[names[0]], med.get("ckpt")
     print(
         f"{args.attn} {args.precision}, {args.layers} layers, batch {args.batch_size}, "
         f"{args.threads} thread(s){', AdamW update timed' if args.optimizer else ''}"
@@ -106,6 +108,10 @@ def main() -> None:
             f"{name:14s} cpu {c:.3f}s wall {w:.3f}s | "
             f"vs exact: cpu {ref[0] / c:.3f}x wall {ref[1] / w:.3f}x{vs_ckpt}"
         )
+    print(f"per round, cpu time of {names[0]} / variant (min-max over {args.rounds} rounds):")
+    for name in names[1:]:
+        ratios = [a / b for a, b in zip(cpu[names[0]], cpu[name], strict=True)]
+        print(f"{name:14s} {min(ratios):.3f}x-{max(ratios):.3f}x")
 
 
 if __name__ == "__main__":
