@@ -43,6 +43,7 @@ def describe_run(settings: RunSettings, crs_before_resume: dict[str, Any] | None
     recorded under settings. The settings that depend on the trainer (precision, world size, effective batch)
     are filled in by `MetricsFile.attach`."""
     crs, datamodule = settings.crs, settings.datamodule
+    crs_node = crs.to_dict()
     recorded = {
         "model": settings.model_label,
         "attn_implementation": settings.attn_implementation,
@@ -51,8 +52,7 @@ def describe_run(settings: RunSettings, crs_before_resume: dict[str, Any] | None
         "max_epochs": settings.trainer.max_epochs,
         "lr": settings.optim.lr,
         "image_size": datamodule.image_size,
-        **{key: getattr(crs, key) for key in CRS_SETTINGS},
-        "targets": list(crs.targets),
+        **{key: crs_node[key] for key in CRS_SETTINGS},
         "limit_train": datamodule.limit_train,
     }
     if crs_before_resume:
